@@ -1,0 +1,15 @@
+"""ttt: Moshi with In-Place Test-Time Training (load_model, ttt_layers; see SPEC §5.0)."""
+
+__version__ = "0.1.0"
+__all__ = ["load_model", "ttt_layers", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: `ttt --help` must not import torch.
+    if name == "load_model":
+        from .checkpoint import load_model
+        return load_model
+    if name == "ttt_layers":
+        from .attach import ttt_layers
+        return ttt_layers
+    raise AttributeError(name)

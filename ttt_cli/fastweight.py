@@ -1,0 +1,60 @@
+"""The small interface every fast-weight variant implements, so commands never know which one runs."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import typing as tp
+
+import torch
+from torch import nn
+
+from moshi.modules.streaming import State, StreamingModule
+
+StateT = tp.TypeVar("StateT", bound=State)
+
+
+class FastWeightLayer(StreamingModule[StateT], abc.ABC):
+    """A moshi `StreamingModule` whose streaming state holds per-stream fast weights.
+
+    What commands need from a variant (SPEC §3.9): `capture`/`restore` of one stream's tensors,
+    `reset_streaming(mask)` (inherited), a fingerprint of its initial weights, telemetry, memory
+    arithmetic and `config_section()` (with a `variant` key). Tensor names in `capture()` are
+    the snapshot's per-layer keys (`layers.{i}.<name>`).
+    """
+
+    variant: tp.ClassVar[str]
+
+    @abc.abstractmethod
+    def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
+        """Returns copies of one stream's fast-weight tensors (CPU, float32)."""
+
+    @abc.abstractmethod
+    def restore(self, tensors: dict[str, torch.Tensor], batch_index: int) -> None:
+        """Loads one stream's tensors (as returned by `capture`); raises StateMismatchError if they do not fit."""
+
+    @abc.abstractmethod
+    def initial_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a reset goes back to (W0), used for fingerprints and drift."""
+
+    @abc.abstractmethod
+    def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
+        """Counters of one stream: updates, resets, clip events, drift, pending tokens, non-finite events."""
+
+    @abc.abstractmethod
+    def state_bytes_per_stream(self) -> int:
+        """Bytes of fast-weight state one stream needs on the device."""
+
+    @abc.abstractmethod
+    def flush_partial(self, batch_index: int | None = None) -> None:
+        """Applies the pending partial chunk's update now (chunk counting restarts)."""
+
+    def fingerprint_update(self, h: "hashlib._Hash") -> None:
+        for name, t in sorted(self.initial_tensors().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def fast_weight_layers(module: nn.Module) -> dict[str, FastWeightLayer]:
+    """All fast-weight layers below `module`, by qualified name."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, FastWeightLayer)}

@@ -1,0 +1,367 @@
+"""In-Place TTT: the gated MLP whose down projection is a per-stream fast weight (SPEC §3)."""
+
+from __future__ import annotations
+
+import typing as tp
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moshi.modules.lora import LoRALinear
+from moshi.modules.streaming import State
+
+from .config import TTTConfig
+from .errors import StateMismatchError
+from .fastweight import FastWeightLayer
+
+F32 = torch.float32
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """The effective weight of a moshi linear (plain or LoRA-wrapped)."""
+    if isinstance(m, LoRALinear):
+        return m.merge_weight()
+    return m.weight
+
+
+class ChunkConv1d(nn.Module):
+    """Conv1D over the time axis of *one chunk*, zero-padded inside the chunk only (SPEC §3.2)."""
+
+    def __init__(self, dim: int, kernel_size: int, padding: str):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.padding = padding
+        self.conv = nn.Conv1d(dim, dim, kernel_size, bias=False, dtype=F32)
+
+    def pads(self) -> tuple[int, int]:
+        k = self.kernel_size
+        left = 0 if self.padding == "right" else (k - 1) // 2
+        return left, k - 1 - left
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [N, L, d], each row one chunk (or the completed prefix of one). Padding here, never
+        # across rows, is what keeps a chunk's target from seeing the next chunk (pitfall 1).
+        y = F.conv1d(F.pad(x.transpose(1, 2), self.pads()), self.conv.weight)  # [N, d, L]
+        return y.transpose(1, 2)
+
+
+class TargetGenerator(nn.Module):
+    """V̂ = Conv1D_K(X0 of one chunk) · W_targetᵀ."""
+
+    def __init__(self, dim: int, kernel_size: int, padding: str):
+        super().__init__()
+        self.conv1d = ChunkConv1d(dim, kernel_size, padding)
+        self.W_target = nn.Linear(dim, dim, bias=False, dtype=F32)
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.conv1d(x0), self.W_target.weight)  # [N, L, d]
+
+    @torch.no_grad()
+    def init_ntp(self) -> None:
+        """Training-free next-token target: V̂_t = X0_{t+1} inside the chunk, 0 on its last row."""
+        k = self.conv1d.kernel_size
+        tap = 1 if self.conv1d.padding == "right" else (k - 1) // 2 + 1
+        if tap >= k:
+            raise ValueError(f"ntp init needs a tap reading t+1: kernel {k} with "
+                             f"{self.conv1d.padding} padding has none (center needs K >= 3).")
+        d = self.W_target.weight.shape[0]
+        eye = torch.eye(d, dtype=F32, device=self.W_target.weight.device)
+        self.conv1d.conv.weight.zero_()
+        self.conv1d.conv.weight[:, :, tap] = eye
+        self.W_target.weight.copy_(eye)
+
+    @torch.no_grad()
+    def init_zero(self) -> None:
+        """The fork's warm start: W_target = 0 (TTT has no effect until trained); conv = identity tap."""
+        self.init_ntp() if self.conv1d.kernel_size > 1 else self.conv1d.conv.weight.fill_(1.0)
+        self.W_target.weight.zero_()
+
+
+class X0Source:
+    """Per-LM holder of the current call's token embeddings, filled by forward hooks.
+
+    `input`: the tensor fed to `lm.transformer`; `text`: the output of `lm.text_emb`.
+    """
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.text: torch.Tensor | None = None
+        self.handles: list[tp.Any] = []
+
+    def get(self, source: str, B: int, T: int) -> torch.Tensor:
+        x0 = self.input if source == "input" else self.text
+        if x0 is None or x0.shape[:2] != (B, T):
+            raise RuntimeError("In-Place TTT layer called without its token embeddings: "
+                               "call it through lm.forward_text / LMGen, not on its own.")
+        return x0
+
+
+@dataclass
+class InPlaceState(State):
+    """Per-stream fast weight, pending chunk and counters. Python lists mirror what the
+    chunk logic branches on, so that a step needs no device->host sync."""
+
+    w: torch.Tensor | None = None          # [B, d, h] f32; None when frozen (lr = 0)
+    pending_z: torch.Tensor | None = None  # [B, C, h] f32
+    pending_x0: torch.Tensor | None = None  # [B, C, d] f32
+    w_reset: torch.Tensor | None = None    # [d, h] what a reset restores (W0 or a warm start)
+    n_pending: list[int] = field(default_factory=list)
+    active: list[bool] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    updates: list[int] = field(default_factory=list)
+    resets: list[int] = field(default_factory=list)
+    clip_events: list[int] = field(default_factory=list)
+    nonfinite_events: list[int] = field(default_factory=list)
+
+    def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
+        super().set_exec_mask(exec_mask)
+        self.active = [bool(v) for v in exec_mask.tolist()]
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        mask = [bool(v) for v in reset_mask.tolist()]
+        for b, m in enumerate(mask):
+            if m:
+                self.active[b] = True
+                self.n_pending[b] = 0
+                self.tokens[b] = 0
+                self.resets[b] += 1
+        if self.w is not None and any(mask):
+            self.w.copy_(torch.where(reset_mask.to(self.w.device)[:, None, None], self.w_reset, self.w))
+
+
+class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
+    """Drop-in replacement of moshi's `ActivationGating` with an In-Place TTT down projection.
+
+    Args:
+        linear_in: moshi's `linear_in` (slow W_gate, W_up; plain or LoRA), reused as is.
+        linear_out: moshi's `linear_out`, kept so moshi's own state dict still loads; unused.
+        activation: moshi's gating activation.
+        cfg: the resolved `ttt` section.
+        x0: the LM's `X0Source`.
+    """
+
+    variant = "inplace"
+
+    def __init__(self, linear_in: nn.Module, linear_out: nn.Module, activation, cfg: TTTConfig,
+                 x0: X0Source):
+        super().__init__()
+        self.linear_in = linear_in
+        self.linear_out = linear_out
+        self.activation = activation
+        w_out = linear_weight(linear_out)
+        d, h = w_out.shape
+        self.dim, self.hidden = d, h
+        self.register_buffer("w_down", w_out.detach().to(F32).clone())  # [d, h] W0
+        self.target_generator = TargetGenerator(d, cfg.conv_kernel_size, cfg.conv_padding)
+        self.target_generator.to(w_out.device)
+        self.chunk_size = cfg.chunk_size
+        self.lr = cfg.lr
+        self.clip = cfg.delta_clip_fro_norm
+        self.clip_eps = cfg.delta_clip_epsilon
+        self.target_source = cfg.target_source
+        self._x0 = x0
+        self._warm_start: torch.Tensor | None = None  # [d, h] replaces W0 as the reset target
+
+    # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            for mod in (self, self.target_generator.conv1d.conv, self.target_generator.W_target):
+                for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+                    if t is not None and t.dtype != F32 and t.is_floating_point():
+                        t.data = t.data.to(F32)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return self.lr == 0.0
+
+    def set_warm_start(self, w: torch.Tensor | None) -> None:
+        """Makes resets (and new streams) start from `w` [d, h] instead of W0; None undoes it."""
+        if w is not None and tuple(w.shape) != (self.dim, self.hidden):
+            raise StateMismatchError(f"warm-start weight has shape {tuple(w.shape)}, "
+                                     f"the layer needs {(self.dim, self.hidden)}.")
+        self._warm_start = None if w is None else w.to(self.w_down.device, F32).clone()
+
+    def _reset_target(self) -> torch.Tensor:
+        return self.w_down if self._warm_start is None else self._warm_start
+
+    def _init_streaming_state(self, batch_size: int) -> InPlaceState:
+        dev = self.w_down.device
+        st = InPlaceState(batch_size, dev)
+        n = batch_size
+        st.n_pending, st.active, st.tokens = [0] * n, [True] * n, [0] * n
+        st.updates, st.resets, st.clip_events, st.nonfinite_events = [0] * n, [0] * n, [0] * n, [0] * n
+        st.w_reset = self._reset_target()
+        if not self.frozen:
+            st.w = st.w_reset.expand(n, -1, -1).clone()
+            st.pending_z = torch.zeros(n, self.chunk_size, self.hidden, device=dev, dtype=F32)
+            st.pending_x0 = torch.zeros(n, self.chunk_size, self.dim, device=dev, dtype=F32)
+        return st
+
+    # -- forward -----------------------------------------------------------------------------
+    def hidden_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Z = act(x W_gateᵀ) ⊙ (x W_upᵀ), through moshi's own `linear_in`."""
+        hu = self.linear_in(x)  # [B, T, 2h]
+        B, T, _ = hu.shape
+        hu = hu.view(B, T, 2, -1)
+        return self.activation(hu[..., 0, :]) * hu[..., 1, :]  # [B, T, h]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        z = self.hidden_activations(x).to(F32)  # [B, T, h]
+        if self.frozen:
+            return F.linear(z, self._reset_target()).to(x.dtype)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("In-Place TTT decides chunk updates in Python: it cannot run under "
+                               "CUDA graph capture. Wrap generation in moshi.utils.compile.no_cuda_graph().")
+        x0 = self._x0.get(self.target_source, B, T).to(F32)  # [B, T, d]
+        state = self._streaming_state
+        if state is None:  # plain forward (scoring): every call starts from W0
+            state = self._init_streaming_state(B)
+        return self._run(state, z, x0).to(x.dtype)
+
+    def _run(self, st: InPlaceState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Apply-then-update over T tokens, in segments that end where some stream's chunk ends."""
+        B, T, _ = z.shape
+        C = self.chunk_size
+        outs = []
+        t = 0
+        live = [b for b in range(B) if st.active[b]]
+        while t < T:
+            L = min([T - t] + [C - st.n_pending[b] for b in live])
+            zs, xs = z[:, t:t + L], x0[:, t:t + L]
+            outs.append(torch.bmm(zs, st.w.transpose(1, 2)))  # [B, L, d] with each stream's W
+            synced = len(live) == B and len({st.n_pending[b] for b in live}) == 1
+            if synced and st.n_pending[0] == 0 and L == C:
+                self._update(st, list(range(B)), zs, xs)  # whole chunk in hand: no buffering
+            else:
+                if synced:
+                    n = st.n_pending[0]
+                    st.pending_z[:, n:n + L] = zs
+                    st.pending_x0[:, n:n + L] = xs
+                else:
+                    for b in live:
+                        n = st.n_pending[b]
+                        st.pending_z[b, n:n + L] = zs[b]
+                        st.pending_x0[b, n:n + L] = xs[b]
+                for b in live:
+                    st.n_pending[b] += L
+                done = [b for b in live if st.n_pending[b] == C]
+                if done:
+                    ix = torch.tensor(done, device=z.device)
+                    self._update(st, done, st.pending_z[ix], st.pending_x0[ix])
+            for b in live:
+                st.tokens[b] += L
+            t += L
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    @torch.no_grad()
+    def _update(self, st: InPlaceState, items: list[int], z: torch.Tensor, x0: torch.Tensor) -> None:
+        """W_b += lr · clip(V̂ᵀ Z) for the given streams, from their (possibly partial) chunk."""
+        v = self.target_generator(x0)  # [N, L, d]
+        delta = torch.bmm(v.transpose(1, 2), z)  # [N, d, h]
+        clipped = [False] * len(items)
+        if self.clip is not None:
+            norm = torch.linalg.vector_norm(delta, dim=(1, 2))  # [N]
+            scale = (self.clip / (norm + self.clip_eps)).clamp(max=1.0)
+            delta = delta * scale[:, None, None]
+            clipped = (scale < 1.0).tolist()
+        every = len(items) == st.batch_size
+        if every:
+            st.w.add_(delta, alpha=self.lr)
+            new = st.w
+        else:
+            ix = torch.tensor(items, device=delta.device)
+            new = st.w[ix] + self.lr * delta
+        finite = torch.isfinite(new).flatten(1).all(dim=1).tolist()  # one sync per chunk, not per step
+        if not all(finite):
+            bad = [b for b, ok in zip(items, finite) if not ok]
+            warnings.warn(f"In-Place TTT: non-finite fast weight in stream(s) {bad}; reset to W0.")
+            new = torch.where(torch.tensor(finite, device=new.device)[:, None, None], new, st.w_reset)
+        if not every:
+            st.w[ix] = new
+        elif not all(finite):
+            st.w.copy_(new)
+        for j, b in enumerate(items):
+            st.n_pending[b] = 0
+            if finite[j]:
+                st.updates[b] += 1
+                st.clip_events[b] += int(clipped[j])
+            else:
+                st.nonfinite_events[b] += 1
+
+    # -- FastWeightLayer interface -------------------------------------------------------------
+    def _state(self) -> InPlaceState:
+        st = self._streaming_state
+        if st is None:
+            raise RuntimeError("the TTT layer is not streaming: enter `lm.streaming(B)` first.")
+        return st
+
+    def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
+        st = self._state()
+        n = st.n_pending[batch_index]
+        if st.w is None:
+            w = st.w_reset
+            pz = torch.zeros(0, self.hidden)
+            px = torch.zeros(0, self.dim)
+        else:
+            w = st.w[batch_index]
+            pz, px = st.pending_z[batch_index, :n], st.pending_x0[batch_index, :n]
+        return {"w": w.detach().to("cpu", F32).clone(), "pending_z": pz.detach().to("cpu", F32).clone(),
+                "pending_x0": px.detach().to("cpu", F32).clone()}
+
+    def restore(self, tensors: dict[str, torch.Tensor], batch_index: int) -> None:
+        st = self._state()
+        w, pz, px = tensors["w"], tensors["pending_z"], tensors["pending_x0"]
+        n = pz.shape[0]
+        if tuple(w.shape) != (self.dim, self.hidden):
+            raise StateMismatchError(f"fast weight has shape {tuple(w.shape)}, the layer's is {(self.dim, self.hidden)}.")
+        if pz.shape != (n, self.hidden) or px.shape != (n, self.dim):
+            raise StateMismatchError(f"pending chunk shapes {tuple(pz.shape)} / {tuple(px.shape)} do not "
+                                     f"match hidden {self.hidden} / dim {self.dim}.")
+        if n >= self.chunk_size:
+            raise StateMismatchError(f"{n} pending tokens do not fit chunk_size {self.chunk_size}.")
+        if st.w is None:
+            if n or not torch.equal(w.to(st.w_reset), st.w_reset):
+                raise StateMismatchError("this model runs with TTT off (lr = 0): its fast weights are frozen "
+                                         "at W0 and cannot take a snapshot that moved away from them.")
+            return
+        dev = st.w.device
+        st.w[batch_index] = w.to(dev, F32)
+        st.pending_z[batch_index, :n] = pz.to(dev, F32)
+        st.pending_x0[batch_index, :n] = px.to(dev, F32)
+        st.n_pending[batch_index] = n
+
+    def initial_tensors(self) -> dict[str, torch.Tensor]:
+        return {"w_down": self.w_down}
+
+    def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
+        st = self._state()
+        b = batch_index
+        w0 = self.w_down
+        w = st.w[b] if st.w is not None else st.w_reset
+        drift = (torch.linalg.vector_norm(w - w0) / torch.linalg.vector_norm(w0).clamp_min(1e-30)).item()
+        return {"tokens": st.tokens[b], "updates": st.updates[b], "resets": st.resets[b],
+                "clip_events": st.clip_events[b], "nonfinite_events": st.nonfinite_events[b],
+                "pending_tokens": st.n_pending[b], "relative_drift": drift}
+
+    def state_bytes_per_stream(self) -> int:
+        if self.frozen:
+            return 0
+        return 4 * (self.dim * self.hidden + self.chunk_size * (self.dim + self.hidden))
+
+    @torch.no_grad()
+    def flush_partial(self, batch_index: int | None = None) -> None:
+        st = self._state()
+        if st.w is None:
+            return
+        items = range(st.batch_size) if batch_index is None else [batch_index]
+        for b in items:
+            n = st.n_pending[b]
+            if n:
+                self._update(st, [b], st.pending_z[b:b + 1, :n], st.pending_x0[b:b + 1, :n])

@@ -1,0 +1,155 @@
+"""Built-in offline checkpoints (`tiny`, `tiny-stt`, `bench`): deterministic moshi files made on first use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PRESETS = ("tiny", "tiny-stt", "bench")
+PRESET_VERSION = 1  # bump when a preset's files change, so caches are rebuilt
+SEED = 1234
+
+_MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+
+# A small Mimi with the real one's structure (SEANet, split RVQ, 250-step encoder transformer).
+TINY_MIMI_CONFIG = {
+    "sample_rate": 24000, "channels": 1, "frame_rate": 12.5,
+    "seanet": {"channels": 1, "dimension": 32, "causal": True, "n_filters": 4, "n_residual_layers": 1,
+               "activation": "ELU", "compress": 2, "dilation_base": 2, "disable_norm_outer_blocks": 0,
+               "kernel_size": 7, "residual_kernel_size": 3, "last_kernel_size": 3, "norm": "none",
+               "pad_mode": "constant", "ratios": [8, 6, 5, 4], "true_skip": True},
+    "quantizer": {"dimension": 16, "n_q": 8, "bins": 64, "input_dimension": 32, "output_dimension": 32},
+    "transformer": {"d_model": 32, "num_heads": 2, "num_layers": 1, "causal": True, "layer_scale": 0.01,
+                    "context": 250, "conv_layout": True, "max_period": 10000, "gating": "none",
+                    "norm": "layer_norm", "positional_embedding": "rope", "dim_feedforward": 64,
+                    "input_dimension": 32, "output_dimensions": [32]},
+}
+
+_COMMON_LM = {
+    "card": 64, "causal": True, "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32",
+    "positional_embedding": "rope", "layer_scale": None, "existing_text_padding_id": 3,
+    "depformer_multi_linear": True, "depformer_context": 8, "depformer_max_period": 10000,
+    "depformer_gating": "silu", "depformer_pos_emb": "none", "depformer_weights_per_step": True,
+    "depformer_layer_scale": None,
+}
+
+LM_CONFIGS = {
+    # attention context 32 steps = 2.56 s, so beyond-context behaviour shows on seconds of audio.
+    "tiny": {**_COMMON_LM, "dim": 64, "num_heads": 4, "num_layers": 4, "hidden_scale": 4.125,
+             "context": 32, "text_card": 128, "n_q": 16, "dep_q": 8, "delays": _MOSHI_DELAYS,
+             "depformer_dim": 32, "depformer_dim_feedforward": 64, "depformer_num_heads": 2,
+             "depformer_num_layers": 1},
+    "tiny-stt": {**_COMMON_LM, "dim": 64, "num_heads": 4, "num_layers": 4, "hidden_scale": 4.125,
+                 "context": 32, "text_card": 128, "n_q": 8, "dep_q": 0, "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1],
+                 "depformer_dim": 32, "depformer_num_heads": 2, "depformer_num_layers": 1},
+    # §8 bench shape: d = 512, 8 layers, 2 TTT layers, chunk 256.
+    "bench": {**_COMMON_LM, "dim": 512, "num_heads": 8, "num_layers": 8, "hidden_scale": 4.125,
+              "context": 750, "text_card": 128, "n_q": 16, "dep_q": 8, "delays": _MOSHI_DELAYS,
+              "depformer_dim": 256, "depformer_dim_feedforward": 512, "depformer_num_heads": 4,
+              "depformer_num_layers": 2},
+}
+
+TTT_SECTIONS = {
+    "tiny": {"layers": [1, 3], "chunk_size": 16, "lr": 0.05},
+    "tiny-stt": {"layers": [1, 3], "chunk_size": 16, "lr": 0.05},
+    "bench": {"layers": [2, 5], "chunk_size": 256, "lr": 1e-3},
+}
+
+STT_CONFIG = {"audio_silence_prefix_seconds": 0.5, "audio_delay_seconds": 0.5}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("TTT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ttt")
+    return Path(base)
+
+
+def preset_dir(name: str) -> Path:
+    return cache_root() / "presets" / f"{name}-v{PRESET_VERSION}"
+
+
+def _corpus() -> str:
+    return (Path(__file__).parent / "data" / "tokenizer_corpus.txt").read_text()
+
+
+def _train_tokenizer(out: Path, vocab: int) -> None:
+    import sentencepiece as spm
+
+    # One thread and a fixed seed keep training (and the model file) deterministic.
+    spm.set_random_generator_seed(SEED)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text(_corpus())
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(Path(tmp) / "tok"), vocab_size=vocab,
+            model_type="unigram", character_coverage=1.0, num_threads=1, pad_id=3, unk_id=1,
+            bos_id=-1, eos_id=2, user_defined_symbols=["<epad>"], minloglevel=2,
+            hard_vocab_limit=True, seed_sentencepiece_size=10000, shuffle_input_sentence=False)
+        shutil.copy(Path(tmp) / "tok.model", out)
+
+
+def _write_base(name: str, out: Path) -> None:
+    """Writes a plain moshi checkpoint directory (no TTT) for preset `name`."""
+    import torch
+    from safetensors.torch import save_file
+    from moshi.models.loaders import get_mimi, get_moshi_lm
+
+    cfg = LM_CONFIGS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        mimi = get_mimi(None, TINY_MIMI_CONFIG, device="cpu", num_codebooks=8)
+        save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
+        lm = get_moshi_lm(None, lm_kwargs=cfg, device="cpu", dtype=torch.float32)
+        save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / "model.safetensors"))
+    _train_tokenizer(out / "tokenizer.model", cfg["text_card"])
+    (out / "mimi_config.json").write_text(json.dumps(TINY_MIMI_CONFIG, indent=2))
+    config = {**cfg, "moshi_name": "model.safetensors", "mimi_name": "mimi.safetensors",
+              "tokenizer_name": "tokenizer.model", "mimi_config_name": "mimi_config.json",
+              "model_type": "stt" if name == "tiny-stt" else "moshi",
+              "lm_gen_config": {"temp": 0.8, "temp_text": 0.7, "top_k": 50, "top_k_text": 25}}
+    if name == "tiny-stt":
+        config["stt_config"] = STT_CONFIG
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_preset(name: str, out: Path) -> None:
+    """Writes preset `name` (moshi files + `ttt` section + ttt.safetensors) into directory `out`."""
+    from .checkpoint import add_ttt_to_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_base(name, out)
+    add_ttt_to_checkpoint(out, TTT_SECTIONS[name], target_init="ntp")
+
+
+def ensure_preset(name: str) -> Path:
+    """Returns the cached preset directory, building it on first use (atomically)."""
+    if name not in PRESETS:
+        raise ValueError(name)
+    final = preset_dir(name)
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    try:
+        build_preset(name, tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def directory_digest(path: Path) -> str:
+    """sha256 over the files of a checkpoint directory (names and bytes), for determinism checks."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
