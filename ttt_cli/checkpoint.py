@@ -89,10 +89,14 @@ def resolve(source: str | None) -> Resolved:
     repo, rev = m.group(1), m.group(2)
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+        # Without a route to the hub, use the local cache only instead of ~20 s of retries.
+        cache_only = bool(os.environ.get("HF_HUB_OFFLINE")) or not _hub_reachable()
         try:
-            cfg_path = hf_hub_download(repo, "config.json", revision=rev)
+            cfg_path = hf_hub_download(repo, "config.json", revision=rev, local_files_only=cache_only)
             config = _read_config(Path(cfg_path))
+        except LocalEntryNotFoundError:
+            raise RuntimeError("the hub cannot be reached and the file is not in the local cache") from None
         except EntryNotFoundError:
             config = {}  # legacy Moshi repos have no config.json: moshi assumes Moshi 7B
     except CheckpointError:
@@ -104,6 +108,18 @@ def resolve(source: str | None) -> Resolved:
             f"repo id and your token (HF_TOKEN), or use an offline source: `--model tiny` (built in) or a local "
             f"checkpoint directory.") from None
     return Resolved(f"{repo}@{rev}" if rev else repo, config, None, repo, rev)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+    endpoint = os.environ.get("HF_ENDPOINT")
+    if endpoint:
+        host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_config(path: Path) -> dict:

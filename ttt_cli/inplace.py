@@ -64,7 +64,7 @@ class TargetGenerator(nn.Module):
         """Training-free next-token target: V̂_t = X0_{t+1} inside the chunk, 0 on its last row."""
         k = self.conv1d.kernel_size
         tap = 1 if self.conv1d.padding == "right" else (k - 1) // 2 + 1
-        if tap >= k:
+        if tap >= k or (self.conv1d.padding == "center" and k < 3):
             raise ValueError(f"ntp init needs a tap reading t+1: kernel {k} with "
                              f"{self.conv1d.padding} padding has none (center needs K >= 3).")
         d = self.W_target.weight.shape[0]
@@ -75,8 +75,8 @@ class TargetGenerator(nn.Module):
 
     @torch.no_grad()
     def init_zero(self) -> None:
-        """The fork's warm start: W_target = 0 (TTT has no effect until trained); conv = identity tap."""
-        self.init_ntp() if self.conv1d.kernel_size > 1 else self.conv1d.conv.weight.fill_(1.0)
+        """The fork's warm start: W_target = 0, so TTT has no effect until trained; conv = 0 too."""
+        self.conv1d.conv.weight.zero_()
         self.W_target.weight.zero_()
 
 

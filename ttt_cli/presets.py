@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 PRESETS = ("tiny", "tiny-stt", "bench")
-PRESET_VERSION = 1  # bump when a preset's files change, so caches are rebuilt
+PRESET_VERSION = 2  # bump when a preset's files change, so caches are rebuilt
 SEED = 1234
 
 _MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
@@ -77,19 +77,19 @@ def _corpus() -> str:
 
 
 def _train_tokenizer(out: Path, vocab: int) -> None:
+    import io
     import sentencepiece as spm
 
-    # One thread and a fixed seed keep training (and the model file) deterministic.
+    # One thread, a fixed seed, and sentences from memory (a file input would store its temporary
+    # path in the model) keep the model file byte-identical run to run.
     spm.set_random_generator_seed(SEED)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text(_corpus())
-        spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(Path(tmp) / "tok"), vocab_size=vocab,
-            model_type="unigram", character_coverage=1.0, num_threads=1, pad_id=3, unk_id=1,
-            bos_id=-1, eos_id=2, user_defined_symbols=["<epad>"], minloglevel=2,
-            hard_vocab_limit=True, seed_sentencepiece_size=10000, shuffle_input_sentence=False)
-        shutil.copy(Path(tmp) / "tok.model", out)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus().splitlines()), model_writer=model, vocab_size=vocab,
+        model_type="unigram", character_coverage=1.0, num_threads=1, pad_id=3, unk_id=1,
+        bos_id=-1, eos_id=2, user_defined_symbols=["<epad>"], minloglevel=2,
+        hard_vocab_limit=True, shuffle_input_sentence=False)
+    out.write_bytes(model.getvalue())
 
 
 def _write_base(name: str, out: Path) -> None:

@@ -1,0 +1,253 @@
+"""Checkpoints: presets, the resolver, the fork's format, init-checkpoint, TTT off == plain moshi."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from ttt_cli import load_model, ttt_layers
+from ttt_cli.attach import attach_ttt
+from ttt_cli.checkpoint import resolve
+from ttt_cli.config import TTTConfig, from_fork_config, parse_layers, parse_seconds, seconds_to_steps
+from ttt_cli.errors import CheckpointError, ConfigError
+from ttt_cli.presets import build_preset, directory_digest, preset_dir
+
+
+def plain_moshi(directory, dtype=torch.float32):
+    """moshi's own loader on the preset's files, with the `ttt` section removed from the config."""
+    from moshi.models.loaders import CheckpointInfo
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.pop("ttt")
+    tmp = directory.parent / f"{directory.name}-plain-config.json"
+    tmp.write_text(json.dumps(cfg))
+    info = CheckpointInfo.from_hf_repo("local", moshi_weights=directory / cfg["moshi_name"],
+                                       mimi_weights=directory / cfg["mimi_name"],
+                                       tokenizer=directory / cfg["tokenizer_name"], config_path=tmp,
+                                       mimi_config_path=directory / cfg["mimi_config_name"])
+    return info.get_moshi(device="cpu", dtype=dtype), info
+
+
+def codes_for(lm, T=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (2, lm.num_codebooks, T), generator=g)
+    codes[:, 0] = torch.randint(0, lm.text_card, (2, T), generator=g)
+    return codes
+
+
+def logits(lm, codes):
+    with torch.no_grad():
+        out = lm(codes)
+    return out.logits.nan_to_num(), out.text_logits.nan_to_num()
+
+
+def test_ttt_off_and_lr_zero_equal_plain_moshi(tiny):
+    ref_lm, _ = plain_moshi(preset_dir("tiny"))
+    codes = codes_for(ref_lm)
+    ref = logits(ref_lm, codes)
+    for ttt in (False, {"lr": 0}):
+        m = load_model("tiny", device="cpu", dtype="fp32", ttt=ttt)
+        assert bool(ttt_layers(m.lm)) == (ttt is not False)
+        got = logits(m.lm, codes)
+        for a, b in zip(got, ref):
+            assert (a - b).abs().max().item() <= 1e-5
+    on = logits(tiny.lm, codes)  # TTT on really differs (beyond one 16-step chunk)
+    assert (on[1] - ref[1]).abs().max().item() > 1e-3
+
+
+def test_presets_are_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_preset("tiny", a)
+    build_preset("tiny", b)
+    assert directory_digest(a) == directory_digest(b) == directory_digest(preset_dir("tiny"))
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["context"] <= 64 and cfg["ttt"]["chunk_size"] <= 16 and cfg["dep_q"] == 8
+    assert len(cfg["ttt"]["layers"]) >= 2 and cfg["mimi_config_name"] == "mimi_config.json"
+
+
+def test_tiny_stt_preset(tiny_stt):
+    assert tiny_stt.lm.dep_q == 0 and tiny_stt.model_type == "stt"
+    assert {"audio_delay_seconds", "audio_silence_prefix_seconds"} <= set(tiny_stt.info.stt_config)
+    assert len(ttt_layers(tiny_stt.lm)) == 2
+
+
+def _fork_checkpoint(tmp_path, drop=()):
+    """A checkpoint in the fine-tuning fork's format, made from the tiny preset's base weights."""
+    from moshi.modules.lora import replace_all_linear_with_lora
+    src = preset_dir("tiny")
+    out = tmp_path / "fork"
+    out.mkdir()
+    for f in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
+        shutil.copy(src / f, out / f)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("ttt")
+    cfg.update({"ttt_config": {"enabled": True, "layer_frequency": 2, "start_layer": 1, "chunk_size": 16,
+                               "learning_rate": 0.05, "conv_kernel_size": 2, "delta_clip_fro_norm": 0},
+                "lora": True, "lora_rank": 4, "lora_scaling": 2.0, "lora_name": "lora.safetensors"})
+    (out / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(7)
+    base = load_file(str(src / "model.safetensors"))
+    d, h = base["transformer.layers.1.gating.linear_out.weight"].shape
+    ttt = {  # layer 1: plain tensors in the main file; layer 3: LoRA-wrapped W_target in lora.safetensors
+        "transformer.layers.1.gating.w_down": base["transformer.layers.1.gating.linear_out.weight"] + 0.01,
+        "transformer.layers.1.gating.w_down_pretrained": torch.zeros(d, h),
+        "transformer.layers.1.gating.target_generator.conv1d.conv.weight": torch.randn(d, d, 2, generator=g) * 0.1,
+        "transformer.layers.1.gating.target_generator.W_target.weight": torch.randn(d, d, generator=g) * 0.1,
+    }
+    main = {**base, **ttt}
+    save_file(main, str(out / "model.safetensors"))
+    lm, _ = plain_moshi(src)
+    replace_all_linear_with_lora(lm, 4, 2.0)
+    lora = {}
+    for k, v in lm.state_dict().items():
+        if ".lora_" in k:
+            lora[k] = torch.randn(v.shape, generator=g) * 0.05
+    pre = "transformer.layers.3.gating.target_generator."
+    lora.update({
+        "transformer.layers.3.gating.w_down": base["transformer.layers.3.gating.linear_out.weight"] * 1.1,
+        pre + "conv1d.conv.weight": torch.randn(d, d, 2, generator=g) * 0.1,
+        pre + "W_target.frozen_W.weight": torch.randn(d, d, generator=g) * 0.1,
+        pre + "W_target.lora_A.weight": torch.randn(4, d, generator=g) * 0.1,
+        pre + "W_target.lora_B.weight": torch.randn(d, 4, generator=g) * 0.1,
+    })
+    for k in drop:
+        lora.pop(k, None)
+    save_file(lora, str(out / "lora.safetensors"))
+    return out, ttt, lora
+
+
+def test_fork_checkpoint_loads_like_the_model_built_directly(tmp_path):
+    out, ttt, lora = _fork_checkpoint(tmp_path)
+    m = load_model(str(out), device="cpu", dtype="fp32")
+    assert m.ttt.layers == [1, 3] and m.ttt.target_source == "text" and m.ttt.delta_clip_fro_norm is None
+    assert m.config["ttt_origin"] == "fork"
+    # the same model built by hand: moshi base + moshi LoRA, TTT attached with hand-fused tensors
+    from moshi.models.loaders import get_lora_moshi
+    ref_lm, _ = plain_moshi(preset_dir("tiny"))
+    ref_lm = get_lora_moshi(ref_lm, None, 4, 2.0, dtype=torch.float32, fuse_lora=False)
+    ref_lm.load_state_dict({k: v for k, v in lora.items() if ".lora_" in k and "target_generator" not in k},
+                           strict=False)
+    pre = "transformer.layers.3.gating.target_generator."
+    fused = lora[pre + "W_target.frozen_W.weight"] + 2.0 * lora[pre + "W_target.lora_B.weight"] @ lora[pre + "W_target.lora_A.weight"]
+    tensors = {k: v for k, v in ttt.items() if "pretrained" not in k}
+    tensors.update({"transformer.layers.3.gating.w_down": lora["transformer.layers.3.gating.w_down"],
+                    pre + "conv1d.conv.weight": lora[pre + "conv1d.conv.weight"], pre + "W_target.weight": fused})
+    attach_ttt(ref_lm, TTTConfig(layers=[1, 3], chunk_size=16, lr=0.05, target_source="text"), tensors)
+    assert torch.equal(ttt_layers(m.lm)[3].target_generator.W_target.weight, fused)
+    codes = codes_for(m.lm)
+    for a, b in zip(logits(m.lm, codes), logits(ref_lm, codes)):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_fork_missing_tensors_warn_and_follow_init(tmp_path):
+    pre = "transformer.layers.3.gating.target_generator."
+    out, _, _ = _fork_checkpoint(tmp_path, drop=[pre + "conv1d.conv.weight"])
+    with pytest.warns(UserWarning, match=r"layers\.3\.gating\.target_generator\.conv1d\.conv\.weight"):
+        m = load_model(str(out), device="cpu", dtype="fp32")
+    assert torch.count_nonzero(ttt_layers(m.lm)[3].target_generator.conv1d.conv.weight) == 0  # zero init
+
+
+def test_fork_config_mapping_defaults():
+    cfg = from_fork_config({}, 32)
+    assert cfg.layers == [0, 6, 12, 18, 24, 30] and cfg.chunk_size == 256 and cfg.lr == 1e-3
+    assert cfg.delta_clip_fro_norm == 1e-5 and cfg.target_source == "text" and cfg.conv_padding == "right"
+    assert from_fork_config({"enabled": False}, 32) is None
+    with pytest.raises(ConfigError, match="Valid keys"):
+        from_fork_config({"chunksize": 3}, 32)
+
+
+def _copy_tiny(tmp_path):
+    out = tmp_path / "ck"
+    shutil.copytree(preset_dir("tiny"), out)
+    return out
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    out = _copy_tiny(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["ttt"]["learning_rate"] = 1.0
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"learning_rate.*Valid keys: variant, layers, chunk_size, lr"):
+        load_model(str(out), device="cpu")
+    cfg["ttt"].pop("learning_rate")
+    cfg["ttt"]["layers"] = [1, 9]
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"layers \[9\] do not exist"):
+        load_model(str(out), device="cpu")
+    cfg["ttt"]["layers"] = [1, 3]
+    (out / "config.json").write_text(json.dumps(cfg))
+    t = load_file(str(out / "ttt.safetensors"))
+    t["transformer.layers.1.gating.w_down"] = torch.zeros(3, 3)
+    save_file(t, str(out / "ttt.safetensors"))
+    with pytest.raises(CheckpointError, match=r"w_down has shape \(3, 3\)"):
+        load_model(str(out), device="cpu")
+    (out / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"files that do not exist: moshi_name"):
+        load_model(str(out), device="cpu")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        resolve(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a hub id"):
+        resolve("./nowhere/at/all")
+
+
+def test_hub_source_offline_is_one_clear_paragraph(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as e:
+        resolve("kyutai/not-a-real-repo@v1")
+    msg = str(e.value)
+    assert "kyutai/not-a-real-repo@v1" in msg and "--model tiny" in msg and "\n" not in msg
+
+
+def test_init_checkpoint_round_trip(tmp_path):
+    from ttt_cli.cli.app import app
+    runner = CliRunner()
+    out = tmp_path / "zero"
+    r = runner.invoke(app, ["init-checkpoint", "--preset", "tiny", "--out", str(out), "--layers", "every:2@1",
+                            "--target-init", "zero", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["ttt"]["layers"] == [1, 3] and "ttt.safetensors" in report["files"]
+    m = load_model(str(out), device="cpu", dtype="fp32")
+    assert all(torch.count_nonzero(l.target_generator.W_target.weight) == 0 for l in ttt_layers(m.lm).values())
+    # W_target = 0: TTT has no effect, the model is plain moshi
+    ref_lm, _ = plain_moshi(preset_dir("tiny"))
+    codes = codes_for(ref_lm)
+    for a, b in zip(logits(m.lm, codes), logits(ref_lm, codes)):
+        assert (a - b).abs().max().item() <= 1e-5
+    r = runner.invoke(app, ["init-checkpoint", "--preset", "tiny", "--out", str(out)])
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    # from a local directory (base weights referenced, not copied) with other TTT keys
+    out2 = tmp_path / "from-dir"
+    r = runner.invoke(app, ["init-checkpoint", "--from", str(out), "--out", str(out2), "--layers", "0",
+                            "--chunk-size", "8", "--conv-kernel-size", "3", "--conv-padding", "center"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out2 / "config.json").read_text())
+    assert cfg["ttt"]["layers"] == [0] and cfg["ttt"]["conv_padding"] == "center"
+    assert cfg["moshi_name"].startswith("/") and not (out2 / "model.safetensors").exists()
+    m2 = load_model(str(out2), device="cpu")
+    assert ttt_layers(m2.lm)[0].target_generator.conv1d.conv.weight.shape[-1] == 3
+
+
+def test_overrides_and_parsers():
+    m = load_model("tiny", device="cpu", ttt={"layers": "every:2", "chunk_size": 4, "lr": 0.1})
+    assert sorted(ttt_layers(m.lm)) == [0, 2] and m.ttt.chunk_size == 4
+    with pytest.raises(ConfigError, match="Valid keys"):
+        load_model("tiny", device="cpu", ttt={"chunk": 4})
+    assert parse_layers("0,6,12") == [0, 6, 12] and parse_layers("every:6", 32) == [0, 6, 12, 18, 24, 30]
+    assert parse_layers("every:6@3", 20) == [3, 9, 15]
+    assert parse_seconds("1.5") == 1.5 and parse_seconds("30s") == 30 and parse_seconds("2m") == 120
+    assert seconds_to_steps(1.5) == 19 and seconds_to_steps(2) == 25
+    with pytest.raises(ConfigError):
+        parse_seconds("soon")
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from ttt_cli.cli.app import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr

@@ -1,0 +1,333 @@
+"""The In-Place TTT layer against equations written here, and the SPEC §3.4 equivalences."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ttt_cli.attach import attach_ttt, ttt_layers
+from ttt_cli.codes import transformer_input
+from ttt_cli.config import TTTConfig
+from ttt_cli.inplace import InPlaceTTTGating, X0Source
+from ttt_cli.streaming import block_streaming
+
+D, H = 6, 10
+
+
+# -- a naive reference written from SPEC §3.1-3.3, token by token, in float64 -------------------
+
+def naive_target(x0_chunk, conv_w, w_target, padding):
+    """V̂ for one chunk by explicit loops: V̂_t = W_target · Σ_j conv[:, :, j] · X0_{t + j - left}."""
+    L, d = x0_chunk.shape
+    K = conv_w.shape[2]
+    left = 0 if padding == "right" else (K - 1) // 2
+    v = torch.zeros(L, d, dtype=torch.float64)
+    for t in range(L):
+        acc = torch.zeros(d, dtype=torch.float64)
+        for j in range(K):
+            s = t + j - left
+            if 0 <= s < L:  # zero padding inside the chunk only
+                acc += conv_w[:, :, j] @ x0_chunk[s]
+        v[t] = w_target @ acc
+    return v
+
+
+def naive_layer(z, x0, w0, conv_w, w_target, C, lr, padding, clip=None, eps=1e-12):
+    """Outputs [T, d] of one stream: apply W_i to chunk i, then W_{i+1} = W_i + lr·clip(V̂ᵀZ)."""
+    T = z.shape[0]
+    w = w0.clone()
+    out = torch.zeros(T, w0.shape[0], dtype=torch.float64)
+    start = 0
+    for t in range(T):
+        out[t] = w @ z[t]
+        if t - start + 1 == C:  # chunk complete
+            v = naive_target(x0[start:t + 1], conv_w, w_target, padding)
+            delta = sum(torch.outer(v[s], z[start + s]) for s in range(C))
+            if clip is not None:
+                delta = delta * min(1.0, clip / (delta.norm().item() + eps))
+            w = w + lr * delta
+            start = t + 1
+    return out, w
+
+
+def make_layer(C=4, lr=0.3, K=2, padding="right", clip=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin_in = nn.Linear(D, 2 * H, bias=False)
+    lin_out = nn.Linear(H, D, bias=False)
+    with torch.no_grad():
+        lin_in.weight.copy_(torch.randn(2 * H, D, generator=g) * 0.5)
+        lin_out.weight.copy_(torch.randn(D, H, generator=g) * 0.5)
+    cfg = TTTConfig(layers=[0], chunk_size=C, lr=lr, conv_kernel_size=K, conv_padding=padding,
+                    delta_clip_fro_norm=clip)
+    src = X0Source()
+    layer = InPlaceTTTGating(lin_in, lin_out, torch.nn.functional.silu, cfg, src)
+    with torch.no_grad():  # random targets, so that every tap matters
+        layer.target_generator.conv1d.conv.weight.copy_(torch.randn(D, D, K, generator=g) * 0.3)
+        layer.target_generator.W_target.weight.copy_(torch.randn(D, D, generator=g) * 0.3)
+    return layer, src
+
+
+@torch.no_grad()
+def reference(layer, x, x0, clip=None):
+    z = layer.hidden_activations(x).double()
+    tg = layer.target_generator
+    outs = [naive_layer(z[b], x0[b].double(), layer.w_down.double(), tg.conv1d.conv.weight.double(),
+                        tg.W_target.weight.double(), layer.chunk_size, layer.lr, tg.conv1d.padding, clip)
+            for b in range(x.shape[0])]
+    return torch.stack([o for o, _ in outs]), torch.stack([w for _, w in outs])
+
+
+def call(layer, src, x, x0):
+    src.input = x0
+    return layer(x)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("padding,K", [("right", 2), ("right", 3), ("center", 3), ("center", 4)])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_layer_full_and_streamed_match_naive_loop(padding, K, clip):
+    layer, src = make_layer(C=4, K=K, padding=padding, clip=clip)
+    B, T = 2, 14  # three full chunks and a partial one
+    x, x0 = torch.randn(B, T, D), torch.randn(B, T, D)
+    ref, ref_w = reference(layer, x, x0, clip)
+    with torch.no_grad():
+        full = call(layer, src, x, x0)
+        assert rel(full, ref) < 1e-4
+        for block in (1, 3, 4, 7, T):
+            with layer.streaming(B):
+                outs = [call(layer, src, x[:, s:s + block], x0[:, s:s + block]) for s in range(0, T, block)]
+                st = layer._streaming_state
+                assert st.n_pending == [T % 4] * B
+                assert rel(st.w, ref_w) < 1e-4
+            assert rel(torch.cat(outs, 1), ref) < 1e-4, block
+    if clip is not None:  # the clip must have fired for this test to mean anything
+        with torch.no_grad(), layer.streaming(B):
+            call(layer, src, x, x0)
+            assert layer.telemetry(0)["clip_events"] == 3
+
+
+def test_lr_zero_is_plain_gating():
+    layer, src = make_layer(lr=0.0)
+    x, x0 = torch.randn(2, 9, D), torch.randn(2, 9, D)
+    z = layer.hidden_activations(x)
+    with torch.no_grad():
+        assert torch.allclose(call(layer, src, x, x0), z @ layer.linear_out.weight.T, atol=1e-6)
+
+
+def test_ntp_init_targets_next_token():
+    for padding, K in (("right", 2), ("right", 3), ("center", 3), ("center", 5)):
+        layer, _ = make_layer(K=K, padding=padding)
+        layer.target_generator.init_ntp()
+        x0 = torch.randn(3, 5, D)
+        v = layer.target_generator(x0)
+        assert torch.allclose(v[:, :-1], x0[:, 1:], atol=1e-6)
+        assert torch.count_nonzero(v[:, -1]) == 0
+    layer, _ = make_layer(K=2, padding="center")
+    with pytest.raises(ValueError, match="K >= 3"):
+        layer.target_generator.init_ntp()
+
+
+def test_causality_in_layer():
+    layer, src = make_layer(C=4)
+    x, x0 = torch.randn(1, 12, D), torch.randn(1, 12, D)
+    with torch.no_grad():
+        base = call(layer, src, x, x0)
+        for p in (3, 4, 6, 9):  # inside a chunk and on chunk boundaries
+            x2, x02 = x.clone(), x0.clone()
+            x2[:, p:] += 1.0
+            x02[:, p:] -= 2.0
+            out = call(layer, src, x2, x02)
+            assert torch.equal(out[:, :p], base[:, :p]), p
+            assert not torch.allclose(out[:, p:], base[:, p:])
+
+
+def test_reset_exec_mask_and_isolation():
+    layer, src = make_layer(C=4)
+    B, T = 3, 6
+    x, x0 = torch.randn(B, T, D), torch.randn(B, T, D)
+    with torch.no_grad(), layer.streaming(B):
+        call(layer, src, x, x0)
+        st = layer._streaming_state
+        w_before = st.w.clone()
+        assert not torch.equal(w_before[1], layer.w_down)
+        layer.reset_streaming(torch.tensor([False, True, False]))
+        assert torch.equal(st.w[1], layer.w_down) and st.n_pending[1] == 0
+        assert torch.equal(st.w[0], w_before[0]) and torch.equal(st.w[2], w_before[2])
+        assert st.n_pending[0] == st.n_pending[2] == 2
+        # exec_mask false: item 2's weight and pending chunk are untouched by the step
+        snap = layer.capture(2)
+        layer.set_exec_mask(torch.tensor([True, True, False]))
+        call(layer, src, x[:, :3], x0[:, :3])
+        after = layer.capture(2)
+        assert all(torch.equal(snap[k], after[k]) for k in snap)
+        # streams now have different phases (0: 2+3, 1: 0+3 pending); each equals a run alone
+        layer.set_exec_mask(torch.tensor([True, True, True]))
+        out = call(layer, src, x[:, 3:], x0[:, 3:])
+    seq0_x, seq0_x0 = torch.cat([x[0, :6], x[0, :3], x[0, 3:]])[None], torch.cat([x0[0, :6], x0[0, :3], x0[0, 3:]])[None]
+    seq1_x, seq1_x0 = torch.cat([x[1, :3], x[1, 3:]])[None], torch.cat([x0[1, :3], x0[1, 3:]])[None]
+    ref0, _ = reference(layer, seq0_x, seq0_x0)
+    ref1, _ = reference(layer, seq1_x, seq1_x0)
+    assert rel(out[0], ref0[0, -3:]) < 1e-4
+    assert rel(out[1], ref1[0, -3:]) < 1e-4
+
+
+def test_nonfinite_update_resets_to_w0():
+    layer, src = make_layer(C=2, lr=1.0)
+    x, x0 = torch.randn(2, 4, D), torch.randn(2, 4, D)
+    x0[1, 1] = float("inf")
+    with torch.no_grad(), layer.streaming(2), pytest.warns(UserWarning, match="non-finite"):
+        call(layer, src, x[:, :2], x0[:, :2])
+        st = layer._streaming_state
+        assert torch.isfinite(st.w).all()
+        assert torch.equal(st.w[1], layer.w_down) and not torch.equal(st.w[0], layer.w_down)
+        call(layer, src, x[:, 2:], x0[:, 2:])  # the stream goes on from W0
+        assert layer.telemetry(1)["nonfinite_events"] == 1 and layer.telemetry(0)["nonfinite_events"] == 0
+        assert layer.telemetry(0)["updates"] == 2 and layer.telemetry(1)["updates"] == 1
+
+
+def test_flush_partial_applies_pending_chunk():
+    layer, src = make_layer(C=4)
+    x, x0 = torch.randn(1, 6, D), torch.randn(1, 6, D)
+    _, w_after_first = reference(layer, x[:, :4], x0[:, :4])
+    z = layer.hidden_activations(x).double()[0]
+    tg = layer.target_generator
+    v = naive_target(x0[0, 4:6].double(), tg.conv1d.conv.weight.double(), tg.W_target.weight.double(), "right")
+    expect = w_after_first[0] + layer.lr * (v.T @ z[4:6])
+    with torch.no_grad(), layer.streaming(1):
+        call(layer, src, x, x0)
+        layer.flush_partial(0)
+        assert layer._streaming_state.n_pending[0] == 0
+        assert rel(layer._streaming_state.w[0], expect) < 1e-5
+
+
+# -- the layer inside moshi's LMModel ------------------------------------------------------------
+
+class NaiveTTTGating(nn.Module):
+    """Test-side reference: the equations token by token, fed X0 by its own hook."""
+
+    def __init__(self, ttt_layer, holder):
+        super().__init__()
+        self.lin_in, self.act = ttt_layer.linear_in, ttt_layer.activation
+        tg = ttt_layer.target_generator
+        self.conv_w, self.w_t = tg.conv1d.conv.weight.double(), tg.W_target.weight.double()
+        self.padding, self.C, self.lr = tg.conv1d.padding, ttt_layer.chunk_size, ttt_layer.lr
+        self.w0 = ttt_layer.w_down.double()
+        self.holder = holder
+        self.w, self.zs, self.xs = None, [], []
+
+    def forward(self, x):
+        hu = self.lin_in(x).view(x.shape[0], x.shape[1], 2, -1)
+        z = (self.act(hu[..., 0, :]) * hu[..., 1, :]).double()[0, 0]  # one stream, one token
+        if self.w is None:
+            self.w = self.w0.clone()
+        out = self.w @ z
+        self.zs.append(z)
+        self.xs.append(self.holder["x0"][0, 0].double())
+        if len(self.zs) == self.C:
+            v = naive_target(torch.stack(self.xs), self.conv_w, self.w_t, self.padding)
+            self.w = self.w + self.lr * sum(torch.outer(v[s], self.zs[s]) for s in range(self.C))
+            self.zs, self.xs = [], []
+        return out.float()[None, None]
+
+
+def random_codes(lm, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
+    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
+    return codes
+
+
+@pytest.mark.parametrize("source", ["input", "text"])
+def test_model_full_vs_blocks_vs_naive(tiny, source):
+    lm = tiny.lm
+    layers = ttt_layers(lm)
+    for layer in layers.values():
+        layer.target_source = source
+    try:
+        C = tiny.ttt.chunk_size
+        T = 2 * C + 5  # two chunks and a partial one, beyond the 32-step attention context
+        seq = transformer_input(lm, random_codes(lm, 1, T))
+        with torch.no_grad():
+            _, full = lm.forward_text(seq)
+            for block in (1, 7, C):
+                with block_streaming(lm, 1, block):
+                    outs = [lm.forward_text(seq[:, :, s:s + block])[1] for s in range(0, T, block)]
+                assert rel(torch.cat(outs, 2), full) < 1e-4, block
+            # naive per-token loop with the test's own TTT reference in place of ours
+            holder = {}
+            grab = lm.transformer.register_forward_pre_hook(lambda m, a: holder.__setitem__("x0", a[0])) \
+                if source == "input" else lm.text_emb.register_forward_hook(lambda m, a, o: holder.__setitem__("x0", o))
+            saved = {i: lm.transformer.layers[i].gating for i in layers}
+            try:
+                for i, layer in layers.items():
+                    lm.transformer.layers[i].gating = NaiveTTTGating(layer, holder)
+                with lm.streaming(1):
+                    naive = torch.cat([lm.forward_text(seq[:, :, s:s + 1])[1] for s in range(T)], 2)
+            finally:
+                grab.remove()
+                for i, g in saved.items():
+                    lm.transformer.layers[i].gating = g
+            assert rel(naive, full) < 1e-4
+            # and TTT really changes the output (lr > 0 on tiny)
+            for layer in layers.values():
+                layer.lr, lr = 0.0, layer.lr
+            _, frozen = lm.forward_text(seq)
+            for layer in layers.values():
+                layer.lr = lr
+            assert rel(frozen, full) > 1e-3
+    finally:
+        for layer in layers.values():
+            layer.target_source = "input"
+
+
+def test_model_causality_and_batch_isolation(tiny):
+    lm = tiny.lm
+    C = tiny.ttt.chunk_size
+    T = 2 * C + 3
+    codes = random_codes(lm, 3, T, seed=1)
+    with torch.no_grad():
+        _, base = lm.forward_text(transformer_input(lm, codes))
+        for p in (C - 2, C, C + 5):
+            c2 = codes.clone()
+            c2[:, :, p:] = random_codes(lm, 3, T - p, seed=p)
+            _, out = lm.forward_text(transformer_input(lm, c2))
+            # position s predicts step s from steps < s (plus delayed codebooks), so s <= p is unchanged
+            assert torch.equal(out[:, :, :p + 1], base[:, :, :p + 1]), p
+        for b in range(3):
+            _, alone = lm.forward_text(transformer_input(lm, codes[b:b + 1]))
+            assert rel(alone, base[b:b + 1]) < 1e-5
+        # streaming: item 1 reset mid-stream -> out of phase; each item equals its own run
+        with block_streaming(lm, 3, 5):
+            seq = transformer_input(lm, codes)
+            lm.forward_text(seq[:, :, :7])
+            for layer in ttt_layers(lm).values():
+                layer.reset_streaming(torch.tensor([False, True, False]))
+            tail = lm.forward_text(seq[:, :, 7:12])[1]
+            w_item0 = [layer._streaming_state.w[0].clone() for layer in ttt_layers(lm).values()]
+        with block_streaming(lm, 1, 5):
+            s0 = transformer_input(lm, codes[:1])
+            lm.forward_text(s0[:, :, :7])
+            alone_tail = lm.forward_text(s0[:, :, 7:12])[1]
+            assert all(torch.allclose(w, layer._streaming_state.w[0], atol=1e-6)
+                       for w, layer in zip(w_item0, ttt_layers(lm).values()))
+        assert rel(tail[:1], alone_tail) < 1e-5
+
+
+def test_fast_weights_stay_float32_in_bf16():
+    from ttt_cli import load_model
+    m = load_model("tiny", device="cpu", dtype="bf16")
+    layer = ttt_layers(m.lm)[1]
+    assert layer.w_down.dtype == torch.float32
+    m.lm.to(torch.float16)
+    assert layer.w_down.dtype == torch.float32
+    assert layer.target_generator.W_target.weight.dtype == torch.float32
+    assert layer.linear_in.weight.dtype == torch.float16
+    codes = random_codes(m.lm, 1, 20)
+    with torch.no_grad(), m.lm.streaming(1):
+        _, logits = m.lm.forward_text(transformer_input(m.lm, codes)[:, :, :20].to(torch.long))
+        assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
+        assert layer._streaming_state.w.dtype == torch.float32
