@@ -265,31 +265,32 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         """W_b += lr · clip(V̂ᵀ Z) for the given streams, from their (possibly partial) chunk."""
         v = self.target_generator(x0)  # [N, L, d]
         delta = torch.bmm(v.transpose(1, 2), z)  # [N, d, h]
+        # The norm serves the clip and the non-finite guard: a non-finite (or overflowing) Δ norm
+        # is the only way W can become non-finite, so W itself is never re-scanned.
+        norm = torch.linalg.vector_norm(delta, dim=(1, 2))  # [N]
+        finite = torch.isfinite(norm)
         clipped = [False] * len(items)
         if self.clip is not None:
-            norm = torch.linalg.vector_norm(delta, dim=(1, 2))  # [N]
             scale = (self.clip / (norm + self.clip_eps)).clamp(max=1.0)
             delta = delta * scale[:, None, None]
             clipped = (scale < 1.0).tolist()
-        every = len(items) == st.batch_size
-        if every:
+        ok = finite.tolist()  # one sync per completed chunk, never per step
+        if not all(ok):
+            bad = [b for b, good in zip(items, ok) if not good]
+            warnings.warn(f"In-Place TTT: non-finite fast-weight update in stream(s) {bad}; reset to W0.")
+            delta = torch.where(finite[:, None, None], delta, torch.zeros_like(delta))
+        if len(items) == st.batch_size:
             st.w.add_(delta, alpha=self.lr)
-            new = st.w
         else:
             ix = torch.tensor(items, device=delta.device)
-            new = st.w[ix] + self.lr * delta
-        finite = torch.isfinite(new).flatten(1).all(dim=1).tolist()  # one sync per chunk, not per step
-        if not all(finite):
-            bad = [b for b, ok in zip(items, finite) if not ok]
-            warnings.warn(f"In-Place TTT: non-finite fast weight in stream(s) {bad}; reset to W0.")
-            new = torch.where(torch.tensor(finite, device=new.device)[:, None, None], new, st.w_reset)
-        if not every:
-            st.w[ix] = new
-        elif not all(finite):
-            st.w.copy_(new)
+            st.w.index_add_(0, ix, delta, alpha=self.lr)
+        if not all(ok):
+            mask = torch.zeros(st.batch_size, dtype=torch.bool, device=st.w.device)
+            mask[[b for b, good in zip(items, ok) if not good]] = True
+            st.w.copy_(torch.where(mask[:, None, None], st.w_reset, st.w))
         for j, b in enumerate(items):
             st.n_pending[b] = 0
-            if finite[j]:
+            if ok[j]:
                 st.updates[b] += 1
                 st.clip_events[b] += int(clipped[j])
             else:
