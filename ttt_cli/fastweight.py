@@ -46,6 +46,10 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
         """Bytes of fast-weight state one stream needs on the device."""
 
     @abc.abstractmethod
+    def config_section(self) -> dict[str, tp.Any]:
+        """The layer's settings as a `ttt` config section (with its `variant` key)."""
+
+    @abc.abstractmethod
     def flush_partial(self, batch_index: int | None = None) -> None:
         """Applies the pending partial chunk's update now (chunk counting restarts)."""
 

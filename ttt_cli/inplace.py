@@ -351,6 +351,13 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 "clip_events": st.clip_events[b], "nonfinite_events": st.nonfinite_events[b],
                 "pending_tokens": st.n_pending[b], "relative_drift": drift}
 
+    def config_section(self) -> dict[str, tp.Any]:
+        conv = self.target_generator.conv1d
+        return {"variant": self.variant, "chunk_size": self.chunk_size, "lr": self.lr,
+                "conv_kernel_size": conv.kernel_size, "conv_padding": conv.padding,
+                "target_source": self.target_source, "delta_clip_fro_norm": self.clip,
+                "delta_clip_epsilon": self.clip_eps}
+
     def state_bytes_per_stream(self) -> int:
         if self.frozen:
             return 0

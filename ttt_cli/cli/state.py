@@ -1,0 +1,198 @@
+"""`ttt export-state`, `ttt inspect-state`, `ttt diff-state`: fast-weight snapshots (SPEC §5.3)."""
+
+from __future__ import annotations
+
+import enum
+import typing as tp
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (DebugOpt, DeviceOpt, Device, DType, DTypeOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt,
+                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
+                     print_table, set_seed, ttt_overrides)
+
+
+class AudioStream(str, enum.Enum):
+    moshi = "moshi"
+    user = "user"
+
+
+class TextStream(str, enum.Enum):
+    zero = "zero"
+    pad = "pad"
+
+
+def export_state_cmd(
+    audio: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, mp3, ogg, ...).", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Snapshot file (one snapshot) or directory (several).")],
+    model: ModelOpt = None,
+    at: Annotated[tp.Optional[list[str]], typer.Option("--at", help="Also snapshot at this time (1.5, 30s, 2m); repeatable.")] = None,
+    flush_partial: Annotated[bool, typer.Option("--flush-partial", help="Apply the pending partial chunk's update in the written snapshots.")] = False,
+    audio_stream: Annotated[AudioStream, typer.Option("--audio-stream", help="Stream the audio codes go on.")] = AudioStream.moshi,
+    text_stream: Annotated[TextStream, typer.Option("--text-stream", help="Text tokens: zero (-1) or pad.")] = TextStream.zero,
+    channel: Annotated[tp.Optional[int], typer.Option("--channel", help="Take this channel instead of mixing down.")] = None,
+    block_steps: Annotated[int, typer.Option("--block-steps", help="LM steps per streaming call.")] = 250,
+    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this snapshot.")] = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    ttt: TTTOpt = True,
+    ttt_lr: TTTLrOpt = None,
+    ttt_chunk_size: TTTChunkOpt = None,
+    ttt_layers: TTTLayersOpt = None,
+    seed: SeedOpt = 0,
+    overwrite: OverwriteOpt = False,
+    force: Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit; "
+                                        "restore an --init-state whose lr or W0 differ.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Stream audio through the model (teacher forcing) and write fast-weight snapshots.
+
+    One input and no --at: OUT is the snapshot file. Otherwise OUT is a directory holding
+    <stem>.at-<seconds>s.safetensors per --at time and <stem>.end.safetensors. Every file is
+    loaded back and checked before success is reported. Unreadable inputs are skipped (exit 1).
+
+    Examples:
+
+      ttt export-state examples/hello.wav --model tiny --out hello.safetensors
+
+      ttt export-state talk.wav --model tiny --at 1.5 --at 3s --out states/ --flush-partial
+    """
+    from ..checkpoint import load_model
+    from ..config import parse_seconds
+    from ..export import export_states
+    from ..progress import make_progress
+
+    at_sec = [parse_seconds(t) for t in at or []]
+    set_seed(seed)
+    m = load_model(model, device=device.value, dtype=dtype.value,
+                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
+    err(check_memory(m, 1, force))
+    with make_progress(quiet=False) as progress:
+        res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
+                            audio_stream=audio_stream.value, text_stream=text_stream.value, channel=channel,
+                            block_steps=block_steps, init_state=init_state, force=force, progress=progress)
+    if json_out:
+        print_json(res.to_dict())
+    else:
+        rows = []
+        for it in res.items:
+            for n in it.notes:
+                err(f"note: {n}")
+            for s in it.snapshots:
+                rows.append([Path(it.input).name, s.label, s.steps, s.seconds,
+                             " ".join(f"{k}:{v}" for k, v in s.pending_tokens.items()),
+                             " ".join(f"{k}:{v:.3f}" for k, v in s.relative_drift.items()), Path(s.path).name])
+        print_table(f"fast-weight snapshots ({res.model}, fingerprint {res.model_fingerprint[:12]}, "
+                    f"{'flushed' if res.flush_partial else 'pending kept'})",
+                    ["input", "snapshot", "steps", "seconds", "pending", "drift", "file"], rows)
+        err("pending = tokens of the unfinished chunk per layer; drift = ‖W − W0‖/‖W0‖ per layer.")
+        ok = sum(len(it.snapshots) for it in res.items)
+        err(f"wrote and verified {ok} snapshot(s) in {res.elapsed_seconds:.1f} s.")
+    if res.failed:
+        err(f"{len(res.failed)} of {len(res.items)} input(s) failed:")
+        for it in res.failed:
+            err(f"  {it.input}: {it.error}")
+        raise typer.Exit(1)
+
+
+def inspect_state_cmd(
+    state: Annotated[Path, typer.Argument(help="Snapshot file (.safetensors).", show_default=False)],
+    model: Annotated[tp.Optional[str], typer.Option("--model", "-m", help="Check fit and measure drift against this model.")] = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    ttt: TTTOpt = True,
+    ttt_lr: TTTLrOpt = None,
+    ttt_chunk_size: TTTChunkOpt = None,
+    ttt_layers: TTTLayersOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Per TTT layer: ‖W‖, ‖W0‖, ‖W − W0‖, relative drift, pending tokens; with --model, whether it fits.
+
+    Without --model the drift is the one recorded when the snapshot was taken (against the W0 of
+    the model it came from); with --model it is measured against that model's W0.
+
+    Examples:
+
+      ttt inspect-state hello.safetensors
+
+      ttt inspect-state hello.safetensors --model tiny --json
+    """
+    from ..checkpoint import load_model
+    from ..state import inspect_state, load_state
+
+    s = load_state(state)
+    m = None
+    if model is not None:
+        m = load_model(model, device=device.value, dtype=dtype.value,
+                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
+    res = inspect_state(s, m)
+    if json_out:
+        print_json({"path": str(state), "checked_model": model, **res.to_dict()})
+        _exit_unless_fits(res, model)
+        return
+    meta = s.meta
+    err(f"{state}: {s.variant} fast weights of {meta.get('model') or 'unknown model'}, layers {s.layers}, "
+        f"chunk {meta['chunk_size']}, lr {meta['lr']}, {meta.get('steps')} steps "
+        f"({float(meta.get('seconds') or 0):.2f} s) of {', '.join(meta.get('source_files') or []) or 'unknown input'}"
+        f"{', flushed' if meta.get('flushed') else ''}{', with attention state' if s.has_attention else ''}; "
+        f"fingerprint {s.fingerprint[:12]}, created {meta.get('created')}.")
+    against = "this model's W0" if any(r.drift_against == "model" for r in res.layers) else "recorded W0"
+    print_table(f"per layer (drift against {against})", ["layer", "‖W‖", "‖W0‖", "‖W − W0‖", "drift", "pending"],
+                [[r.layer, r.w_norm, r.w0_norm, r.delta_norm, r.relative_drift, r.pending_tokens] for r in res.layers])
+    if res.fit is None:
+        err("fit: not checked (pass --model M to check that the snapshot fits a model).")
+    elif res.fit.fits:
+        err(f"fit: fits {model} (same fingerprint {res.fit.model_fingerprint[:12]}).")
+    _exit_unless_fits(res, model)
+
+
+def _exit_unless_fits(res, model: str | None) -> None:
+    """inspect-state --model doubles as a fit check: exit 2 (after the report) when the snapshot does not fit."""
+    if res.fit is not None and not res.fit.fits:
+        how = "restorable with --force" if res.fit.forceable else "cannot be forced"
+        err(f"error: the snapshot does not fit {model} ({how}): {res.fit.reason()}.")
+        raise typer.Exit(2)
+
+
+def diff_state_cmd(
+    a: Annotated[Path, typer.Argument(help="First snapshot.", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="Second snapshot.", show_default=False)],
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compare two snapshots: per layer ‖W_A‖, ‖W_B‖, ‖W_A − W_B‖, relative difference, pending tokens.
+
+    Examples:
+
+      ttt diff-state states/talk.at-1.5s.safetensors states/talk.end.safetensors
+    """
+    from ..state import diff_states, load_state
+
+    sa, sb = load_state(a), load_state(b)
+    res = diff_states(sa, sb)
+    if json_out:
+        print_json({"a": str(a), "b": str(b), **res.to_dict()})
+        return
+    na = "n/a"
+    print_table(f"{a.name} vs {b.name}", ["layer", "‖W_A‖", "‖W_B‖", "‖W_A − W_B‖", "rel. diff", "max |Δ|",
+                                          "pending A", "pending B"],
+                [[r.layer, r.w_norm_a, r.w_norm_b, na if r.diff_norm is None else r.diff_norm,
+                  na if r.relative_diff is None else r.relative_diff, na if r.max_abs_diff is None else r.max_abs_diff,
+                  r.pending_a, r.pending_b] for r in res.layers])
+    if res.only_in_a or res.only_in_b:
+        err(f"TTT layers only in A: {res.only_in_a}; only in B: {res.only_in_b}.")
+    for k, (va, vb) in res.meta_differs.items():
+        if k not in ("model_fingerprint", "w0_fingerprint"):
+            err(f"{k}: A {va} | B {vb}")
+    err(f"{'identical snapshots' if res.identical else 'snapshots differ'}; "
+        f"{'same' if res.same_fingerprint else 'different'} model fingerprint.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export-state")(handle_errors(export_state_cmd))
+    app.command("inspect-state")(handle_errors(inspect_state_cmd))
+    app.command("diff-state")(handle_errors(diff_state_cmd))

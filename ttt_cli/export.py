@@ -1,0 +1,221 @@
+"""`export-state` as a library: teacher-forced streaming over audio, fast-weight snapshots at chosen times (SPEC §5.3)."""
+
+from __future__ import annotations
+
+import time
+import typing as tp
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .config import FRAME_RATE, seconds_to_steps
+from .errors import ConfigError, InputError, StateMismatchError
+from .progress import NullProgress
+
+DEFAULT_BLOCK_STEPS = 250  # LM steps per forward_text call (the attention cache is enlarged to match)
+SUFFIX = ".safetensors"
+RESET_POLICY = "file"  # every input is its own stream, starting from the model's initial fast weights
+
+
+@dataclass
+class SnapshotInfo:
+    """One written snapshot."""
+
+    path: str
+    label: str                 # "at-1.5s" or "end"
+    steps: int                 # transformer input positions consumed
+    seconds: float             # steps / 12.5
+    requested_seconds: float | None
+    pending_tokens: dict[str, int]
+    relative_drift: dict[str, float]
+    flushed: bool
+    verified: bool
+
+
+@dataclass
+class ExportItem:
+    """The outcome for one input file."""
+
+    input: str
+    ok: bool
+    error: str | None = None
+    audio: dict | None = None
+    steps: int = 0
+    snapshots: list[SnapshotInfo] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    """Everything `export_states` did."""
+
+    model: str
+    model_fingerprint: str
+    ttt: dict
+    out: str
+    layout: str                # "file" (one snapshot) or "directory"
+    flush_partial: bool
+    init_state: str | None
+    items: list[ExportItem]
+    elapsed_seconds: float
+
+    @property
+    def failed(self) -> list[ExportItem]:
+        return [it for it in self.items if not it.ok]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fmt_seconds(sec: float) -> str:
+    return f"{sec:g}"
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """File stems, with `<parent>_<stem>` where two inputs share a stem."""
+    stems = [p.stem for p in paths]
+    dup = Counter(stems)
+    return [f"{p.parent.name}_{p.stem}" if dup[p.stem] > 1 else p.stem for p in paths]
+
+
+def plan_outputs(inputs: list[Path], out: Path, at_seconds: list[float]) -> tuple[str, list[dict[str, Path]]]:
+    """Where each snapshot goes: one snapshot -> `out` is that file; otherwise `out` is a directory.
+
+    Returns (layout, per input {label: path}) with labels `at-<seconds>s` and `end`.
+    """
+    labels = [f"at-{_fmt_seconds(t)}s" for t in at_seconds] + ["end"]
+    single = len(inputs) == 1 and not at_seconds and not (out.exists() and out.is_dir())
+    if single:
+        return "file", [{"end": out}]
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: several snapshots result ({len(inputs)} input(s), {len(at_seconds)} --at "
+                          f"time(s) + the end), so --out must be a directory, but it is a file.")
+    return "directory", [{lab: out / f"{stem}.{lab}{SUFFIX}" for lab in labels} for stem in unique_stems(inputs)]
+
+
+def export_states(model, inputs: list[str | Path], out: str | Path, at: list[float] | None = None,
+                  flush_partial: bool = False, overwrite: bool = False, audio_stream: str = "moshi",
+                  text_stream: str = "zero", channel: int | None = None, block_steps: int = DEFAULT_BLOCK_STEPS,
+                  init_state: str | Path | None = None, force: bool = False, progress=None) -> ExportResult:
+    """Streams each input through the model (teacher forcing, SPEC §6 layout) and writes snapshots.
+
+    Each input is its own stream (batch 1) starting from the model's initial fast weights. A snapshot
+    at time t holds the state after `round(t x 12.5)` transformer input positions (the initial token
+    and the delayed codes before step t); resuming feeds the sequence from that position on.
+
+    Args:
+        model: a TTTModel (`load_model`).
+        inputs: audio files.
+        out: a file (exactly one snapshot) or a directory (several).
+        at: snapshot times in seconds (an `end` snapshot is always written).
+        flush_partial: apply the pending partial chunk in the written snapshots (the stream itself
+            goes on unflushed, so later snapshots do not depend on earlier ones).
+        overwrite: replace existing snapshot files.
+        audio_stream: `moshi` or `user` (where the audio codes go).
+        text_stream: `zero` or `pad`.
+        channel: audio channel to take instead of mixing down.
+        block_steps: LM steps per streaming call.
+        init_state: a snapshot every stream starts from (restored as by `ttt_cli.state.restore`).
+        force: restore `init_state` despite forceable differences (another lr, another W0).
+        progress: a progress hook (see `ttt_cli.progress`).
+    Returns:
+        ExportResult; inputs that could not be read are reported in it, not raised.
+    """
+    import torch
+    from .audio import load_audio
+    from .codes import encode_audio, lm_input_codes, transformer_input
+    from .io import check_writable_dir, refuse_overwrite
+    from .state import (_layers, capture, check_fits, fingerprint, load_state, model_config, restore, restore_layers,
+                        save_state)
+    from .streaming import block_streaming
+
+    progress = progress or NullProgress()
+    t0 = time.monotonic()
+    if block_steps < 1:
+        raise ConfigError(f"--block-steps must be >= 1, got {block_steps}.")
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise ConfigError("no input audio files given.")
+    at_sec = sorted(set(float(t) for t in at or []))
+    if any(t < 0 for t in at_sec):
+        raise ConfigError(f"--at times must be >= 0, got {[t for t in at_sec if t < 0]}.")
+    lm = model.lm
+    layers = _layers(lm)
+    out = Path(out)
+    layout, plans = plan_outputs(paths, out, at_sec)
+    refuse_overwrite([p for plan in plans for p in plan.values()], overwrite)
+    check_writable_dir(out if layout == "directory" else (out.parent if str(out.parent) else Path(".")))
+    cfg = model_config(lm)
+    fp = fingerprint(lm)
+    init = None
+    if init_state is not None:
+        init = load_state(init_state)
+        check_fits(model, init).raise_unless_fits(force)  # refuse before anything is written
+    items: list[ExportItem] = []
+    for path, plan in zip(paths, plans):
+        item = ExportItem(str(path), ok=False)
+        items.append(item)
+        try:
+            wav, info = load_audio(path, channel)
+        except InputError as e:
+            item.error = str(e)
+            progress.log(f"skipped {path}: {e}")
+            continue
+        item.audio = info.to_dict()
+        audio = encode_audio(model.mimi, wav, device=model.device)  # [n_q, T]
+        codes = lm_input_codes(lm, audio, audio_stream, text_stream)  # [K, T]
+        seq = transformer_input(lm, codes[None].to(model.device))  # [1, K, T]
+        T = seq.shape[-1]
+        item.steps = T
+        cuts: dict[int, list[tuple[str, float | None]]] = {}
+        for sec in at_sec:
+            s = seconds_to_steps(sec)
+            if s > T:
+                item.notes.append(f"--at {_fmt_seconds(sec)}s (step {s}) is past the end of {path.name} "
+                                  f"({T} steps = {T / FRAME_RATE:.2f} s): no snapshot for it.")
+                continue
+            cuts.setdefault(s, []).append((f"at-{_fmt_seconds(sec)}s", sec))
+        cuts.setdefault(T, []).append(("end", None))
+        key = f"export:{path}"
+        progress.start(key, f"export-state {path.name}", T / FRAME_RATE)
+        pos = 0
+        with torch.no_grad(), block_streaming(lm, 1, block_steps):
+            if init is not None:
+                restore(lm, init, 0, force=force)
+            for stop in sorted(cuts):
+                while pos < stop:
+                    n = min(block_steps, stop - pos)
+                    lm.forward_text(seq[:, :, pos:pos + n])
+                    pos += n
+                    progress.update(key, pos / FRAME_RATE)
+                for label, req in cuts[stop]:
+                    if flush_partial:
+                        before = {i: layer.capture(0) for i, layer in layers.items()}
+                        for layer in layers.values():
+                            layer.flush_partial(0)
+                        snap = capture(model, 0)
+                        restore_layers(lm, before, 0)  # the stream goes on as it was
+                    else:
+                        snap = capture(model, 0)
+                    meta = {"steps": stop, "seconds": stop / FRAME_RATE, "source_files": [str(path)],
+                            "reset_policy": RESET_POLICY, "flushed": flush_partial, "label": label,
+                            "at_seconds": req, "audio_stream": audio_stream, "text_stream": text_stream,
+                            "model": model.model_id, "init_state": None if init_state is None else str(init_state)}
+                    dest = plan[label]
+                    save_state(snap, dest, metadata=meta, overwrite=overwrite, verify=True)
+                    back = load_state(dest)  # check what is on disk before reporting success
+                    report = check_fits(model, back)
+                    if not report.fits or back.fingerprint != fp:
+                        raise StateMismatchError(f"{dest} was written but does not fit the model it came from: "
+                                                 f"{report.reason() or 'fingerprint differs'}.")
+                    tel = back.meta["telemetry"]
+                    item.snapshots.append(SnapshotInfo(
+                        str(dest), label, stop, stop / FRAME_RATE, req,
+                        {k: int(v) for k, v in back.meta["pending_tokens"].items()},
+                        {k: float(v.get("relative_drift", float("nan"))) for k, v in tel.items()},
+                        flush_partial, True))
+        progress.finish(key, steps=T, snapshots=len(item.snapshots))
+        item.ok = True
+    return ExportResult(model.model_id, fp, {k: v for k, v in cfg.to_dict().items() if k != "ttt_name"},
+                        str(out), layout, flush_partial, None if init_state is None else str(init_state), items,
+                        time.monotonic() - t0)
