@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 PRESETS = ("tiny", "tiny-stt", "bench")
-PRESET_VERSION = 2  # bump when a preset's files change, so caches are rebuilt
+PRESET_VERSION = 3  # bump when a preset's files change, so caches are rebuilt
 SEED = 1234
 
 _MOSHI_DELAYS = [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]
@@ -92,6 +92,33 @@ def _train_tokenizer(out: Path, vocab: int) -> None:
     out.write_bytes(model.getvalue())
 
 
+def _fit_codebooks(mimi, seconds: int = 20) -> None:
+    """Gives a random Mimi's RVQ codebooks real entries: residual latents of fixed noise + chirp audio.
+
+    A freshly built Mimi has all-zero codebooks, so every input would encode to code 0 and the
+    tiny model's output would not depend on its input at all. Seeding each codebook with latents
+    (the usual k-means start) makes codes follow the audio. Uses the global torch RNG (seeded).
+    """
+    import math
+    import torch
+    n = seconds * 24000
+    t = torch.arange(n) / 24000
+    env = 0.05 + 0.3 * torch.sin(2 * math.pi * 0.7 * t).abs()
+    audio = torch.randn(n) * env + 0.2 * torch.sin(2 * math.pi * (100 + 150 * t) * t)
+    with torch.no_grad():
+        latent = mimi._encode_to_unquantized_latent(audio[None, None])  # [1, C, F]
+        for rvq in (mimi.quantizer.rvq_first, mimi.quantizer.rvq_rest):
+            residual = rvq.input_proj(latent)  # [1, D, F]
+            for layer in rvq.vq.layers:
+                cb = layer._codebook
+                pick = torch.randperm(residual.shape[-1])[:cb.embedding_sum.shape[0]]
+                cb.embedding_sum.copy_(residual[0, :, pick].T)
+                cb.cluster_usage.fill_(1.0)
+                cb._initialized.fill_(1.0)
+                cb._embedding = None
+                residual = residual - layer.decode(layer.encode(residual))
+
+
 def _write_base(name: str, out: Path) -> None:
     """Writes a plain moshi checkpoint directory (no TTT) for preset `name`."""
     import torch
@@ -102,6 +129,7 @@ def _write_base(name: str, out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         mimi = get_mimi(None, TINY_MIMI_CONFIG, device="cpu", num_codebooks=8)
+        _fit_codebooks(mimi)
         save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
         lm = get_moshi_lm(None, lm_kwargs=cfg, device="cpu", dtype=torch.float32)
         save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / "model.safetensors"))

@@ -1,0 +1,220 @@
+"""LibriLight-style dataset discovery: DATA/<speaker>/<book>/<file>.<ext>, natural order, documents (SPEC §6)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ttt_cli.audio import AUDIO_EXTENSIONS
+from ttt_cli.errors import ConfigError
+
+# Metadata keys of LibriLight's per-file JSON kept in results; `voice_activity` is summarised.
+META_KEYS = ("speaker", "snr", "book_meta")
+BOOK_META_KEYS = ("id", "title", "authors", "language", "totaltimesecs", "url_librivox")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key where digit runs compare as numbers: `2.flac` < `10.flac`, `speaker9` < `speaker10`."""
+    parts = re.split(r"(\d+)", text)
+    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts if p != "")
+
+
+@dataclass
+class AudioFile:
+    """One audio file of a book, before decoding."""
+
+    path: Path
+    seconds: float               # from the file header (decoding later gives the exact length)
+    meta: dict | None = None     # LibriLight JSON metadata (summarised), when the file has one
+    meta_error: str | None = None
+
+
+@dataclass
+class SkippedFile:
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Document:
+    """One book: its files in natural order, cut at --max-seconds later, at encoding time."""
+
+    id: str                      # <speaker>/<book>
+    speaker: str
+    book: str
+    files: list[AudioFile]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(f.seconds for f in self.files)
+
+    def title(self) -> str | None:
+        for f in self.files:
+            t = ((f.meta or {}).get("book_meta") or {}).get("title")
+            if t:
+                return str(t)
+        return None
+
+
+@dataclass
+class SkippedDocument:
+    """A book left out: too short (not a failure) or with no readable file (`files` says why each failed)."""
+
+    id: str
+    reason: str
+    files: list[SkippedFile] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.files)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "reason": self.reason, "skipped": [f.to_dict() for f in self.files]}
+
+
+@dataclass
+class Dataset:
+    """What discovery found: documents to score, and what it left out and why."""
+
+    root: Path
+    documents: list[Document]
+    skipped_documents: list[SkippedDocument]
+    stray_files: list[SkippedFile]  # audio outside the <speaker>/<book>/ layout
+
+    @property
+    def failed_files(self) -> list[SkippedFile]:
+        """Files found but not usable: stray, and unreadable ones of dropped books (those of kept
+        books are in their `skipped` lists)."""
+        return self.stray_files + [f for d in self.skipped_documents for f in d.files]
+
+
+def _summarise_meta(raw: dict) -> dict:
+    out = {k: raw[k] for k in META_KEYS if k in raw and k != "book_meta"}
+    if isinstance(raw.get("book_meta"), dict):
+        out["book_meta"] = {k: raw["book_meta"][k] for k in BOOK_META_KEYS if k in raw["book_meta"]}
+    va = raw.get("voice_activity")
+    if isinstance(va, list):
+        try:
+            out["voice_activity_segments"] = len(va)
+            out["voice_activity_seconds"] = round(sum(float(b) - float(a) for a, b in va), 3)
+        except (TypeError, ValueError):
+            out["voice_activity_segments"] = len(va)
+    return out
+
+
+def read_metadata(audio: Path) -> tuple[dict | None, str | None]:
+    """The `<file>.json` next to an audio file: (summary, None), (None, None) if absent, (None, error)."""
+    p = audio.with_suffix(".json")
+    if not p.is_file():
+        return None, None
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{p}: unreadable metadata ({e})"
+    if not isinstance(raw, dict):
+        return None, f"{p}: metadata is not a JSON object"
+    return _summarise_meta(raw), None
+
+
+def probe_seconds(path: Path) -> float:
+    """Duration from the file header; raises ValueError with a reason when the file cannot be opened."""
+    import sphn
+
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        seconds = float(sphn.FileReader(str(path)).duration_sec)
+    except Exception as e:
+        detail = (str(e).replace(f'"{path}": ', "").replace(f"{path}: ", "").strip() or type(e).__name__)
+        raise ValueError(f"cannot decode as audio ({detail})") from None
+    if not seconds > 0:
+        raise ValueError("no audio (0 s)")
+    return seconds
+
+
+def _audio_files(d: Path) -> list[Path]:
+    return [p for p in d.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+            and not p.name.startswith(".")]
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: natural_key(p.name))
+
+
+def discover(root: Path | str, max_seconds: float | None = None, min_seconds: float = 0.0,
+             limit_books: int | None = None) -> Dataset:
+    """Finds the books of a LibriLight-style directory.
+
+    Args:
+        root: DATA, holding `<speaker>/<book>/<file>.<ext>` (+ optional `<file>.json`).
+        max_seconds: documents are cut there later; files that start after the cut are left out now.
+        min_seconds: books shorter than this (sum of readable files) are dropped.
+        limit_books: keep only the first N documents (natural order of `<speaker>/<book>`).
+    Raises:
+        ConfigError: DATA is missing, not a directory, or holds no usable book.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise ConfigError(f"dataset directory {root} does not exist.")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is a file; DATA must be a directory laid out as <speaker>/<book>/<file>.flac.")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ConfigError(f"--max-seconds must be > 0, got {max_seconds}.")
+    if min_seconds < 0 or (max_seconds is not None and min_seconds > max_seconds):
+        raise ConfigError(f"--min-seconds {min_seconds} must be >= 0 and <= --max-seconds {max_seconds}.")
+    if limit_books is not None and limit_books < 1:
+        raise ConfigError(f"--limit-books must be >= 1, got {limit_books}.")
+
+    stray = [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory") for p in
+             sorted(_audio_files(root), key=lambda p: natural_key(p.name))]
+    documents: list[Document] = []
+    skipped_docs: list[SkippedDocument] = []
+    deeper = False
+    for spk in _subdirs(root):
+        stray += [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory")
+                  for p in sorted(_audio_files(spk), key=lambda p: natural_key(p.name))]
+        for book in _subdirs(spk):
+            paths = sorted(_audio_files(book), key=lambda p: natural_key(p.name))
+            doc_id = f"{spk.name}/{book.name}"
+            if not paths:
+                deeper = deeper or any(_subdirs(book))
+                continue
+            doc = Document(doc_id, spk.name, book.name, [])
+            total = 0.0
+            for p in paths:
+                if max_seconds is not None and total >= max_seconds:
+                    break  # beyond the cut: not part of the document
+                try:
+                    sec = probe_seconds(p)
+                except (ValueError, OSError) as e:
+                    doc.skipped.append(SkippedFile(str(p), str(e)))
+                    continue
+                meta, meta_err = read_metadata(p)
+                doc.files.append(AudioFile(p, sec, meta, meta_err))
+                total += sec
+            if not doc.files:
+                skipped_docs.append(SkippedDocument(doc_id, "no readable audio file", doc.skipped))
+                continue
+            if doc.seconds < min_seconds:
+                skipped_docs.append(SkippedDocument(doc_id, f"{doc.seconds:.1f} s is shorter than --min-seconds "
+                                                            f"{min_seconds:g}"))
+                continue
+            documents.append(doc)
+    keep = documents[:limit_books] if limit_books is not None else documents
+    if not keep:
+        if skipped_docs or stray:
+            why = "; ".join([f"{s.id}: {s.reason}" for s in skipped_docs[:3]]
+                            + [f"{s.path}: {s.reason}" for s in stray[:3]])
+            raise ConfigError(f"no usable book in {root} ({why}).")
+        hint = (" Audio was found deeper: point DATA at the directory that holds the speaker folders."
+                if deeper else "")
+        raise ConfigError(f"no audio files found in {root}: expected <speaker>/<book>/<file>.flac (or "
+                          f"{', '.join(AUDIO_EXTENSIONS)}).{hint}")
+    return Dataset(root, keep, skipped_docs, stray)

@@ -1,0 +1,327 @@
+"""`ttt bench`: the SPEC §8 performance figures, variants interleaved A B A B in one process."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import typing as tp
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .progress import NullProgress
+
+TARGETS = {
+    "step_overhead_b1": 1.10, "step_overhead_b8": 1.15, "eval_block_speedup": 10.0,
+    "eval_nll_max_abs_diff": 1e-4, "eval_memory_ratio": 1.10, "eval_cache_encode_seconds": 0.5,
+    "ttt_layer_ratio": 2.0,
+}
+LAYER_T = 4096
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    target: float | None
+    passed: bool | None
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass
+class BenchOptions:
+    model: str = "bench"
+    device: str = "auto"
+    dtype: str = "auto"
+    quick: bool = False
+    steps: int | None = None        # LMGen steps per variant and batch size
+    rounds: int = 4                 # interleaved A/B rounds
+    seed: int = 0
+
+
+@dataclass
+class BenchResult:
+    device: str
+    versions: dict
+    model: str
+    config: dict
+    figures: list[Figure]
+    date: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["figures"] = [{"name": f.name, "value": f.value, "target": f.target, "pass": f.passed, **f.detail}
+                        for f in self.figures]
+        return d
+
+
+def versions() -> dict:
+    import moshi
+    from . import __version__
+    return {"ttt": __version__, "moshi": getattr(moshi, "__version__", "?"), "torch": torch.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def _gen_steps(gen, B: int, n: int, device: str, g: torch.Generator) -> list[float]:
+    """Times `n` LMGen.step calls (depformer included) in the generator's current stream."""
+    times = []
+    for _ in range(n):
+        x = torch.randint(0, gen.lm_model.card, (B, gen.lm_model.n_q - gen.lm_model.dep_q, 1), generator=g).to(device)
+        _sync(device)
+        t = time.perf_counter()
+        gen.step(x)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int) -> tuple[dict, dict]:
+    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries."""
+    from moshi.models.lm import LMGen
+    from moshi.utils.compile import no_cuda_graph
+
+    g = torch.Generator().manual_seed(seed)
+    gens = {"on": LMGen(on.lm, use_sampling=False), "off": LMGen(off.lm, use_sampling=False)}
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    per = max(1, steps // rounds)
+    with torch.no_grad(), no_cuda_graph(), gens["on"].streaming(B), gens["off"].streaming(B):
+        for name in gens:  # warm-up
+            _gen_steps(gens[name], B, 4, device, g)
+        for _ in range(rounds):
+            for name in ("on", "off"):
+                times[name] += _gen_steps(gens[name], B, per, device, g)
+    stats = {k: {"median_ms": 1e3 * statistics.median(v), "p99_ms": 1e3 * _pct(v, 0.99),
+                 "max_ms": 1e3 * max(v), "steps": len(v)} for k, v in times.items()}
+    return stats, times
+
+
+def memory_bandwidth(device: str, mib: int = 256) -> float:
+    """Bytes/s of a large read (sum over a buffer), the floor for reading per-stream fast weights."""
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t = time.perf_counter()
+        x.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def layer_ratio(m, device: str, T: int = LAYER_T, reps: int = 5) -> dict:
+    """TTT layer forward on T tokens vs moshi's plain gating with the same slow weights."""
+    from moshi.modules.gating import ActivationGating
+    from .attach import ttt_layers
+
+    i, layer = next(iter(ttt_layers(m.lm).items()))
+    plain = ActivationGating(layer.dim, 4 * layer.dim, layer.activation)
+    plain.linear_in, plain.linear_out = layer.linear_in, layer.linear_out
+    dt = next(layer.linear_in.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, layer.dim, generator=g).to(device, dt)
+    x0 = torch.randn(1, T, layer.dim, generator=g).to(device, dt)
+    ta, tb = [], []
+    with torch.no_grad():
+        for r in range(reps + 1):
+            layer._x0.input = x0
+            _sync(device)
+            t = time.perf_counter()
+            layer(x)
+            _sync(device)
+            a = time.perf_counter() - t
+            _sync(device)
+            t = time.perf_counter()
+            plain(x)
+            _sync(device)
+            b = time.perf_counter() - t
+            if r:  # first round is warm-up
+                ta.append(a)
+                tb.append(b)
+        layer._x0.input = None
+    d, h = layer.dim, layer.hidden
+    k = layer.target_generator.conv1d.kernel_size
+    # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
+    floor = (4 * h * d + (k + 1) * d * d) / (3 * h * d)
+    return {"ttt_ms": 1e3 * statistics.median(ta), "plain_ms": 1e3 * statistics.median(tb),
+            "ratio": statistics.median(ta) / statistics.median(tb), "flop_floor": floor, "layer": i, "T": T}
+
+
+def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
+    """Measures the §8 figures on one device and returns them with provenance.
+
+    Args:
+        opts: model, device, dtype, quick mode, steps and rounds.
+        progress: a `Progress` hook (ttt_cli.progress).
+    """
+    from .checkpoint import load_model
+    from .attach import ttt_layers
+
+    progress = progress or NullProgress()
+    t_start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    steps = opts.steps or (128 if opts.quick else 512)
+    on = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+    off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=False)
+    dev = on.device
+    figs: list[Figure] = []
+
+    stats_b: dict[int, dict] = {}
+    for B in (1, 8):
+        progress.start(f"step{B}", f"LMGen.step TTT on/off, batch {B}", None)
+        stats, _ = step_overhead(on, off, B, steps, opts.rounds, dev, opts.seed)
+        stats_b[B] = stats
+        ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
+        progress.finish(f"step{B}", ratio=ratio)
+        figs.append(Figure(f"step_overhead_b{B}", ratio, TARGETS[f"step_overhead_b{B}"], None,
+                           {"on": stats["on"], "off": stats["off"]}))
+    # batch-8 memory floor: reading 8 streams' fp32 fast weights each step, at the measured bandwidth
+    bw = memory_bandwidth(dev)
+    extra = sum(8 * l.dim * l.hidden * 4 for l in ttt_layers(on.lm).values())
+    floor = 1 + (extra / bw) / (stats_b[8]["off"]["median_ms"] / 1e3)
+    figs.append(Figure("step_overhead_b8_floor", floor, None, None,
+                       {"extra_bytes_per_step": extra, "bandwidth_gb_s": bw / 1e9}))
+    figs.append(Figure("step_ms_p99_b1", stats_b[1]["on"]["p99_ms"], None, None,
+                       {"median_ms": stats_b[1]["on"]["median_ms"], "max_ms": stats_b[1]["on"]["max_ms"]}))
+    for f in figs:
+        if f.name == "step_overhead_b1":
+            f.passed = f.value <= f.target
+        elif f.name == "step_overhead_b8":
+            f.passed = f.value <= f.target or f.value <= 1.10 * floor
+            f.detail["floor"] = floor
+
+    progress.start("layer", f"TTT layer vs plain gating, T={LAYER_T}", None)
+    lr = layer_ratio(on, dev)
+    progress.finish("layer", ratio=lr["ratio"])
+    figs.append(Figure("ttt_layer_ratio", lr["ratio"], TARGETS["ttt_layer_ratio"], lr["ratio"] <= TARGETS["ttt_layer_ratio"], lr))
+
+    figs += eval_figures(on, opts, progress)
+    del off
+    return BenchResult(device_name(dev), versions(), on.model_id, on.config.get("ttt") or {}, figs,
+                       _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       time.perf_counter() - t_start)
+
+
+# -- eval figures ------------------------------------------------------------------------------
+
+def _write_wav_chunked(path: Path, seconds: float, seed: int, sr: int = 24000) -> None:
+    """A long synthetic speech-like signal (AM tones + noise), written in pieces: the parent stays small."""
+    import wave
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        done, piece = 0, 10 * sr
+        total = int(seconds * sr)
+        while done < total:
+            n = min(piece, total - done)
+            t = (np.arange(done, done + n) / sr)
+            f0 = 120 + 40 * np.sin(2 * np.pi * 0.3 * t)
+            x = 0.3 * np.sin(2 * np.pi * f0 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(n)
+            w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+            done += n
+
+
+def _peak_rss_of(cmd_args: list[str]) -> int:
+    """Peak RSS (bytes) of one `python -m ttt_cli ...` run, read with os.wait4 on that child alone."""
+    env = {**os.environ, "NO_TORCH_COMPILE": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "ttt_cli", *cmd_args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, env=env)
+    err_chunks = []
+    assert p.stderr is not None
+    for line in p.stderr:
+        err_chunks.append(line)
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode not in (0,):
+        raise RuntimeError(f"`ttt {' '.join(cmd_args[:2])}` failed ({p.returncode}): "
+                           f"{b''.join(err_chunks).decode()[-2000:]}")
+    return ru.ru_maxrss * 1024  # Linux reports KiB
+
+
+def eval_figures(m, opts: BenchOptions, progress) -> list[Figure]:
+    """Block vs step-by-step scoring, eval peak memory (long vs short document), cached re-run."""
+    from evals.scoring import score_document
+
+    figs: list[Figure] = []
+    lm = m.lm
+    T = 500 if opts.quick else 1500
+    g = torch.Generator().manual_seed(opts.seed)
+    codes = torch.full((lm.num_codebooks, T), lm.zero_token_id, dtype=torch.long)
+    codes[1:1 + lm.dep_q] = torch.randint(0, lm.card, (lm.dep_q, T), generator=g)
+    progress.start("score", f"eval scoring: blocks of 250 vs one step at a time, {T} steps", None)
+    block_runs = []
+    step = None
+    for r in range(3):  # block, step, block: interleaved, the median block run counts
+        if r == 1:
+            step = score_document(lm, codes, resets=[T // 3], step_by_step=True)
+        else:
+            block_runs.append(score_document(lm, codes, resets=[T // 3], block_steps=250))
+    block = min(block_runs, key=lambda s: s.seconds)
+    tokens = int(torch.isfinite(block.nll).sum())
+    speed = (tokens / block.seconds) / (tokens / step.seconds)
+    diff = float((block.nll - step.nll).nan_to_num().abs().max())
+    progress.finish("score", speedup=speed, max_abs_diff=diff)
+    figs.append(Figure("eval_block_speedup", speed, TARGETS["eval_block_speedup"], speed >= TARGETS["eval_block_speedup"],
+                       {"block_tokens_per_s": tokens / block.seconds, "step_tokens_per_s": tokens / step.seconds,
+                        "steps": T}))
+    figs.append(Figure("eval_nll_max_abs_diff", diff, TARGETS["eval_nll_max_abs_diff"],
+                       diff <= TARGETS["eval_nll_max_abs_diff"]))
+
+    # Full: the §8 pair (30 vs 5 minutes). --quick keeps the 6:1 ratio on 12 vs 2 minutes.
+    long_s, short_s = (720.0, 120.0) if opts.quick else (1800.0, 300.0)
+    with tempfile.TemporaryDirectory(prefix="ttt-bench-") as tmp:
+        root = Path(tmp)
+        rss = {}
+        for name, secs in (("short", short_s), ("long", long_s)):
+            data = root / name / "spk" / "book"
+            data.mkdir(parents=True)
+            _write_wav_chunked(data / "part1.wav", secs, seed=1)
+        common = ["--model", opts.model, "--device", m.device, "--dtype", opts.dtype, "-p", "document",
+                  "--codes-cache", str(root / "cache"), "--overwrite", "--max-seconds", "7200"]
+        for name, secs in (("short", short_s), ("long", long_s)):
+            progress.start(f"mem-{name}", f"ttt eval on a {secs / 60:.0f}-minute document (own process)", None)
+            t = time.perf_counter()
+            rss[name] = _peak_rss_of(["eval", "librilight", str(root / name), "--out", str(root / f"out-{name}"), *common])
+            progress.finish(f"mem-{name}", peak_rss_mib=rss[name] / 2**20, seconds=time.perf_counter() - t)
+        ratio = rss["long"] / rss["short"]
+        figs.append(Figure("eval_memory_ratio", ratio, TARGETS["eval_memory_ratio"], ratio <= TARGETS["eval_memory_ratio"],
+                           {"peak_rss_long_mib": rss["long"] / 2**20, "peak_rss_short_mib": rss["short"] / 2**20,
+                            "long_seconds": long_s, "short_seconds": short_s}))
+        progress.start("cache", "second ttt eval on cached codes", None)
+        _peak_rss_of(["eval", "librilight", str(root / "short"), "--out", str(root / "out-again"), *common])
+        res = json.loads((root / "out-again" / "results.json").read_text())
+        enc = float(res["timing"]["encode_seconds_this_run"])
+        hits = int(res["codes_cache"]["hits"])
+        progress.finish("cache", encode_seconds=enc, hits=hits)
+        figs.append(Figure("eval_cache_encode_seconds", enc, TARGETS["eval_cache_encode_seconds"],
+                           enc <= TARGETS["eval_cache_encode_seconds"] and hits >= 1, {"cache_hits": hits}))
+    return figs

@@ -1,0 +1,161 @@
+"""`ttt infer`: streaming transcription and generation over audio files (SPEC §5.1)."""
+
+from __future__ import annotations
+
+import enum
+import typing as tp
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, JsonOpt, ModelOpt, OverwriteOpt,
+                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
+                     print_table, ttt_overrides)
+
+DEFAULT_SEED = 4242  # = inference.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
+TEXT_PREVIEW = 48
+
+
+class Mode(str, enum.Enum):
+    auto = "auto"
+    dialog = "dialog"
+    transcribe = "transcribe"
+    stt = "stt"
+
+
+class ResetPolicy(str, enum.Enum):
+    file = "file"
+    carry = "carry"
+
+
+def infer_cmd(
+    audio: Annotated[tp.List[Path], typer.Argument(help="Audio files: wav, flac, mp3, ogg; any sample rate and "
+                                                   "channel count.", show_default=False)],
+    model: ModelOpt = None,  # type: ignore[assignment]
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if needed).")] = Path("out"),
+    mode: Annotated[Mode, typer.Option("--mode", help="auto: stt for STT checkpoints, else dialog. dialog: input "
+                                       "on the user stream, Moshi answers (text + audio). transcribe: input forced "
+                                       "on Moshi's own stream, text = what Moshi says for it. stt: STT checkpoints "
+                                       "(dep_q = 0).")] = Mode.auto,
+    channel: Annotated[tp.Optional[int], typer.Option("--channel", help="Use this channel (0-based) instead of "
+                                                      "mixing all channels down.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Files streamed together, each with its own "
+                                            "fast weights.")] = 1,
+    reset_policy: Annotated[ResetPolicy, typer.Option("--reset-policy", help="file: every file a fresh stream. "
+                                                      "carry: the files in order as one continuous stream "
+                                                      "(attention and fast weights carried; batch size 1).")]
+    = ResetPolicy.file,
+    temp: Annotated[tp.Optional[float], typer.Option("--temp", help="Audio sampling temperature "
+                                                     "(default: the checkpoint's lm_gen_config, else 0.8).")] = None,
+    temp_text: Annotated[tp.Optional[float], typer.Option("--temp-text", help="Text sampling temperature "
+                                                          "(default: checkpoint, else 0.7).")] = None,
+    top_k: Annotated[tp.Optional[int], typer.Option("--top-k", help="Audio top-k (default: checkpoint, else 250).")]
+    = None,
+    top_k_text: Annotated[tp.Optional[int], typer.Option("--top-k-text", help="Text top-k (default: checkpoint, "
+                                                         "else 25).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Argmax instead of sampling: deterministic output.")]
+    = False,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (moshi.run_inference uses 4242).")] = DEFAULT_SEED,
+    ttt: TTTOpt = True,
+    ttt_lr: TTTLrOpt = None,
+    ttt_chunk_size: TTTChunkOpt = None,
+    ttt_layers: TTTLayersOpt = None,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this "
+                                                          "fast-weight snapshot.")] = None,
+    save_state: Annotated[tp.Optional[Path], typer.Option("--save-state", help="Write the fast weights at the end "
+                                                          "of the stream: this file for one stream, else a "
+                                                          "directory of <stem>.end.safetensors.")] = None,
+    json_out: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    force: ForceOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Stream audio files through Mimi and Moshi (LMGen) with TTT fast weights, frame by frame as live.
+
+    Writes OUT/<stem>.txt, OUT/<stem>.json and, in dialog mode, OUT/<stem>.wav (Moshi's voice).
+    Bad inputs are reported and skipped (exit 1); usage or checkpoint errors exit 2.
+
+    Examples:
+
+      ttt infer examples/hello.wav --model tiny --out out/
+
+      ttt infer a.wav b.flac --model tiny --batch-size 2 --greedy --json
+
+      ttt infer talk.wav --mode transcribe --no-ttt --out out/baseline
+
+      ttt infer meeting.mp3 --model kyutai/stt-1b-en_fr --mode stt --channel 0
+
+      ttt infer part1.wav part2.wav --reset-policy carry --save-state state.safetensors
+    """
+    from ..checkpoint import load_model
+    from ..errors import ConfigError
+    from ..inference import (InferOptions, infer, output_paths, plan_jobs, preflight, result_json, state_paths,
+                             validate_options, write_result)
+    from ..io import check_writable_dir, refuse_overwrite
+    from ..progress import make_progress
+
+    opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
+                        temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy,
+                        seed=seed, init_state=init_state, save_state=save_state, force=force)
+    validate_options(opts, len(audio))
+    jobs = plan_jobs(audio)
+    out_dir = check_writable_dir(out)
+    m = load_model(model, device=device.value, dtype=dtype.value,
+                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
+    for note in m.warnings:
+        err(f"warning: {note}")
+    run_mode, _ = preflight(m, opts, len(jobs))
+    states = state_paths(save_state, jobs, opts.reset_policy)
+    if save_state is not None and len(set(states.values())) > 1:
+        if save_state.exists() and not save_state.is_dir():
+            raise ConfigError(f"--save-state {save_state}: several streams write one snapshot each into a "
+                              f"directory, but {save_state} is a file.")
+        check_writable_dir(save_state)
+    refuse_overwrite([p for j in jobs for p in output_paths(out_dir, j, run_mode).values()] + list(states.values()),
+                     overwrite)
+    streams = len(jobs) if opts.reset_policy == "file" else 1
+    err(check_memory(m, min(opts.batch_size, streams), force))
+
+    done: list = []
+    with make_progress() as progress:
+        def on_result(res, run) -> None:
+            if res.ok:
+                write_result(res, run, out_dir, states.get(res.job.index), overwrite)
+            if not res.ok:
+                progress.log(f"skipped: {res.error}")
+            done.append(res)
+
+        try:
+            run = infer(m, jobs, opts, progress, on_result=on_result)
+        except KeyboardInterrupt:
+            ok = {str(r.job.path) for r in done if r.ok}
+            rest = [str(j.path) for j in jobs if str(j.path) not in ok]
+            err(f"interrupted: {len(ok)} file(s) finished with outputs in {out_dir}; run again on the others "
+                f"({' '.join(rest[:5])}{' ...' if len(rest) > 5 else ''}).")
+            raise typer.Exit(130)
+
+    rows = []
+    for r in run.results:
+        if r.ok:
+            preview = r.text if len(r.text) <= TEXT_PREVIEW else r.text[:TEXT_PREVIEW - 3] + "..."
+            rows.append([r.job.stem, "ok", f"{r.info.seconds:.2f}", r.steps, f"{r.ms_per_step:.1f}",
+                         f"{r.realtime_factor:.3f}", preview])
+        else:
+            rows.append([r.job.stem, "FAILED", "", "", "", "", r.error])
+    print_table(f"ttt infer: {run.mode}, model {run.model['id']}, TTT {'on' if run.ttt['enabled'] else 'off'}, "
+                f"outputs in {out_dir}", ["file", "status", "seconds", "steps", "ms/step", "RTF", "text / reason"],
+                rows)
+    if json_out:
+        objs = [result_json(r, run) for r in run.results]
+        print_json(objs[0] if len(objs) == 1 else objs)
+    if run.failed:
+        err(f"{len(run.failed)} of {len(run.results)} input(s) failed: "
+            + "; ".join(r.error or "" for r in run.failed))
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("infer")(handle_errors(infer_cmd))

@@ -1,0 +1,820 @@
+"""`ttt infer`: offline streaming inference over audio files through Mimi and moshi's `LMGen` (SPEC §5.1)."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import time
+import typing as tp
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import FRAME_SIZE, SAMPLE_RATE, AudioInfo, load_audio
+from .config import FRAME_RATE
+from .errors import ConfigError, InputError, TTTError
+from .progress import NullProgress, Progress
+
+MODES = ("auto", "dialog", "transcribe", "stt")
+RESET_POLICIES = ("file", "carry")
+DEFAULT_SEED = 4242  # the seed `python -m moshi.run_inference` uses
+DEFAULT_OUT = "out"
+# moshi's LMGen defaults, used when neither the options nor the checkpoint's lm_gen_config say.
+LMGEN_DEFAULTS = {"temp": 0.8, "temp_text": 0.7, "top_k": 250, "top_k_text": 25}
+LAST_WORD_MAX_SECONDS = 1.0  # an STT word never closed by an end-of-padding token ends at most this late
+PROGRESS_EVERY = 5  # ticks between progress updates
+# Cumulative telemetry counters (SPEC §3.7): a batch slot keeps them across the files it plays, so
+# results report them from the stream's start, as if the stream had the slot alone.
+COUNTERS = ("updates", "resets", "clip_events", "nonfinite_events")
+
+
+@dataclass
+class InferOptions:
+    """What `ttt infer` runs (the CLI options, parsed).
+
+    Args:
+        mode: auto | dialog | transcribe | stt (SPEC §5.1).
+        channel: take this input channel instead of mixing down.
+        batch_size: streams run together, each with its own fast weights.
+        reset_policy: `file` (each file a fresh stream) or `carry` (the files in order as one stream).
+        temp, temp_text, top_k, top_k_text: sampling; None = the checkpoint's `lm_gen_config`, then moshi's.
+        greedy: argmax sampling (deterministic).
+        seed: random seed.
+        init_state: fast-weight snapshot every stream starts from.
+        save_state: where to write each stream's fast weights at its end (a file for one stream,
+            else a directory of `<stem>.end.safetensors`).
+        force: restore an `init_state` despite forceable differences (another lr, another W0 of the same shapes).
+    """
+
+    mode: str = "auto"
+    channel: int | None = None
+    batch_size: int = 1
+    reset_policy: str = "file"
+    temp: float | None = None
+    temp_text: float | None = None
+    top_k: int | None = None
+    top_k_text: int | None = None
+    greedy: bool = False
+    seed: int = DEFAULT_SEED
+    init_state: Path | None = None
+    save_state: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class Job:
+    """One input file and the stem its outputs are named after."""
+
+    index: int
+    path: Path
+    stem: str
+
+
+@dataclass
+class Token:
+    step: int     # LM step (80 ms) counted from the file's start
+    time: float   # seconds on the file's timeline (see docs/infer.md)
+    id: int
+    piece: str
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    start_step: int
+    end_step: float
+
+
+@dataclass
+class FileResult:
+    """Everything one input produced (or why it failed)."""
+
+    job: Job
+    mode: str
+    error: str | None = None
+    info: AudioInfo | None = None
+    text: str = ""
+    tokens: list[Token] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    first_step: int = 0                     # file-relative step of text_ids[0]
+    text_ids: list[int] = field(default_factory=list)   # text token of every output step, pads included
+    audio_codes: tp.Any = None              # [dep_q, n] int64 numpy: Moshi's audio tokens per output step
+    audio: tp.Any = None                    # [samples] float32 numpy: Moshi's voice (dialog mode)
+    steps: int = 0                          # LMGen steps that fed this file's frames
+    wall_seconds: float = 0.0
+    telemetry: dict[int, dict] = field(default_factory=dict)
+    stream: dict = field(default_factory=dict)
+    state: tp.Any = None                    # FastWeightState captured at the stream's end (--save-state)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000.0 * self.wall_seconds / self.steps if self.steps else 0.0
+
+    @property
+    def realtime_factor(self) -> float:
+        """Wall time / audio duration (< 1: faster than real time)."""
+        return self.wall_seconds / self.info.seconds if self.info and self.info.seconds else 0.0
+
+
+@dataclass
+class InferRun:
+    """A whole `infer` call: settings shared by every file, and the per-file results in input order."""
+
+    mode: str
+    model: dict
+    ttt: dict
+    sampling: dict
+    seed: int
+    batch_size: int
+    reset_policy: str
+    init_state: str | None
+    results: list[FileResult]
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [r for r in self.results if not r.ok]
+
+
+# -- planning --------------------------------------------------------------------------------------
+
+def plan_jobs(paths: tp.Sequence[str | Path]) -> list[Job]:
+    """Names each input's outputs: `<stem>`, or `<parent>_<stem>` when several inputs share a stem.
+
+    Args:
+        paths: input paths in command-line order.
+    """
+    paths = [Path(p) for p in paths]
+    stems = [p.stem or p.name for p in paths]
+    count = {s: stems.count(s) for s in stems}
+    names = [f"{p.parent.name or 'root'}_{s}" if count[s] > 1 else s for p, s in zip(paths, stems)]
+    seen: dict[str, int] = {}
+    out = []
+    for i, (p, n) in enumerate(zip(paths, names)):
+        seen[n] = seen.get(n, 0) + 1
+        out.append(Job(i, p, n if seen[n] == 1 else f"{n}_{seen[n]}"))  # same parent name too: number them
+    return out
+
+
+def output_paths(out_dir: Path, job: Job, mode: str) -> dict[str, Path]:
+    """The files one input writes."""
+    d = {"txt": out_dir / f"{job.stem}.txt", "json": out_dir / f"{job.stem}.json"}
+    if mode == "dialog":
+        d["wav"] = out_dir / f"{job.stem}.wav"
+    return d
+
+
+def state_paths(save_state: Path | None, jobs: list[Job], reset_policy: str) -> dict[int, Path]:
+    """{index of a stream's last job: snapshot path}; one stream writes `save_state` itself."""
+    if save_state is None or not jobs:
+        return {}
+    if reset_policy == "carry" or len(jobs) == 1:
+        return {jobs[-1].index: Path(save_state)}
+    return {j.index: Path(save_state) / f"{j.stem}.end.safetensors" for j in jobs}
+
+
+def resolve_mode(model, mode: str) -> str:
+    """`auto` -> `stt` for checkpoints without a depformer, else `dialog`; wrong mode -> ConfigError."""
+    lm = model.lm
+    if mode not in MODES:
+        raise ConfigError(f"--mode {mode}: expected one of {', '.join(MODES)}.")
+    dep_q, user_q = lm.dep_q, lm.n_q - lm.dep_q
+    if mode == "auto":
+        mode = "stt" if dep_q == 0 else "dialog"
+    if mode in ("dialog", "transcribe") and dep_q == 0:
+        raise ConfigError(f"--mode {mode} needs a checkpoint with a depformer (Moshi's own audio stream); "
+                          f"{model.model_id} has dep_q = 0, a speech-to-text checkpoint: use --mode stt (or auto).")
+    if mode == "stt" and dep_q > 0:
+        raise ConfigError(f"--mode stt is for speech-to-text checkpoints (dep_q = 0, like kyutai's STT models); "
+                          f"{model.model_id} has a depformer (dep_q = {dep_q}): use --mode transcribe for a "
+                          f"transcript from Moshi's text stream, or --mode dialog.")
+    need = dep_q if mode == "transcribe" else user_q
+    if need < 1 or model.mimi.num_codebooks < need:
+        raise ConfigError(f"--mode {mode} needs {need} Mimi codebooks on the input stream; {model.model_id} "
+                          f"has Mimi with {model.mimi.num_codebooks} and an LM with n_q = {lm.n_q}, dep_q = {dep_q}.")
+    provider = getattr(lm, "condition_provider", None)
+    if provider is not None and getattr(provider, "conditioners", None):
+        raise ConfigError(f"{model.model_id} is a conditioned model (e.g. Hibiki); `ttt infer` runs "
+                          f"unconditioned Moshi and STT checkpoints only.")
+    return mode
+
+
+def sampling_settings(model, opts: InferOptions) -> dict:
+    """The sampling LMGen runs with: options, else the checkpoint's lm_gen_config, else moshi's defaults."""
+    cfg = dict(getattr(model.info, "lm_gen_config", None) or {})
+    out: dict[str, tp.Any] = {"use_sampling": not opts.greedy}
+    for k, default in LMGEN_DEFAULTS.items():
+        v = getattr(opts, k)
+        out[k] = v if v is not None else cfg.get(k, default)
+    for k in ("temp", "temp_text"):
+        if not (isinstance(out[k], (int, float)) and math.isfinite(out[k]) and out[k] >= 0):
+            raise ConfigError(f"--{k.replace('_', '-')} must be a number >= 0, got {out[k]!r}.")
+        out[k] = float(out[k])
+    for k in ("top_k", "top_k_text"):
+        if not isinstance(out[k], int) or out[k] < 0:
+            raise ConfigError(f"--{k.replace('_', '-')} must be an integer >= 0, got {out[k]!r}.")
+    return out
+
+
+def ttt_summary(model) -> dict:
+    """The TTT config the run uses, for outputs."""
+    cfg = model.ttt
+    on = cfg is not None and bool(cfg.layers) and cfg.lr > 0
+    return {"enabled": on, "config": cfg.to_dict() if cfg is not None else None,
+            "origin": model.config.get("ttt_origin")}
+
+
+def validate_options(opts: InferOptions, n_inputs: int) -> None:
+    if opts.reset_policy not in RESET_POLICIES:
+        raise ConfigError(f"--reset-policy {opts.reset_policy}: expected file or carry.")
+    if opts.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {opts.batch_size}.")
+    if opts.reset_policy == "carry" and opts.batch_size != 1:
+        raise ConfigError("--reset-policy carry plays the files in order as one continuous stream: it runs "
+                          "with --batch-size 1.")
+    if opts.channel is not None and opts.channel < 0:
+        raise ConfigError(f"--channel must be >= 0, got {opts.channel}.")
+    if n_inputs < 1:
+        raise ConfigError("give at least one audio file.")
+
+
+def preflight(model, opts: InferOptions, n_inputs: int) -> tuple[str, dict]:
+    """Every check that needs no audio: options, mode for the checkpoint, sampling, state options.
+
+    Returns:
+        (resolved mode, sampling settings).
+    """
+    validate_options(opts, n_inputs)
+    mode = resolve_mode(model, opts.mode)
+    sampling = sampling_settings(model, opts)
+    cfg = model.ttt
+    if (opts.init_state is not None or opts.save_state is not None) and not (cfg and cfg.layers):
+        raise ConfigError("--init-state / --save-state need a model with TTT layers; this run has none "
+                          "(--ttt-layers selects them).")
+    return mode, sampling
+
+
+# -- streaming core --------------------------------------------------------------------------------
+
+class _Segment:
+    """One input file inside a stream."""
+
+    def __init__(self, job: Job, mode: str):
+        self.result = FileResult(job, mode)
+        self.wav: np.ndarray | None = None
+        self.start_frame = 0      # stream frame index of its first frame
+        self.n_frames = 0
+        self.fed = 0
+        self.finalized = False
+        self.telemetry_taken = False
+        self.out_steps: list[int] = []       # stream steps of the outputs attributed to it
+        self.out_text: list[int] = []
+        self.out_audio: list[np.ndarray] = []
+        self.out_pcm: list[np.ndarray] = []
+
+
+class _Stream:
+    """Files played through one batch slot: one file (`--reset-policy file`) or all of them (`carry`)."""
+
+    def __init__(self, jobs: list[Job], mode: str, channel: int | None, pads: tuple[int, int]):
+        self.pending = deque(jobs)
+        self.mode = mode
+        self.channel = channel
+        self.pads = pads
+        self.segments: list[_Segment] = []
+        self.cur: _Segment | None = None
+        self.frames = 0           # frames fed so far
+        self.step = 0             # LMGen steps so far
+        self.failed: list[FileResult] = []
+        self.history: deque = deque()   # transcribe: the input's recent Moshi-stream codes [dep_q], newest last
+        self.baseline: dict[int, dict] = {}  # telemetry counters of the slot when the stream started
+
+    def next_frame(self) -> np.ndarray | None:
+        """The next 80 ms frame, moving to the next file when one ends; None when the stream is over."""
+        while True:
+            seg = self.cur
+            if seg is not None and seg.fed < seg.n_frames:
+                a = seg.fed * FRAME_SIZE
+                seg.fed += 1
+                self.frames += 1
+                return seg.wav[a:a + FRAME_SIZE]
+            if seg is not None:
+                seg.wav = None  # fully fed: free the samples
+            if not self.pending:
+                return None
+            job = self.pending.popleft()
+            new = _Segment(job, self.mode)
+            try:
+                wav, info = load_audio(job.path, self.channel)
+            except InputError as e:
+                new.result.error = str(e)
+                self.failed.append(new.result)
+                continue
+            if any(self.pads):
+                wav = np.pad(wav, self.pads)
+            new.result.info = info
+            new.wav = wav
+            new.n_frames = wav.shape[0] // FRAME_SIZE  # the partial last frame is dropped, as moshi does
+            new.start_frame = self.frames
+            self.segments.append(new)
+            self.cur = new
+
+    def segment_for(self, s: int) -> _Segment:
+        """The file an output of stream step s belongs to: the one holding the last frame heard, s - 1."""
+        f = max(s - 1, 0)
+        starts = [g.start_frame for g in self.segments]
+        return self.segments[max(bisect.bisect_right(starts, f) - 1, 0)]
+
+
+def _seed_all(seed: int) -> None:
+    import random
+    import torch
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def special_ids(model) -> set[int]:
+    """Text ids that are not text: padding, end of padding, sentencepiece control symbols."""
+    tok, lm = model.tokenizer, model.lm
+    ids = {lm.text_padding_token_id, lm.end_of_text_padding_id}
+    ids |= {i for i in range(tok.get_piece_size()) if tok.is_control(i)}
+    return ids
+
+
+def text_words(model, steps: list[int], ids: list[int], offset: float, n_steps: int, stt: bool,
+               start_step: int = 0, special: set[int] | None = None) -> tuple[list[Token], list[Word]]:
+    """Tokens (padding dropped) and words with times, from one file's text stream.
+
+    Args:
+        model: the TTTModel (tokenizer, padding ids).
+        steps, ids: stream step and text token of every output step.
+        offset: seconds subtracted from `step × 0.08` (STT: silence prefix + audio delay).
+        n_steps: the file's frames, padding included (bounds an unfinished last STT word).
+        stt: word ends from the end-of-padding tokens (kyutai STT), else from the text stream's timing.
+        start_step: the file's first stream frame (carry), subtracted from steps.
+        special: ids to drop (default `special_ids(model)`).
+    """
+    tok = model.tokenizer
+    special = special_ids(model) if special is None else special
+    epad = model.lm.end_of_text_padding_id
+
+    def t(step: float) -> float:
+        return round(max(0.0, step / FRAME_RATE - offset), 4)
+
+    tokens: list[Token] = []
+    groups: list[list[Token]] = []
+    epads: list[int] = []
+    for s, i in zip(steps, ids):
+        rel = s - start_step
+        if i == epad:
+            epads.append(rel)
+        if i in special:
+            continue
+        piece = tok.id_to_piece(int(i))
+        tk = Token(rel, t(rel), int(i), piece)
+        tokens.append(tk)
+        if piece.startswith("▁") or not groups:
+            groups.append([tk])
+        else:
+            groups[-1].append(tk)
+    words: list[Word] = []
+    groups = [g for g in groups if tok.decode([x.id for x in g]).strip()]
+    for n, g in enumerate(groups):
+        first, last = g[0].step, g[-1].step
+        nxt = groups[n + 1][0].step if n + 1 < len(groups) else None
+        if stt:
+            k = bisect.bisect_right(epads, last)
+            if k < len(epads) and (nxt is None or epads[k] <= nxt):
+                end: float = epads[k]
+            elif nxt is not None:
+                end = nxt
+            else:
+                end = min(float(n_steps), first + LAST_WORD_MAX_SECONDS * FRAME_RATE)
+        else:
+            end = last + 1
+        words.append(Word(tok.decode([x.id for x in g]).strip(), t(first), t(end), first, end))
+    return tokens, words
+
+
+def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
+          progress: Progress | None = None,
+          on_result: tp.Callable[[FileResult, InferRun], None] | None = None) -> InferRun:
+    """Streams audio files through Mimi and moshi's LMGen, as moshi.run_inference does, with TTT.
+
+    Conventions of moshi.run_inference: Mimi encodes frame by frame, one `LMGen.step` per frame,
+    the first frame is fed twice (dialog, stt), the partial last frame is dropped, a run stops
+    when its input ends, STT input is padded with `stt_config`'s silence prefix and
+    `audio_delay_seconds + 1 s`. Several files share a batch (`batch_size` slots, each stream with
+    its own fast weights); a finished slot takes the next file after a reset of that slot only
+    (`LMGen(support_out_of_sync=True)` + exec masks, pitfall 8), and Mimi runs each stream with
+    its own state, so that a file gives the same tokens in a batch as alone (greedy, fp32).
+
+    Args:
+        model: a TTTModel from `load_model`.
+        paths: input files (or planned Jobs).
+        opts: the options.
+        progress: progress hook (per file: seconds done/total, steps/s, real-time factor).
+        on_result: called with each file's result (failures included) and the run's shared settings
+            as soon as the file is complete, e.g. to write its outputs.
+    Returns:
+        InferRun with one FileResult per input, in input order.
+    """
+    import torch
+
+    jobs = list(paths) if paths and isinstance(paths[0], Job) else plan_jobs(paths)  # type: ignore[arg-type]
+    mode, sampling = preflight(model, opts, len(jobs))
+    progress = progress or NullProgress()
+    ttt = ttt_summary(model)
+    init_state = None
+    if opts.init_state is not None:
+        from .state import FastWeightState, check_fits, load_state
+        init_state = load_state(opts.init_state)
+        if init_state.has_attention:
+            # infer starts new LMGen streams: only the fast weights carry over (SPEC §5.0 semantics).
+            init_state = FastWeightState({k: v for k, v in init_state.tensors.items() if k.startswith("layers.")},
+                                         {**init_state.meta, "attention": False, "attention_state": None})
+        check_fits(model.lm, init_state).raise_unless_fits(opts.force)
+    streams = [[j] for j in jobs] if opts.reset_policy == "file" else [jobs]
+    B = min(opts.batch_size, len(streams))
+    run = InferRun(mode=mode, model=_model_facts(model), ttt=ttt, sampling=sampling, seed=opts.seed,
+                   batch_size=B, reset_policy=opts.reset_policy,
+                   init_state=str(opts.init_state) if opts.init_state else None, results=[])
+    results: dict[int, FileResult] = {}
+
+    def deliver(res: FileResult) -> None:
+        results[res.job.index] = res
+        if on_result is not None:
+            on_result(res, run)
+
+    _seed_all(opts.seed)
+    ctx = _no_cuda_graph_if(model, ttt["enabled"])
+    with torch.no_grad(), ctx:
+        _Runner(model, mode, opts, sampling, B, progress, deliver, init_state).run(streams)
+    run.results = [results[j.index] for j in jobs]
+    return run
+
+
+def _model_facts(model) -> dict:
+    return {"id": model.model_id, "model_type": getattr(model.info, "model_type", None),
+            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+            "dep_q": int(model.lm.dep_q), "n_q": int(model.lm.n_q), "delays": list(model.lm.delays)}
+
+
+def _no_cuda_graph_if(model, ttt_on: bool):
+    import contextlib
+    # LMGen replays forward_text as a CUDA graph; the TTT layer decides chunk updates in Python,
+    # which a graph would freeze (pitfall 9): generation with TTT on runs without CUDA graphs.
+    if ttt_on and str(model.device).startswith("cuda"):
+        from moshi.utils.compile import no_cuda_graph
+        return no_cuda_graph()
+    return contextlib.nullcontext()
+
+
+class _Runner:
+    """The batched streaming loop: one tick encodes one frame per live slot and steps LMGen."""
+
+    def __init__(self, model, mode: str, opts: InferOptions, sampling: dict, B: int, progress: Progress,
+                 deliver: tp.Callable[[FileResult], None], init_state):
+        from moshi.models import LMGen
+
+        self.m, self.mode, self.opts, self.B = model, mode, opts, B
+        self.progress, self.deliver, self.init_state = progress, deliver, init_state
+        self.lm = model.lm
+        self.mimi = model.mimi
+        self.device = self.lm.device
+        self.lm_gen = LMGen(self.lm, support_out_of_sync=True, **sampling)
+        self.max_delay = max(self.lm.delays)
+        self.dep_q = self.lm.dep_q
+        self.moshi_delays = list(self.lm.delays[1:1 + self.dep_q])
+        self.double_feed = mode != "transcribe"
+        stt = dict(getattr(model.info, "stt_config", None) or {}) if mode == "stt" else {}
+        self.stt_prefix = float(stt.get("audio_silence_prefix_seconds", 0.0))
+        self.stt_delay = float(stt.get("audio_delay_seconds", 0.0))
+        self.pads = (int(self.stt_prefix * SAMPLE_RATE), int((self.stt_delay + 1.0) * SAMPLE_RATE)) \
+            if mode == "stt" else (0, 0)
+        self.special = special_ids(model)
+        self.slots: list[_Stream | None] = [None] * B
+        self.ticks = 0
+        self._lm_mask: list[bool] | None = None
+        # Mimi runs one stream at a time, each with its own streaming state: its convolutions and
+        # quantizer are not bit-identical across batch sizes (a 1e-7 latent difference flips a
+        # nearest-codebook choice), and a file must give the same codes in a batch as alone.
+        self.mimi_states: list[dict | None] = [None] * B
+        self._silence_state: dict | None = None
+        self._silence_codes: list = []  # transcribe: Mimi codes of silence frame t, same for every stream
+
+    # -- exec masks, per-stream Mimi states ----------------------------------------------------------
+    def _mask(self, bits: list[bool]):
+        import torch
+        return torch.tensor(bits, dtype=torch.bool, device=self.device)
+
+    def _set_lm_mask(self, bits: list[bool]) -> None:
+        if bits != self._lm_mask:
+            self.lm_gen.set_exec_mask(self._mask(bits))
+            self._lm_mask = list(bits)
+
+    def _fresh_mimi_state(self) -> dict:
+        """A new single-stream Mimi streaming state (encoder and decoder), not yet in use."""
+        with self.mimi.streaming(1):
+            return self.mimi.get_streaming_state()
+
+    def _mimi(self, state: dict, fn, x):
+        self.mimi.set_streaming_state(state)
+        try:
+            return fn(x)
+        finally:
+            self.mimi.set_streaming_state({k: None for k in state})
+
+    def _silence(self, t: int):
+        """Mimi codes [n_q] of frame t of a silent stream (the user stream in transcribe mode)."""
+        import torch
+        while len(self._silence_codes) <= t:  # streams advance one frame per tick: at most one encode
+            if self._silence_state is None:
+                self._silence_state = self._fresh_mimi_state()
+            x = torch.zeros(1, 1, FRAME_SIZE, device=self.device)
+            self._silence_codes.append(self._mimi(self._silence_state, self.mimi.encode, x)[0, :, 0])
+        return self._silence_codes[t]
+
+    # -- stream lifecycle ---------------------------------------------------------------------------
+    def _start(self, b: int, stream: _Stream) -> None:
+        """Fresh state for slot b: LMGen and LM (attention, fast weights) reset for b only, a new Mimi state."""
+        bits = [i == b for i in range(self.B)]
+        self.lm_gen.reset_streaming(self._mask(bits))
+        self._lm_mask = None  # a reset sets the item's exec mask to True
+        if self.mimi_states[b] is None:
+            self.mimi_states[b] = self._fresh_mimi_state()
+        else:  # reuse the slot's state (and, on CUDA, its captured graphs), reset in place
+            self._mimi(self.mimi_states[b], lambda _: self.mimi.reset_streaming(), None)
+        if self.init_state is not None:
+            from .state import restore
+            restore(self.lm, self.init_state, batch_index=b, force=self.opts.force)
+        self.slots[b] = stream
+        stream.baseline = self._telemetry(b)
+
+    def _telemetry(self, b: int, since: dict[int, dict] | None = None) -> dict[int, dict]:
+        """Per-layer telemetry of slot b; counters counted from `since` (the stream's start)."""
+        from .attach import ttt_layers
+        out = {i: dict(layer.telemetry(b)) for i, layer in ttt_layers(self.lm).items()}
+        for i, tel in out.items():
+            base = (since or {}).get(i, {})
+            for k in COUNTERS:
+                if k in tel and k in base:
+                    tel[k] -= base[k]
+        return out
+
+    def _end(self, b: int) -> None:
+        stream = self.slots[b]
+        assert stream is not None
+        state = None
+        if self.opts.save_state is not None and stream.segments:
+            from .state import capture
+            state = capture(self.m, batch_index=b)
+        for seg in stream.segments:
+            if not seg.finalized:
+                self._finalize(stream, seg, state if seg is stream.segments[-1] else None)
+        self.slots[b] = None
+
+    def _finalize(self, stream: _Stream, seg: _Segment, state=None) -> None:
+        seg.finalized = True
+        res = seg.result
+        res.state = state
+        res.first_step = (seg.out_steps[0] - seg.start_frame) if seg.out_steps else 0
+        res.text_ids = list(seg.out_text)
+        if self.dep_q and seg.out_audio:
+            res.audio_codes = np.stack(seg.out_audio, axis=1)  # [dep_q, n]
+        if self.mode == "dialog":
+            res.audio = np.concatenate(seg.out_pcm) if seg.out_pcm else np.zeros(0, np.float32)
+        ids = [i for i in seg.out_text if i not in self.special]
+        res.text = self.m.tokenizer.decode(ids).strip() if ids else ""
+        res.tokens, res.words = text_words(self.m, seg.out_steps, seg.out_text, self.stt_prefix + self.stt_delay,
+                                           seg.n_frames, self.mode == "stt", seg.start_frame, self.special)
+        res.stream = {"start_step": seg.start_frame, "paths": [str(s.result.job.path) for s in stream.segments]}
+        self.progress.finish(str(res.job.index), steps=res.steps,
+                             rtf=round(res.realtime_factor, 3))
+        self.deliver(res)
+
+    def _begin_segment_progress(self, seg: _Segment) -> None:
+        if seg.result.info is not None and not getattr(seg, "_progress", False):
+            seg._progress = True  # type: ignore[attr-defined]
+            self.progress.start(str(seg.result.job.index), seg.result.job.path.name, seg.result.info.seconds)
+
+    # -- main loop ----------------------------------------------------------------------------------
+    def run(self, streams: list[list[Job]]) -> None:
+        import torch
+
+        queue = deque(_Stream(s, self.mode, self.opts.channel, self.pads) for s in streams)
+        with self.lm_gen.streaming(self.B):
+            while True:
+                frames: list[np.ndarray | None] = [None] * self.B
+                new = [False] * self.B
+                for b in range(self.B):
+                    while True:
+                        stream = self.slots[b]
+                        if stream is None:
+                            if not queue:
+                                break
+                            stream = queue.popleft()
+                            self._start(b, stream)
+                            new[b] = True
+                        frame = stream.next_frame()
+                        for res in stream.failed:
+                            self.deliver(res)
+                        stream.failed.clear()
+                        if frame is not None:
+                            frames[b] = frame
+                            if stream.cur is not None:
+                                self._begin_segment_progress(stream.cur)
+                            break
+                        self._end(b)  # input over: the stream stops, as in moshi.run_inference
+                        new[b] = False
+                live = [f is not None for f in frames]
+                if not any(live):
+                    break
+                self._tick(frames, live, new, torch)
+
+    def _tick(self, frames, live: list[bool], new: list[bool], torch) -> None:
+        t0 = time.perf_counter()
+        B = self.B
+        codes = torch.zeros(B, self.mimi.num_codebooks, 1, dtype=torch.long, device=self.device)
+        for b, f in enumerate(frames):
+            if f is not None:
+                x = torch.from_numpy(np.ascontiguousarray(f)).to(self.device)[None, None]  # [1, 1, FRAME_SIZE]
+                codes[b] = self._mimi(self.mimi_states[b], self.mimi.encode, x)[0]  # [n_q, 1]
+        replace = None
+        if self.mode == "transcribe":
+            user = torch.zeros_like(codes)
+            for b in range(B):
+                if live[b]:
+                    user[b, :, 0] = self._silence(self.slots[b].step)
+            replace = self._replace_tokens(codes, live)
+        else:
+            user = codes
+        if self.double_feed and any(n and l for n, l in zip(new, live)):
+            # moshi.run_inference feeds the first frame twice, else the initial token hides it.
+            self._set_lm_mask([n and l for n, l in zip(new, live)])
+            self.lm_gen.step(user)
+            for b in range(B):
+                if new[b] and live[b]:
+                    self.slots[b].step += 1
+        self._set_lm_mask(live)
+        out = self.lm_gen.step(user, depformer_replace_tokens=replace)  # [B, 1 + dep_q, 1]
+        out_cpu = out[:, :, 0].cpu()
+        valid = [live[b] and bool((out_cpu[b] >= 0).all()) for b in range(B)]
+        pcm: dict[int, np.ndarray] = {}
+        if self.mode == "dialog":  # Moshi's voice, decoded as it goes
+            for b in range(B):
+                if valid[b]:
+                    y = self._mimi(self.mimi_states[b], self.mimi.decode, out[b:b + 1, 1:])  # [1, 1, FRAME_SIZE]
+                    pcm[b] = y[0, 0].float().cpu().numpy()
+        dt = time.perf_counter() - t0
+        self.ticks += 1
+        for b in range(B):
+            stream = self.slots[b]
+            if not live[b] or stream is None:
+                continue
+            o = stream.step
+            stream.step += 1
+            cur = stream.cur
+            cur.result.steps += 2 if new[b] and self.double_feed else 1
+            cur.result.wall_seconds += dt
+            if valid[b]:
+                s = o - self.max_delay
+                seg = stream.segment_for(s)
+                seg.out_steps.append(s)
+                seg.out_text.append(int(out_cpu[b, 0]))
+                if self.dep_q:
+                    seg.out_audio.append(out_cpu[b, 1:].numpy().astype(np.int64))
+                if b in pcm:
+                    seg.out_pcm.append(pcm[b])
+                # outputs arrive in step order: files before `seg` have all theirs now
+                for older in stream.segments:
+                    if older is seg:
+                        break
+                    if not older.finalized:
+                        self._finalize(stream, older)
+            if cur.fed == cur.n_frames and not cur.telemetry_taken:
+                cur.telemetry_taken = True
+                cur.result.telemetry = self._telemetry(b, stream.baseline)
+            if self.ticks % PROGRESS_EVERY == 0 or cur.fed == cur.n_frames:
+                r = cur.result
+                done = min(cur.fed * FRAME_SIZE / SAMPLE_RATE, r.info.seconds)  # STT padding not counted
+                self.progress.update(str(r.job.index), done,
+                                     steps_per_s=round(r.steps / r.wall_seconds, 1) if r.wall_seconds else 0.0,
+                                     rtf=round(r.wall_seconds / max(done, 1e-9), 3))
+
+    def _replace_tokens(self, codes, live: list[bool]):
+        """Moshi-stream tokens in LMGen's delayed layout: at step t, codebook k carries frame t - delay_k."""
+        import torch
+        B = self.B
+        now = codes[:, :self.dep_q, 0].cpu().numpy()  # [B, dep_q]
+        rep = np.zeros((B, self.dep_q, 1), dtype=np.int64)
+        keep = max(self.moshi_delays) + 1
+        for b in range(B):
+            stream = self.slots[b]
+            if not live[b] or stream is None:
+                continue
+            stream.history.append(now[b])
+            while len(stream.history) > keep:
+                stream.history.popleft()
+            t = stream.step  # this frame's index in the stream (no double feed in transcribe)
+            n = len(stream.history)
+            for k, d in enumerate(self.moshi_delays):
+                if t - d >= 0:  # earlier positions are replaced by the initial token anyway
+                    rep[b, k, 0] = stream.history[n - 1 - d][k]
+        return torch.from_numpy(rep).to(self.device)
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+def result_json(res: FileResult, run: InferRun) -> dict:
+    """The `<stem>.json` object of one input (schema in docs/infer.md)."""
+    if not res.ok:
+        return {"input": {"path": str(res.job.path)}, "error": res.error, "mode": run.mode}
+    d: dict[str, tp.Any] = {
+        "input": res.info.to_dict() if res.info else {"path": str(res.job.path)},
+        "model": run.model,
+        "mode": run.mode,
+        "text": res.text,
+        "tokens": [{"step": t.step, "time": t.time, "id": t.id, "piece": t.piece} for t in res.tokens],
+        "words": [{"word": w.word, "start": w.start, "end": w.end} for w in res.words],
+        "audio_out": res.outputs.get("wav"),
+        "steps": res.steps,
+        "ms_per_step": round(res.ms_per_step, 3),
+        "realtime_factor": round(res.realtime_factor, 4),
+        "ttt": {**run.ttt, "init_state": run.init_state,
+                "telemetry": {str(i): t for i, t in sorted(res.telemetry.items())}},
+        "sampling": run.sampling,
+        "seed": run.seed,
+        "batch_size": run.batch_size,
+        "reset_policy": run.reset_policy,
+        "outputs": dict(res.outputs),
+    }
+    if run.reset_policy == "carry":
+        d["stream"] = {"start_step": res.stream.get("start_step", 0),
+                       "start_seconds": res.stream.get("start_step", 0) / FRAME_RATE}
+    if res.state is not None or "state" in res.outputs:
+        d["state_out"] = res.outputs.get("state")
+    return d
+
+
+def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path | None = None,
+                 overwrite: bool = False) -> None:
+    """Writes `<stem>.txt`, `<stem>.wav` (dialog), the snapshot and `<stem>.json`, atomically, and reads
+    each back. A write failure marks the result failed and removes what this result wrote."""
+    import sphn
+    from .io import atomic_write, write_text
+
+    if not res.ok:
+        return
+    paths = output_paths(out_dir, res.job, run.mode)
+    written: list[Path] = []
+    try:
+        write_text(paths["txt"], res.text + "\n")
+        written.append(paths["txt"])
+        if paths["txt"].read_text() != res.text + "\n":
+            raise OSError(f"{paths['txt']} does not read back")
+        res.outputs["txt"] = str(paths["txt"])
+        if "wav" in paths:
+            audio = np.asarray(res.audio, dtype=np.float32)
+            atomic_write(paths["wav"], lambda p: sphn.write_wav(str(p), audio, SAMPLE_RATE))
+            written.append(paths["wav"])
+            back, sr = sphn.read(str(paths["wav"]))
+            if sr != SAMPLE_RATE or back.shape[-1] != audio.shape[0]:
+                raise OSError(f"{paths['wav']} does not read back ({back.shape[-1]} samples at {sr} Hz, "
+                              f"expected {audio.shape[0]} at {SAMPLE_RATE})")
+            res.outputs["wav"] = str(paths["wav"])
+        if state_path is not None and res.state is not None:
+            from .state import save_state
+            meta = {"source_files": [str(res.job.path)] if run.reset_policy == "file" else res.stream.get("paths", []),
+                    "reset_policy": run.reset_policy, "command": "infer", "mode": run.mode,
+                    "init_state": run.init_state}
+            save_state(res.state, state_path, metadata=meta, overwrite=overwrite)
+            written.append(state_path)
+            res.outputs["state"] = str(state_path)
+        res.outputs["json"] = str(paths["json"])
+        obj = result_json(res, run)
+        text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+        write_text(paths["json"], text)
+        written.append(paths["json"])
+        if json.loads(paths["json"].read_text()) != json.loads(text):
+            raise OSError(f"{paths['json']} does not read back")
+    except (OSError, TTTError) as e:
+        for p in written:
+            p.unlink(missing_ok=True)
+        res.outputs.clear()
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        res.error = f"{res.job.path}: cannot write outputs to {out_dir}: {detail}."
+    finally:
+        res.state = None  # a snapshot can be large: keep it no longer than needed
