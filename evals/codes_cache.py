@@ -15,7 +15,7 @@ from ttt_cli.errors import InputError
 
 from .librilight import Document, SkippedFile
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: audio read without sphn's resampler delay, at its exact length
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing audio files
 
 
@@ -144,9 +144,11 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
                     on_progress: tp.Callable[[float], None] | None = None) -> DocumentCodes:
     """Decodes the document's files one at a time and encodes their concatenation as one stream.
 
-    Memory stays flat in the document's length: one file's waveform and one block of frames at a
-    time (`ttt_cli.codes.encode_stream`). Files that fail to decode are skipped and recorded; the
-    boundaries of the others are those of the concatenation actually encoded.
+    Memory stays flat in the document's and its files' lengths: one chunk of one file's waveform
+    (`ttt_cli.audio.iter_audio`) and one block of frames (`ttt_cli.codes.encode_stream`) at a
+    time. Files that fail to open are skipped and recorded; a file found bad part-way (non-finite
+    samples) keeps what was already encoded, is marked truncated and warned about. The
+    boundaries are those of the concatenation actually encoded, in exact 24 kHz samples.
 
     Args:
         mimi: moshi MimiModel.
@@ -157,12 +159,13 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
         on_progress: called with the seconds of audio encoded so far.
     """
     import torch
-    from ttt_cli.audio import load_audio
+    from ttt_cli.audio import iter_audio
     from ttt_cli.codes import encode_stream
 
     max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
     spans: list[FileSpan] = []
     skipped: list[SkippedFile] = []
+    warnings: list[str] = []
     total = 0
 
     def pieces() -> tp.Iterator:
@@ -171,16 +174,30 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
             if max_samples is not None and total >= max_samples:
                 break
             try:
-                wav, _ = load_audio(f.path)
+                info, stream = iter_audio(f.path)
             except InputError as e:
                 skipped.append(SkippedFile(str(f.path), str(e).removeprefix(f"{f.path}: ")))
                 continue
-            take = wav.shape[0] if max_samples is None else min(wav.shape[0], max_samples - total)
-            start, end = total, total + take
-            spans.append(FileSpan(str(f.path), start / SAMPLE_RATE, end / SAMPLE_RATE, start // FRAME_SIZE,
-                                  end // FRAME_SIZE, take, take < wav.shape[0]))
-            total = end
-            yield wav[:take]
+            take = info.samples if max_samples is None else min(info.samples, max_samples - total)
+            start, fed = total, 0
+            try:
+                for piece in stream:
+                    piece = piece[:take - fed]
+                    fed += piece.shape[0]
+                    total += piece.shape[0]
+                    yield piece
+                    if fed >= take:
+                        break
+            except InputError as e:
+                # Found part-way: the pieces already encoded cannot be taken back, so the file ends there.
+                if not fed:
+                    skipped.append(SkippedFile(str(f.path), str(e).removeprefix(f"{f.path}: ")))
+                    continue
+                warnings.append(f"{e} Kept its first {fed / SAMPLE_RATE:.2f} s.")
+            finally:
+                stream.close()
+            spans.append(FileSpan(str(f.path), start / SAMPLE_RATE, total / SAMPLE_RATE, start // FRAME_SIZE,
+                                  total // FRAME_SIZE, fed, fed < info.samples))
 
     t0 = time.perf_counter()
     parts = []
@@ -191,7 +208,7 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
         if on_progress is not None:
             on_progress(done * FRAME_SIZE / SAMPLE_RATE)
     codes = torch.cat(parts, -1) if parts else torch.zeros(mimi.num_codebooks, 0, dtype=torch.long)
-    return DocumentCodes(codes, spans, skipped, total, encode_seconds=time.perf_counter() - t0)
+    return DocumentCodes(codes, spans, skipped, total, encode_seconds=time.perf_counter() - t0, warnings=warnings)
 
 
 def document_codes(mimi, doc: Document, max_seconds: float | None = None, cache_dir: Path | str | None = None,

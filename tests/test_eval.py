@@ -275,8 +275,8 @@ def test_document_equals_full_sequence_forward_with_ttt(tiny, plain, doc_codes):
 def test_reset_policies_equal_naive_reference(tiny, doc_codes, policy):
     dc = doc_codes["20/book2"]
     codes = lm_codes(tiny, doc_codes, "20/book2")
-    resets = [38, 71] if policy == "file" else [20, 40, 60, 80, 100]
-    assert [f.start_step for f in dc.files] == [0, 38, 71]  # what the file resets are written from
+    resets = [37, 70] if policy == "file" else [20, 40, 60, 80, 100]
+    assert [f.start_step for f in dc.files] == [0, 37, 70]  # what the file resets are written from
     assert parse_policy(policy).reset_positions(dc.steps, [f.start_step for f in dc.files]) == resets
     ref = naive_nll(tiny.lm, [codes], [resets])[0]
     got = score_document(tiny.lm, codes, resets, block_steps=250).nll
@@ -332,7 +332,7 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes):
     assert [d["id"] for d in r["documents"]] == LD.ORDER
     d0 = r["documents"][0]
     assert [f["path"] for f in d0["files"]] == ["20/book2/1.flac", "20/book2/2.flac", "20/book2/10.flac"]
-    assert [f["start_step"] for f in d0["files"]] == [0, 38, 71]
+    assert [f["start_step"] for f in d0["files"]] == [0, 37, 70]
     assert r["documents"][2]["skipped"][0]["path"] == LD.BROKEN
     assert set(r["policies"]) == set(POLICIES) and r["codes_cache"]["hits"] == 3
     # Token NLL files against the naive reference, with the resets the protocol implies.
@@ -340,7 +340,7 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes):
     tn = lambda pol, doc: load_file(str(res.out / "token_nll" / pol / f"{doc}.safetensors"))
     f0 = tn("file", "20/book2")
     assert torch.equal(f0["codes"], a) and f0["nll"].dtype == torch.float32 and f0["nll"].shape == (8, a.shape[1])
-    assert_close(f0["nll"], naive_nll(tiny.lm, [a], [[38, 71]])[0])
+    assert_close(f0["nll"], naive_nll(tiny.lm, [a], [[37, 70]])[0])
     assert_close(tn("every-20", "20/book2")["nll"], naive_nll(tiny.lm, [a], [[20, 40, 60, 80, 100]])[0])
     assert_close(tn("never", "20/book10")["nll"], naive_nll(tiny.lm, [a, b], [[], []])[1])
     assert_close(tn("off", "20/book2")["nll"], moshi_forward_nll(plain.lm, a))
@@ -417,7 +417,7 @@ def test_init_state_warm_start(tiny, plain, data_root, cache_dir, doc_codes, tmp
     assert res.results["protocol"]["init_state"]["path"] == str(path.resolve())
     assert res.results["policies"]["file"]["ttt"]["warm_start"] is True
     got = load_file(str(tmp_path / "out" / "token_nll" / "file" / "20" / "book2.safetensors"))["nll"]
-    assert_close(got, naive_nll(tiny.lm, [a], [[38, 71]], warm=warm)[0])
+    assert_close(got, naive_nll(tiny.lm, [a], [[37, 70]], warm=warm)[0])
     off = load_file(str(tmp_path / "out" / "token_nll" / "off" / "20" / "book2.safetensors"))["nll"]
     assert_close(off, moshi_forward_nll(plain.lm, a))  # `off` is W0, warm start or not
     for layer in ttt_layers(tiny.lm).values():  # the warm start does not outlive the run

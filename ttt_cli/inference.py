@@ -314,7 +314,7 @@ class _Stream:
             job = self.pending.popleft()
             new = _Segment(job, self.mode)
             try:
-                wav, info = load_audio(job.path, self.channel)
+                wav, info = load_audio(job.path, self.channel, moshi_compat=True)
             except InputError as e:
                 new.result.error = str(e)
                 self.failed.append(new.result)

@@ -1,0 +1,281 @@
+"""Audio reading: exact lengths and timing at 24 kHz, chunked == whole, channels, bad input, bounded memory."""
+
+import math
+import shutil
+import struct
+import subprocess
+import tracemalloc
+import typing as tp
+
+import numpy as np
+import pytest
+import sphn
+import torch
+
+from evals.codes_cache import encode_document
+from evals.librilight import AudioFile, Document
+from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE, iter_audio, load_audio
+from ttt_cli.errors import InputError
+
+RATES = (16000, 22050, 24000, 44100)
+
+
+def tones(sr: int, n: int, channels: int = 1, seed: int = 0) -> tuple[np.ndarray, tp.Callable]:
+    """[C, n] sums of sines below both Nyquists, and the function giving them at any times (seconds)."""
+    rng = np.random.default_rng(seed)
+    f = rng.uniform(50, 0.45 * min(sr, SAMPLE_RATE), (channels, 24))
+    ph = rng.uniform(0, 2 * np.pi, (channels, 24))
+    amp = rng.uniform(0.005, 0.02, (channels, 24))
+
+    def at(t: np.ndarray) -> np.ndarray:
+        return np.stack([(amp[c, :, None] * np.sin(2 * np.pi * f[c, :, None] * t[None] + ph[c, :, None])).sum(0)
+                         for c in range(channels)])
+
+    return at(np.arange(n) / sr).astype(np.float32), at
+
+
+def write(path, data: np.ndarray, sr: int):
+    sphn.write_wav(str(path), np.atleast_2d(data).astype(np.float32), sr)
+    return path
+
+
+def float_wav(path, samples: np.ndarray, sr: int):
+    """A mono 32-bit float WAV written by hand (sphn writes int16, which cannot hold NaN)."""
+    data = np.asarray(samples, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, sr, sr * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    return path
+
+
+def expected_len(n: int, sr: int) -> int:
+    return math.ceil(n * SAMPLE_RATE / sr - 1e-9)
+
+
+def native_len(path) -> int:
+    return sphn.FileReader(str(path)).decode_all().shape[-1]
+
+
+# -- lengths and timing -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sr", RATES)
+def test_length_is_exact(tmp_path, sr):
+    n = int(3.031 * sr) + 7  # not a whole number of anything
+    path = write(tmp_path / "a.wav", tones(sr, n)[0], sr)
+    wav, info = load_audio(path)
+    m = expected_len(n, sr)
+    assert wav.shape == (m,) and wav.dtype == np.float32
+    assert (info.samples, info.frames, info.sample_rate, info.channels, info.channel) == (m, m // FRAME_SIZE, sr, 1,
+                                                                                          "mix")
+    assert info.seconds == pytest.approx(n / sr, abs=1 / SAMPLE_RATE)
+    stream_info, pieces = iter_audio(path, chunk_seconds=1.0)
+    assert stream_info == info and sum(p.shape[0] for p in pieces) == m
+
+
+@pytest.mark.parametrize("sr", (16000, 22050, 44100, 48000))
+def test_no_resampler_delay(tmp_path, sr):
+    """Sample k is the signal at k / 24000 s: no leading silence, and the end is not lost."""
+    n = int(2.5 * sr)
+    x, at = tones(sr, n)
+    wav, _ = load_audio(write(tmp_path / "a.wav", x, sr))
+    ideal = at(np.arange(wav.shape[0]) / SAMPLE_RATE)[0]
+    edge = int(0.05 * SAMPLE_RATE)  # where the cut-off sines ring
+    assert np.abs(wav - ideal)[edge:-edge].max() < 3e-4  # int16 quantization and filter ripple
+    assert np.abs(wav[-2 * edge:]).max() > 0.05  # the last 100 ms are audio, not padding
+
+
+# -- chunked reading ------------------------------------------------------------------------------------
+
+def _chunked_vs_whole(path, chunk_seconds=1.0, channel=None):
+    whole, info = load_audio(path, channel)  # <= 60 s: one piece, i.e. the whole file resampled at once
+    stream_info, pieces = iter_audio(path, channel, chunk_seconds=chunk_seconds)
+    pieces = list(pieces)
+    assert stream_info == info
+    assert all(p.dtype == np.float32 and p.ndim == 1 for p in pieces)
+    cat = np.concatenate(pieces)
+    assert cat.shape == whole.shape
+    return len(pieces), float(np.abs(cat - whole).max())
+
+
+@pytest.mark.parametrize("sr", RATES)
+def test_chunked_equals_whole_file(tmp_path, sr):
+    path = write(tmp_path / "a.wav", tones(sr, int(7.3 * sr) + 11)[0], sr)
+    count, diff = _chunked_vs_whole(path)
+    assert count == 8 and diff < 1e-4
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="needs sox")
+@pytest.mark.parametrize("ext", ["flac", "ogg", "mp3"])
+def test_chunked_equals_whole_file_compressed(tmp_path, ext):
+    """FLAC is read block by block; Ogg and MP3 do not seek sample-exactly and are decoded whole."""
+    src = write(tmp_path / "a.wav", tones(16000, 16000 * 6 - 5)[0], 16000)
+    path = tmp_path / f"a.{ext}"
+    r = subprocess.run(["sox", str(src), str(path)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"sox cannot write .{ext}")
+    count, diff = _chunked_vs_whole(path)
+    assert count >= 6 and diff < 1e-4  # MP3 decodes with its encoder's padding
+    assert load_audio(path)[1].samples == expected_len(native_len(path), 16000)
+
+
+def test_truncated_file_reads_what_is_there(tmp_path):
+    """A header promising more than the data: the length is the data's, not padded with silence."""
+    full = write(tmp_path / "full.wav", tones(16000, 16000 * 8)[0], 16000)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(full.read_bytes()[:44 + 2 * 16000 * 3])
+    n = native_len(cut)
+    assert 0 < n < 16000 * 8
+    stream_info, pieces = iter_audio(cut, chunk_seconds=1.0)
+    assert stream_info.samples == expected_len(n, 16000) == sum(p.shape[0] for p in pieces)
+
+
+# -- channels ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sr", (16000, 24000))
+def test_stereo_mix_and_channel(tmp_path, sr):
+    x = tones(sr, int(5.2 * sr), channels=2)[0]
+    path = write(tmp_path / "st.wav", x, sr)
+    mix, info = load_audio(path)
+    left, li = load_audio(path, channel=0)
+    right, ri = load_audio(path, channel=1)
+    assert (info.channels, info.channel, li.channel, ri.channel) == (2, "mix", "0", "1")
+    assert np.abs(left - right).max() > 0.01  # the channels differ
+    assert np.abs(mix - (left + right) / 2).max() < 1e-5
+    mono, _ = load_audio(write(tmp_path / "left.wav", x[0], sr))
+    assert np.abs(left - mono).max() < 1e-6
+    for channel in (None, 1):
+        count, diff = _chunked_vs_whole(path, channel=channel)
+        assert count == 6 and diff < 1e-4
+    with pytest.raises(InputError, match="has 2 channel.*--channel 2 does not exist"):
+        iter_audio(path, channel=2)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    good = write(tmp_path / "good.wav", tones(16000, 16000)[0], 16000)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "text.wav").write_text("this is not audio\n" * 50)
+    (tmp_path / "header.wav").write_bytes(good.read_bytes()[:30])
+    write(tmp_path / "tiny.wav", np.zeros(1000, np.float32), 24000)          # 42 ms
+    write(tmp_path / "edge.wav", np.zeros(1279, np.float32), 16000)          # 1919 samples at 24 kHz
+    write(tmp_path / "frame.wav", np.zeros(1280, np.float32), 16000)         # exactly one frame
+    x = tones(24000, 24000)[0][0]
+    x[5000] = np.nan
+    float_wav(tmp_path / "nan.wav", x, 24000)
+    x[5000] = np.inf
+    float_wav(tmp_path / "inf.wav", x, 24000)
+    cases = {
+        "missing.wav": "no such file",
+        ".": "is a directory",
+        "empty.wav": r"empty file \(0 bytes\)",
+        "text.wav": "cannot decode as audio",
+        "header.wav": "cannot decode as audio",
+        "tiny.wav": r"41.7 ms of audio \(1000 samples at 24 kHz\) is shorter than one 80 ms frame",
+        "edge.wav": r"\(1919 samples at 24 kHz\) is shorter than one 80 ms frame",
+        "nan.wav": r"contains NaN or infinite samples \(the first at 0.21 s\)",
+        "inf.wav": "contains NaN or infinite samples",
+    }
+    for name, message in cases.items():
+        path = tmp_path / name
+        for read in (load_audio, iter_audio):
+            with pytest.raises(InputError, match=message) as e:
+                read(path)
+            assert str(e.value).startswith(str(path))
+    assert load_audio(tmp_path / "frame.wav")[1].frames == 1
+
+
+def test_nan_found_part_way_through_a_long_file(tmp_path):
+    """Past the first chunks NaN is found by the iterator, after the good pieces before it."""
+    x = tones(24000, 24000 * 8)[0][0]
+    x[24000 * 6 + 10] = np.nan
+    info, pieces = iter_audio(float_wav(tmp_path / "nan.wav", x, 24000), chunk_seconds=1.0)
+    got = []
+    with pytest.raises(InputError, match=r"NaN or infinite samples \(the first at 6.00 s\)"):
+        for p in pieces:
+            got.append(p)
+    assert info.samples == 24000 * 8 and sum(p.shape[0] for p in got) == 24000 * 6
+    with pytest.raises(InputError, match="NaN"):
+        load_audio(tmp_path / "nan.wav")
+
+
+# -- memory -------------------------------------------------------------------------------------------------------
+
+def _iteration_peak(path) -> tuple[int, int]:
+    """(peak bytes numpy allocated while iterating `path` in 10 s pieces, bytes of its whole 24 kHz waveform)."""
+    tracemalloc.start()  # numpy registers its buffers with tracemalloc
+    try:
+        info, pieces = iter_audio(path, chunk_seconds=10.0)
+        total, biggest = 0, 0
+        for p in pieces:
+            total += p.shape[0]
+            biggest = max(biggest, p.shape[0])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == info.samples and biggest == 10 * SAMPLE_RATE
+    return peak, info.samples * 4
+
+
+def test_iterating_a_long_file_keeps_memory_bounded(tmp_path):
+    """Stereo, so a whole-file read would also show up as a traced full-length mixdown."""
+    sr, rng = 16000, np.random.default_rng(0)
+    peaks = {}
+    for minutes in (2, 10):
+        x = rng.standard_normal((2, sr * 60 * minutes), dtype=np.float32) * 0.05
+        path = write(tmp_path / f"{minutes}.wav", x, sr)
+        del x
+        peaks[minutes] = _iteration_peak(path)
+    (short, _), (peak, whole) = peaks[2], peaks[10]
+    assert whole == sr * 60 * 10 * 3 // 2 * 4
+    assert peak < 1.2 * short, f"peak {peak / 2**20:.1f} MiB for 10 min, {short / 2**20:.1f} MiB for 2 min"
+    assert peak < whole / 5, f"peak {peak / 2**20:.1f} MiB while iterating a {whole / 2**20:.0f} MiB waveform"
+
+
+# -- the eval's encoder input ---------------------------------------------------------------------------------------
+
+class _FakeMimi:
+    num_codebooks = 2
+
+
+def test_encode_document_streams_files_in_pieces(tmp_path, monkeypatch):
+    """encode_document feeds each file's pieces (never a whole file) and records exact boundaries."""
+    fed: list[int] = []
+
+    def fake_encode_stream(mimi, chunks, block_frames, device):
+        buf = 0
+        for piece in chunks:
+            fed.append(piece.shape[0])
+            buf += piece.shape[0]
+            while buf >= FRAME_SIZE:
+                buf -= FRAME_SIZE
+                yield torch.zeros(2, 1, dtype=torch.long)
+
+    import ttt_cli.codes
+    monkeypatch.setattr(ttt_cli.codes, "encode_stream", fake_encode_stream)
+    monkeypatch.setattr(iter_audio, "__defaults__", (None, 1.0))  # 1 s pieces from short files
+    lens = [(16000, 16000 * 3 + 1), (44100, 44100 * 4 + 3), (24000, 24000 * 2 + 5)]
+    files = [write(tmp_path / f"{i}.wav", tones(sr, n, seed=i)[0], sr) for i, (sr, n) in enumerate(lens)]
+    y = tones(24000, 24000 * 4)[0][0]
+    y[24000 * 3] = np.nan
+    files.insert(2, float_wav(tmp_path / "nan.wav", y, 24000))  # bad from 3 s: its first 3 s are kept
+    (tmp_path / "bad.wav").write_text("not audio")
+    files.insert(1, tmp_path / "bad.wav")
+    doc = Document("s/b", "s", "b", [AudioFile(p, 0.0) for p in files])
+
+    dc = encode_document(_FakeMimi(), doc)
+    samples = [expected_len(n, sr) for sr, n in lens]
+    samples.insert(2, 24000 * 3)
+    starts = np.cumsum([0] + samples[:-1])
+    assert [f.samples for f in dc.files] == samples and dc.samples == sum(samples) == sum(fed)
+    assert [f.start_step for f in dc.files] == [s // FRAME_SIZE for s in starts]
+    assert [f.end_step for f in dc.files] == [(s + n) // FRAME_SIZE for s, n in zip(starts, samples)]
+    assert [f.truncated for f in dc.files] == [False, False, True, False]
+    assert [s.path for s in dc.skipped] == [str(tmp_path / "bad.wav")]
+    assert len(dc.warnings) == 1 and "NaN" in dc.warnings[0] and "first 3.00 s" in dc.warnings[0]
+    assert max(fed) <= SAMPLE_RATE and dc.steps == sum(samples) // FRAME_SIZE
+
+    fed.clear()
+    cut = encode_document(_FakeMimi(), doc, max_seconds=4.5)  # inside the second good file
+    assert [f.samples for f in cut.files] == [samples[0], 4.5 * SAMPLE_RATE - samples[0]]
+    assert [f.truncated for f in cut.files] == [False, True] and cut.samples == sum(fed) == 4.5 * SAMPLE_RATE
