@@ -186,7 +186,7 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
-    steps = opts.steps or (128 if opts.quick else 512)
+    steps = opts.steps or (320 if opts.quick else 1024)  # > chunk_size 256: updates included
     on = load_model(opts.model, device=opts.device, dtype=opts.dtype)
     off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=False)
     dev = on.device

@@ -19,14 +19,8 @@ def _root() -> None:
 
 
 def _register() -> None:
-    import importlib
-    for name in ("init_checkpoint", "infer", "eval", "state", "bench"):
-        try:
-            mod = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__package__}.{name}":
-                raise
-            continue
+    from . import bench, eval, infer, init_checkpoint, state
+    for mod in (infer, eval, state, init_checkpoint, bench):
         mod.register(app)
 
 
