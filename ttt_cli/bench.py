@@ -6,7 +6,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -250,21 +249,37 @@ def _write_wav_chunked(path: Path, seconds: float, seed: int, sr: int = 24000) -
             done += n
 
 
+# Runs `ttt` in a fresh interpreter that records its own peak RSS (VmHWM) at exit. VmHWM belongs
+# to the address space made by exec; rusage's ru_maxrss would also count the pages a forked
+# child shared with this (large) parent before exec, hiding the child's own peak.
+_HWM_WRAPPER = """
+import atexit, runpy, sys
+out = sys.argv[1]
+def _hwm():
+    with open('/proc/self/status') as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))
+    with open(out, 'w') as f:
+        f.write(str(kib * 1024))
+atexit.register(_hwm)
+sys.argv = ['ttt'] + sys.argv[2:]
+runpy.run_module('ttt_cli', run_name='__main__')
+"""
+
+
 def _peak_rss_of(cmd_args: list[str]) -> int:
-    """Peak RSS (bytes) of one `python -m ttt_cli ...` run, read with os.wait4 on that child alone."""
+    """Peak RSS (bytes) of one `ttt ...` run in its own process."""
     env = {**os.environ, "NO_TORCH_COMPILE": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "ttt_cli", *cmd_args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, env=env)
-    err_chunks = []
-    assert p.stderr is not None
-    for line in p.stderr:
-        err_chunks.append(line)
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode not in (0,):
-        raise RuntimeError(f"`ttt {' '.join(cmd_args[:2])}` failed ({p.returncode}): "
-                           f"{b''.join(err_chunks).decode()[-2000:]}")
-    return ru.ru_maxrss * 1024  # Linux reports KiB
+    with tempfile.NamedTemporaryFile(suffix=".hwm", delete=False) as f:
+        hwm = Path(f.name)
+    try:
+        p = subprocess.run([sys.executable, "-c", _HWM_WRAPPER, str(hwm), *cmd_args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, env=env)
+        if p.returncode != 0:
+            raise RuntimeError(f"`ttt {' '.join(cmd_args[:2])}` failed ({p.returncode}): "
+                               f"{p.stderr.decode()[-2000:]}")
+        return int(hwm.read_text())
+    finally:
+        hwm.unlink(missing_ok=True)
 
 
 def eval_figures(m, opts: BenchOptions, progress) -> list[Figure]:
