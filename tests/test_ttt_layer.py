@@ -1,12 +1,11 @@
 """The In-Place TTT layer against equations written here, and the SPEC §3.4 equivalences."""
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from ttt_cli.attach import attach_ttt, ttt_layers
+from ttt_cli.attach import ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.config import TTTConfig
 from ttt_cli.inplace import InPlaceTTTGating, X0Source

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import typing as tp
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import TTT_FILE, TTTConfig, from_fork_config, parse_layers
 from .errors import CheckpointError, ConfigError
+from .io import atomic_write
 from .presets import PRESETS
 
 DEFAULT_MODEL = "kyutai/moshiko-pytorch-bf16"
@@ -222,9 +223,8 @@ def _normalise_ttt_tensors(raw: dict, lora_scaling: float) -> dict:
     return out
 
 
-def _load_lm(info, device, dtype, want_ttt_tensors: bool):
+def _load_lm(info, device, dtype):
     """Builds moshi's LM. TTT tensors in the weights files are split out before moshi's strict load."""
-    import torch
     from safetensors.torch import load_file
     from moshi.models.loaders import get_lora_moshi, get_moshi_lm
 
@@ -353,7 +353,7 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
         res.config, num_layers, ttt if isinstance(ttt, dict) else None)
     notes: list[str] = []
     with torch.no_grad():
-        lm, tensors = _load_lm(info, dev, torch_dtype, cfg is not None)
+        lm, tensors = _load_lm(info, dev, torch_dtype)
         if cfg is not None and cfg.layers:
             if origin == "ttt" and res.config["ttt"].get("ttt_name", TTT_FILE):
                 tensors = {**tensors, **_read_ttt_file(res, cfg.ttt_name)}
@@ -401,16 +401,6 @@ def _read_ttt_file(res: Resolved, name: str) -> dict:
 
 # -- writing -------------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: Path, write: tp.Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def ttt_tensors_for(lm, cfg: TTTConfig, target_init: str) -> dict:
     """TTT tensors for every layer of `cfg` by SPEC §3.6, from an LM's `linear_out` weights."""
     import torch
@@ -440,10 +430,10 @@ def add_ttt_to_checkpoint(directory: Path, section: dict, target_init: str = "nt
     if lm is None:
         lm = checkpoint_info(Resolved(str(directory), config, directory)).get_moshi(device="cpu", dtype=torch.float32)
     tensors = ttt_tensors_for(lm, cfg, target_init)
-    _atomic_write_bytes(directory / cfg.ttt_name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / cfg.ttt_name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     config.pop("ttt_config", None)
     config["ttt"] = cfg.to_dict()
-    _atomic_write_bytes(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2)))
     return cfg
 
 
@@ -505,7 +495,7 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | None = No
             for k, v in info.lm_config.items():
                 config.setdefault(k, v)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        lm, _ = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32, False)
+        lm, _ = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32)
         cfg = add_ttt_to_checkpoint(tmp, sec, target_init, lm=lm)
         if out.exists():
             shutil.rmtree(out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import typing as tp
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

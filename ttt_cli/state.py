@@ -9,7 +9,7 @@ import json
 import math
 import re
 import typing as tp
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch

@@ -19,6 +19,18 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
+class AudioStream(str, enum.Enum):
+    """Which LM audio stream teacher-forced audio goes on (SPEC §6 token layout)."""
+    moshi = "moshi"
+    user = "user"
+
+
+class TextStream(str, enum.Enum):
+    """The text stream of teacher-forced input: -1 (no token) or the padding id."""
+    zero = "zero"
+    pad = "pad"
+
+
 class DType(str, enum.Enum):
     auto = "auto"
     bf16 = "bf16"

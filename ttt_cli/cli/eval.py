@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import enum
 import typing as tp
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import (DebugOpt, DeviceOpt, Device, DType, DTypeOpt, ForceOpt, JsonOpt, ModelOpt, OverwriteOpt,
-                     SeedOpt, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, err, handle_errors, print_json,
-                     print_table)
+from .common import (AudioStream, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, ForceOpt, handle_errors,
+                     JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt, TextStream,
+                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
-
-
-class AudioStream(str, enum.Enum):
-    moshi = "moshi"
-    user = "user"
-
-
-class TextStream(str, enum.Enum):
-    zero = "zero"
-    pad = "pad"
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:

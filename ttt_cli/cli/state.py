@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import typing as tp
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .common import (DebugOpt, DeviceOpt, Device, DType, DTypeOpt, JsonOpt, ModelOpt, OverwriteOpt, SeedOpt,
-                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
-                     print_table, set_seed, ttt_overrides)
-
-
-class AudioStream(str, enum.Enum):
-    moshi = "moshi"
-    user = "user"
-
-
-class TextStream(str, enum.Enum):
-    zero = "zero"
-    pad = "pad"
+from .common import (AudioStream, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err,
+                     handle_errors, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt,
+                     set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
 
 
 def export_state_cmd(
