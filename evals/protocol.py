@@ -248,7 +248,7 @@ def _model_section(m, fp: str | None, mimi_fp: str) -> dict:
 # -- init state (warm start) ---------------------------------------------------------------------
 
 def load_warm_start(m, path: Path, force: bool) -> tuple[dict, dict, list[str]]:
-    """Reads an `--init-state` snapshot: ({layer: W [d, h]}, its record for results.json, warnings).
+    """Reads an `--init-state` snapshot: ({layer: its captured tensors}, its record for results.json, warnings).
 
     Args:
         m: the loaded TTTModel the snapshot must fit.
@@ -259,18 +259,13 @@ def load_warm_start(m, path: Path, force: bool) -> tuple[dict, dict, list[str]]:
     chunk in the snapshot is not replayed (a reset empties the pending chunk by definition), and
     attention tensors, if any, are ignored (a document starts with fresh attention).
     """
-    from ttt_cli.state import check_fits, load_state, weight_names
+    from ttt_cli.state import check_fits, load_state
 
     s = load_state(path)
     check_fits(m.lm, s).raise_unless_fits(force)
     warm, notes = {}, []
     for i in s.layers:
-        t = s.layer_tensors(i)
-        names = weight_names(t)
-        if names != ["w"]:
-            raise ConfigError(f"--init-state {path}: layer {i} holds fast-weight tensors {names}; a warm start "
-                              f"needs exactly `w`.")
-        warm[i] = t["w"]
+        warm[i] = s.layer_tensors(i)  # FastWeightLayer.set_warm_start takes them as captured
     pending = {str(i): s.pending_tokens(i) for i in s.layers if s.pending_tokens(i)}
     if pending:
         notes.append(f"--init-state {path}: its pending partial chunk ({pending} tokens per layer) is not used; "

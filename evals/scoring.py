@@ -127,7 +127,7 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
 
 
 @contextlib.contextmanager
-def policy_settings(lm, ttt_on: bool, lr: float, warm_start: dict[int, torch.Tensor] | None = None
+def policy_settings(lm, ttt_on: bool, lr: float, warm_start: dict[int, dict[str, torch.Tensor]] | None = None
                     ) -> tp.Iterator[None]:
     """Sets the LM up for one policy's pass and puts it back afterwards.
 
@@ -136,16 +136,11 @@ def policy_settings(lm, ttt_on: bool, lr: float, warm_start: dict[int, torch.Ten
         ttt_on: False freezes fast weights at W0 for the pass (lr 0; SPEC §3.4b: the baseline,
             which ignores any warm start).
         lr: the run's learning rate, restored on exit.
-        warm_start: {layer index: W [d, h]}: streams and resets start from it instead of W0.
+        warm_start: {layer index: tensors as captured}: streams and resets start from them instead of W0.
     """
     from ttt_cli.attach import set_ttt_lr
-    from ttt_cli.errors import ConfigError
 
     layers = ttt_layers(lm)
-    if warm_start and ttt_on:
-        lacking = [i for i, layer in layers.items() if not hasattr(layer, "set_warm_start")]
-        if lacking:
-            raise ConfigError(f"the fast-weight variant of layers {lacking} does not support warm starts.")
     try:
         if not ttt_on:
             set_ttt_lr(lm, 0.0)

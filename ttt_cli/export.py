@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -71,10 +70,9 @@ def _fmt_seconds(sec: float) -> str:
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
-    """File stems, with `<parent>_<stem>` where two inputs share a stem."""
-    stems = [p.stem for p in paths]
-    dup = Counter(stems)
-    return [f"{p.parent.name}_{p.stem}" if dup[p.stem] > 1 else p.stem for p in paths]
+    """File stems, `<parent>_<stem>` where inputs share a stem (the naming of `ttt infer`)."""
+    from .inference import plan_jobs
+    return [j.stem for j in plan_jobs(paths)]
 
 
 def plan_outputs(inputs: list[Path], out: Path, at_seconds: list[float]) -> tuple[str, list[dict[str, Path]]]:

@@ -34,6 +34,11 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
         """Loads one stream's tensors (as returned by `capture`); raises StateMismatchError if they do not fit."""
 
     @abc.abstractmethod
+    def set_warm_start(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Makes new streams and resets start from captured tensors (as `capture` returns) instead
+        of the checkpoint's initial weights; None goes back to them."""
+
+    @abc.abstractmethod
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a reset goes back to (W0), used for fingerprints and drift."""
 

@@ -180,12 +180,17 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
     def frozen(self) -> bool:
         return self.lr == 0.0
 
-    def set_warm_start(self, w: torch.Tensor | None) -> None:
-        """Makes resets (and new streams) start from `w` [d, h] instead of W0; None undoes it."""
-        if w is not None and tuple(w.shape) != (self.dim, self.hidden):
+    def set_warm_start(self, tensors: dict[str, torch.Tensor] | None) -> None:
+        """Resets (and new streams) start from `tensors["w"]` [d, h] instead of W0; None undoes it.
+        A snapshot's pending chunk is not replayed: chunk counting restarts at a reset (SPEC §6)."""
+        if tensors is None:
+            self._warm_start = None
+            return
+        w = tensors["w"]
+        if tuple(w.shape) != (self.dim, self.hidden):
             raise StateMismatchError(f"warm-start weight has shape {tuple(w.shape)}, "
                                      f"the layer needs {(self.dim, self.hidden)}.")
-        self._warm_start = None if w is None else w.to(self.w_down.device, F32).clone()
+        self._warm_start = w.to(self.w_down.device, F32).clone()
 
     def _reset_target(self) -> torch.Tensor:
         return self.w_down if self._warm_start is None else self._warm_start
