@@ -148,6 +148,24 @@ def test_no_ttt_equals_plain_moshi_loop(plain, frozen, mode):
 HELLO_FRAMES = 122582 // FRAME  # hello.wav: 122582 samples at 24 kHz
 
 
+@pytest.mark.parametrize("path,channel", [(HELLO, None), (WEATHER, 0)])
+def test_no_ttt_equals_moshi_run_inference(ckpt, path, channel):
+    """The reference peer itself: moshi.run_inference's InferenceState on the same checkpoint and file
+    (it reads channel 0 of `sphn.read(path, sample_rate=24000)`; WEATHER is 16 kHz stereo)."""
+    from moshi.run_inference import InferenceState
+    peer = load_model(ckpt["tiny"], device="cpu", dtype="fp32", ttt=False)  # InferenceState streams it forever
+    pcm, _ = sphn.read(str(path), sample_rate=SR)
+    state = InferenceState(peer.info, peer.mimi, peer.tokenizer, peer.lm, 1, 1.0, "cpu",
+                           **{**peer.info.lm_gen_config, "use_sampling": False})
+    with torch.no_grad():  # as moshi.run_inference's main runs it
+        (ref_text, ref_pcm), = state.run(torch.from_numpy(pcm[None, 0:1]))
+    frozen = load_model(ckpt["tiny"], device="cpu", dtype="fp32", ttt={"lr": 0})
+    r = infer(frozen, [path], InferOptions(mode="dialog", greedy=True, channel=channel)).results[0]
+    assert r.ok, r.error
+    assert r.text_ids == ref_text.tolist()
+    assert r.audio.shape == ref_pcm[0].shape and np.abs(r.audio - ref_pcm[0].numpy()).max() <= 1e-5
+
+
 def test_no_ttt_stt_equals_plain_moshi_loop(ckpt):
     plain_stt = load_model(ckpt["tiny-stt"], device="cpu", dtype="fp32", ttt=False)
     frozen_stt = load_model(ckpt["tiny-stt"], device="cpu", dtype="fp32", ttt={"lr": 0})
