@@ -17,6 +17,7 @@ from .audio import FRAME_SIZE, SAMPLE_RATE, AudioInfo, load_audio
 from .config import FRAME_RATE
 from .errors import ConfigError, InputError, TTTError
 from .progress import NullProgress, Progress
+from .seed import set_seed
 
 MODES = ("auto", "dialog", "transcribe", "stt")
 RESET_POLICIES = ("file", "carry")
@@ -335,16 +336,6 @@ class _Stream:
         return self.segments[max(bisect.bisect_right(starts, f) - 1, 0)]
 
 
-def _seed_all(seed: int) -> None:
-    import random
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
 def special_ids(model) -> set[int]:
     """Text ids that are not text: padding, end of padding, sentencepiece control symbols."""
     tok, lm = model.tokenizer, model.lm
@@ -458,7 +449,7 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
         if on_result is not None:
             on_result(res, run)
 
-    _seed_all(opts.seed)
+    set_seed(opts.seed)
     ctx = _no_cuda_graph_if(model, ttt["enabled"])
     with torch.no_grad(), ctx:
         _Runner(model, mode, opts, sampling, B, progress, deliver, init_state).run(streams)

@@ -113,14 +113,8 @@ def print_table(title: str, columns: list[str], rows: list[list[tp.Any]]) -> Non
 
 
 def set_seed(seed: int) -> None:
-    import random
-    import numpy as np
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    from ..seed import set_seed as _set_seed
+    _set_seed(seed)
 
 
 def check_memory(m, streams: int, force: bool) -> str:
