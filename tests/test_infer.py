@@ -33,12 +33,6 @@ JSON_KEYS = {"input", "model", "mode", "text", "tokens", "words", "audio_out", "
 
 # -- helpers ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def ckpt():
-    """{preset: model source}; the presets' Mimi codebooks are fitted, so codes follow the audio."""
-    return {"tiny": "tiny", "tiny-stt": "tiny-stt"}
-
-
 def cli(*args):
     return CliRunner().invoke(app, ["infer", *map(str, args)])
 
@@ -92,23 +86,23 @@ def moshi_loop(m, wav, mode):
 
 
 @pytest.fixture(scope="module")
-def tiny(ckpt):
-    return load_model(ckpt["tiny"], device="cpu", dtype="fp32")
+def tiny():
+    return load_model("tiny", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
-def tiny_stt(ckpt):
-    return load_model(ckpt["tiny-stt"], device="cpu", dtype="fp32")
+def tiny_stt():
+    return load_model("tiny-stt", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
-def plain(ckpt):
-    return load_model(ckpt["tiny"], device="cpu", dtype="fp32", ttt=False)
+def plain():
+    return load_model("tiny", device="cpu", dtype="fp32", ttt=False)
 
 
 @pytest.fixture(scope="module")
-def frozen(ckpt):
-    return load_model(ckpt["tiny"], device="cpu", dtype="fp32", ttt={"lr": 0})
+def frozen():
+    return load_model("tiny", device="cpu", dtype="fp32", ttt={"lr": 0})
 
 
 @pytest.fixture(scope="module")
@@ -149,26 +143,26 @@ HELLO_FRAMES = 122582 // FRAME  # hello.wav: 122582 samples at 24 kHz
 
 
 @pytest.mark.parametrize("path,channel", [(HELLO, None), (WEATHER, 0)])
-def test_no_ttt_equals_moshi_run_inference(ckpt, path, channel):
+def test_no_ttt_equals_moshi_run_inference(path, channel):
     """The reference peer itself: moshi.run_inference's InferenceState on the same checkpoint and file
     (it reads channel 0 of `sphn.read(path, sample_rate=24000)`; WEATHER is 16 kHz stereo)."""
     from moshi.run_inference import InferenceState
-    peer = load_model(ckpt["tiny"], device="cpu", dtype="fp32", ttt=False)  # InferenceState streams it forever
+    peer = load_model("tiny", device="cpu", dtype="fp32", ttt=False)  # InferenceState streams it forever
     pcm, _ = sphn.read(str(path), sample_rate=SR)
     state = InferenceState(peer.info, peer.mimi, peer.tokenizer, peer.lm, 1, 1.0, "cpu",
                            **{**peer.info.lm_gen_config, "use_sampling": False})
     with torch.no_grad():  # as moshi.run_inference's main runs it
         (ref_text, ref_pcm), = state.run(torch.from_numpy(pcm[None, 0:1]))
-    frozen = load_model(ckpt["tiny"], device="cpu", dtype="fp32", ttt={"lr": 0})
+    frozen = load_model("tiny", device="cpu", dtype="fp32", ttt={"lr": 0})
     r = infer(frozen, [path], InferOptions(mode="dialog", greedy=True, channel=channel)).results[0]
     assert r.ok, r.error
     assert r.text_ids == ref_text.tolist()
     assert r.audio.shape == ref_pcm[0].shape and np.abs(r.audio - ref_pcm[0].numpy()).max() <= 1e-5
 
 
-def test_no_ttt_stt_equals_plain_moshi_loop(ckpt):
-    plain_stt = load_model(ckpt["tiny-stt"], device="cpu", dtype="fp32", ttt=False)
-    frozen_stt = load_model(ckpt["tiny-stt"], device="cpu", dtype="fp32", ttt={"lr": 0})
+def test_no_ttt_stt_equals_plain_moshi_loop():
+    plain_stt = load_model("tiny-stt", device="cpu", dtype="fp32", ttt=False)
+    frozen_stt = load_model("tiny-stt", device="cpu", dtype="fp32", ttt={"lr": 0})
     ref_text, _, _ = moshi_loop(plain_stt, read_mix(WEATHER), "stt")
     r = infer(frozen_stt, [WEATHER], InferOptions(greedy=True)).results[0]  # auto -> stt
     assert r.ok and r.mode == "stt"
@@ -178,9 +172,9 @@ def test_no_ttt_stt_equals_plain_moshi_loop(ckpt):
     assert r.steps == padded // FRAME + 1
 
 
-def test_cli_no_ttt_tokens_are_moshis(plain, tmp_path, ckpt):
+def test_cli_no_ttt_tokens_are_moshis(plain, tmp_path):
     ref_text, _, ref_pcm = moshi_loop(plain, read_mix(HELLO), "dialog")
-    res = cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path, "--no-ttt", "--greedy", "--json")
+    res = cli(HELLO, "--model", "tiny", "--out", tmp_path, "--no-ttt", "--greedy", "--json")
     assert res.exit_code == 0, res.output
     obj = json.loads(res.stdout)
     pad, epad = plain.lm.text_padding_token_id, plain.lm.end_of_text_padding_id
@@ -215,10 +209,10 @@ def test_batch_gives_each_file_its_alone_result(tiny, tiny_stt, short_clip, mode
             assert a == b
 
 
-def test_greedy_is_reproducible_and_ttt_changes_output(tmp_path, ckpt):
+def test_greedy_is_reproducible_and_ttt_changes_output(tmp_path):
     outs = []
     for name, extra in (("a", []), ("b", []), ("off", ["--no-ttt"])):
-        res = cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path / name, "--greedy", *extra)
+        res = cli(HELLO, "--model", "tiny", "--out", tmp_path / name, "--greedy", *extra)
         assert res.exit_code == 0, res.output
         outs.append(json.loads((tmp_path / name / "hello.json").read_text()))
     a, b, off = outs
@@ -233,10 +227,10 @@ def test_greedy_is_reproducible_and_ttt_changes_output(tmp_path, ckpt):
     assert all(t["relative_drift"] == 0 for t in off["ttt"]["telemetry"].values())
 
 
-def test_sampling_uses_seed(tmp_path, ckpt):
+def test_sampling_uses_seed(tmp_path):
     runs = []
     for name, seed in (("s1", 1), ("s1b", 1), ("s2", 2)):
-        res = cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path / name, "--seed", seed, "--json")
+        res = cli(HELLO, "--model", "tiny", "--out", tmp_path / name, "--seed", seed, "--json")
         assert res.exit_code == 0, res.output
         runs.append(json.loads(res.stdout))
     assert runs[0]["tokens"] == runs[1]["tokens"] and runs[0]["tokens"] != runs[2]["tokens"]
@@ -247,8 +241,8 @@ def test_sampling_uses_seed(tmp_path, ckpt):
 
 # -- the CLI in every mode ---------------------------------------------------------------------------
 
-def test_cli_dialog_two_files_as_batch(tmp_path, ckpt):
-    res = cli(HELLO, WEATHER, "--model", ckpt["tiny"], "--out", tmp_path, "--batch-size", "2", "--greedy", "--json")
+def test_cli_dialog_two_files_as_batch(tmp_path):
+    res = cli(HELLO, WEATHER, "--model", "tiny", "--out", tmp_path, "--batch-size", "2", "--greedy", "--json")
     assert res.exit_code == 0, res.output
     objs = json.loads(res.stdout)  # only JSON on stdout: a list for several inputs
     assert [o["input"]["path"] for o in objs] == [str(HELLO), str(WEATHER)]
@@ -271,22 +265,22 @@ def test_cli_dialog_two_files_as_batch(tmp_path, ckpt):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
-def test_cli_transcribe_and_channel(tmp_path, ckpt):
-    res = cli(WEATHER, "--model", ckpt["tiny"], "--mode", "transcribe", "--out", tmp_path / "mix", "--greedy", "--json")
+def test_cli_transcribe_and_channel(tmp_path):
+    res = cli(WEATHER, "--model", "tiny", "--mode", "transcribe", "--out", tmp_path / "mix", "--greedy", "--json")
     assert res.exit_code == 0, res.output
     mix = json.loads(res.stdout)
     assert mix["mode"] == "transcribe" and mix["audio_out"] is None
     assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == ["weather.json", "weather.txt"]
     assert mix["steps"] == mix["input"]["frames"]  # no double feed: the input is forced, not fed
-    res = cli(WEATHER, "--model", ckpt["tiny"], "--mode", "transcribe", "--out", tmp_path / "ch1", "--greedy",
+    res = cli(WEATHER, "--model", "tiny", "--mode", "transcribe", "--out", tmp_path / "ch1", "--greedy",
               "--channel", "1", "--json")
     assert res.exit_code == 0, res.output
     ch1 = json.loads(res.stdout)
     assert ch1["input"]["channel"] == "1" and ch1["tokens"] != mix["tokens"]
 
 
-def test_cli_stt_mode_and_auto(tmp_path, ckpt):
-    res = cli(HELLO, "--model", ckpt["tiny-stt"], "--out", tmp_path, "--greedy", "--json")  # auto -> stt
+def test_cli_stt_mode_and_auto(tmp_path):
+    res = cli(HELLO, "--model", "tiny-stt", "--out", tmp_path, "--greedy", "--json")  # auto -> stt
     assert res.exit_code == 0, res.output
     o = json.loads(res.stdout)
     assert o["mode"] == "stt" and o["audio_out"] is None and o["model"]["model_type"] == "stt"
@@ -298,20 +292,20 @@ def test_cli_stt_mode_and_auto(tmp_path, ckpt):
     assert (tmp_path / "hello.txt").exists() and not (tmp_path / "hello.wav").exists()
 
 
-def test_wrong_mode_for_checkpoint_is_usage_error(tmp_path, ckpt):
-    res = cli(HELLO, "--model", ckpt["tiny"], "--mode", "stt", "--out", tmp_path)
+def test_wrong_mode_for_checkpoint_is_usage_error(tmp_path):
+    res = cli(HELLO, "--model", "tiny", "--mode", "stt", "--out", tmp_path)
     assert res.exit_code == 2 and "dep_q" in res.output
-    res = cli(HELLO, "--model", ckpt["tiny-stt"], "--mode", "dialog", "--out", tmp_path)
+    res = cli(HELLO, "--model", "tiny-stt", "--mode", "dialog", "--out", tmp_path)
     assert res.exit_code == 2 and "--mode stt" in res.output
-    res = cli(HELLO, WEATHER, "--model", ckpt["tiny"], "--reset-policy", "carry", "--batch-size", "2",
+    res = cli(HELLO, WEATHER, "--model", "tiny", "--reset-policy", "carry", "--batch-size", "2",
               "--out", tmp_path)
     assert res.exit_code == 2 and "batch-size 1" in res.output
     assert not any(tmp_path.iterdir())
 
 
-def test_carry_plays_files_as_one_stream(tiny, tmp_path, ckpt):
+def test_carry_plays_files_as_one_stream(tiny, tmp_path):
     alone = [infer(tiny, [f], InferOptions(greedy=True)).results[0] for f in (HELLO, WEATHER)]
-    res = cli(HELLO, WEATHER, "--model", ckpt["tiny"], "--out", tmp_path, "--greedy", "--reset-policy", "carry",
+    res = cli(HELLO, WEATHER, "--model", "tiny", "--out", tmp_path, "--greedy", "--reset-policy", "carry",
               "--save-state", tmp_path / "end.safetensors", "--json")
     assert res.exit_code == 0, res.output
     a, b = json.loads(res.stdout)
@@ -329,34 +323,34 @@ def test_carry_plays_files_as_one_stream(tiny, tmp_path, ckpt):
     assert s.meta["steps"] == a["steps"] + b["steps"]
 
 
-def test_save_and_init_state(tmp_path, ckpt):
+def test_save_and_init_state(tmp_path):
     snap = tmp_path / "hello.safetensors"
-    res = cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path / "a", "--greedy", "--save-state", snap)
+    res = cli(HELLO, "--model", "tiny", "--out", tmp_path / "a", "--greedy", "--save-state", snap)
     assert res.exit_code == 0, res.output
     from ttt_cli.state import load_state
     s = load_state(snap)
     assert s.meta["source_files"] == [str(HELLO)] and s.meta["steps"] == HELLO_FRAMES + 1
-    fresh = cli(WEATHER, "--model", ckpt["tiny"], "--out", tmp_path / "b", "--greedy", "--json")
-    warm = cli(WEATHER, "--model", ckpt["tiny"], "--out", tmp_path / "c", "--greedy", "--json", "--init-state", snap)
-    warm2 = cli(WEATHER, "--model", ckpt["tiny"], "--out", tmp_path / "d", "--greedy", "--json", "--init-state", snap)
+    fresh = cli(WEATHER, "--model", "tiny", "--out", tmp_path / "b", "--greedy", "--json")
+    warm = cli(WEATHER, "--model", "tiny", "--out", tmp_path / "c", "--greedy", "--json", "--init-state", snap)
+    warm2 = cli(WEATHER, "--model", "tiny", "--out", tmp_path / "d", "--greedy", "--json", "--init-state", snap)
     assert fresh.exit_code == warm.exit_code == warm2.exit_code == 0, warm.output
     f, w, w2 = (json.loads(r.stdout) for r in (fresh, warm, warm2))
     assert w["tokens"] != f["tokens"] and w["tokens"] == w2["tokens"]
     assert w["ttt"]["init_state"] == str(snap)
     # several streams with --save-state write a directory of <stem>.end.safetensors
-    res = cli(HELLO, WEATHER, "--model", ckpt["tiny"], "--out", tmp_path / "e", "--save-state", tmp_path / "states")
+    res = cli(HELLO, WEATHER, "--model", "tiny", "--out", tmp_path / "e", "--save-state", tmp_path / "states")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "states").iterdir()) == ["hello.end.safetensors",
                                                                      "weather.end.safetensors"]
     # a snapshot that does not fit the model: usage error, nothing written
-    res = cli(WEATHER, "--model", ckpt["tiny"], "--ttt-layers", "1", "--out", tmp_path / "f", "--init-state", snap)
+    res = cli(WEATHER, "--model", "tiny", "--ttt-layers", "1", "--out", tmp_path / "f", "--init-state", snap)
     assert res.exit_code == 2 and "layer" in res.output
     assert not (tmp_path / "f" / "weather.json").exists()
 
 
 # -- bad inputs and outputs --------------------------------------------------------------------------
 
-def test_bad_inputs_are_reported_and_skipped(tmp_path, ckpt):
+def test_bad_inputs_are_reported_and_skipped(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "notes.wav").write_text("this is not audio\n" * 50)
@@ -368,7 +362,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, ckpt):
     float_wav(bad / "nan.wav", x)
     inputs = [bad / "missing.wav", bad, bad / "notes.wav", bad / "empty.wav", bad / "truncated.wav",
               bad / "tiny.wav", bad / "nan.wav", HELLO]
-    res = cli(*inputs, "--model", ckpt["tiny"], "--out", tmp_path / "out", "--greedy", "--batch-size", "3", "--json")
+    res = cli(*inputs, "--model", "tiny", "--out", tmp_path / "out", "--greedy", "--batch-size", "3", "--json")
     assert res.exit_code == 1, res.output
     objs = json.loads(res.stdout)
     errors = {Path(o["input"]["path"]).name: o.get("error") for o in objs}
@@ -386,38 +380,38 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, ckpt):
     assert "7 of 8 input(s) failed" in res.stderr and "FAILED" in res.stderr
 
 
-def test_existing_outputs_are_not_overwritten(tmp_path, ckpt):
-    assert cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path, "--greedy").exit_code == 0
+def test_existing_outputs_are_not_overwritten(tmp_path):
+    assert cli(HELLO, "--model", "tiny", "--out", tmp_path, "--greedy").exit_code == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    res = cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path, "--greedy", "--no-ttt")
+    res = cli(HELLO, "--model", "tiny", "--out", tmp_path, "--greedy", "--no-ttt")
     assert res.exit_code == 2 and "--overwrite" in res.output
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    res = cli(HELLO, "--model", ckpt["tiny"], "--out", tmp_path, "--greedy", "--no-ttt", "--overwrite")
+    res = cli(HELLO, "--model", "tiny", "--out", tmp_path, "--greedy", "--no-ttt", "--overwrite")
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "hello.json").read_text())["ttt"]["enabled"] is False
 
 
-def test_unwritable_outputs(tmp_path, ckpt):
+def test_unwritable_outputs(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = cli(HELLO, "--model", ckpt["tiny"], "--out", blocker / "sub")
+    res = cli(HELLO, "--model", "tiny", "--out", blocker / "sub")
     assert res.exit_code == 2 and "cannot write to the output directory" in res.output
     # one input's outputs cannot be written: it fails alone, nothing of it is left, the other runs
     out = tmp_path / "out"
     (out / "hello.txt").mkdir(parents=True)
-    res = cli(HELLO, WEATHER, "--model", ckpt["tiny"], "--out", out, "--overwrite")
+    res = cli(HELLO, WEATHER, "--model", "tiny", "--out", out, "--overwrite")
     assert res.exit_code == 1, res.output
     assert sorted(p.name for p in out.iterdir()) == ["hello.txt", "weather.json", "weather.txt", "weather.wav"]
     assert (out / "hello.txt").is_dir() and "cannot write outputs" in res.stderr
 
 
-def test_same_stem_twice(tmp_path, ckpt):
+def test_same_stem_twice(tmp_path):
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
         shutil.copy(HELLO, tmp_path / d / "x.wav")
     jobs = plan_jobs([tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav", HELLO])
     assert [j.stem for j in jobs] == ["a_x", "b_x", "hello"]
-    res = cli(tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav", "--model", ckpt["tiny"], "--mode", "transcribe",
+    res = cli(tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav", "--model", "tiny", "--mode", "transcribe",
               "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_x.json", "a_x.txt", "b_x.json", "b_x.txt"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ttt_cli.attach import ttt_layers
+from ttt_cli.attach import attach_ttt, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.config import TTTConfig
 from ttt_cli.inplace import InPlaceTTTGating, X0Source
@@ -109,12 +109,16 @@ def test_layer_full_and_streamed_match_naive_loop(padding, K, clip):
             assert layer.telemetry(0)["clip_events"] == 3
 
 
-def test_lr_zero_is_plain_gating():
+def test_lr_zero_is_moshis_gating():
+    """The layer's helper (Z) and its frozen output against moshi's own ActivationGating."""
+    from moshi.modules.gating import ActivationGating
     layer, src = make_layer(lr=0.0)
+    ref = ActivationGating(D, 3 * H // 2, torch.nn.functional.silu)  # hidden = 2/3 · dim_feedforward = H
+    ref.linear_in, ref.linear_out = layer.linear_in, layer.linear_out
     x, x0 = torch.randn(2, 9, D), torch.randn(2, 9, D)
-    z = layer.hidden_activations(x)
     with torch.no_grad():
-        assert torch.allclose(call(layer, src, x, x0), z @ layer.linear_out.weight.T, atol=1e-6)
+        assert torch.allclose(call(layer, src, x, x0), ref(x), atol=1e-6)
+        assert torch.allclose(layer.hidden_activations(x) @ layer.linear_out.weight.T, ref(x), atol=1e-6)
 
 
 def test_ntp_init_targets_next_token():
@@ -314,6 +318,19 @@ def test_model_causality_and_batch_isolation(tiny):
             assert all(torch.allclose(w, layer._streaming_state.w[0], atol=1e-6)
                        for w, layer in zip(w_item0, ttt_layers(lm).values()))
         assert rel(tail[:1], alone_tail) < 1e-5
+
+
+def test_attach_after_streaming_was_used():
+    """Pitfall 10: moshi caches streaming children on first use; layers attached later must still stream."""
+    from ttt_cli import load_model
+    m = load_model("tiny", device="cpu", dtype="fp32", ttt=False)
+    with m.lm.streaming(1):  # fills moshi's _cached_children without any TTT layer
+        pass
+    layers = attach_ttt(m.lm, TTTConfig(layers=[0, 2], chunk_size=4, lr=0.1))
+    seq = transformer_input(m.lm, random_codes(m.lm, 1, 9))
+    with torch.no_grad(), m.lm.streaming(1):
+        m.lm.forward_text(seq)
+        assert all(l.is_streaming and l.telemetry(0)["updates"] == 2 for l in layers.values())
 
 
 def test_fast_weights_stay_float32_in_bf16():
