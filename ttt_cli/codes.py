@@ -38,9 +38,10 @@ def encode_stream(mimi, chunks: tp.Iterable[np.ndarray], block_frames: int = ENC
             yield mimi.encode(x)[0]
 
 
-def encode_audio(mimi, wav: np.ndarray, block_frames: int = ENCODE_BLOCK_FRAMES, device: str = "cpu") -> torch.Tensor:
-    """Codes [n_q, T] (int64, CPU) of a whole 24 kHz mono waveform, streamed in blocks."""
-    parts = [c.cpu() for c in encode_stream(mimi, [wav], block_frames, device)]
+def encode_audio(mimi, pieces: tp.Iterable[np.ndarray], block_frames: int = ENCODE_BLOCK_FRAMES,
+                 device: str = "cpu") -> torch.Tensor:
+    """Codes [n_q, T] (int64, CPU) of a waveform given as consecutive 24 kHz mono pieces (or one array in a list)."""
+    parts = [c.cpu() for c in encode_stream(mimi, pieces, block_frames, device)]
     if not parts:
         return torch.zeros(mimi.num_codebooks, 0, dtype=torch.long)
     return torch.cat(parts, dim=-1).long()

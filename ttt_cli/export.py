@@ -119,7 +119,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         ExportResult; inputs that could not be read are reported in it, not raised.
     """
     import torch
-    from .audio import load_audio
+    from .audio import iter_audio
     from .codes import encode_audio, lm_input_codes, transformer_input
     from .io import check_writable_dir, refuse_overwrite
     from .state import (_layers, capture, check_fits, fingerprint, load_state, model_config, restore, restore_layers,
@@ -152,14 +152,14 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
     for path, plan in zip(paths, plans):
         item = ExportItem(str(path), ok=False)
         items.append(item)
-        try:
-            wav, info = load_audio(path, channel)
+        try:  # decoded and encoded piece by piece: memory does not grow with the file
+            info, pieces = iter_audio(path, channel)
+            audio = encode_audio(model.mimi, pieces, device=model.device)  # [n_q, T]
         except InputError as e:
             item.error = str(e)
             progress.log(f"skipped {path}: {e}")
             continue
         item.audio = info.to_dict()
-        audio = encode_audio(model.mimi, wav, device=model.device)  # [n_q, T]
         codes = lm_input_codes(lm, audio, audio_stream, text_stream)  # [K, T]
         seq = transformer_input(lm, codes[None].to(model.device))  # [1, K, T]
         T = seq.shape[-1]
