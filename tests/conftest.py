@@ -1,13 +1,24 @@
-"""Shared fixtures: an isolated preset cache and the offline `tiny` models."""
+"""Shared fixtures: an isolated preset cache (removed at the end) and the offline `tiny` models."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
 
-# Isolated cache for the whole session (presets are rebuilt once per test run, in seconds).
-os.environ.setdefault("TTT_CACHE", tempfile.mkdtemp(prefix="ttt-test-cache-"))
+# Isolated cache for the whole session: presets are rebuilt once per test run (seconds), so the
+# suite also checks that they build from nothing. A cache given by the caller is kept.
+if "TTT_CACHE" not in os.environ:
+    os.environ["TTT_CACHE"] = tempfile.mkdtemp(prefix="ttt-test-cache-")
+    _OWN_CACHE = os.environ["TTT_CACHE"]
+else:
+    _OWN_CACHE = None
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
