@@ -69,6 +69,7 @@ class RichProgress:
         self._p = RP(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f}"),
                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
         self._tasks: dict[str, tp.Any] = {}
+        self._totals: dict[str, float] = {}
 
     def __enter__(self):
         self._p.__enter__()
@@ -78,7 +79,8 @@ class RichProgress:
         return self._p.__exit__(*exc)
 
     def start(self, key, description, total):
-        self._tasks[key] = self._p.add_task(description, total=total or 1.0, info="")
+        self._totals[key] = total or 1.0
+        self._tasks[key] = self._p.add_task(description, total=self._totals[key], info="")
 
     def update(self, key, completed, **info):
         if key in self._tasks:
@@ -86,9 +88,7 @@ class RichProgress:
 
     def finish(self, key, **info):
         if key in self._tasks:
-            t = self._tasks[key]
-            total = self._p.tasks[[x.id for x in self._p.tasks].index(t)].total
-            self._p.update(t, completed=total, info=_fmt(info))
+            self._p.update(self._tasks[key], completed=self._totals[key], info=_fmt(info))
 
     def log(self, message):
         self._p.console.print(message, markup=False, highlight=False)
