@@ -18,6 +18,14 @@ from .errors import StateMismatchError
 from .fastweight import FastWeightLayer
 
 F32 = torch.float32
+GRAPH_CAPTURE_ERROR = ("In-Place TTT decides chunk updates in Python: it cannot run under CUDA graph capture. "
+                       "Wrap generation in moshi.utils.compile.no_cuda_graph().")
+
+
+def refuse_graph_capture(t: torch.Tensor) -> None:
+    """A graph would freeze the layer's Python decisions (pitfall 9): fail loudly instead."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(GRAPH_CAPTURE_ERROR)
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
@@ -117,6 +125,7 @@ class InPlaceState(State):
     nonfinite_events: list[int] = field(default_factory=list)
 
     def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
+        refuse_graph_capture(exec_mask)  # moshi graphs set_exec_mask on CUDA unless no_cuda_graph()
         super().set_exec_mask(exec_mask)
         self.active = [bool(v) for v in exec_mask.tolist()]
 
@@ -221,9 +230,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         z = self.hidden_activations(x).to(F32)  # [B, T, h]
         if self.frozen:
             return F.linear(z, self._reset_target()).to(x.dtype)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("In-Place TTT decides chunk updates in Python: it cannot run under "
-                               "CUDA graph capture. Wrap generation in moshi.utils.compile.no_cuda_graph().")
+        refuse_graph_capture(x)
         x0 = self._x0.get(self.target_source, B, T).to(F32)  # [B, T, d]
         state = self._streaming_state
         if state is None:  # plain forward (scoring): every call starts from W0
