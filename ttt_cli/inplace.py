@@ -125,8 +125,10 @@ class InPlaceState(State):
     nonfinite_events: list[int] = field(default_factory=list)
 
     def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
-        refuse_graph_capture(exec_mask)  # moshi graphs set_exec_mask on CUDA unless no_cuda_graph()
         super().set_exec_mask(exec_mask)
+        if self.w is None:  # frozen (lr 0): nothing per stream to track, so CUDA graphs stay usable
+            return
+        refuse_graph_capture(exec_mask)  # moshi graphs set_exec_mask on CUDA unless no_cuda_graph()
         self.active = [bool(v) for v in exec_mask.tolist()]
 
     def reset(self, reset_mask: torch.Tensor) -> None:
