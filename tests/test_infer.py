@@ -86,16 +86,6 @@ def moshi_loop(m, wav, mode):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny", device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
-def tiny_stt():
-    return load_model("tiny-stt", device="cpu", dtype="fp32")
-
-
-@pytest.fixture(scope="module")
 def plain():
     return load_model("tiny", device="cpu", dtype="fp32", ttt=False)
 

@@ -446,14 +446,14 @@ class InitResult:
     target_init: str
 
 
-def init_checkpoint(source: str | None, out: Path, layers: list[int] | None = None, target_init: str = "ntp",
+def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | None = None, target_init: str = "ntp",
                     section: dict | None = None, copy_base: bool = False, overwrite: bool = False) -> InitResult:
     """Writes a loadable TTT checkpoint directory from a base checkpoint or preset, then loads it back.
 
     Args:
         source: base checkpoint (preset, directory, hub id).
         out: directory to write.
-        layers: TTT layers (default: every 6th from 0, or the preset's).
+        layers: TTT layers, as a list or `--ttt-layers` syntax (default: every 6th from 0, or the preset's).
         target_init: `ntp` or `zero` (SPEC §3.6).
         section: further `ttt` keys (chunk_size, lr, ...).
         copy_base: copy the base weights into `out` instead of referencing them.
@@ -471,7 +471,7 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | None = No
     sec = (base_cfg.to_dict() if base_cfg else default_ttt_section(num_layers))
     sec.update(section or {})
     if layers is not None:
-        sec["layers"] = layers
+        sec["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
     sec["ttt_name"] = TTT_FILE
     TTTConfig.from_dict(sec, num_layers)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))

@@ -7,7 +7,6 @@ import hashlib
 import typing as tp
 
 import torch
-from torch import nn
 
 from moshi.modules.streaming import State, StreamingModule
 
@@ -63,7 +62,3 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
             h.update(name.encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 
-
-def fast_weight_layers(module: nn.Module) -> dict[str, FastWeightLayer]:
-    """All fast-weight layers below `module`, by qualified name."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, FastWeightLayer)}

@@ -47,20 +47,15 @@ def init_checkpoint_cmd(
 
       ttt init-checkpoint --from kyutai/moshiko-pytorch-bf16 --layers every:6 --out ckpt/moshiko-ttt
     """
-    from ..config import parse_layers
     from ..errors import ConfigError
-    from ..checkpoint import init_checkpoint, resolve
+    from ..checkpoint import init_checkpoint
 
     if (source is None) == (preset is None):
         raise ConfigError("give exactly one of --from SOURCE or --preset NAME.")
     src = preset.value if preset is not None else source
-    layer_list = None
-    if layers is not None:
-        n = int(resolve(src).config.get("num_layers", 32))
-        layer_list = parse_layers(layers, n)
     section = {k: v for k, v in dict(chunk_size=chunk_size, lr=lr, conv_kernel_size=conv_kernel_size,
                                      conv_padding=conv_padding, target_source=target_source).items() if v is not None}
-    res = init_checkpoint(src, out, layers=layer_list, target_init=target_init.value, section=section,
+    res = init_checkpoint(src, out, layers=layers, target_init=target_init.value, section=section,
                           copy_base=copy_base, overwrite=overwrite)
     if json_out:
         print_json({"out": str(res.out), "source": res.model_id, "ttt": res.ttt, "files": res.files,
