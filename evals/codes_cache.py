@@ -93,7 +93,7 @@ def cache_key(file_digests: list[str], max_samples: int | None, mimi_fp: str, bl
 
 
 def default_cache_dir() -> Path:
-    from ttt_cli.presets import cache_root
+    from ttt_cli.models.presets import cache_root
     return cache_root() / "codes"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ttt_cli.config import parse_seconds, seconds_to_steps
+from ttt_cli.units import parse_seconds, seconds_to_steps
 from ttt_cli.errors import ConfigError
 
 KINDS = ("document", "file", "every", "never", "off")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttt_cli.config import FRAME_RATE, seconds_to_steps
+from ttt_cli.units import FRAME_RATE, seconds_to_steps
 from ttt_cli.errors import ConfigError
 from ttt_cli.progress import NullProgress
 
@@ -228,7 +228,7 @@ def environment(m) -> dict:
 
 
 def _ttt_fingerprint(m) -> str | None:
-    from ttt_cli.attach import ttt_layers
+    from ttt_cli.fastweights.attach import ttt_layers
     if not ttt_layers(m.lm):
         return None
     from ttt_cli.state import fingerprint
@@ -611,6 +611,6 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
 
 
 def _fw_bytes(lm) -> int:
-    from ttt_cli.attach import ttt_layers
+    from ttt_cli.fastweights.attach import ttt_layers
     return sum(layer.state_bytes_per_stream() for layer in ttt_layers(lm).values())
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from ttt_cli.attach import ttt_layers
+from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.streaming import block_streaming
 
@@ -138,7 +138,7 @@ def policy_settings(lm, ttt_on: bool, lr: float, warm_start: dict[int, dict[str,
         lr: the run's learning rate, restored on exit.
         warm_start: {layer index: tensors as captured}: streams and resets start from them instead of W0.
     """
-    from ttt_cli.attach import set_ttt_lr
+    from ttt_cli.fastweights.attach import set_ttt_lr
 
     layers = ttt_layers(lm)
     try:

@@ -11,11 +11,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ttt_cli import load_model, ttt_layers
-from ttt_cli.attach import attach_ttt
-from ttt_cli.checkpoint import resolve
-from ttt_cli.config import TTTConfig, from_fork_config, parse_layers, parse_seconds, seconds_to_steps
+from ttt_cli.fastweights.attach import attach_ttt
+from ttt_cli.models.resolver import resolve
+from ttt_cli.fastweights.config import TTTConfig
+from ttt_cli.models.config import parse_layers
+from ttt_cli.models.fork import from_fork_config
+from ttt_cli.units import parse_seconds, seconds_to_steps
 from ttt_cli.errors import CheckpointError, ConfigError
-from ttt_cli.presets import build_preset, directory_digest, preset_dir
+from ttt_cli.models.presets import build_preset, directory_digest, preset_dir
 
 
 def plain_moshi(directory, dtype=torch.float32):

@@ -18,11 +18,11 @@ from evals.librilight import discover, natural_key
 from evals.policies import parse_policies, parse_policy
 from evals.protocol import EvalOptions, evaluate_librilight
 from evals.scoring import policy_settings, score_document
-from ttt_cli.attach import ttt_layers
+from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.audio import load_audio
 from ttt_cli.codes import lm_input_codes
 from ttt_cli.errors import ConfigError
-from ttt_cli.fastweight import FastWeightLayer
+from ttt_cli.fastweights.interface import FastWeightLayer
 
 REL = 1e-4
 FRAME = 1920

@@ -16,8 +16,8 @@ from ttt_cli import load_model, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.errors import ConfigError, StateMismatchError
 from ttt_cli.export import export_states
-from ttt_cli.fastweight import FastWeightLayer
-from ttt_cli.presets import preset_dir
+from ttt_cli.fastweights.interface import FastWeightLayer
+from ttt_cli.models.presets import preset_dir
 from ttt_cli.state import (capture, check_fits, diff_states, fingerprint, inspect_state, load_state, restore,
                            save_state)
 from ttt_cli.streaming import block_streaming

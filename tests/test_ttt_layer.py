@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from ttt_cli.attach import attach_ttt, ttt_layers
+from ttt_cli.fastweights.attach import attach_ttt, ttt_layers
 from ttt_cli.codes import transformer_input
-from ttt_cli.config import TTTConfig
-from ttt_cli.inplace import InPlaceTTTGating, X0Source
+from ttt_cli.fastweights.config import TTTConfig
+from ttt_cli.fastweights.inplace import InPlaceTTTGating, X0Source
 from ttt_cli.streaming import block_streaming
 
 D, H = 6, 10

@@ -7,9 +7,9 @@ __all__ = ["load_model", "ttt_layers", "__version__"]
 def __getattr__(name):
     # Lazy: `ttt --help` must not import torch.
     if name == "load_model":
-        from .checkpoint import load_model
+        from .models.loader import load_model
         return load_model
     if name == "ttt_layers":
-        from .attach import ttt_layers
+        from .fastweights.attach import ttt_layers
         return ttt_layers
     raise AttributeError(name)

@@ -136,7 +136,7 @@ def memory_bandwidth(device: str, mib: int = 256) -> float:
 def layer_ratio(m, device: str, T: int = LAYER_T, reps: int = 5) -> dict:
     """TTT layer forward on T tokens vs moshi's plain gating with the same slow weights."""
     from moshi.modules.gating import ActivationGating
-    from .attach import ttt_layers
+    from .fastweights.attach import ttt_layers
 
     i, layer = next(iter(ttt_layers(m.lm).items()))
     plain = ActivationGating(layer.dim, 4 * layer.dim, layer.activation)
@@ -178,8 +178,8 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         opts: model, device, dtype, quick mode, steps and rounds.
         progress: a `Progress` hook (ttt_cli.progress).
     """
-    from .checkpoint import load_model
-    from .attach import ttt_layers
+    from .models.loader import load_model
+    from .fastweights.attach import ttt_layers
 
     progress = progress or NullProgress()
     t_start = time.perf_counter()

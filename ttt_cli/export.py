@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import FRAME_RATE, seconds_to_steps
+from .units import FRAME_RATE, seconds_to_steps
 from .errors import ConfigError, InputError, StateMismatchError
 from .progress import NullProgress
 

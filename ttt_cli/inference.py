@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import FRAME_SIZE, SAMPLE_RATE, AudioInfo, load_audio
-from .config import FRAME_RATE
+from .units import FRAME_RATE
 from .errors import ConfigError, InputError, TTTError
 from .progress import NullProgress, Progress
 from .seed import set_seed
@@ -556,7 +556,7 @@ class _Runner:
 
     def _telemetry(self, b: int, since: dict[int, dict] | None = None) -> dict[int, dict]:
         """Per-layer telemetry of slot b; counters counted from `since` (the stream's start)."""
-        from .attach import ttt_layers
+        from .fastweights.attach import ttt_layers
         out = {i: dict(layer.telemetry(b)) for i, layer in ttt_layers(self.lm).items()}
         for i, tel in out.items():
             base = (since or {}).get(i, {})

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .attach import ttt_layers
-from .config import FRAME_RATE, TTTConfig
+from .fastweights.attach import ttt_layers
+from .units import FRAME_RATE
+from .fastweights.config import TTTConfig
 from .errors import ConfigError, StateMismatchError
-from .fastweight import FastWeightLayer
+from .fastweights.interface import FastWeightLayer
 
 FORMAT = "ttt-fast-weight-state"
 FORMAT_VERSION = 1

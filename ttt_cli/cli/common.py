@@ -119,7 +119,7 @@ def set_seed(seed: int) -> None:
 
 def check_memory(m, streams: int, force: bool) -> str:
     """Estimates per-stream fast-weight memory, says it on stderr, refuses what cannot fit (unless --force)."""
-    from ..attach import ttt_layers
+    from ..fastweights.attach import ttt_layers
     from ..errors import ConfigError
     layers = ttt_layers(m.lm)
     per = sum(l.state_bytes_per_stream() for l in layers.values())

@@ -77,7 +77,7 @@ def librilight_cmd(
 
       ttt eval librilight DATA --out results/run1 --resume
     """
-    from ..config import parse_seconds
+    from ..units import parse_seconds
     from ..progress import make_progress
     from evals.protocol import EvalOptions, evaluate_librilight
     from .common import check_memory, set_seed, ttt_overrides
@@ -92,7 +92,7 @@ def librilight_cmd(
         ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers) or None, seed=seed)
 
     def load():
-        from ..checkpoint import load_model
+        from ..models.loader import load_model
         set_seed(seed)
         m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt)
         err(check_memory(m, 1, force))

@@ -90,7 +90,7 @@ def infer_cmd(
 
       ttt infer part1.wav part2.wav --reset-policy carry --save-state state.safetensors
     """
-    from ..checkpoint import load_model
+    from ..models.loader import load_model
     from ..errors import ConfigError
     from ..inference import (InferOptions, infer, output_paths, plan_jobs, preflight, result_json, state_paths,
                              validate_options, write_result)

@@ -48,7 +48,7 @@ def init_checkpoint_cmd(
       ttt init-checkpoint --from kyutai/moshiko-pytorch-bf16 --layers every:6 --out ckpt/moshiko-ttt
     """
     from ..errors import ConfigError
-    from ..checkpoint import init_checkpoint
+    from ..models.init_checkpoint import init_checkpoint
 
     if (source is None) == (preset is None):
         raise ConfigError("give exactly one of --from SOURCE or --preset NAME.")

@@ -49,8 +49,8 @@ def export_state_cmd(
 
       ttt export-state talk.wav --model tiny --at 1.5 --at 3s --out states/ --flush-partial
     """
-    from ..checkpoint import load_model
-    from ..config import parse_seconds
+    from ..models.loader import load_model
+    from ..units import parse_seconds
     from ..export import export_states
     from ..progress import make_progress
 
@@ -110,7 +110,7 @@ def inspect_state_cmd(
 
       ttt inspect-state hello.safetensors --model tiny --json
     """
-    from ..checkpoint import load_model
+    from ..models.loader import load_model
     from ..state import inspect_state, load_state
 
     s = load_state(state)

@@ -10,8 +10,8 @@ from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
 from .config import TTTConfig
-from .errors import CheckpointError
-from .fastweight import FastWeightLayer
+from ..errors import CheckpointError
+from .interface import FastWeightLayer
 from .inplace import InPlaceTTTGating, X0Source
 
 PREFIX = "transformer.layers.{i}.gating."

@@ -1,26 +1,18 @@
-"""The `ttt` config section: validation, defaults, overrides and the fine-tuning fork's format."""
+"""The `ttt` config section as the fast-weight layers take it: fields, defaults, validation."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import typing as tp
 from dataclasses import asdict, dataclass, field
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-FRAME_RATE = 12.5  # Mimi frames (LM steps) per second.
 VARIANTS = ("inplace",)
 PADDINGS = ("right", "center")
 TARGET_SOURCES = ("input", "text")
 TTT_FILE = "ttt.safetensors"
-# Defaults of the public fine-tuning fork (AlufRon/moshi_in_place) when a `ttt_config` key is missing.
-FORK_DEFAULTS = {"chunk_size": 256, "learning_rate": 1e-3, "conv_kernel_size": 2,
-                 "delta_clip_fro_norm": 1e-5, "delta_clip_epsilon": 1e-12,
-                 "layer_frequency": 6, "start_layer": 0}
-FORK_KEYS = ("enabled", "layer_frequency", "start_layer", "chunk_size", "learning_rate",
-             "conv_kernel_size", "delta_clip_fro_norm", "delta_clip_epsilon")
 
 
 @dataclass
@@ -105,59 +97,3 @@ class TTTConfig:
         d = self.to_dict()
         d.update(overrides or {})
         return TTTConfig.from_dict(d, num_layers)
-
-
-def from_fork_config(fc: dict, num_layers: int) -> TTTConfig | None:
-    """Maps the fine-tuning fork's `ttt_config` onto our section (SPEC §4.3); None when disabled."""
-    unknown = sorted(set(fc) - set(FORK_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) in the fork's `ttt_config`: {', '.join(unknown)}. "
-                          f"Valid keys: {', '.join(FORK_KEYS)}.")
-    if not fc.get("enabled", True):
-        return None
-    g = {**FORK_DEFAULTS, **{k: v for k, v in fc.items() if v is not None}}
-    start, freq = int(g["start_layer"]), int(g["layer_frequency"])
-    if freq < 1:
-        raise ConfigError(f"fork `ttt_config.layer_frequency` must be >= 1, got {freq}.")
-    clip = g["delta_clip_fro_norm"]
-    return TTTConfig.from_dict({
-        "layers": list(range(start, num_layers, freq)),
-        "chunk_size": int(g["chunk_size"]), "lr": float(g["learning_rate"]),
-        "conv_kernel_size": int(g["conv_kernel_size"]), "conv_padding": "right",
-        "target_source": "text",
-        "delta_clip_fro_norm": None if clip is None or clip <= 0 else float(clip),
-        "delta_clip_epsilon": float(g["delta_clip_epsilon"]),
-    }, num_layers)
-
-
-def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
-    """Parses `0,6,12`, `every:6` (from 0) or `every:6@3`; `every:` needs `num_layers`."""
-    s = spec.strip()
-    m = re.fullmatch(r"every:(\d+)(?:@(\d+))?", s)
-    if m:
-        if num_layers is None:
-            raise ConfigError(f"--ttt-layers {spec!r}: `every:` needs the model's layer count.")
-        step, start = int(m.group(1)), int(m.group(2) or 0)
-        if step < 1:
-            raise ConfigError(f"--ttt-layers {spec!r}: the step must be >= 1.")
-        return list(range(start, num_layers, step))
-    if s in ("", "none"):
-        return []
-    try:
-        return sorted({int(p) for p in s.split(",") if p.strip()})
-    except ValueError:
-        raise ConfigError(f"--ttt-layers {spec!r}: expected e.g. `0,6,12`, `every:6` or `every:6@3`.") from None
-
-
-def parse_seconds(text: str) -> float:
-    """Parses a time: `1.5`, `30s`, `2m`, `1h` -> seconds."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", text)
-    if not m:
-        raise ConfigError(f"cannot read the time {text!r}: expected e.g. `1.5`, `30s`, `2m`.")
-    mult = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
-    return float(m.group(1)) * mult
-
-
-def seconds_to_steps(seconds: float) -> int:
-    """SPEC §5: seconds become steps as round(seconds x 12.5)."""
-    return int(round(seconds * FRAME_RATE))

@@ -73,7 +73,7 @@ def preset_dir(name: str) -> Path:
 
 
 def _corpus() -> str:
-    return (Path(__file__).parent / "data" / "tokenizer_corpus.txt").read_text()
+    return (Path(__file__).parent.parent / "data" / "tokenizer_corpus.txt").read_text()
 
 
 def _train_tokenizer(out: Path, vocab: int) -> None:
@@ -119,8 +119,8 @@ def _fit_codebooks(mimi, seconds: int = 20) -> None:
                 residual = residual - layer.decode(layer.encode(residual))
 
 
-def _write_base(name: str, out: Path) -> None:
-    """Writes a plain moshi checkpoint directory (no TTT) for preset `name`."""
+def _write_base(name: str, out: Path):
+    """Writes a plain moshi checkpoint directory (no TTT) for preset `name`; returns its LMModel."""
     import torch
     from safetensors.torch import save_file
     from moshi.models.loaders import get_mimi, get_moshi_lm
@@ -142,15 +142,16 @@ def _write_base(name: str, out: Path) -> None:
     if name == "tiny-stt":
         config["stt_config"] = STT_CONFIG
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    return lm
 
 
 def build_preset(name: str, out: Path) -> None:
     """Writes preset `name` (moshi files + `ttt` section + ttt.safetensors) into directory `out`."""
-    from .checkpoint import add_ttt_to_checkpoint
+    from .writer import add_ttt_to_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_base(name, out)
-    add_ttt_to_checkpoint(out, TTT_SECTIONS[name], target_init="ntp")
+    lm = _write_base(name, out)
+    add_ttt_to_checkpoint(out, TTT_SECTIONS[name], lm, target_init="ntp")
 
 
 def ensure_preset(name: str) -> Path:

@@ -14,8 +14,8 @@ from moshi.modules.lora import LoRALinear
 from moshi.modules.streaming import State
 
 from .config import TTTConfig
-from .errors import StateMismatchError
-from .fastweight import FastWeightLayer
+from ..errors import StateMismatchError
+from .interface import FastWeightLayer
 
 F32 = torch.float32
 GRAPH_CAPTURE_ERROR = ("In-Place TTT decides chunk updates in Python: it cannot run under CUDA graph capture. "

@@ -1,0 +1,59 @@
+"""The checkpoint's `ttt` section: where it comes from (ours, the fork's, the default) and `--ttt-layers` syntax."""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import ConfigError
+from ..fastweights.config import TTTConfig
+from .fork import from_fork_config
+
+DEFAULT_EVERY = 6
+DEFAULT_CHUNK = 512
+
+
+def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
+    """Parses `0,6,12`, `every:6` (from 0) or `every:6@3`; `every:` needs `num_layers`."""
+    s = spec.strip()
+    m = re.fullmatch(r"every:(\d+)(?:@(\d+))?", s)
+    if m:
+        if num_layers is None:
+            raise ConfigError(f"--ttt-layers {spec!r}: `every:` needs the model's layer count.")
+        step, start = int(m.group(1)), int(m.group(2) or 0)
+        if step < 1:
+            raise ConfigError(f"--ttt-layers {spec!r}: the step must be >= 1.")
+        return list(range(start, num_layers, step))
+    if s in ("", "none"):
+        return []
+    try:
+        return sorted({int(p) for p in s.split(",") if p.strip()})
+    except ValueError:
+        raise ConfigError(f"--ttt-layers {spec!r}: expected e.g. `0,6,12`, `every:6` or `every:6@3`.") from None
+
+
+def default_ttt_section(num_layers: int) -> dict:
+    """§4.1 default for base checkpoints: every 6th layer from 0, chunk 512, ntp target."""
+    return {"layers": list(range(0, num_layers, DEFAULT_EVERY)), "chunk_size": DEFAULT_CHUNK}
+
+
+def resolve_ttt_config(config: dict, num_layers: int, overrides: dict | None = None) -> tuple[TTTConfig | None, str]:
+    """The TTT config of a checkpoint: its `ttt` section, the fork's `ttt_config`, or the default.
+
+    Returns (config or None when the fork disables TTT, where it came from).
+    """
+    if "ttt" in config:
+        cfg, origin = TTTConfig.from_dict(config["ttt"], num_layers), "ttt"
+    elif "ttt_config" in config:
+        cfg, origin = from_fork_config(config["ttt_config"], num_layers), "fork"
+    else:
+        cfg, origin = TTTConfig.from_dict(default_ttt_section(num_layers), num_layers), "default"
+    if overrides:
+        unknown = sorted(set(overrides) - set(TTTConfig.valid_keys()))
+        if unknown:
+            raise ConfigError(f"unknown TTT override(s): {', '.join(unknown)}. Valid keys: "
+                              f"{', '.join(TTTConfig.valid_keys())}.")
+        overrides = dict(overrides)
+        if isinstance(overrides.get("layers"), str):
+            overrides["layers"] = parse_layers(overrides["layers"], num_layers)
+        cfg = (cfg or TTTConfig(layers=[])).with_overrides(overrides, num_layers)
+    return cfg, origin
