@@ -436,7 +436,7 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
     m = model
     lm = m.lm
     _check_layout(lm, o)
-    lr = float(m.ttt.lr) if m.ttt is not None else 0.0
+    lr = float(m.ttt.rate) if m.ttt is not None else 0.0  # the variant's rate (lr, base_lr or lr_scale)
     warnings: list[str] = list(m.warnings)
     warm, init_rec = None, None
     if o.init_state is not None:

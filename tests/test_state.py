@@ -251,14 +251,21 @@ def test_metadata_and_fingerprint(tiny, fresh, snap):
         assert k in m, k
     assert m["layers"] == [1, 3] and m["chunk_size"] == 16 and m["steps"] == 24 and m["source_files"] == ["x.wav"]
     assert m["pending_tokens"] == {"1": 8, "3": 8} and s.tensors["layers.3.pending_x0"].shape == (8, 64)
-    # the fingerprint is sha256 over W0 bytes and the canonical TTT config, by hand
+    # the fingerprint is sha256 over W0 and the target generator's bytes and the structural TTT config
+    # (SPEC §3.9: not lr or clip), by hand
     import hashlib
+    import json
     h = hashlib.sha256()
     for i, layer in sorted(ttt_layers(fresh.lm).items()):
         h.update(f"layer:{i};".encode())
-        h.update(b"w_down")
-        h.update(layer.w_down.numpy().tobytes())
-    h.update(fresh.ttt.canonical_json().encode())
+        tg = layer.target_generator
+        for name, t in (("target_generator.W_target.weight", tg.W_target.weight),
+                        ("target_generator.conv1d.conv.weight", tg.conv1d.conv.weight), ("w_down", layer.w_down)):
+            h.update(name.encode())
+            h.update(t.detach().numpy().tobytes())
+    h.update(json.dumps({"variant": "inplace", "layers": [1, 3], "chunk_size": 16, "conv_kernel_size": 2,
+                         "conv_padding": "right", "target_source": "input"}, sort_keys=True,
+                        separators=(",", ":")).encode())
     assert fingerprint(fresh) == fingerprint(tiny.lm) == m["model_fingerprint"] == h.hexdigest()
     assert check_fits(fresh, s).fits
     with pytest.raises(ConfigError, match="overwrite"):

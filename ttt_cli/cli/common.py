@@ -124,13 +124,13 @@ def check_memory(m, streams: int, force: bool) -> str:
     layers = ttt_layers(m.lm)
     per = sum(l.state_bytes_per_stream() for l in layers.values())
     need = per * streams
-    parts = " + ".join(f"{l.dim}x{l.hidden}x4" for l in layers.values()) or "0"
+    parts = " + ".join(l.memory_formula() for l in layers.values()) or "0"
     if m.device.startswith("cuda"):
         import torch
         free, _ = torch.cuda.mem_get_info()
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    msg = (f"fast-weight memory: {per / 2**20:.1f} MiB per stream (Σ layers d·h·4 bytes + pending chunk: {parts} ...) "
+    msg = (f"fast-weight memory: {per / 2**20:.1f} MiB per stream (Σ layers: {parts} bytes) "
            f"x {streams} stream(s) = {need / 2**20:.1f} MiB; {free / 2**20:.0f} MiB free on {m.device}.")
     if need > free and not force:
         raise ConfigError(msg + " That does not fit: lower --batch-size, use fewer TTT layers, or pass --force.")

@@ -15,7 +15,7 @@ from moshi.modules.streaming import State
 
 from .config import TTTConfig
 from ..errors import StateMismatchError
-from .interface import FastWeightLayer
+from .interface import FastWeightLayer, LayerBench
 
 F32 = torch.float32
 GRAPH_CAPTURE_ERROR = ("In-Place TTT decides chunk updates in Python: it cannot run under CUDA graph capture. "
@@ -355,6 +355,18 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         return {"w_down": self.w_down}
 
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        return {"w_down": self.w_down, "target_generator.conv1d.conv.weight": self.target_generator.conv1d.conv.weight,
+                "target_generator.W_target.weight": self.target_generator.W_target.weight}
+
+    def get_rate(self) -> float:
+        return float(self.lr)
+
+    def set_rate(self, rate: float) -> None:
+        if self.is_streaming:
+            raise RuntimeError("cannot change the TTT learning rate of a streaming model.")
+        self.lr = float(rate)
+
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
         st = self._state()
         b = batch_index
@@ -376,6 +388,33 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         if self.frozen:
             return 0
         return 4 * (self.dim * self.hidden + self.chunk_size * (self.dim + self.hidden))
+
+    def memory_formula(self) -> str:
+        if self.frozen:
+            return "0 (frozen)"
+        return f"({self.dim}x{self.hidden} + {self.chunk_size}x({self.hidden}+{self.dim}))x4"
+
+    def layer_bench(self, tokens: int, device: str) -> LayerBench:
+        """This layer vs moshi's `ActivationGating` with the same slow weights, on `tokens` tokens."""
+        from moshi.modules.gating import ActivationGating
+        plain = ActivationGating(self.dim, 4 * self.dim, self.activation)
+        plain.linear_in, plain.linear_out = self.linear_in, self.linear_out
+        dt = next(self.linear_in.parameters()).dtype
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, tokens, self.dim, generator=g).to(device, dt)
+        x0 = torch.randn(1, tokens, self.dim, generator=g).to(device, dt)
+
+        def ttt():
+            self._x0.input = x0
+            try:
+                return self(x)
+            finally:
+                self._x0.input = None
+        d, h, k = self.dim, self.hidden, self.target_generator.conv1d.kernel_size
+        # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
+        return LayerBench(ttt, lambda: plain(x), (4 * h * d + (k + 1) * d * d) / (3 * h * d),
+                          f"(4hd + (K+1)d²) / 3hd (d={d}, h={h}, K={k})",
+                          "In-Place TTT gating vs moshi ActivationGating")
 
     @torch.no_grad()
     def flush_partial(self, batch_index: int | None = None) -> None:

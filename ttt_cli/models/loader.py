@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..fastweights.config import TTT_FILE, TTTConfig
+from ..fastweights.config import TTT_FILE, FastWeightConfig
 from .config import resolve_ttt_config
 from .fork import normalise_ttt_tensors
 from .resolver import Resolved, _file_ref, checkpoint_info, resolve
-from .tensors import safetensors_keys, split_ttt, ttt_key
+from .tensors import any_ttt_key, safetensors_keys, split_ttt, ttt_key
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TTTModel:
     info: tp.Any
     device: tp.Any
     dtype: tp.Any
-    ttt: TTTConfig | None
+    ttt: FastWeightConfig | None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -130,7 +130,7 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
             (default: `zero` for fork checkpoints, `ntp` otherwise).
     """
     import torch
-    from ..fastweights.attach import attach_ttt
+    from ..fastweights.attach import attach_ttt, variant_of
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -147,13 +147,11 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
             if origin == "ttt" and res.config["ttt"].get("ttt_name", TTT_FILE):
                 tensors = {**tensors, **_read_ttt_file(res, cfg.ttt_name)}
             init = target_init or ("zero" if origin == "fork" else "ntp")
-            wanted = [f"transformer.layers.{i}.gating.{n}" for i in cfg.layers
-                      for n in ("w_down", "target_generator.conv1d.conv.weight", "target_generator.W_target.weight")]
-            missing = [k for k in wanted if k not in tensors]
+            variant = variant_of(cfg)
+            missing = [k for k in variant.tensor_names(cfg) if k not in tensors]
             if missing and origin != "default":
                 msg = (f"checkpoint {res.model_id} lacks TTT tensors {', '.join(missing[:6])}"
-                       f"{' ...' if len(missing) > 6 else ''}: initialised by SPEC §3.6 (w_down <- linear_out, "
-                       f"target {init}).")
+                       f"{' ...' if len(missing) > 6 else ''}: {variant.fresh_note(cfg, init)}.")
                 warnings.warn(msg)
                 notes.append(msg)
             attach_ttt(lm, cfg, tensors, target_init=init)
@@ -182,7 +180,7 @@ def _read_ttt_file(res: Resolved, name: str) -> dict:
         raw = load_file(str(path), device="cpu")
     except Exception as e:
         raise CheckpointError(f"cannot read TTT tensors {path}: {e}") from None
-    bad = [k for k in raw if not ttt_key(k)]
+    bad = [k for k in raw if not any_ttt_key(k)]
     if bad:
         raise CheckpointError(f"{path} holds keys that are not TTT tensors: {bad[:5]}")
     return {k: v.float() for k, v in raw.items()}
