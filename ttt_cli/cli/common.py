@@ -38,7 +38,7 @@ class DType(str, enum.Enum):
     fp32 = "fp32"
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="tiny | tiny-stt | bench | a checkpoint directory | "
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | a checkpoint directory | "
                                        "a hub id org/name[@rev]. Default: kyutai/moshiko-pytorch-bf16.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on cuda, fp32 on cpu.")]

@@ -125,6 +125,12 @@ class AdapterGroup(LearnerLayer):
         self._adapters: dict[str, TTTAdapterLinear] = {}
         self._host: nn.Module | None = None
 
+    def add(self, adapter: TTTAdapterLinear) -> None:
+        """Registers an adapter whose learner state this group holds (by reference, not as a child)."""
+        if adapter.target not in self.targets:
+            raise ValueError(f"{adapter.target} is not one of this group's targets {self.targets}.")
+        self._adapters[adapter.target] = adapter
+
     def params(self, target: str) -> AdapterParams:
         return self._adapters[target].ttt_adapter
 
@@ -213,7 +219,7 @@ def attach(lm: LMModel, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], ta
             adapter.ttt_adapter.load_state_dict(fresh.state_dict())
             load_tensors(adapter.ttt_adapter, tensors, PREFIX.format(i=i, target=target))
             setattr(parent, leaf, adapter)
-            group._adapters[target] = adapter
+            group.add(adapter)
         if any(t.startswith("gating.") for t in cfg.targets):
             layer.gating.__class__ = _adapted_gating_class(type(layer.gating))
         object.__setattr__(group, "_host", layer)

@@ -85,6 +85,17 @@ def key_gradients(inner: str, theta: dict[str, torch.Tensor], k: torch.Tensor, y
     return [(k, g1), (x2, g2)]
 
 
+_LOWER: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _lower(L: int, device: torch.device) -> torch.Tensor:
+    """[L, L] float mask of s ≤ t (cached: torch.tril on tiny tensors is slow under CPU contention)."""
+    key = (L, torch.device(device))
+    if key not in _LOWER:
+        _LOWER[key] = torch.ones(L, L, dtype=F32).tril().to(device)
+    return _LOWER[key]
+
+
 def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None, q: torch.Tensor,
                   grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor, idx: torch.Tensor,
                   gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -97,12 +108,13 @@ def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] 
         idx: i, the 1-based position of each token in its mini-batch, [B,L] float.
     """
     inv_i = (1.0 / idx)[:, None, :, None]  # [B,1,L,1]
+    causal = eta[:, :, None, :] * _lower(q.shape[2], q.device)  # [B,H,L,L]: η_s where s ≤ t
     h = q
     z = q
     n = len(grads)
     for j, (a, g) in enumerate(grads, 1):
         z = h @ theta[f"W{j}"] + theta[f"b{j}"][:, :, None]
-        corr = torch.tril((h @ a.transpose(-1, -2) + 1.0) * eta[:, :, None, :]) @ g  # Σ_{s≤t} η_s (h_t·a_s + 1) g_s
+        corr = ((h @ a.transpose(-1, -2) + 1.0) * causal) @ g  # Σ_{s≤t} η_s (h_t·a_s + 1) g_s
         if sums is not None:
             corr = corr + h @ sums[f"W{j}"] + sums[f"b{j}"][:, :, None]
         z = z - corr * inv_i

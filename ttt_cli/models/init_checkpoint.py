@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..fastweights.config import TTT_FILE, TTTConfig
+from ..fastweights.config import TTT_FILE, FastWeightConfig
 from .config import default_ttt_section, parse_layers, resolve_ttt_config
 from .loader import _load_lm, load_model
 from .presets import PRESETS
@@ -25,6 +25,7 @@ class InitResult:
     ttt: dict
     files: list[str]
     target_init: str
+    notes: list[str]  # how the fast-weight tensors were initialised (e.g. a fresh `mlp` block is not neutral)
 
 
 def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | None = None, target_init: str = "ntp",
@@ -35,12 +36,14 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         source: base checkpoint (preset, directory, hub id).
         out: directory to write.
         layers: TTT layers, as a list or `--ttt-layers` syntax (default: every 6th from 0, or the preset's).
-        target_init: `ntp` or `zero` (SPEC §3.6).
-        section: further `ttt` keys (chunk_size, lr, ...).
+        target_init: In-Place: `ntp` or `zero` (SPEC §3.6).
+        section: further `ttt` keys (variant, chunk_size, lr, ...). A `variant` other than the source's
+            keeps its layers and takes that variant's defaults; `lr` sets the variant's rate.
         copy_base: copy the base weights into `out` instead of referencing them.
         overwrite: replace an existing non-empty `out`.
     """
     import torch
+    from ..fastweights.attach import variant_of
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -49,12 +52,12 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     info = checkpoint_info(res)
     num_layers = int((info.lm_config or {}).get("num_layers", 32))
     base_cfg, _ = resolve_ttt_config(res.config, num_layers)
-    sec = (base_cfg.to_dict() if base_cfg else default_ttt_section(num_layers))
-    sec.update(section or {})
+    base_cfg = base_cfg or FastWeightConfig.from_dict(default_ttt_section(num_layers), num_layers)
+    overrides = dict(section or {})
     if layers is not None:
-        sec["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
-    sec["ttt_name"] = TTT_FILE
-    TTTConfig.from_dict(sec, num_layers)
+        overrides["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
+    overrides["ttt_name"] = TTT_FILE
+    sec = base_cfg.with_overrides(overrides, num_layers).to_dict()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
         config = {k: v for k, v in res.config.items() if k not in ("ttt", "ttt_config")}
@@ -78,6 +81,7 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         lm, _ = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32)
         cfg = add_ttt_to_checkpoint(tmp, sec, lm, target_init)
+        notes = [variant_of(cfg).fresh_note(cfg, target_init)]
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,4 +92,4 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     m = load_model(str(out), device="cpu", dtype="fp32")  # verify it loads before reporting success
     if m.ttt is None or m.ttt.layers != cfg.layers:
         raise CheckpointError(f"{out} was written but does not load back with TTT layers {cfg.layers}.")
-    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init)
+    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init, notes)
