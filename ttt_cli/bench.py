@@ -1,4 +1,4 @@
-"""`ttt bench`: the SPEC §8 performance figures, variants interleaved A B A B in one process."""
+"""`ttt bench`: the SPEC §8 performance figures, TTT on/off interleaved A B A B in one process, per fast-weight variant."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing as tp
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,8 +22,13 @@ from .progress import NullProgress
 TARGETS = {
     "step_overhead_b1": 1.10, "step_overhead_b8": 1.15, "eval_block_speedup": 10.0,
     "eval_nll_max_abs_diff": 1e-4, "eval_memory_ratio": 1.10, "eval_cache_encode_seconds": 0.5,
-    "ttt_layer_ratio": 2.0,
+    "ttt_layer_ratio": 2.0, "memory_per_stream_error": 0.10,
 }
+# Per-variant figures (SPEC §5.5): In-Place's names, and the same with the variant's suffix (`_mlp`, `_adapter`).
+VARIANT_FIGURES = ("step_overhead_b1", "step_overhead_b8", "step_overhead_b8_floor", "step_ms_p99_b1",
+                   "ttt_layer_ratio", "memory_per_stream_error")
+for _suffix in ("_mlp", "_adapter"):
+    TARGETS.update({n + _suffix: TARGETS[n] for n in VARIANT_FIGURES if n in TARGETS})
 LAYER_T = 4096
 
 
@@ -44,6 +50,8 @@ class BenchOptions:
     steps: int | None = None        # LMGen steps per variant and batch size
     rounds: int = 4                 # interleaved A/B rounds
     seed: int = 0
+    variants: list[str] | None = None  # fast-weight variants attached to the model's base (None: all)
+    eval: bool = True               # the eval figures (scoring speed, memory on long documents, cache)
 
 
 @dataclass
@@ -133,95 +141,147 @@ def memory_bandwidth(device: str, mib: int = 256) -> float:
     return x.numel() * 4 / best
 
 
-def layer_ratio(m, device: str, T: int = LAYER_T, reps: int = 5) -> dict:
-    """TTT layer forward on T tokens vs moshi's plain gating with the same slow weights."""
-    from moshi.modules.gating import ActivationGating
-    from .fastweights.attach import ttt_layers
-
-    i, layer = next(iter(ttt_layers(m.lm).items()))
-    plain = ActivationGating(layer.dim, 4 * layer.dim, layer.activation)
-    plain.linear_in, plain.linear_out = layer.linear_in, layer.linear_out
-    dt = next(layer.linear_in.parameters()).dtype
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, T, layer.dim, generator=g).to(device, dt)
-    x0 = torch.randn(1, T, layer.dim, generator=g).to(device, dt)
+def layer_ratio(layer, device: str, T: int = LAYER_T, reps: int = 5) -> dict:
+    """A fast-weight layer's forward on T tokens vs the plain layer it extends (the layer's `layer_bench`)."""
+    lb = layer.layer_bench(T, device)
     ta, tb = [], []
     with torch.no_grad():
         for r in range(reps + 1):
-            layer._x0.input = x0
-            _sync(device)
-            t = time.perf_counter()
-            layer(x)
-            _sync(device)
-            a = time.perf_counter() - t
-            _sync(device)
-            t = time.perf_counter()
-            plain(x)
-            _sync(device)
-            b = time.perf_counter() - t
-            if r:  # first round is warm-up
-                ta.append(a)
-                tb.append(b)
-        layer._x0.input = None
-    d, h = layer.dim, layer.hidden
-    k = layer.target_generator.conv1d.kernel_size
-    # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
-    floor = (4 * h * d + (k + 1) * d * d) / (3 * h * d)
+            for fn, acc in ((lb.ttt, ta), (lb.plain, tb)):
+                _sync(device)
+                t = time.perf_counter()
+                fn()
+                _sync(device)
+                if r:  # first round is warm-up
+                    acc.append(time.perf_counter() - t)
     return {"ttt_ms": 1e3 * statistics.median(ta), "plain_ms": 1e3 * statistics.median(tb),
-            "ratio": statistics.median(ta) / statistics.median(tb), "flop_floor": floor, "layer": i, "T": T}
+            "ratio": statistics.median(ta) / statistics.median(tb), "flop_floor": lb.flop_floor,
+            "flop_floor_formula": lb.formula, "compared": lb.what, "T": T}
+
+
+def _tensor_bytes(obj, seen: set[int]) -> int:
+    """Bytes of the distinct tensors reachable from a streaming state (dataclass fields, dicts, lists)."""
+    import dataclasses
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def measured_bytes_per_stream(layer) -> int:
+    """Bytes one more stream adds to a layer's streaming state (B = 2 minus B = 1: shared tensors cancel)."""
+    sizes = []
+    saved = layer._streaming_state
+    layer._streaming_state = None
+    try:
+        for B in (1, 2):
+            with layer.streaming(B):
+                sizes.append(_tensor_bytes(layer._streaming_state, set()))
+    finally:
+        layer._streaming_state = saved
+    return sizes[1] - sizes[0]
+
+
+def variant_figures(opts: BenchOptions, overrides: dict, steps: int, progress) -> tuple[list[Figure], tp.Any]:
+    """Step overhead (b1, b8, floor, p99), layer ratio and memory per stream of one variant on `opts.model`.
+
+    TTT off is the same model with its fast weights frozen (rate 0, SPEC §5.5). Returns the figures and
+    the TTT-on model.
+    """
+    from .models.loader import load_model
+    from .fastweights.attach import ttt_layers
+
+    on = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=overrides or None)
+    off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt={**overrides, "lr": 0.0})
+    layers = ttt_layers(on.lm)
+    first = next(iter(layers.values()))
+    sfx, name = first.figure_suffix, first.variant
+    dev = on.device
+    figs: list[Figure] = []
+    stats_b: dict[int, dict] = {}
+    for B in (1, 8):
+        progress.start(f"step{B}{sfx}", f"{name}: LMGen.step TTT on/off, batch {B}", None)
+        stats, _ = step_overhead(on, off, B, steps, opts.rounds, dev, opts.seed)
+        stats_b[B] = stats
+        ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
+        progress.finish(f"step{B}{sfx}", ratio=ratio)
+        figs.append(Figure(f"step_overhead_b{B}{sfx}", ratio, TARGETS[f"step_overhead_b{B}"], None,
+                           {"variant": name, "on": stats["on"], "off": stats["off"]}))
+    # batch-8 memory floor: reading 8 streams' fp32 fast state each step, at the measured bandwidth
+    bw = memory_bandwidth(dev)
+    extra = sum(8 * l.bytes_read_per_step() for l in layers.values())
+    floor = 1 + (extra / bw) / (stats_b[8]["off"]["median_ms"] / 1e3)
+    figs.append(Figure(f"step_overhead_b8_floor{sfx}", floor, None, None,
+                       {"variant": name, "extra_bytes_per_step": extra, "bandwidth_gb_s": bw / 1e9}))
+    figs.append(Figure(f"step_ms_p99_b1{sfx}", stats_b[1]["on"]["p99_ms"], None, None,
+                       {"variant": name, "median_ms": stats_b[1]["on"]["median_ms"],
+                        "max_ms": stats_b[1]["on"]["max_ms"]}))
+    figs[0].passed = figs[0].value <= figs[0].target
+    figs[1].passed = figs[1].value <= figs[1].target or figs[1].value <= 1.10 * floor
+    figs[1].detail["floor"] = floor
+    del off
+
+    progress.start(f"layer{sfx}", f"{name}: TTT layer vs plain layer, T={LAYER_T}", None)
+    lr = layer_ratio(first, dev)
+    progress.finish(f"layer{sfx}", ratio=lr["ratio"])
+    target = TARGETS["ttt_layer_ratio"]
+    figs.append(Figure(f"ttt_layer_ratio{sfx}", lr["ratio"], target, lr["ratio"] <= target,
+                       {"variant": name, "layer": next(iter(layers)), **lr}))
+
+    predicted = sum(l.state_bytes_per_stream() for l in layers.values())
+    measured = sum(measured_bytes_per_stream(l) for l in layers.values())
+    err = abs(measured - predicted) / max(predicted, 1)
+    target = TARGETS["memory_per_stream_error"]
+    figs.append(Figure(f"memory_per_stream_error{sfx}", err, target, err <= target,
+                       {"variant": name, "predicted_bytes": predicted, "measured_bytes": measured,
+                        "formula": " + ".join(l.memory_formula() for l in layers.values()),
+                        "measured_as": "bytes of the per-stream state tensors (B=2 minus B=1)"}))
+    return figs, on
 
 
 def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
     """Measures the §8 figures on one device and returns them with provenance.
 
+    The model's own fast-weight variant gives the unsuffixed figures when it is In-Place; every
+    variant in `opts.variants` (default: all) is attached to the same base model and measured with
+    its suffix (SPEC §5.5), one after the other in this process.
+
     Args:
-        opts: model, device, dtype, quick mode, steps and rounds.
+        opts: model, device, dtype, quick mode, steps, rounds, variants.
         progress: a `Progress` hook (ttt_cli.progress).
     """
-    from .models.loader import load_model
-    from .fastweights.attach import ttt_layers
+    from .fastweights.config import VARIANTS
+    from .models.config import resolve_ttt_config
+    from .models.resolver import resolve
 
     progress = progress or NullProgress()
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
     steps = opts.steps or (320 if opts.quick else 1024)  # > chunk_size 256: updates included
-    on = load_model(opts.model, device=opts.device, dtype=opts.dtype)
-    off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=False)
-    dev = on.device
     figs: list[Figure] = []
-
-    stats_b: dict[int, dict] = {}
-    for B in (1, 8):
-        progress.start(f"step{B}", f"LMGen.step TTT on/off, batch {B}", None)
-        stats, _ = step_overhead(on, off, B, steps, opts.rounds, dev, opts.seed)
-        stats_b[B] = stats
-        ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
-        progress.finish(f"step{B}", ratio=ratio)
-        figs.append(Figure(f"step_overhead_b{B}", ratio, TARGETS[f"step_overhead_b{B}"], None,
-                           {"on": stats["on"], "off": stats["off"]}))
-    # batch-8 memory floor: reading 8 streams' fp32 fast weights each step, at the measured bandwidth
-    bw = memory_bandwidth(dev)
-    extra = sum(8 * l.dim * l.hidden * 4 for l in ttt_layers(on.lm).values())
-    floor = 1 + (extra / bw) / (stats_b[8]["off"]["median_ms"] / 1e3)
-    figs.append(Figure("step_overhead_b8_floor", floor, None, None,
-                       {"extra_bytes_per_step": extra, "bandwidth_gb_s": bw / 1e9}))
-    figs.append(Figure("step_ms_p99_b1", stats_b[1]["on"]["p99_ms"], None, None,
-                       {"median_ms": stats_b[1]["on"]["median_ms"], "max_ms": stats_b[1]["on"]["max_ms"]}))
-    for f in figs:
-        if f.name == "step_overhead_b1":
-            f.passed = f.value <= f.target
-        elif f.name == "step_overhead_b8":
-            f.passed = f.value <= f.target or f.value <= 1.10 * floor
-            f.detail["floor"] = floor
-
-    progress.start("layer", f"TTT layer vs plain gating, T={LAYER_T}", None)
-    lr = layer_ratio(on, dev)
-    progress.finish("layer", ratio=lr["ratio"])
-    figs.append(Figure("ttt_layer_ratio", lr["ratio"], TARGETS["ttt_layer_ratio"], lr["ratio"] <= TARGETS["ttt_layer_ratio"], lr))
-
-    figs += eval_figures(on, opts, progress)
-    del off
-    return BenchResult(device_name(dev), versions(), on.model_id, on.config.get("ttt") or {}, figs,
+    own = None
+    res = resolve(opts.model)
+    own_cfg, _ = resolve_ttt_config(res.config, int(res.config.get("num_layers", 32)))
+    variant = own_cfg.variant if own_cfg is not None else "inplace"  # the model's own variant goes first
+    for variant in (opts.variants or [variant] + [v for v in VARIANTS if v != variant]):
+        vf, on = variant_figures(opts, {"variant": variant}, steps, progress)
+        figs += vf
+        if own is None:
+            own = on  # the eval figures and the recorded config are the first variant's
+        else:
+            del on
+    if opts.eval:
+        figs += eval_figures(own, opts, progress)
+    return BenchResult(device_name(own.device), versions(), own.model_id, own.config.get("ttt") or {}, figs,
                        _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        time.perf_counter() - t_start)
 

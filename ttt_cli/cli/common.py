@@ -31,6 +31,13 @@ class TextStream(str, enum.Enum):
     pad = "pad"
 
 
+class Variant(str, enum.Enum):
+    """Fast-weight designs (SPEC §3.9)."""
+    inplace = "inplace"
+    mlp = "mlp"
+    linear_adapter = "linear-adapter"
+
+
 class DType(str, enum.Enum):
     auto = "auto"
     bf16 = "bf16"

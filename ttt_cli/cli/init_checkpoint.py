@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, JsonOpt, OverwriteOpt, err, handle_errors, print_json
+from .common import DebugOpt, JsonOpt, OverwriteOpt, Variant, err, handle_errors, print_json
 
 
 class TargetInit(str, enum.Enum):
@@ -23,12 +23,6 @@ class Preset(str, enum.Enum):
     tiny_mlp = "tiny-mlp"
     tiny_adapter = "tiny-adapter"
     bench = "bench"
-
-
-class Variant(str, enum.Enum):
-    inplace = "inplace"
-    mlp = "mlp"
-    linear_adapter = "linear-adapter"
 
 
 def init_checkpoint_cmd(

@@ -114,6 +114,7 @@ class AdapterGroup(LearnerLayer):
 
     variant = "linear-adapter"
     rate_key = "lr_scale"
+    figure_suffix = "_adapter"
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()

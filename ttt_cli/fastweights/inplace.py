@@ -389,6 +389,9 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             return 0
         return 4 * (self.dim * self.hidden + self.chunk_size * (self.dim + self.hidden))
 
+    def bytes_read_per_step(self) -> int:
+        return 0 if self.frozen else 4 * self.dim * self.hidden  # W; the pending chunk is written, not read
+
     def memory_formula(self) -> str:
         if self.frozen:
             return "0 (frozen)"

@@ -36,6 +36,7 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
 
     variant: tp.ClassVar[str]
     rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
+    figure_suffix: tp.ClassVar[str] = ""  # appended to `ttt bench` figure names (SPEC §5.5)
 
     @abc.abstractmethod
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
@@ -65,6 +66,10 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     @abc.abstractmethod
     def state_bytes_per_stream(self) -> int:
         """Bytes of fast-weight state one stream needs on the device (SPEC §5's estimate)."""
+
+    def bytes_read_per_step(self) -> int:
+        """Fast-weight bytes one stream's step must read (the memory-bound floor of `ttt bench`)."""
+        return self.state_bytes_per_stream()
 
     @abc.abstractmethod
     def memory_formula(self) -> str:

@@ -41,19 +41,17 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """LN_h(z) = γ_h ⊙ (z − mean) / sqrt(var + 1e-6) + β_h over the last dim (population variance)."""
-    mu = z.mean(-1, keepdim=True)
-    var = z.var(-1, keepdim=True, unbiased=False)
-    return _bcast(gamma) * (z - mu) / torch.sqrt(var + LN_EPS) + _bcast(beta)
+    return F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * _bcast(gamma) + _bcast(beta)
 
 
 def ln_l2_grad(z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """∂/∂z of ½‖LN(z) − y‖², closed form (the LayerNorm backward fused with the L2 loss)."""
-    p = z.shape[-1]
-    mu = z.mean(-1, keepdim=True)
-    std = torch.sqrt(z.var(-1, keepdim=True, unbiased=False) + LN_EPS)
-    xhat = (z - mu) / std
-    gx = (_bcast(gamma) * xhat + _bcast(beta) - y) * _bcast(gamma)  # ∂ℓ/∂x̂
-    return (p * gx - gx.sum(-1, keepdim=True) - xhat * (gx * xhat).sum(-1, keepdim=True)) / (p * std)
+    var, mu = torch.var_mean(z, -1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + LN_EPS)
+    xhat = (z - mu) * rstd
+    g = _bcast(gamma)
+    gx = (g * xhat + _bcast(beta) - y) * g  # ∂ℓ/∂x̂
+    return (gx - gx.mean(-1, keepdim=True) - xhat * (gx * xhat).mean(-1, keepdim=True)) * rstd
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -144,10 +142,6 @@ def frozen_outputs(inner: str, theta: dict[str, torch.Tensor], q: torch.Tensor, 
 
 # -- per-stream state -----------------------------------------------------------------------------
 
-def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-
 @dataclass
 class LearnerState:
     """One learner's per-stream tensors: θ_start, the pending tokens' gradient sums and counters.
@@ -172,32 +166,41 @@ class LearnerState:
 
     def reset(self, mask: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
         """Streams in `mask` go back to `start` with nothing pending (masked arithmetic, no host sync)."""
-        for k in self.theta:
-            self.theta[k].copy_(_where(mask, start[k].expand_as(self.theta[k]), self.theta[k]))
-            self.sums[k].masked_fill_(mask.view(-1, *([1] * (self.sums[k].dim() - 1))), 0.0)
+        for k, th in self.theta.items():
+            shape = (-1, *([1] * (th.dim() - 1)))
+            torch.where(mask.view(shape), start[k], th, out=th)
+            self.sums[k].masked_fill_(mask.view(shape), 0.0)
         self.count.masked_fill_(mask, 0)
         self.tokens.masked_fill_(mask, 0)
         self.resets.add_(mask.long())
 
-    def complete(self, done: torch.Tensor, chunk_size: int, start: dict[str, torch.Tensor]) -> None:
-        """Mini-batch end for the streams in `done`: θ_start ← θ_start − S/C; a non-finite result resets
-        the stream to `start` instead and is counted (SPEC §3.7)."""
-        new = {k: self.theta[k] - self.sums[k] / chunk_size for k in self.theta}
-        finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in new.values()]).all(0)  # [B]
-        ok, bad = done & finite, done & ~finite
-        for k in self.theta:
-            kept = _where(bad, start[k].expand_as(new[k]), self.theta[k])
-            self.theta[k].copy_(_where(ok, new[k], kept))
-            self.sums[k].masked_fill_(done.view(-1, *([1] * (self.sums[k].dim() - 1))), 0.0)
-        self.count.masked_fill_(done, 0)
+    def complete(self, done: torch.Tensor | None, chunk_size: int, start: dict[str, torch.Tensor]) -> None:
+        """Mini-batch end for the streams in `done` (None: every stream): θ_start ← θ_start − S/C. A
+        non-finite result resets the stream to `start` instead and is counted (SPEC §3.7); θ_start was
+        finite, so the result is non-finite exactly when the stream's pending sum is (or overflows)."""
+        finite = torch.stack([torch.isfinite(v.flatten(1).sum(1)) for v in self.sums.values()]).all(0)  # [B]
+        ok, bad = (finite, ~finite) if done is None else (done & finite, done & ~finite)
+        for k, th in self.theta.items():
+            shape = (-1, *([1] * (th.dim() - 1)))
+            if done is None:
+                th.sub_(self.sums[k], alpha=1.0 / chunk_size)
+                self.sums[k].zero_()
+            else:
+                th.sub_(torch.where(done.view(shape), self.sums[k], 0.0), alpha=1.0 / chunk_size)
+                self.sums[k].masked_fill_(done.view(shape), 0.0)
+            torch.where(bad.view(shape), start[k], th, out=th)
+        if done is None:
+            self.count.zero_()
+        else:
+            self.count.masked_fill_(done, 0)
         self.updates.add_(ok.long())
         self.nonfinite.add_(bad.long())
 
 
 # -- the learner over a call of T tokens ----------------------------------------------------------
 
-def _segments(counts: list[int], live: list[bool], T: int, C: int) -> list[tuple[int, int, list[int]]]:
-    """Cuts [0, T) where some live stream's mini-batch completes: [(start, end, counts at start)]."""
+def _segments(counts: list[int], live: list[bool], T: int, C: int) -> tuple[list[tuple[int, int, list[int]]], list[int]]:
+    """Cuts [0, T) where some live stream's mini-batch completes: ([(start, end, counts at start)], final counts)."""
     out = []
     t = 0
     counts = list(counts)
@@ -208,7 +211,29 @@ def _segments(counts: list[int], live: list[bool], T: int, C: int) -> list[tuple
             if live[b]:
                 counts[b] = (counts[b] + L) % C
         t += L
-    return out
+    return out, counts
+
+
+_POSITIONS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _positions(c0: list[int], L: int, device: torch.device) -> torch.Tensor:
+    """i of each token of a segment: [B, L] (or [1, L] when every stream is in the same phase), float."""
+    if len(set(c0)) == 1:
+        key = (c0[0], L, torch.device(device))
+        if key not in _POSITIONS:
+            _POSITIONS[key] = torch.arange(c0[0] + 1, c0[0] + L + 1, dtype=F32, device=device)[None]
+        return _POSITIONS[key]
+    return (torch.tensor(c0, device=device)[:, None] + torch.arange(1, L + 1, device=device)).to(F32)
+
+
+def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | None) -> None:
+    """S += Σ η_s ∇ℓ_s of a segment, for the live streams (None: all)."""
+    for name, v in gradient_sums(grads, eta).items():
+        if live is None:
+            st.sums[name].add_(v)
+        else:
+            st.sums[name].add_(torch.where(live.view(-1, *([1] * (v.dim() - 1))), v, 0.0))
 
 
 def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
@@ -232,42 +257,29 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
     B, _, T, _ = q.shape
     C = chunk_size
     if T == 1:
-        return _step(st, inner, q, k, y, eta, gamma, beta, C, live, start, st.count)
+        grads = key_gradients(inner, st.theta, k, y, gamma, beta)
+        o = query_outputs(st.theta, st.sums, q, grads, eta, (st.count + 1).to(F32)[:, None], gamma, beta)
+        _add_sums(st, grads, eta, live)
+        st.count.add_(live.long())
+        st.tokens.add_(live.long())
+        st.complete(live & (st.count == C), C, start)
+        return o
     counts, alive = st.count.tolist(), live.tolist()  # one host read per multi-token call
+    segments, final = _segments(counts, alive, T, C)
     outs = []
-    for a, b, c0 in _segments(counts, alive, T, C):
-        fresh = not any(c0)
-        base = torch.tensor(c0, dtype=torch.long, device=q.device)
-        outs.append(_segment(st, inner, q[:, :, a:b], k[:, :, a:b], y[:, :, a:b], eta[:, :, a:b], gamma, beta,
-                             live, base, None if fresh else st.sums, all(alive)))
+    for a, b, c0 in segments:
+        grads = key_gradients(inner, st.theta, k[:, :, a:b], y[:, :, a:b], gamma, beta)
+        outs.append(query_outputs(st.theta, st.sums if any(c0) else None, q[:, :, a:b], grads, eta[:, :, a:b],
+                                  _positions(c0, b - a, q.device), gamma, beta))
+        _add_sums(st, grads, eta[:, :, a:b], None if all(alive) else live)
         done = [alive[j] and c0[j] + (b - a) == C for j in range(B)]
-        if any(done):
+        if all(done):
+            st.complete(None, C, start)
+        elif any(done):
             st.complete(torch.tensor(done, device=q.device), C, start)
+    st.count.copy_(torch.tensor(final, device=q.device))
+    st.tokens.add_(live.long() * T)
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-
-
-def _segment(st: LearnerState, inner, q, k, y, eta, gamma, beta, live, base: torch.Tensor,
-             sums: dict[str, torch.Tensor] | None, all_live: bool) -> torch.Tensor:
-    """Outputs of L tokens inside one mini-batch per stream, then their gradients added to the sums."""
-    L = q.shape[2]
-    grads = key_gradients(inner, st.theta, k, y, gamma, beta)
-    idx = (base[:, None] + torch.arange(1, L + 1, device=q.device)).to(F32)  # [B, L]
-    o = query_outputs(st.theta, sums, q, grads, eta, idx, gamma, beta)
-    add = gradient_sums(grads, eta)
-    for name, v in add.items():
-        if all_live:
-            st.sums[name].add_(v)
-        else:
-            st.sums[name].add_(_where(live, v, torch.zeros_like(v)))
-    st.count.add_(live.long() * L)
-    st.tokens.add_(live.long() * L)
-    return o
-
-
-def _step(st: LearnerState, inner, q, k, y, eta, gamma, beta, C: int, live, start, count) -> torch.Tensor:
-    o = _segment(st, inner, q, k, y, eta, gamma, beta, live, count.clone(), st.sums, False)
-    st.complete(live & (st.count == C), C, start)
-    return o
 
 
 def flush(st: LearnerState, chunk_size: int, streams: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
@@ -280,11 +292,3 @@ def flush(st: LearnerState, chunk_size: int, streams: torch.Tensor, start: dict[
         # complete() divides by C: scale S so that S'/C = S/n for the flushed streams.
         st.sums[k].mul_(torch.where(has, chunk_size / n, torch.ones_like(n)).view(shape))
     st.complete(has, chunk_size, start)
-
-
-def state_tensor_bytes(st: LearnerState) -> int:
-    """Bytes of one stream's tensors in `st` (the memory a stream costs)."""
-    B = st.count.shape[0]
-    ts = list(st.theta.values()) + list(st.sums.values()) + [st.count, st.tokens, st.updates, st.resets, st.nonfinite]
-    return sum(t.numel() * t.element_size() for t in ts) // B
-

@@ -42,6 +42,7 @@ class HybridTTTBlock(LearnerLayer):
 
     variant = "mlp"
     rate_key = "base_lr"
+    figure_suffix = "_mlp"
 
     def __init__(self, dim: int, heads: int, cfg: MLPConfig, device=None):
         super().__init__()
