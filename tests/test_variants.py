@@ -133,9 +133,11 @@ def make_adapter(C=3, lr_scale=3.0, seed=0):
 
 
 class Harness:
-    """One variant's layer seen the same way: call it, stream it, read its state."""
+    """One variant's layer seen the same way: call it, stream it, read its state.
 
-    def __init__(self, variant, **kw):
+    `small_theta` scales θ0 down to fresh-init size, where the inner LayerNorm's eps matters."""
+
+    def __init__(self, variant, small_theta=False, **kw):
         self.variant = variant
         if variant == "mlp":
             self.layer = make_mlp(**kw)
@@ -143,6 +145,10 @@ class Harness:
         else:
             self.layer, lin = make_adapter(**kw)
             self.fn, self.ref, self.dim = lin, lambda x: adapter_reference(lin, x), IN
+        if small_theta:
+            with torch.no_grad():
+                for t in self.layer.initial_tensors().values():
+                    t.mul_(0.01)
 
     def x(self, B, T, seed=1):
         return torch.randn(B, T, self.dim, generator=torch.Generator().manual_seed(seed))
@@ -155,9 +161,10 @@ def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
+@pytest.mark.parametrize("small_theta", [False, True], ids=["theta", "small-theta"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_full_and_any_split_match_the_naive_loop(variant):
-    h = Harness(variant)
+def test_full_and_any_split_match_the_naive_loop(variant, small_theta):
+    h = Harness(variant, small_theta)
     B, T = 2, 11  # three mini-batches of 3 and a partial one
     x = h.x(B, T)
     ref = h.ref(x)

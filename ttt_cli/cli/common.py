@@ -50,7 +50,8 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="tiny | tiny-stt | 
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on cuda, fp32 on cpu.")]
 TTTOpt = Annotated[bool, typer.Option("--ttt/--no-ttt", help="--no-ttt freezes fast weights at W0 (the baseline).")]
-TTTLrOpt = Annotated[tp.Optional[float], typer.Option("--ttt-lr", help="Override the fast-weight learning rate.")]
+TTTLrOpt = Annotated[tp.Optional[float], typer.Option("--ttt-lr", help="Override the fast-weight rate: lr (inplace), "
+                                                     "base_lr (mlp) or lr_scale (linear-adapter).")]
 TTTChunkOpt = Annotated[tp.Optional[int], typer.Option("--ttt-chunk-size", help="Override the chunk size (steps).")]
 TTTLayersOpt = Annotated[tp.Optional[str], typer.Option("--ttt-layers", help="0,6,12 | every:6 | every:6@3.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]

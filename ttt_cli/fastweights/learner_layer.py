@@ -183,6 +183,9 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
             if not (n == int(n) and 0 <= n < self.chunk_size):
                 raise StateMismatchError(f"{_prefix(name)}{PENDING_COUNT} = {n:g} does not fit chunk_size "
                                          f"{self.chunk_size} (0 .. {self.chunk_size - 1} pending tokens).")
+            if n == 0 and any(torch.count_nonzero(v) for k, v in own.items() if k.startswith(PENDING_SUM)):
+                raise StateMismatchError(f"{_prefix(name)}pending_sum.* is not zero although no token is pending: "
+                                         f"an inconsistent snapshot.")
         if st.frozen:
             moved = any(int(float(own[PENDING_COUNT])) or not all(
                 torch.equal(own[k].to(st.start[name][k]), st.start[name][k]) for k in st.start[name])
@@ -240,10 +243,11 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         return counters if self.frozen else 4 * 2 * self._theta_numel() + counters
 
     def memory_formula(self) -> str:
+        """2·|θ|·4 (θ_start and the pending gradient sums, float32) + learners·5·8 (int64 counters)."""
         n = len(self.learners())
         if self.frozen:
-            return f"{n}x{COUNTERS}x8 (frozen)"
-        return f"2x{self._theta_numel()}x4 (θ_start + pending sums) + {n}x{COUNTERS}x8"
+            return f"{n}x{COUNTERS}x8"
+        return f"2x{self._theta_numel()}x4 + {n}x{COUNTERS}x8"
 
     @torch.no_grad()
     def flush_partial(self, batch_index: int | None = None) -> None:
