@@ -10,6 +10,7 @@ from ttt_cli.codes import transformer_input
 from ttt_cli.fastweights.config import TTTConfig
 from ttt_cli.fastweights.inplace import InPlaceTTTGating, X0Source
 from ttt_cli.streaming import block_streaming
+from streaming_checks import full_equals_blocks
 
 D, H = 6, 10
 
@@ -255,11 +256,7 @@ def test_model_full_vs_blocks_vs_naive(tiny, source):
         T = 2 * C + 5  # two chunks and a partial one, beyond the 32-step attention context
         seq = transformer_input(lm, random_codes(lm, 1, T))
         with torch.no_grad():
-            _, full = lm.forward_text(seq)
-            for block in (1, 7, C):
-                with block_streaming(lm, 1, block):
-                    outs = [lm.forward_text(seq[:, :, s:s + block])[1] for s in range(0, T, block)]
-                assert rel(torch.cat(outs, 2), full) < 1e-4, block
+            full = full_equals_blocks(lm, seq, (1, 7, C))
             # naive per-token loop with the test's own TTT reference in place of ours
             holder = {}
             grab = lm.transformer.register_forward_pre_hook(lambda m, a: holder.__setitem__("x0", a[0])) \

@@ -311,12 +311,6 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 st.nonfinite_events[b] += 1
 
     # -- FastWeightLayer interface -------------------------------------------------------------
-    def _state(self) -> InPlaceState:
-        st = self._streaming_state
-        if st is None:
-            raise RuntimeError("the TTT layer is not streaming: enter `lm.streaming(B)` first.")
-        return st
-
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
         st = self._state()
         n = st.n_pending[batch_index]

@@ -38,6 +38,13 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
     figure_suffix: tp.ClassVar[str] = ""  # appended to `ttt bench` figure names (SPEC §5.5)
 
+    def _state(self) -> StateT:
+        """The streaming state; a clear error outside `lm.streaming(B)`."""
+        st = self._streaming_state
+        if st is None:
+            raise RuntimeError("the TTT layer is not streaming: enter `lm.streaming(B)` first.")
+        return st
+
     @abc.abstractmethod
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
         """Returns copies of one stream's fast-weight tensors (CPU, float32)."""

@@ -132,12 +132,6 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
                      st.start[name])
 
     # -- snapshots ---------------------------------------------------------------------------------
-    def _state(self) -> LearnerLayerState:
-        st = self._streaming_state
-        if st is None:
-            raise RuntimeError("the TTT layer is not streaming: enter `lm.streaming(B)` first.")
-        return st
-
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
         st = self._state()
         out: dict[str, torch.Tensor] = {}
@@ -151,41 +145,9 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
             out[pre + PENDING_COUNT] = lst.count[batch_index].detach().to("cpu", F32).clone()
         return out
 
-    def _split(self, tensors: dict[str, torch.Tensor], pending: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-        """{learner: {W1, ..., pending_sum.W1, ..., pending_count}} with names and shapes checked."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        want: set[str] = set()
-        for name, lrn in self.learners().items():
-            pre = _prefix(name)
-            own: dict[str, torch.Tensor] = {}
-            names = list(lrn.theta0) + ([PENDING_SUM + k for k in lrn.theta0] + [PENDING_COUNT] if pending else [])
-            for n in names:
-                shape = () if n == PENDING_COUNT else tuple(lrn.theta0[n.removeprefix(PENDING_SUM)].shape)
-                want.add(pre + n)
-                if pre + n not in tensors:
-                    raise StateMismatchError(f"fast-weight tensor {pre + n} is missing ({self.variant} layer).")
-                t = tensors[pre + n]
-                if tuple(t.shape) != shape:
-                    raise StateMismatchError(f"fast-weight tensor {pre + n} has shape {list(t.shape)}, the layer "
-                                             f"needs {list(shape)}.")
-                own[n] = t
-            out[name] = own
-        extra = sorted(set(tensors) - want) if pending else []
-        if extra:
-            raise StateMismatchError(f"unexpected fast-weight tensors {extra[:4]} for a {self.variant} layer.")
-        return out
-
     def restore(self, tensors: dict[str, torch.Tensor], batch_index: int) -> None:
         st = self._state()
-        parts = self._split(tensors)
-        for name, own in parts.items():
-            n = float(own[PENDING_COUNT])
-            if not (n == int(n) and 0 <= n < self.chunk_size):
-                raise StateMismatchError(f"{_prefix(name)}{PENDING_COUNT} = {n:g} does not fit chunk_size "
-                                         f"{self.chunk_size} (0 .. {self.chunk_size - 1} pending tokens).")
-            if n == 0 and any(torch.count_nonzero(v) for k, v in own.items() if k.startswith(PENDING_SUM)):
-                raise StateMismatchError(f"{_prefix(name)}pending_sum.* is not zero although no token is pending: "
-                                         f"an inconsistent snapshot.")
+        parts = split_snapshot(self.learners(), tensors, self.variant, self.chunk_size)
         if st.frozen:
             moved = any(int(float(own[PENDING_COUNT])) or not all(
                 torch.equal(own[k].to(st.start[name][k]), st.start[name][k]) for k in st.start[name])
@@ -206,7 +168,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         if tensors is None:
             self._warm = None
             return
-        parts = self._split({k: v for k, v in tensors.items()}, pending=False)
+        parts = split_snapshot(self.learners(), tensors, self.variant)
         dev = self._device()
         self._warm = {name: {k: v.to(dev, F32).clone() for k, v in own.items()} for name, own in parts.items()}
 
@@ -218,12 +180,6 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         st = self._state()
         b = batch_index
         first = next(iter(st.learners.values()))
-        d2 = n2 = 0.0
-        for name, lst in st.learners.items():
-            for k, v0 in self.learners()[name].theta0.items():
-                cur = st.start[name][k] if st.frozen else lst.theta[k][b]
-                d2 += float((cur.double() - v0.double()).pow(2).sum())
-                n2 += float(v0.double().pow(2).sum())
         nonfinite = sum(int(lst.nonfinite[b]) for lst in st.learners.values())
         total = sum(int(lst.nonfinite.sum()) for lst in st.learners.values())
         if total > self._nonfinite_warned:  # the step never syncs: warn when telemetry is read (SPEC §3.7)
@@ -232,7 +188,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
                           f"were reset to their initial fast weights.")
         return {"tokens": int(first.tokens[b]), "updates": int(first.updates[b]), "resets": int(first.resets[b]),
                 "clip_events": 0, "nonfinite_events": nonfinite, "pending_tokens": int(first.count[b]),
-                "relative_drift": math.sqrt(d2) / max(math.sqrt(n2), 1e-30)}
+                "relative_drift": relative_drift(st, self.learners(), b)}
 
     def _theta_numel(self) -> int:
         return sum(v.numel() for lrn in self.learners().values() for v in lrn.theta0.values())
@@ -301,3 +257,49 @@ def time_bypassed(layer: LearnerLayer, fn: tp.Callable[[], tp.Any]) -> tp.Callab
         finally:
             layer.bypass = False
     return run
+
+
+def split_snapshot(learners: dict[str, Learner], tensors: dict[str, torch.Tensor], variant: str,
+                   chunk_size: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """A layer's snapshot tensors as {learner: {W1, ..., pending_sum.W1, ..., pending_count}}, names, shapes and
+    pending counts checked against the learners. Without `chunk_size`: θ only, other tensors ignored (a warm start)."""
+    pending = chunk_size is not None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    want: set[str] = set()
+    for name, lrn in learners.items():
+        pre = _prefix(name)
+        own: dict[str, torch.Tensor] = {}
+        names = list(lrn.theta0) + ([PENDING_SUM + k for k in lrn.theta0] + [PENDING_COUNT] if pending else [])
+        for n in names:
+            shape = () if n == PENDING_COUNT else tuple(lrn.theta0[n.removeprefix(PENDING_SUM)].shape)
+            want.add(pre + n)
+            if pre + n not in tensors:
+                raise StateMismatchError(f"fast-weight tensor {pre + n} is missing ({variant} layer).")
+            t = tensors[pre + n]
+            if tuple(t.shape) != shape:
+                raise StateMismatchError(f"fast-weight tensor {pre + n} has shape {list(t.shape)}, the layer "
+                                         f"needs {list(shape)}.")
+            own[n] = t
+        out[name] = own
+        n = float(own[PENDING_COUNT]) if pending else 0.0
+        if not (n == int(n) and 0 <= n < (chunk_size or 1)):
+            raise StateMismatchError(f"{pre}{PENDING_COUNT} = {n:g} does not fit chunk_size {chunk_size} "
+                                     f"(0 .. {(chunk_size or 1) - 1} pending tokens).")
+        if pending and n == 0 and any(torch.count_nonzero(v) for k, v in own.items() if k.startswith(PENDING_SUM)):
+            raise StateMismatchError(f"{pre}pending_sum.* is not zero although no token is pending: an inconsistent "
+                                     f"snapshot.")
+    extra = sorted(set(tensors) - want) if pending else []
+    if extra:
+        raise StateMismatchError(f"unexpected fast-weight tensors {extra[:4]} for a {variant} layer.")
+    return out
+
+
+def relative_drift(st: LearnerLayerState, learners: dict[str, Learner], b: int) -> float:
+    """‖θ − θ0‖ / ‖θ0‖ of stream b over all of a layer's learners (float64 sums)."""
+    d2 = n2 = 0.0
+    for name, lst in st.learners.items():
+        for k, v0 in learners[name].theta0.items():
+            cur = st.start[name][k] if st.frozen else lst.theta[k][b]
+            d2 += float((cur.double() - v0.double()).pow(2).sum())
+            n2 += float(v0.double().pow(2).sum())
+    return math.sqrt(d2) / max(math.sqrt(n2), 1e-30)
