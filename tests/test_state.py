@@ -261,11 +261,11 @@ def test_metadata_and_fingerprint(tiny, fresh, snap):
         tg = layer.target_generator
         for name, t in (("target_generator.W_target.weight", tg.W_target.weight),
                         ("target_generator.conv1d.conv.weight", tg.conv1d.conv.weight), ("w_down", layer.w_down)):
-            h.update(name.encode())
+            h.update(f"{name}:{list(t.shape)};".encode())
             h.update(t.detach().numpy().tobytes())
-    h.update(json.dumps({"variant": "inplace", "layers": [1, 3], "chunk_size": 16, "conv_kernel_size": 2,
-                         "conv_padding": "right", "target_source": "input"}, sort_keys=True,
-                        separators=(",", ":")).encode())
+        h.update(json.dumps({"variant": "inplace", "chunk_size": 16, "conv_kernel_size": 2, "conv_padding": "right",
+                             "target_source": "input"}, sort_keys=True, separators=(",", ":")).encode())
+    h.update(json.dumps({"layers": [1, 3]}).encode())
     assert fingerprint(fresh) == fingerprint(tiny.lm) == m["model_fingerprint"] == h.hexdigest()
     assert check_fits(fresh, s).fits
     with pytest.raises(ConfigError, match="overwrite"):

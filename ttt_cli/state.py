@@ -156,44 +156,37 @@ def model_config(model_or_lm) -> FastWeightConfig:
     return FastWeightConfig.from_dict(sec)
 
 
-def _hash_tensors(h: "hashlib._Hash", tensors: dict[str, torch.Tensor]) -> None:
-    for name, t in sorted(tensors.items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+def _hash(layers: dict[int, FastWeightLayer], initial_only: bool) -> str:
+    h = hashlib.sha256()
+    for i in sorted(layers):
+        h.update(f"layer:{i};".encode())
+        layers[i].fingerprint_update(h, initial_only=initial_only)
+    if not initial_only:
+        h.update(json.dumps({"layers": sorted(layers)}).encode())
+    return h.hexdigest()
 
 
 def fingerprints(model_or_lm) -> tuple[str, str]:
-    """(model fingerprint, θ0-only fingerprint).
-
-    The model fingerprint (SPEC §3.9) covers, in ascending layer order, each layer's
-    `fingerprint_tensors()` (θ0 and every tensor defining what it computes) and the structural
-    config keys (variant, layers, shapes, chunk size, ...; never lr or clip). The θ0 fingerprint
-    covers `initial_tensors()` only (a snapshot taken from other θ0 of the same shapes is forceable).
-    """
-    lm = _lm(model_or_lm)
-    layers = _layers(lm)
-    h, h0 = hashlib.sha256(), hashlib.sha256()
-    for i in sorted(layers):
-        for x in (h, h0):
-            x.update(f"layer:{i};".encode())
-        _hash_tensors(h, layers[i].fingerprint_tensors())
-        _hash_tensors(h0, layers[i].initial_tensors())
-    h.update(model_config(lm).canonical_json().encode())
-    return h.hexdigest(), h0.hexdigest()
+    """(model fingerprint, W0-only fingerprint), see `fingerprint` and `w0_fingerprint`."""
+    layers = _layers(_lm(model_or_lm))
+    return _hash(layers, initial_only=False), _hash(layers, initial_only=True)
 
 
 def w0_fingerprint(model_or_lm) -> str:
-    """Hex sha256 over the TTT layers' initial tensors (W0) only."""
-    return fingerprints(model_or_lm)[1]
+    """Hex sha256 over the TTT layers' initial tensors (θ0: W0 for In-Place) only."""
+    return _hash(_layers(_lm(model_or_lm)), initial_only=True)
 
 
 def fingerprint(model_or_lm) -> str:
-    """Hex sha256 over the TTT layers' W0 bytes and the canonical JSON of the TTT config (SPEC §5.3).
+    """Hex sha256 of what the fast-weight layers compute (SPEC §3.9, §5.3): in ascending layer order,
+    each layer's `fingerprint_tensors()` (θ0 and the tensors defining its targets/projections) and
+    its structural config keys, then the layer set. lr, clip and `ttt_name` are not part of it, so
+    `--ttt-lr`, `-p off` and `--no-ttt` never make a snapshot unfit.
 
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
     """
-    return fingerprints(model_or_lm)[0]
+    return _hash(_layers(_lm(model_or_lm)), initial_only=False)
 
 
 def _fresh_capture(layer: FastWeightLayer) -> dict[str, torch.Tensor]:

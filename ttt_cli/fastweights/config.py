@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import typing as tp
 from dataclasses import asdict, dataclass, field, fields
@@ -28,8 +27,8 @@ class FastWeightConfig:
 
     Class attributes a variant sets: `rate_key` (the key `--ttt-lr` sets, 0 = TTT off),
     `structural_keys` (keys that change what the layer computes or the meaning of its snapshot
-    tensors: part of the fingerprint, never forced) and `hyper_keys` (update-rule rates: a snapshot
-    taken with other values still continues a well-defined stream).
+    tensors: a snapshot taken with other values is never restored) and `hyper_keys` (update-rule
+    rates: a snapshot taken with other values still continues a well-defined stream, `--force-state`).
     """
 
     variant: str = "inplace"
@@ -124,15 +123,6 @@ class FastWeightConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: d[k] for k in self.valid_keys()}
-
-    def structural(self) -> dict:
-        """What the fingerprint covers besides tensors: variant, layers and the structural keys."""
-        d = self.to_dict()
-        return {"variant": self.variant, "layers": list(self.layers), **{k: d[k] for k in self.structural_keys}}
-
-    def canonical_json(self) -> str:
-        """Canonical JSON of `structural()` (used in fingerprints): never lr, clip or `ttt_name`."""
-        return json.dumps(self.structural(), sort_keys=True, separators=(",", ":"))
 
 
 @dataclass

@@ -156,6 +156,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
     """
 
     variant = "inplace"
+    structural = frozenset({"variant", "layers", "chunk_size", "conv_kernel_size", "conv_padding",
+                            "target_source"})
 
     def __init__(self, linear_in: nn.Module, linear_out: nn.Module, activation, cfg: TTTConfig,
                  x0: X0Source):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 import typing as tp
 from dataclasses import dataclass
 
@@ -35,6 +37,9 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     """
 
     variant: tp.ClassVar[str]
+    # Config keys (of `config_section()`, plus the model-level `layers`) that change what the layer
+    # computes: they enter the fingerprint. Update-rule hyperparameters (lr, clip) and file names do not.
+    structural: tp.ClassVar[frozenset[str]]
     rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
     figure_suffix: tp.ClassVar[str] = ""  # appended to `ttt bench` figure names (SPEC §5.5)
 
@@ -101,3 +106,17 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     @abc.abstractmethod
     def layer_bench(self, tokens: int, device: str) -> LayerBench:
         """The layer-ratio measurement of SPEC §8.5 on `tokens` random tokens."""
+
+    def structural_config(self) -> dict[str, tp.Any]:
+        """The `structural` keys of `config_section()` (what the fingerprint covers of the config)."""
+        return {k: v for k, v in sorted(self.config_section().items()) if k in self.structural}
+
+    def fingerprint_update(self, h: "hashlib._Hash", initial_only: bool = False) -> None:
+        """Feeds the fingerprint tensors (names, shapes, float32 bytes) and the structural config to `h`;
+        `initial_only`: θ0's tensors only (the W0 fingerprint)."""
+        tensors = self.initial_tensors() if initial_only else self.fingerprint_tensors()
+        for name, t in sorted(tensors.items()):
+            h.update(f"{name}:{list(t.shape)};".encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if not initial_only:
+            h.update(json.dumps(self.structural_config(), sort_keys=True, separators=(",", ":")).encode())

@@ -41,6 +41,7 @@ class HybridTTTBlock(LearnerLayer):
     """
 
     variant = "mlp"
+    structural = frozenset({"variant", "layers", "chunk_size", "num_heads"})
     rate_key = "base_lr"
     figure_suffix = "_mlp"
 
