@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import typing as tp
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -200,8 +201,10 @@ def variant_figures(opts: BenchOptions, overrides: dict, steps: int, progress) -
     from .models.loader import load_model
     from .fastweights.attach import ttt_layers
 
-    on = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=overrides or None)
-    off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt={**overrides, "lr": 0.0})
+    with warnings.catch_warnings():  # another variant on this base has no tensors: its fresh init is expected
+        warnings.simplefilter("ignore", UserWarning)
+        on = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=overrides or None)
+        off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt={**overrides, "lr": 0.0})
     layers = ttt_layers(on.lm)
     first = next(iter(layers.values()))
     sfx, name = first.figure_suffix, first.variant
