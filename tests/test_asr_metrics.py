@@ -117,6 +117,10 @@ def test_bins_deletions_between_neighbours_and_insertions():
     assert [b.wer for b in s.bins] == [pytest.approx(0.5), pytest.approx(1 / 3), pytest.approx(1.0)]
     assert (s.substitutions, s.deletions, s.insertions) == (1, 2, 1) and s.wer == pytest.approx(4 / 8)
     assert s.longest_deletion_run == 2
+    assert sum(b.errors for b in s.bins) == s.errors and sum(b.ref_words for b in s.bins) == s.words
+    # the per-file keys of results.json (SPEC §5.7), plus the bins
+    assert set(s.to_dict()) == {"wer", "cer", "substitutions", "deletions", "insertions", "words",
+                                "longest_deletion_run", "longest_gap_s", "repetition_rate", "bins"}
 
 
 def test_bins_deletions_at_the_edges_use_recording_start_and_end():
