@@ -179,7 +179,7 @@ def test_longest_gap():
 
 @pytest.mark.parametrize("words, rate", [
     ("go go go go go go", 1.0),                # 6 words: only i = 3 has both windows; it repeats
-    ("red fox ran red fox ran now", 0.5),     # i = 3: (red fox ran) = (red fox ran); i = 4: (fox ran now) != (fox ran red)
+    ("red fox ran red fox ran now", 0.5),     # i = 3: (red fox ran) twice; i = 4: (fox ran now) != (fox ran red)
     ("the cat the cat the cat", 0.0),         # period 2: (cat the cat) != (the cat the)
     ("red fox ran red fox", 0.0),             # 5 words: no position has both windows
     ("", 0.0),
