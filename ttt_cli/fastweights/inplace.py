@@ -18,6 +18,8 @@ from ..errors import StateMismatchError
 from .interface import FastWeightLayer
 
 F32 = torch.float32
+# `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
+ACTIVATIONS: dict[str, tp.Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
 GRAPH_CAPTURE_ERROR = ("In-Place TTT decides chunk updates in Python: it cannot run under CUDA graph capture. "
                        "Wrap generation in moshi.utils.compile.no_cuda_graph().")
 
@@ -91,7 +93,7 @@ class TargetGenerator(nn.Module):
 class X0Source:
     """Per-LM holder of the current call's token embeddings, filled by forward hooks.
 
-    `input`: the tensor fed to `lm.transformer`; `text`: the output of `lm.text_emb`.
+    `input`: the sum of the token embeddings (audio and text, no condition); `text`: `lm.text_emb`'s output.
     """
 
     def __init__(self) -> None:
@@ -162,7 +164,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         super().__init__()
         self.linear_in = linear_in
         self.linear_out = linear_out
-        self.activation = activation
+        self.activation = ACTIVATIONS[cfg.activation] if cfg.activation is not None else activation
+        self.activation_name = cfg.activation
         w_out = linear_weight(linear_out)
         d, h = w_out.shape
         self.dim, self.hidden = d, h
@@ -176,6 +179,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         self.target_source = cfg.target_source
         self._x0 = x0
         self._warm_start: torch.Tensor | None = None  # [d, h] replaces W0 as the reset target
+        self._w_cast: tuple | None = None  # (reset target, its version/device/dtype, its model-dtype copy)
 
     # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
     def _apply(self, fn, recurse=True):
@@ -227,11 +231,21 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         hu = hu.view(B, T, 2, -1)
         return self.activation(hu[..., 0, :]) * hu[..., 1, :]  # [B, T, h]
 
+    def _frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reset target cast to the model dtype, cached until it changes (in place or replaced)."""
+        w = self._reset_target()
+        c = self._w_cast
+        if c is None or c[0] is not w or c[1] != (w._version, w.device, dtype):
+            c = self._w_cast = (w, (w._version, w.device, dtype), w.to(dtype))
+        return c[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        z = self.hidden_activations(x).to(F32)  # [B, T, h]
+        z = self.hidden_activations(x)  # [B, T, h], model dtype
         if self.frozen:
-            return F.linear(z, self._reset_target()).to(x.dtype)
+            # Exactly moshi's down projection in the model dtype (SPEC §3.4b): bf16 runs match moshi's CLI.
+            return F.linear(z, self._frozen_weight(z.dtype))
+        z = z.to(F32)
         refuse_graph_capture(x)
         x0 = self._x0.get(self.target_source, B, T).to(F32)  # [B, T, d]
         state = self._streaming_state
@@ -369,7 +383,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         conv = self.target_generator.conv1d
         return {"variant": self.variant, "chunk_size": self.chunk_size, "lr": self.lr,
                 "conv_kernel_size": conv.kernel_size, "conv_padding": conv.padding,
-                "target_source": self.target_source, "delta_clip_fro_norm": self.clip,
+                "target_source": self.target_source, "activation": self.activation_name,
+                "delta_clip_fro_norm": self.clip,
                 "delta_clip_epsilon": self.clip_eps}
 
     def state_bytes_per_stream(self) -> int:
