@@ -423,3 +423,27 @@ def test_input_target_source_is_the_embeddings_without_condition(tiny):
     finally:
         layer._x0.get = orig
     assert torch.equal(seen["x0"], x0)
+
+
+def test_cli_fork_checkpoint_with_base_and_ttt_clip(tmp_path, base):
+    import sphn
+    from typer.testing import CliRunner
+    from ttt_cli.cli.app import app
+    folder, _ = write_fork(tmp_path, base, "ttt-only")
+    clip = tmp_path / "clip.wav"
+    sphn.write_wav(str(clip), (torch.randn(1, 24000, generator=torch.Generator().manual_seed(0)) * 0.1).numpy(), 24000)
+    run = CliRunner().invoke
+    r = run(app, ["infer", str(clip), "--model", str(folder.parent), "--base", str(base[0]), "--ttt-clip", "none",
+                  "--greedy", "--out", str(tmp_path / "out"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["ttt"]["config"]["delta_clip_fro_norm"] is None and res["ttt"]["config"]["activation"] == "gelu"
+    prov = res["model"]["provenance"]
+    assert prov["kind"] == "adapters" and prov["files"]["adapters"].endswith("lora.safetensors")
+    assert prov["ttt_tensors"]["w0"]["1"] == "linear_out" and not prov["warnings"]
+    r = run(app, ["infer", str(clip), "--model", str(folder), "--base", str(base[0]), "--ttt-clip", "0",
+                  "--out", str(tmp_path / "out2")])
+    assert r.exit_code == 2 and "--ttt-clip 0: expected `none` or a number > 0" in r.output
+    r = run(app, ["infer", str(clip), "--model", str(folder.parents[2]), "--base", str(base[0]),
+                  "--out", str(tmp_path / "out3")])
+    assert r.exit_code == 2 and "checkpoint_000010/consolidated" in r.output

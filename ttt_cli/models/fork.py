@@ -61,10 +61,16 @@ def _refuse_run_dir(p: Path, checkpoints: Path) -> tp.NoReturn:
                           f"{', '.join(str(s) for s, _ in steps)}. Pass one checkpoint, e.g. the last: --model {last}")
 
 
-def find_fork_layout(p: Path, config: dict | None = None) -> ForkLayout | None:
+def is_fork_config(cfg: dict) -> bool:
+    """The trainer always writes `lora` (and never `lora_name`); ours has a `ttt` section."""
+    return "lora" in cfg and "ttt" not in cfg and "lora_name" not in cfg
+
+
+def find_fork_layout(p: Path) -> ForkLayout | None:
     """The fork layout at `p` (a consolidated/ folder, its checkpoint_NNNNNN/ parent or the weights file).
 
-    Returns None for anything else; refuses a run folder (`RUN/`, `RUN/checkpoints/`) with the steps found.
+    Returns None where no such file is; refuses a run folder (`RUN/`, `RUN/checkpoints/`) with the steps
+    found. Whether the config is the fork's is `is_fork_config`'s call.
     """
     if p.is_file():
         if p.name in (CONSOLIDATED, ADAPTERS) and (p.parent / "config.json").exists():
@@ -76,8 +82,6 @@ def find_fork_layout(p: Path, config: dict | None = None) -> ForkLayout | None:
         _refuse_run_dir(p, p)
     if (p / "consolidated").is_dir() and not (p / "config.json").exists():
         p = p / "consolidated"
-    if config is not None and "ttt" in config:
-        return None  # our own layout
     present = [p / n for n in (CONSOLIDATED, ADAPTERS) if (p / n).exists()]
     if not present or not (p / "config.json").exists():
         return None

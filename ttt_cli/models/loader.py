@@ -247,10 +247,11 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
     notes = _Notes()
     prov = dict(res.provenance)
     mapping = None
+    if res.fork is not None:  # needed with TTT off too: which layers' tensors the files may hold
+        mapping = from_fork_config(res.config, num_layers, adapters=res.fork.kind == "adapters")
     if ttt is False:
         cfg, origin = None, "off"
-    elif res.fork is not None:
-        mapping = from_fork_config(res.config, num_layers, adapters=res.fork.kind == "adapters")
+    elif mapping is not None:
         cfg, origin = apply_overrides(mapping.config, overrides, num_layers), "fork"
     else:
         cfg, origin = resolve_ttt_config(res.config, num_layers, overrides)
@@ -258,7 +259,8 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
         raise ConfigError(f"{res.model_id}: the TTT settings select no layer; give --ttt-layers or --no-ttt.")
     with torch.no_grad():
         if res.fork is not None:
-            loaded = _load_fork_lm(info, res.fork, mapping.config.layers if mapping.config else [], dev, torch_dtype)
+            fork_layers = mapping.config.layers if mapping.config is not None else []
+            loaded = _load_fork_lm(info, res.fork, fork_layers, dev, torch_dtype)
         else:
             loaded = _load_lm(info, dev, torch_dtype)
         lm = loaded.lm

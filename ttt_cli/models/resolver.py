@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from .fork import ForkLayout, find_fork_layout
+from .fork import ForkLayout, find_fork_layout, is_fork_config
 from .presets import PRESETS
 from .yarn import YarnConfig
 
@@ -72,7 +72,7 @@ def _resolve(source: str) -> Resolved:
         layout = find_fork_layout(p)
         if layout is not None:
             cfg = _read_config(layout.folder / "config.json")
-            if "ttt" not in cfg:
+            if is_fork_config(cfg):
                 return Resolved(str(layout.weights.resolve() if p.is_file() else layout.folder.resolve()), cfg,
                                 layout.folder.resolve(), fork=ForkLayout(layout.folder.resolve(),
                                                                          layout.weights.resolve(), layout.step))
