@@ -97,6 +97,8 @@ def librilight_cmd(
         from ..models.loader import load_model
         set_seed(seed)
         m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
+        for note in m.notes:
+            err(note)
         err(check_memory(m, 1, force))
         return m
 

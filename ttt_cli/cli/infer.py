@@ -107,6 +107,8 @@ def infer_cmd(
     out_dir = check_writable_dir(out)
     m = load_model(model, device=device.value, dtype=dtype.value, base=base,
                    ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
+    for note in m.notes:
+        err(note)
     for note in m.warnings:
         err(f"warning: {note}")
     run_mode, _ = preflight(m, opts, len(jobs))

@@ -60,6 +60,10 @@ def export_state_cmd(
     set_seed(seed)
     m = load_model(model, device=device.value, dtype=dtype.value, base=base,
                    ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
+    for note in m.notes:
+        err(note)
+    for note in m.warnings:
+        err(f"warning: {note}")
     err(check_memory(m, 1, force))
     with make_progress(quiet=False) as progress:
         res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,

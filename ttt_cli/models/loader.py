@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, LoadWarning
 from ..fastweights.config import TTT_FILE, TTTConfig
 from .config import apply_overrides, resolve_ttt_config
 from .fork import CLIP_WARNING, ForkLayout, from_fork_config, normalise_ttt_tensors
@@ -32,6 +32,7 @@ class TTTModel:
     dtype: tp.Any
     ttt: TTTConfig | None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user should know, not a problem (stderr)
 
     @property
     def is_stt(self) -> bool:
@@ -215,7 +216,7 @@ class _Notes:
     def warn(self, msg: str) -> None:
         if msg not in self.items:
             self.items.append(msg)
-            warnings.warn(msg, stacklevel=3)
+            warnings.warn(msg, LoadWarning, stacklevel=3)
 
 
 def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: str | None = "auto",
@@ -285,7 +286,19 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
         prov["mapping"] = mapping.to_dict()
     prov["warnings"] = list(notes.items)
     config["provenance"] = prov
-    return TTTModel(lm, mimi, tokenizer, config, res.model_id, info, dev, torch_dtype, cfg, notes.items)
+    return TTTModel(lm, mimi, tokenizer, config, res.model_id, info, dev, torch_dtype, cfg, notes.items,
+                    _fork_note(res))
+
+
+def _fork_note(res: Resolved) -> list[str]:
+    """One line saying which of a fork checkpoint's files came from where."""
+    if res.fork is None:
+        return []
+    where = res.provenance.get("from", {})
+    names = {"moshi": "LM weights", "mimi": "Mimi", "tokenizer": "tokenizer", "mimi_config": "Mimi config"}
+    parts = [f"{names[k]} from {v}" for k, v in where.items() if k != "mimi_config" or res.provenance["files"].get("mimi_config")]
+    step = f", step {res.fork.step}" if res.fork.step is not None else ""
+    return [f"fine-tuning fork checkpoint ({res.fork.weights.name}{step}): {'; '.join(parts)}."]
 
 
 def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, target_init: str | None,

@@ -12,7 +12,6 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError
 from .fork import ForkLayout, find_fork_layout, is_fork_config
 from .presets import PRESETS
-from .yarn import YarnConfig
 
 DEFAULT_MODEL = "kyutai/moshiko-pytorch-bf16"
 # moshi config keys that name files rather than LMModel arguments.
@@ -150,8 +149,9 @@ def _local(ref: str) -> Path:
 NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config")
 
 
-def yarn_section(cfg: dict) -> YarnConfig | None:
-    """The checkpoint's enabled `yarn_config` (ours or the fork's), validated; None when absent."""
+def yarn_section(cfg: dict):
+    """The checkpoint's enabled `yarn_config` (ours or the fork's) as a `YarnConfig`; None when absent."""
+    from .yarn import YarnConfig  # imports torch: only when a checkpoint is read
     return YarnConfig.from_dict(cfg.get("yarn_config"), cfg.get("context"))
 
 
@@ -192,7 +192,8 @@ def _fork_files(res: Resolved) -> tuple[dict[str, str | None], dict[str, str]]:
         local = _local(name) if name and (name.startswith("file://") or os.path.isabs(name)) else (
             folder / Path(name).name if name else None)
         if local is not None and local.is_file():
-            files[role], where[role] = str(local), "checkpoint folder"
+            files[role], where[role] = str(local), ("checkpoint folder" if local.parent == folder
+                                                    else "the path config.json names")
         else:
             files[role], where[role] = from_base[role], f"base {base.model_id}"
     if res.fork.kind == "consolidated":  # full fine-tuning: every LM weight is in consolidated.safetensors
