@@ -16,6 +16,7 @@ from ttt_cli.errors import CheckpointError, ConfigError
 from ttt_cli.fastweights.attach import set_ttt_lr
 from ttt_cli.models.fork import from_fork_config
 from ttt_cli.models.presets import LM_CONFIGS, ensure_preset, preset_dir
+from test_checkpoint import codes_for, logits  # teacher-forced logits of random codes, NaN -> 0
 
 LAYERS = [1, 3]           # start_layer 1, layer_frequency 2 on tiny's 4 layers
 CHUNK, LR, RANK, SCALING = 8, 0.05, 4, 2.0
@@ -225,21 +226,8 @@ def reference_lm(state, w0, tg, yarn=None, lr=LR, clip=None):
     return lm.eval()
 
 
-def codes(lm, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    c = torch.randint(0, lm.card, (2, lm.num_codebooks, T), generator=g)
-    c[:, 0] = torch.randint(0, lm.text_card, (2, T), generator=g)
-    return c
-
-
-def logits(lm, c):
-    with torch.no_grad():
-        out = lm(c)
-    return out.text_logits.nan_to_num(), out.logits.nan_to_num()  # [B, 1, T, text_card], [B, dep_q, T, card]
-
-
 def rel_per_position(a, b):
-    """Largest relative error of one stream position (text and audio logits each), over the batch."""
+    """Largest relative error of one stream position (audio and text logits each), over the batch."""
     worst = 0.0
     for x, y in zip(a, b):
         num = (x - y).transpose(1, 2).flatten(2).norm(dim=-1)  # [B, T]
@@ -291,7 +279,7 @@ def test_fork_kinds_match_the_spec_reference(tmp_path, base, kind, form, yarn, p
     assert m.ttt.layers == LAYERS and m.ttt.activation == "gelu" and m.ttt.target_source == "input"
     assert all(l.w_down.dtype == torch.float32 for l in ttt_layers(m.lm).values())  # bf16 upcast
     ref = reference_lm(*effective(kind, base, t), yarn=yarn)
-    c = codes(m.lm)
+    c = codes_for(m.lm, T=T, seed=1)
     got = logits(m.lm, c)
     err = rel_per_position(got, logits(ref, c))
     assert err <= 1e-4, f"{kind}: max relative error per position {err:.2e}"
@@ -316,7 +304,7 @@ def test_trainer_clip_is_reproduced_and_warned_once(tmp_path, base):
     assert sum("--ttt-clip" in str(w.message) for w in rec) == 1 and len(m.warnings) == 1
     assert m.ttt.delta_clip_fro_norm == 1e-5 and m.config["provenance"]["mapping"]["clip_defaulted"]
     state, w0, tg = effective("ttt-only", base, t)
-    c = codes(m.lm)
+    c = codes_for(m.lm, T=T, seed=1)
     got = logits(m.lm, c)
     assert rel_per_position(got, logits(reference_lm(state, w0, tg, lr=2e3, clip=1e-5), c)) <= 1e-4
     assert rel_per_position(got, logits(reference_lm(state, w0, tg, lr=2e3, clip=None), c)) > 1e-2
@@ -380,9 +368,11 @@ def test_inconsistent_checkpoints_are_refused(tmp_path, base):
 
 def test_bad_tensors_are_refused_naming_file_and_key(tmp_path, base):
     key = "transformer.layers.1.gating.w_down"
-    for name, value, match in [("nan", float("nan"), "non-finite"), ("shape", None, r"shape \(3, 5\).*needs \(64, 176\)")]:
+    for name, value, match in [("nan", torch.full((64, 176), float("nan")), "non-finite"),
+                               ("shape", torch.zeros(3, 5), r"shape \(3, 5\).*needs \(64, 176\)"),
+                               ("dtype", torch.zeros(64, 176, dtype=torch.int32), "dtype torch.int32")]:
         folder, t = write_fork(tmp_path / name, base, "full")
-        t[key] = torch.full_like(t[key], value) if value is not None else torch.zeros(3, 5)
+        t[key] = value
         save_file({k: v.to(BF16) if v.is_floating_point() else v for k, v in t.items()},
                   str(folder / "consolidated.safetensors"))
         with pytest.raises(CheckpointError, match=rf"consolidated\.safetensors: TTT tensor {key} .*{match}"):

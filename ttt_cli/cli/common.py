@@ -118,6 +118,14 @@ def err(msg: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(msg, markup=False)
 
 
+def say_model_notes(m) -> None:
+    """What loading said about the model (where a fork checkpoint's files came from, warnings), once."""
+    for note in m.notes:
+        err(note)
+    for note in m.warnings:
+        err(f"warning: {note}")
+
+
 def print_json(obj: tp.Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()

@@ -97,7 +97,7 @@ def librilight_cmd(
         from ..models.loader import load_model
         set_seed(seed)
         m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
-        for note in m.notes:
+        for note in m.notes:  # its warnings go into results.json and are printed at the end
             err(note)
         err(check_memory(m, 1, force))
         return m

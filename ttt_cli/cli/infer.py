@@ -11,7 +11,7 @@ import typer
 
 from .common import (BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, JsonOpt, ModelOpt,
                      OverwriteOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
-                     print_table, ttt_overrides)
+                     print_table, say_model_notes, ttt_overrides)
 
 DEFAULT_SEED = 4242  # = inference.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
 TEXT_PREVIEW = 48
@@ -107,10 +107,7 @@ def infer_cmd(
     out_dir = check_writable_dir(out)
     m = load_model(model, device=device.value, dtype=dtype.value, base=base,
                    ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
-    for note in m.notes:
-        err(note)
-    for note in m.warnings:
-        err(f"warning: {note}")
+    say_model_notes(m)
     run_mode, _ = preflight(m, opts, len(jobs))
     states = state_paths(save_state, jobs, opts.reset_policy)
     if save_state is not None and len(set(states.values())) > 1:

@@ -10,7 +10,7 @@ import typer
 
 from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err,
                      handle_errors, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt,
-                     set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
+                     say_model_notes, set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
 
 
 def export_state_cmd(
@@ -60,10 +60,7 @@ def export_state_cmd(
     set_seed(seed)
     m = load_model(model, device=device.value, dtype=dtype.value, base=base,
                    ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
-    for note in m.notes:
-        err(note)
-    for note in m.warnings:
-        err(f"warning: {note}")
+    say_model_notes(m)
     err(check_memory(m, 1, force))
     with make_progress(quiet=False) as progress:
         res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
