@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import typing as tp
 import warnings
 from dataclasses import dataclass, field
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moshi.modules.gating import gating_forward_kernel
 from moshi.modules.lora import LoRALinear
+from moshi.utils.compile import no_compile
 from moshi.modules.streaming import State
 
 from .config import TTTConfig
@@ -239,13 +242,23 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             c = self._w_cast = (w, (w._version, w.device, dtype), w.to(dtype))
         return c[2]
 
+    def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """TTT off: moshi's gating computation in the model dtype with W0 as the down projection (SPEC
+        §3.4b). A plain `linear_in` goes through moshi's own gating kernel, compiled or not as moshi's
+        module would be, so that bf16 runs give what moshi's CLI gives, on CPU and GPU alike."""
+        w = self._frozen_weight(x.dtype)
+        if type(self.linear_in) is nn.Linear:
+            with contextlib.ExitStack() as stack:
+                if self.training:
+                    stack.enter_context(no_compile())
+                return gating_forward_kernel(self.linear_in.weight, w, self.activation, x)
+        return F.linear(self.hidden_activations(x), w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        z = self.hidden_activations(x)  # [B, T, h], model dtype
         if self.frozen:
-            # Exactly moshi's down projection in the model dtype (SPEC §3.4b): bf16 runs match moshi's CLI.
-            return F.linear(z, self._frozen_weight(z.dtype))
-        z = z.to(F32)
+            return self._frozen_forward(x)
+        z = self.hidden_activations(x).to(F32)  # [B, T, h]
         refuse_graph_capture(x)
         x0 = self._x0.get(self.target_source, B, T).to(F32)  # [B, T, d]
         state = self._streaming_state
