@@ -54,6 +54,7 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"
     ttt: dict | None = None           # overrides of the `ttt` section
+    base: str | None = None           # --base of a fine-tuning fork checkpoint (SPEC §4.3)
     seed: int = 0
 
 
@@ -238,7 +239,7 @@ def _ttt_fingerprint(m) -> str | None:
 def _model_section(m, fp: str | None, mimi_fp: str) -> dict:
     lm = m.lm
     return {"id": m.model_id, "model_type": m.info.model_type, "ttt": m.config.get("ttt"),
-            "ttt_origin": m.config.get("ttt_origin"), "fingerprint": fp, "mimi_fingerprint": mimi_fp,
+            "ttt_origin": m.config.get("ttt_origin"), "provenance": m.config.get("provenance"), "fingerprint": fp, "mimi_fingerprint": mimi_fp,
             "num_layers": len(lm.transformer.layers), "dim": lm.dim, "context": lm.context, "n_q": lm.n_q,
             "dep_q": lm.dep_q,
             "delays": list(lm.delays), "card": lm.card, "text_card": lm.text_card,
@@ -430,7 +431,7 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
     t_start = time.perf_counter()
     if model is None:
         from ttt_cli import load_model
-        model = load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt)
+        model = load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt, base=o.base)
     elif callable(model):
         model = model()
     m = model

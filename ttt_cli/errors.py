@@ -23,3 +23,8 @@ class InputError(TTTError):
     """One input (audio file) is unusable; commands skip it and exit 1 at the end."""
 
     exit_code = 1
+
+
+class LoadWarning(UserWarning):
+    """Something about a loaded checkpoint the user must know (also in `TTTModel.warnings`, which the
+    commands print; the CLI silences the Python warning so that each is said once)."""

@@ -56,6 +56,7 @@ class ExportResult:
     init_state: str | None
     items: list[ExportItem]
     elapsed_seconds: float
+    provenance: dict | None = None  # files the model was loaded from and the mapping applied
 
     @property
     def failed(self) -> list[ExportItem]:
@@ -215,4 +216,4 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         item.ok = True
     return ExportResult(model.model_id, fp, {k: v for k, v in cfg.to_dict().items() if k != "ttt_name"},
                         str(out), layout, flush_partial, None if init_state is None else str(init_state), items,
-                        time.monotonic() - t0)
+                        time.monotonic() - t0, model.config.get("provenance"))

@@ -460,7 +460,8 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
 def _model_facts(model) -> dict:
     return {"id": model.model_id, "model_type": getattr(model.info, "model_type", None),
             "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "dep_q": int(model.lm.dep_q), "n_q": int(model.lm.n_q), "delays": list(model.lm.delays)}
+            "dep_q": int(model.lm.dep_q), "n_q": int(model.lm.n_q), "delays": list(model.lm.delays),
+            "provenance": model.config.get("provenance")}
 
 
 def _no_cuda_graph_if(model, ttt_on: bool):

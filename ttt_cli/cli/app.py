@@ -16,6 +16,9 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Moshi with In-Place Test-Time Training."""
+    import warnings
+    from ..errors import LoadWarning
+    warnings.filterwarnings("ignore", category=LoadWarning)  # commands print TTTModel.warnings themselves
 
 
 def _register() -> None:

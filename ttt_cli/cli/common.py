@@ -46,6 +46,12 @@ TTTOpt = Annotated[bool, typer.Option("--ttt/--no-ttt", help="--no-ttt freezes f
 TTTLrOpt = Annotated[tp.Optional[float], typer.Option("--ttt-lr", help="Override the fast-weight learning rate.")]
 TTTChunkOpt = Annotated[tp.Optional[int], typer.Option("--ttt-chunk-size", help="Override the chunk size (steps).")]
 TTTLayersOpt = Annotated[tp.Optional[str], typer.Option("--ttt-layers", help="0,6,12 | every:6 | every:6@3.")]
+TTTClipOpt = Annotated[tp.Optional[str], typer.Option("--ttt-clip", help="Override the delta clip (Frobenius "
+                                                      "norm of each chunk's update): none | a number > 0.")]
+BaseOpt = Annotated[tp.Optional[str], typer.Option("--base", help="For a fine-tuning fork (moshi_in_place) checkpoint: "
+                                                   "the base model its missing files (LM weights, Mimi, tokenizer) "
+                                                   "come from. Any --model source; default "
+                                                   "kyutai/moshiko-pytorch-bf16.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout, nothing else.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
@@ -53,9 +59,26 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit.")]
 
 
-def ttt_overrides(ttt: bool, lr: float | None, chunk: int | None, layers: str | None) -> dict:
+def parse_clip(value: str) -> float | None:
+    """`--ttt-clip`: `none` (no clip) or a number > 0."""
+    from ..errors import ConfigError
+    if value.strip().lower() == "none":
+        return None
+    try:
+        clip = float(value)
+    except ValueError:
+        clip = float("nan")
+    if not clip > 0 or clip == float("inf"):
+        raise ConfigError(f"--ttt-clip {value}: expected `none` or a number > 0.")
+    return clip
+
+
+def ttt_overrides(ttt: bool, lr: float | None, chunk: int | None, layers: str | None,
+                  clip: str | None = None) -> dict:
     """CLI TTT options -> overrides of the `ttt` section (`--no-ttt` = lr 0, SPEC §3.4b)."""
     out: dict[str, tp.Any] = {}
+    if clip is not None:
+        out["delta_clip_fro_norm"] = parse_clip(clip)
     if lr is not None:
         out["lr"] = lr
     if chunk is not None:
@@ -93,6 +116,14 @@ def err(msg: str) -> None:
     """A message on stderr (never stdout: --json owns stdout)."""
     from rich.console import Console
     Console(stderr=True, highlight=False, soft_wrap=True).print(msg, markup=False)
+
+
+def say_model_notes(m) -> None:
+    """What loading said about the model (where a fork checkpoint's files came from, warnings), once."""
+    for note in m.notes:
+        err(note)
+    for note in m.warnings:
+        err(f"warning: {note}")
 
 
 def print_json(obj: tp.Any) -> None:

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, ForceOpt, handle_errors,
+from .common import (AudioStream, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, ForceOpt, handle_errors,
                      JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt, TextStream,
-                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
+                     TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
@@ -23,6 +23,7 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
 def librilight_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset directory: DATA/<speaker>/<book>/<file>.flac (+ <file>.json).")],
     model: ModelOpt = None,
+    base: BaseOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (results.json, curve.csv, curve.png).")]
     = Path("results/librilight"),
     policy: Annotated[tp.Optional[list[str]], typer.Option(
@@ -58,6 +59,7 @@ def librilight_cmd(
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -89,12 +91,14 @@ def librilight_cmd(
         text_stream=text_stream.value, codes_cache=codes_cache, use_codes_cache=not no_codes_cache,
         save_token_nll=save_token_nll, resume=resume, overwrite=overwrite, init_state=init_state,
         force_state=force_state, device=device.value, dtype=dtype.value,
-        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers) or None, seed=seed)
+        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base)
 
     def load():
         from ..models.loader import load_model
         set_seed(seed)
-        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt)
+        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
+        for note in m.notes:  # its warnings go into results.json and are printed at the end
+            err(note)
         err(check_memory(m, 1, force))
         return m
 

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from .common import (DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, JsonOpt, ModelOpt, OverwriteOpt,
-                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
-                     print_table, ttt_overrides)
+from .common import (BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, JsonOpt, ModelOpt,
+                     OverwriteOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
+                     print_table, say_model_notes, ttt_overrides)
 
 DEFAULT_SEED = 4242  # = inference.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
 TEXT_PREVIEW = 48
@@ -33,6 +33,7 @@ def infer_cmd(
     audio: Annotated[tp.List[Path], typer.Argument(help="Audio files: wav, flac, mp3, ogg; any sample rate and "
                                                    "channel count.", show_default=False)],
     model: ModelOpt = None,  # type: ignore[assignment]
+    base: BaseOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if needed).")] = Path("out"),
     mode: Annotated[Mode, typer.Option("--mode", help="auto: stt for STT checkpoints, else dialog. dialog: input "
                                        "on the user stream, Moshi answers (text + audio). transcribe: input forced "
@@ -61,6 +62,7 @@ def infer_cmd(
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this "
@@ -103,10 +105,9 @@ def infer_cmd(
     validate_options(opts, len(audio))
     jobs = plan_jobs(audio)
     out_dir = check_writable_dir(out)
-    m = load_model(model, device=device.value, dtype=dtype.value,
-                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
-    for note in m.warnings:
-        err(f"warning: {note}")
+    m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
+    say_model_notes(m)
     run_mode, _ = preflight(m, opts, len(jobs))
     states = state_paths(save_state, jobs, opts.reset_policy)
     if save_state is not None and len(set(states.values())) > 1:

@@ -8,15 +8,16 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err,
+from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err,
                      handle_errors, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt,
-                     set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
+                     say_model_notes, set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
 
 
 def export_state_cmd(
     audio: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, mp3, ogg, ...).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Snapshot file (one snapshot) or directory (several).")],
     model: ModelOpt = None,
+    base: BaseOpt = None,
     at: Annotated[tp.Optional[list[str]], typer.Option("--at", help="Also snapshot at this time (1.5, 30s, 2m); repeatable.")] = None,
     flush_partial: Annotated[bool, typer.Option("--flush-partial", help="Apply the pending partial chunk's update in the written snapshots.")] = False,
     audio_stream: Annotated[AudioStream, typer.Option("--audio-stream", help="Stream the audio codes go on.")] = AudioStream.moshi,
@@ -30,6 +31,7 @@ def export_state_cmd(
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit; "
@@ -56,8 +58,9 @@ def export_state_cmd(
 
     at_sec = [parse_seconds(t) for t in at or []]
     set_seed(seed)
-    m = load_model(model, device=device.value, dtype=dtype.value,
-                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
+    m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
+    say_model_notes(m)
     err(check_memory(m, 1, force))
     with make_progress(quiet=False) as progress:
         res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
@@ -90,12 +93,14 @@ def export_state_cmd(
 def inspect_state_cmd(
     state: Annotated[Path, typer.Argument(help="Snapshot file (.safetensors).", show_default=False)],
     model: Annotated[tp.Optional[str], typer.Option("--model", "-m", help="Check fit and measure drift against this model.")] = None,
+    base: BaseOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     ttt: TTTOpt = True,
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -116,8 +121,8 @@ def inspect_state_cmd(
     s = load_state(state)
     m = None
     if model is not None:
-        m = load_model(model, device=device.value, dtype=dtype.value,
-                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
+        m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
     res = inspect_state(s, m)
     if json_out:
         print_json({"path": str(state), "checked_model": model, **res.to_dict()})

@@ -36,24 +36,35 @@ def default_ttt_section(num_layers: int) -> dict:
     return {"layers": list(range(0, num_layers, DEFAULT_EVERY)), "chunk_size": DEFAULT_CHUNK}
 
 
-def resolve_ttt_config(config: dict, num_layers: int, overrides: dict | None = None) -> tuple[TTTConfig | None, str]:
+def resolve_ttt_config(config: dict, num_layers: int, overrides: dict | None = None,
+                       adapters: bool = False) -> tuple[TTTConfig | None, str]:
     """The TTT config of a checkpoint: its `ttt` section, the fork's `ttt_config`, or the default.
 
+    Args:
+        config: the raw config.json.
+        num_layers: the LM's layer count.
+        overrides: keys of the `ttt` section to override (`layers` may use `--ttt-layers` syntax).
+        adapters: a fork `lora.safetensors` checkpoint (no `ttt_config` then means the fork's fallback).
     Returns (config or None when the fork disables TTT, where it came from).
     """
     if "ttt" in config:
         cfg, origin = TTTConfig.from_dict(config["ttt"], num_layers), "ttt"
-    elif "ttt_config" in config:
-        cfg, origin = from_fork_config(config["ttt_config"], num_layers), "fork"
+    elif "ttt_config" in config or adapters:
+        cfg, origin = from_fork_config(config, num_layers, adapters).config, "fork"
     else:
         cfg, origin = TTTConfig.from_dict(default_ttt_section(num_layers), num_layers), "default"
-    if overrides:
-        unknown = sorted(set(overrides) - set(TTTConfig.valid_keys()))
-        if unknown:
-            raise ConfigError(f"unknown TTT override(s): {', '.join(unknown)}. Valid keys: "
-                              f"{', '.join(TTTConfig.valid_keys())}.")
-        overrides = dict(overrides)
-        if isinstance(overrides.get("layers"), str):
-            overrides["layers"] = parse_layers(overrides["layers"], num_layers)
-        cfg = (cfg or TTTConfig(layers=[])).with_overrides(overrides, num_layers)
-    return cfg, origin
+    return apply_overrides(cfg, overrides, num_layers), origin
+
+
+def apply_overrides(cfg: TTTConfig | None, overrides: dict | None, num_layers: int) -> TTTConfig | None:
+    """`cfg` with the given `ttt` keys replaced and validated (None stays None without overrides)."""
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - set(TTTConfig.valid_keys()))
+    if unknown:
+        raise ConfigError(f"unknown TTT override(s): {', '.join(unknown)}. Valid keys: "
+                          f"{', '.join(TTTConfig.valid_keys())}.")
+    overrides = dict(overrides)
+    if isinstance(overrides.get("layers"), str):
+        overrides["layers"] = parse_layers(overrides["layers"], num_layers)
+    return (cfg or TTTConfig(layers=[])).with_overrides(overrides, num_layers)

@@ -16,6 +16,7 @@ from .loader import _load_lm, load_model
 from .presets import PRESETS
 from .resolver import FILE_KEYS, Resolved, _file_ref, checkpoint_info, resolve
 from .writer import add_ttt_to_checkpoint
+from .yarn import YarnConfig
 
 
 @dataclass
@@ -28,7 +29,8 @@ class InitResult:
 
 
 def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | None = None, target_init: str = "ntp",
-                    section: dict | None = None, copy_base: bool = False, overwrite: bool = False) -> InitResult:
+                    section: dict | None = None, copy_base: bool = False, overwrite: bool = False,
+                    yarn_scale: float | None = None) -> InitResult:
     """Writes a loadable TTT checkpoint directory from a base checkpoint or preset, then loads it back.
 
     Args:
@@ -39,6 +41,8 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         section: further `ttt` keys (chunk_size, lr, ...).
         copy_base: copy the base weights into `out` instead of referencing them.
         overwrite: replace an existing non-empty `out`.
+        yarn_scale: write a `yarn_config` with this scale (SPEC §4.3; the fork's other defaults,
+            `original_max_seq_len` = the config's `context`).
     """
     import torch
     out = Path(out)
@@ -46,6 +50,9 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         if not overwrite:
             raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it.")
     res = resolve(source)
+    if res.fork is not None:
+        raise ConfigError(f"--from {source}: a fine-tuning fork checkpoint loads as it is (--model {source} "
+                          f"--base ...); init-checkpoint makes TTT checkpoints from base models.")
     info = checkpoint_info(res)
     num_layers = int((info.lm_config or {}).get("num_layers", 32))
     base_cfg, _ = resolve_ttt_config(res.config, num_layers)
@@ -75,8 +82,10 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         if info.lm_config is not None:
             for k, v in info.lm_config.items():
                 config.setdefault(k, v)
+        if yarn_scale is not None:
+            config["yarn_config"] = yarn_config_for(yarn_scale, config.get("context"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        lm, _ = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32)
+        lm = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32).lm
         cfg = add_ttt_to_checkpoint(tmp, sec, lm, target_init)
         if out.exists():
             shutil.rmtree(out)
@@ -89,3 +98,15 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     if m.ttt is None or m.ttt.layers != cfg.layers:
         raise CheckpointError(f"{out} was written but does not load back with TTT layers {cfg.layers}.")
     return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init)
+
+
+def yarn_config_for(scale: float, context: int | None) -> dict:
+    """A `yarn_config` section with the fork's defaults (beta 32/1, mscale 1/0) and the given scale."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1:
+        raise ConfigError(f"--yarn-scale {scale}: YaRN extends the attention context; the scale must be >= 1.")
+    if not isinstance(context, int):
+        raise ConfigError("--yarn-scale: the base config has no integer `context` to extend.")
+    section = {"enabled": True, "scale": float(scale), "original_max_seq_len": context, "beta_fast": 32,
+               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.0}
+    YarnConfig.from_dict(section, context)
+    return section
