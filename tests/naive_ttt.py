@@ -116,19 +116,23 @@ def checkpoint_ttt(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def naive_ttt(lm, cfg: dict, tensors: dict[str, torch.Tensor], layers=None, lr=None):
     """Installs `NaiveGating` on the TTT layers of a plain moshi LM (`load_model(..., ttt=False)`).
 
-    X0 = Σ of the text and audio token embeddings (SPEC §3.2 `input`), summed from forward hooks on
-    moshi's embedding tables (the depformer has its own, so only the main transformer's input counts).
-    Yields {layer: NaiveStream}; moshi's gating modules are put back on exit.
+    X0 (SPEC §3.2): source `input` = Σ of the text and audio token embeddings, summed from forward
+    hooks on moshi's embedding tables (the depformer has its own tables, so only the main
+    transformer's input counts); source `text` = the text embedding alone. `tensors` missing a
+    layer's `w_down` use moshi's `linear_out` (SPEC §3.6). Yields {layer: NaiveStream}; moshi's
+    gating modules are put back on exit.
     """
     holder: dict = {}
+    text_only = cfg.get("target_source", "input") == "text"
 
     def grab(_m, _a, out):
         holder["parts"] = holder.get("parts", []) + [out]
 
-    def total(_m, _a, _out):
-        holder["value"], holder["parts"] = sum(holder.get("parts", [])), []
+    def total(_m, _a, out):
+        holder["value"] = out if text_only else sum(holder.get("parts", []))
+        holder["parts"] = []
 
-    embs = list(lm.emb) + [lm.text_emb]
+    embs = [] if text_only else list(lm.emb) + [lm.text_emb]
     hooks = [e.register_forward_hook(grab) for e in embs] + [lm.text_emb.register_forward_hook(total)]
     saved, streams = {}, {}
     layers = cfg["layers"] if layers is None else layers
