@@ -24,7 +24,7 @@ from evals.scoring import policy_settings, score_document
 from ttt_cli import load_model
 from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.audio import load_audio
-from ttt_cli.codes import lm_input_codes
+from ttt_cli.codes import encode_audio, lm_input_codes
 from ttt_cli.errors import ConfigError
 from ttt_cli.models.presets import preset_dir
 
@@ -208,15 +208,21 @@ def test_max_seconds_cut(tiny, dataset):
 
 
 def test_streamed_encoding_matches_whole_waveform(tiny, dataset, doc_codes):
-    """Pitfall 7: bounded streaming encoding gives exactly the codes of one whole-waveform call."""
+    """Pitfall 7: bounded streaming encoding gives exactly the codes of one whole-waveform call, also past
+    the 250-step context of Mimi's encoder transformer (the document twice: 16.8 s = 420 encoder steps)."""
     doc = dataset.documents[0]
     wav = np.concatenate([load_audio(f.path)[0] for f in doc.files])
-    with torch.no_grad():
-        whole = tiny.mimi.encode(torch.from_numpy(wav)[None, None])[0]  # [n_q, F] in one call
     streamed = doc_codes[doc.id].codes
     T = streamed.shape[-1]
-    assert T == wav.shape[0] // FRAME and whole.shape[-1] in (T, T + 1)  # the partial last frame aside
-    assert torch.equal(whole[:, :T], streamed)
+    long = np.concatenate([wav, wav])
+    with torch.no_grad():
+        whole = tiny.mimi.encode(torch.from_numpy(long)[None, None])[0]  # [n_q, F] in one call
+    assert T == wav.shape[0] // FRAME and torch.equal(whole[:, :T], streamed)  # the document as cached
+    pieces = [long[i:i + 7000] for i in range(0, long.shape[0], 7000)]  # pieces are not frames
+    again = encode_audio(tiny.mimi, pieces)
+    n = long.shape[0] // FRAME
+    assert again.shape[-1] == n and whole.shape[-1] in (n, n + 1)  # the partial last frame aside
+    assert torch.equal(whole[:, :n], again)
 
 
 def test_codes_cache_hit_and_invalidation(tiny, dataset, doc_codes, cache_dir, tmp_path):
