@@ -33,6 +33,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SR = 24000
 FRAME = 1920
 HELLO_FRAMES = 37  # the `hello` clip: 3 s at 24 kHz mono (beyond the 32-step context, 2 chunks + pending)
+SHORT_FRAMES = 17  # the `short` clip: 1.4 s (one chunk + 2 pending tokens with the double first frame)
 JSON_KEYS = {"input", "model", "mode", "text", "tokens", "words", "audio_out", "steps", "ms_per_step",
              "realtime_factor", "ttt", "sampling", "seed"}
 
@@ -212,9 +213,9 @@ def float_wav(path, samples):
 # -- TTT off: we are moshi, nothing else -------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["dialog", "transcribe"])
-def test_no_ttt_equals_plain_moshi_loop(plain, frozen, mode, hello):
-    ref = reference(plain, "tiny", [hello], mode, ttt=False)
-    r = infer(frozen, [hello], InferOptions(mode=mode, greedy=True)).results[0]
+def test_no_ttt_equals_plain_moshi_loop(plain, frozen, mode, short_clip):
+    ref = reference(plain, "tiny", [short_clip], mode, ttt=False)
+    r = infer(frozen, [short_clip], InferOptions(mode=mode, greedy=True)).results[0]
     assert r.ok, r.error
     assert r.first_step == 0
     assert r.text_ids == ref["text"]
@@ -222,57 +223,57 @@ def test_no_ttt_equals_plain_moshi_loop(plain, frozen, mode, hello):
     if mode == "dialog":
         assert r.audio.shape == ref["pcm"].shape
         assert np.abs(r.audio - ref["pcm"]).max() <= 1e-5
-        assert r.steps == HELLO_FRAMES + 1  # first frame fed twice
+        assert r.steps == SHORT_FRAMES + 1  # first frame fed twice
     else:
-        assert r.audio is None and r.steps == HELLO_FRAMES
+        assert r.audio is None and r.steps == SHORT_FRAMES
 
 
-def test_no_ttt_equals_moshi_run_inference(frozen, hello, weather):
+def test_no_ttt_equals_moshi_run_inference(frozen, weather):
     """The reference peer itself: moshi.run_inference's InferenceState on the same checkpoint and file
-    (it reads channel 0 of `sphn.read(path, sample_rate=24000)`; `weather` is 16 kHz stereo)."""
+    (it reads channel 0 of `sphn.read(path, sample_rate=24000)`; `weather` is 16 kHz stereo, so moshi's
+    resampling is reproduced too)."""
     from moshi.run_inference import InferenceState
-    for path, channel in ((hello, None), (weather, 0)):
-        peer = load_model("tiny", device="cpu", dtype="fp32", ttt=False)  # InferenceState streams it forever
-        pcm, _ = sphn.read(str(path), sample_rate=SR)
-        state = InferenceState(peer.info, peer.mimi, peer.tokenizer, peer.lm, 1, 1.0, "cpu",
-                               **{**peer.info.lm_gen_config, "use_sampling": False})
-        with torch.no_grad():  # as moshi.run_inference's main runs it
-            (ref_text, ref_pcm), = state.run(torch.from_numpy(pcm[None, 0:1]))
-        r = infer(frozen, [path], InferOptions(mode="dialog", greedy=True, channel=channel)).results[0]
-        assert r.ok, r.error
-        assert r.text_ids == ref_text.tolist()
-        assert r.audio.shape == ref_pcm[0].shape and np.abs(r.audio - ref_pcm[0].numpy()).max() <= 1e-5
+    peer = load_model("tiny", device="cpu", dtype="fp32", ttt=False)  # InferenceState streams it forever
+    pcm, _ = sphn.read(str(weather), sample_rate=SR)
+    state = InferenceState(peer.info, peer.mimi, peer.tokenizer, peer.lm, 1, 1.0, "cpu",
+                           **{**peer.info.lm_gen_config, "use_sampling": False})
+    with torch.no_grad():  # as moshi.run_inference's main runs it
+        (ref_text, ref_pcm), = state.run(torch.from_numpy(pcm[None, 0:1]))
+    r = infer(frozen, [weather], InferOptions(mode="dialog", greedy=True, channel=0)).results[0]
+    assert r.ok, r.error
+    assert r.text_ids == ref_text.tolist()
+    assert r.audio.shape == ref_pcm[0].shape and np.abs(r.audio - ref_pcm[0].numpy()).max() <= 1e-5
 
 
-def test_no_ttt_stt_equals_plain_moshi_loop(plain_stt, weather):
+def test_no_ttt_stt_equals_plain_moshi_loop(plain_stt, short_clip):
     frozen_stt = load_model("tiny-stt", device="cpu", dtype="fp32", ttt={"lr": 0})
-    ref = reference(plain_stt, "tiny-stt", [weather], "stt", ttt=False)
-    r = infer(frozen_stt, [weather], InferOptions(greedy=True)).results[0]  # auto -> stt
+    ref = reference(plain_stt, "tiny-stt", [short_clip], "stt", ttt=False)
+    r = infer(frozen_stt, [short_clip], InferOptions(greedy=True)).results[0]  # auto -> stt
     assert r.ok and r.mode == "stt"
     assert r.text_ids == ref["text"]
     assert r.audio_codes is None and r.audio is None
-    padded = len(read_wav(weather)) + int(0.5 * SR) + int(1.5 * SR)
+    padded = len(read_wav(short_clip)) + int(0.5 * SR) + int(1.5 * SR)
     assert r.steps == padded // FRAME + 1
 
 
-def test_sampling_options_equal_moshi_run_inference(plain, frozen, hello):
+def test_sampling_options_equal_moshi_run_inference(plain, frozen, short_clip):
     """Sampling (temperatures, top-k, seed) against moshi.run_inference's InferenceState seeded as its main does."""
     from moshi.run_inference import InferenceState, seed_all
     sampling = {"temp": 0.6, "temp_text": 0.5, "top_k": 20, "top_k_text": 10}
     peer = load_model("tiny", device="cpu", dtype="fp32", ttt=False)
     state = InferenceState(peer.info, peer.mimi, peer.tokenizer, peer.lm, 1, 1.0, "cpu", use_sampling=True,
                            **sampling)
-    pcm, _ = sphn.read(str(hello), sample_rate=SR)
+    pcm, _ = sphn.read(str(short_clip), sample_rate=SR)
     seed_all(7)
     with torch.no_grad():
         (ref_text, ref_pcm), = state.run(torch.from_numpy(pcm[None, 0:1]))
-    run = infer(frozen, [hello], InferOptions(greedy=False, seed=7, **sampling))
+    run = infer(frozen, [short_clip], InferOptions(greedy=False, seed=7, **sampling))
     r = run.results[0]
     assert run.sampling == {"use_sampling": True, **sampling} and run.seed == 7
     assert r.text_ids == ref_text.tolist()
     assert r.audio.shape == ref_pcm[0].shape and np.abs(r.audio - ref_pcm[0].numpy()).max() <= 1e-5
-    greedy = reference(plain, "tiny", [hello], "dialog", ttt=False)
-    other = infer(frozen, [hello], InferOptions(seed=8, **sampling)).results[0]
+    greedy = reference(plain, "tiny", [short_clip], "dialog", ttt=False)
+    other = infer(frozen, [short_clip], InferOptions(seed=8, **sampling)).results[0]
     assert r.text_ids != greedy["text"] and other.text_ids != r.text_ids  # sampling and the seed matter
 
 
@@ -325,42 +326,47 @@ def test_cli_ttt_on_and_off(plain, tmp_path, hello):
     ref_off = reference(plain, "tiny", [hello], "dialog", ttt=False)
     assert json_tokens(a) == text_tokens(plain, ref_on["text"])
     assert json_tokens(b) == text_tokens(plain, ref_off["text"])
-    assert json_tokens(a) != json_tokens(b)
     assert all(math.isclose(t["time"], t["step"] / 12.5) for t in a["tokens"])
+    pcms = []
     for o, ref in ((a, ref_on), (b, ref_off)):
         pcm, sr = sphn.read(o["audio_out"])
         assert sr == SR and pcm.shape[-1] == ref["pcm"].shape[0]
         assert np.abs(pcm[0] - ref["pcm"]).max() < 2e-4  # 16-bit wav
+        pcms.append(pcm[0])
+    assert json_tokens(a) != json_tokens(b)  # TTT on and off differ (tiny's voice barely moves; its text does)
     assert a["ttt"]["enabled"] is True and b["ttt"]["enabled"] is False
     tel = a["ttt"]["telemetry"]
     # every layer saw all steps (frames + the repeated first) and updated once per full 16-step chunk
     assert set(tel) == {"1", "3"}
-    assert all(t["tokens"] == HELLO_FRAMES + 1 and t["updates"] == (HELLO_FRAMES + 1) // 16 for t in tel.values())
+    assert all(t["tokens"] == HELLO_FRAMES + 1 and t["updates"] == (HELLO_FRAMES + 1) // 16 == 2
+               for t in tel.values())
     assert all(t["relative_drift"] == 0 and t["updates"] == 0 for t in b["ttt"]["telemetry"].values())
 
 
-def test_carry_equals_naive_reference(plain, tmp_path, hello, weather):
+def test_carry_equals_naive_reference(plain, tmp_path, short_clip, weather):
     """carry: the files are one stream (one double first frame); tokens and the end state against the naive loop."""
     end = tmp_path / "end.safetensors"
-    res = cli(hello, weather, "--model", "tiny", "--out", tmp_path, "--greedy", "--reset-policy", "carry",
+    res = cli(short_clip, weather, "--model", "tiny", "--out", tmp_path, "--greedy", "--reset-policy", "carry",
               "--save-state", end, "--json")
     assert res.exit_code == 0, res.output
     a, b = json.loads(res.stdout)
-    ref = reference(plain, "tiny", [hello, weather], "dialog")
+    ref = reference(plain, "tiny", [short_clip, weather], "dialog")
     got = [(t["step"] + o["stream"]["start_step"], t["id"]) for o in (a, b) for t in o["tokens"]]
     assert got == text_tokens(plain, ref["text"])
-    pcm = np.concatenate([sphn.read(o["audio_out"])[0][0] for o in (a, b)])
+    pcm_a, pcm_b = (sphn.read(o["audio_out"])[0][0] for o in (a, b))
+    pcm = np.concatenate([pcm_a, pcm_b])
     assert pcm.shape == ref["pcm"].shape and np.abs(pcm - ref["pcm"]).max() < 2e-4  # 16-bit wavs
-    assert a["stream"]["start_step"] == 0 and b["stream"]["start_step"] == HELLO_FRAMES
-    assert a["steps"] == HELLO_FRAMES + 1 and b["steps"] == len(read_wav(weather)) // FRAME
+    assert a["stream"]["start_step"] == 0 and b["stream"]["start_step"] == SHORT_FRAMES
+    assert a["steps"] == SHORT_FRAMES + 1 and b["steps"] == len(read_wav(weather)) // FRAME
     assert b["ttt"]["telemetry"]["1"]["tokens"] == a["steps"] + b["steps"] == ref["state"][1].tokens
     assert_state_equals_naive(end, ref["state"])
     from ttt_cli.state import load_state
     s = load_state(end)
-    assert s.meta["source_files"] == [str(hello), str(weather)] and s.meta["reset_policy"] == "carry"
+    assert s.meta["source_files"] == [str(short_clip), str(weather)] and s.meta["reset_policy"] == "carry"
     assert s.meta["steps"] == a["steps"] + b["steps"]
     alone = reference(plain, "tiny", [weather], "dialog")
-    assert text_tokens(plain, alone["text"]) != json_tokens(b)  # carrying really changed the second file
+    n = min(pcm_b.shape[0], alone["pcm"].shape[0])
+    assert np.abs(pcm_b[:n] - alone["pcm"][:n]).max() > 1e-2  # carrying really changed the second file
 
 
 def test_save_state_then_init_state_equal_naive_reference(plain, short_clip, tmp_path, weather):
@@ -449,10 +455,9 @@ def test_cli_transcribe_channel(plain, tmp_path, weather):
     assert o["mode"] == "transcribe" and o["audio_out"] is None and o["input"]["channel"] == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weather.json", "weather.txt"]
     assert o["steps"] == o["input"]["frames"]  # no double feed: the input is forced, not fed
-    ch = {c: text_tokens(plain, reference(plain, "tiny", [weather], "transcribe", channel=c)["text"])
-          for c in (0, 1, None)}
+    ch = {c: text_tokens(plain, reference(plain, "tiny", [weather], "transcribe", channel=c)["text"]) for c in (0, 1)}
     assert json_tokens(o) == ch[1]
-    assert ch[1] != ch[0] and ch[1] != ch[None]  # the channels transcribe differently
+    assert ch[1] != ch[0]  # the channels transcribe differently: reading the wrong one would show
     res = cli(weather, "--model", "tiny", "--out", tmp_path / "x", "--channel", "2")
     assert res.exit_code == 1 and "--channel 2 does not exist" in res.output
 
