@@ -50,7 +50,7 @@ class EvalOptions:
     resume: bool = False
     overwrite: bool = False
     init_state: Path | None = None
-    force_state: bool = False         # accept a snapshot whose differences are forceable (lr, W0)
+    force_state: bool = False         # accept a snapshot whose lr/clip differ from the model's
     device: str = "auto"
     dtype: str = "auto"
     ttt: dict | None = None           # overrides of the `ttt` section
@@ -254,7 +254,7 @@ def load_warm_start(m, path: Path, force: bool) -> tuple[dict, dict, list[str]]:
     Args:
         m: the loaded TTTModel the snapshot must fit.
         path: the snapshot file.
-        force: accept forceable differences (lr, clip, W0 of the same shapes).
+        force: accept forceable differences (lr, clip).
 
     Only the fast weights are used: resets and new streams start from them. A pending partial
     chunk in the snapshot is not replayed (a reset empties the pending chunk by definition), and

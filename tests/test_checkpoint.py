@@ -168,3 +168,66 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_init_checkpoint_copy_base_and_target_source(tmp_path):
+    """--copy-base: the base files are copied (byte-identical, named relative to the folder);
+    --target-source text reaches the config and every layer."""
+    from ttt_cli.cli.app import app
+    src = preset_dir("tiny")
+    out = tmp_path / "copied"
+    r = CliRunner().invoke(app, ["init-checkpoint", "--from", str(src), "--out", str(out), "--copy-base",
+                                 "--target-source", "text", "--layers", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    src_cfg = json.loads((src / "config.json").read_text())
+    for key in ("moshi_name", "mimi_name", "tokenizer_name"):
+        assert cfg[key] == src_cfg[key] and "/" not in cfg[key]
+        assert (out / cfg[key]).read_bytes() == (src / src_cfg[key]).read_bytes()
+    assert cfg["ttt"]["target_source"] == "text" and cfg["ttt"]["layers"] == [2]
+    m = load_model(str(out), device="cpu", dtype="fp32")
+    assert [(i, l.target_source) for i, l in ttt_layers(m.lm).items()] == [(2, "text")]
+    t = load_file(str(out / "ttt.safetensors"))  # §3.6 init: w_down <- linear_out, ntp target
+    base = load_file(str(src / src_cfg["moshi_name"]))
+    assert torch.equal(t["transformer.layers.2.gating.w_down"], base["transformer.layers.2.gating.linear_out.weight"])
+    conv = t["transformer.layers.2.gating.target_generator.conv1d.conv.weight"]
+    assert torch.equal(conv[:, :, 1], torch.eye(conv.shape[0])) and not conv[:, :, 0].any()
+    r = CliRunner().invoke(app, ["init-checkpoint", "--from", str(src), "--out", str(tmp_path / "x"),
+                                 "--target-source", "audio"])
+    assert r.exit_code == 2 and "target_source" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("variant", "nope", "variant 'nope' is not supported"),
+    ("layers", "1,3", "layers must be a list of integers"),
+    ("layers", [1, True], "layers must be a list of integers"),
+    ("layers", [1, 1], "layers has duplicates"),
+    ("layers", [1, 9], r"layers \[9\] do not exist: the model has 4 layers"),
+    ("chunk_size", 0, "chunk_size must be a positive integer"),
+    ("chunk_size", 1.5, "chunk_size must be a positive integer"),
+    ("lr", -0.1, "lr must be a finite number >= 0"),
+    ("lr", float("nan"), "lr must be a finite number >= 0"),
+    ("lr", "fast", "lr must be a finite number >= 0"),
+    ("conv_kernel_size", 0, "conv_kernel_size must be a positive integer"),
+    ("conv_padding", "left", "conv_padding must be one of"),
+    ("target_source", "audio", "target_source must be one of"),
+    ("delta_clip_fro_norm", 0, "delta_clip_fro_norm must be a number > 0 or null"),
+    ("delta_clip_fro_norm", "big", "delta_clip_fro_norm must be a number > 0 or null"),
+    ("delta_clip_epsilon", 0, "delta_clip_epsilon must be a number > 0"),
+    ("ttt_name", "", "ttt_name must be a file name"),
+])
+def test_ttt_config_validation(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TTTConfig.from_dict({"layers": [1, 3], key: value}, num_layers=4)
+    assert TTTConfig.from_dict({"layers": [3, 1]}, num_layers=4).layers == [1, 3]  # sorted, valid
+
+
+def test_ttt_section_shape_and_layer_syntax_errors():
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        TTTConfig.from_dict([1, 3])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in the `ttt` config section: chunk\. Valid keys"):
+        TTTConfig.from_dict({"chunk": 3})
+    for spec, msg in (("every:0", "the step must be >= 1"), ("one,two", "expected e.g."), ("every:2", "needs the model")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_layers(spec, None if spec == "every:2" else 4)
+    assert parse_layers("none") == [] and parse_layers(" 3, 1,3 ") == [1, 3]

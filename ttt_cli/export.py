@@ -114,7 +114,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         channel: audio channel to take instead of mixing down.
         block_steps: LM steps per streaming call.
         init_state: a snapshot every stream starts from (restored as by `ttt_cli.state.restore`).
-        force: restore `init_state` despite forceable differences (another lr, another W0).
+        force: restore `init_state` despite forceable differences (another lr or clip).
         progress: a progress hook (see `ttt_cli.progress`).
     Returns:
         ExportResult; inputs that could not be read are reported in it, not raised.

@@ -47,7 +47,7 @@ class InferOptions:
         init_state: fast-weight snapshot every stream starts from.
         save_state: where to write each stream's fast weights at its end (a file for one stream,
             else a directory of `<stem>.end.safetensors`).
-        force: restore an `init_state` despite forceable differences (another lr, another W0 of the same shapes).
+        force: restore an `init_state` despite forceable differences (another lr or clip).
     """
 
     mode: str = "auto"

@@ -23,6 +23,7 @@ from .fastweights.interface import FastWeightLayer
 
 FORMAT = "ttt-fast-weight-state"
 FORMAT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: fingerprint_tensors + structural keys (1 hashed W0 and lr/clip)
 META_KEY = "ttt_state"  # the safetensors header key holding the metadata JSON
 LAYER_KEY = re.compile(r"^layers\.(\d+)\.([A-Za-z0-9_]+)$")
 ATTN_PREFIX = "attention."
@@ -154,35 +155,37 @@ def model_config(model_or_lm) -> TTTConfig:
     return TTTConfig(layers=sorted(layers), **sec)
 
 
-def _w0_hash(layers: dict[int, FastWeightLayer]) -> "hashlib._Hash":
+def _hash(layers: dict[int, FastWeightLayer], initial_only: bool) -> str:
     h = hashlib.sha256()
     for i in sorted(layers):
         h.update(f"layer:{i};".encode())
-        layers[i].fingerprint_update(h)
-    return h
+        layers[i].fingerprint_update(h, initial_only=initial_only)
+    if not initial_only:
+        h.update(json.dumps({"layers": sorted(layers)}).encode())
+    return h.hexdigest()
 
 
 def fingerprints(model_or_lm) -> tuple[str, str]:
-    """(model fingerprint, W0-only fingerprint) in one pass over the W0 bytes."""
-    lm = _lm(model_or_lm)
-    h = _w0_hash(_layers(lm))
-    w0 = h.copy().hexdigest()
-    h.update(model_config(lm).canonical_json().encode())
-    return h.hexdigest(), w0
+    """(model fingerprint, W0-only fingerprint), see `fingerprint` and `w0_fingerprint`."""
+    layers = _layers(_lm(model_or_lm))
+    return _hash(layers, initial_only=False), _hash(layers, initial_only=True)
 
 
 def w0_fingerprint(model_or_lm) -> str:
-    """Hex sha256 over the TTT layers' initial tensors (W0) only."""
-    return fingerprints(model_or_lm)[1]
+    """Hex sha256 over the TTT layers' initial tensors (θ0: W0 for In-Place) only."""
+    return _hash(_layers(_lm(model_or_lm)), initial_only=True)
 
 
 def fingerprint(model_or_lm) -> str:
-    """Hex sha256 over the TTT layers' W0 bytes and the canonical JSON of the TTT config (SPEC §5.3).
+    """Hex sha256 of what the fast-weight layers compute (SPEC §3.9, §5.3): in ascending layer order,
+    each layer's `fingerprint_tensors()` (θ0 and the tensors defining its targets/projections) and
+    its structural config keys, then the layer set. lr, clip and `ttt_name` are not part of it, so
+    `--ttt-lr`, `-p off` and `--no-ttt` never make a snapshot unfit.
 
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
     """
-    return fingerprints(model_or_lm)[0]
+    return _hash(_layers(_lm(model_or_lm)), initial_only=False)
 
 
 def _fresh_capture(layer: FastWeightLayer) -> dict[str, torch.Tensor]:
@@ -218,8 +221,9 @@ def check_fits(model_or_lm, s: FastWeightState) -> FitReport:
     """Says whether snapshot `s` fits a model, with every reason it does not.
 
     Never forceable: no TTT layers, another variant, another layer set, other tensor shapes, another
-    chunk size / conv / target source. Forceable: another lr or delta clip (update-rule
-    hyperparameters) and other W0 of the same shapes (another checkpoint of the same architecture).
+    chunk size / conv / target source, another fingerprint (another W0 or other target tensors).
+    Forceable: another lr or delta clip (update-rule hyperparameters), and a snapshot of an older
+    fingerprint recipe whose W0 and config match.
 
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
@@ -260,14 +264,20 @@ def check_fits(model_or_lm, s: FastWeightState) -> FitReport:
         if a != b:
             problems.append(FitProblem("hyper", f"TTT {k} differs: snapshot {_fmt(a)}, model {_fmt(b)}", True))
     model_fp, w0 = fingerprints(lm)
+    # Another W0 or other target tensors: the fingerprint differs, which is never forced (SPEC §7.1).
     if shapes_ok and s.layers == cfg.layers and s.variant == cfg.variant:
         if s.meta.get("w0_fingerprint") != w0:
             problems.append(FitProblem("w0", f"the model's initial fast weights W0 differ from those the snapshot "
                                        f"was taken from (snapshot model {s.meta.get('model') or 'unknown'}, W0 "
-                                       f"{str(s.meta.get('w0_fingerprint'))[:12]}; this model's W0 {w0[:12]})", True))
-        elif snap_fp != model_fp and not problems:
-            problems.append(FitProblem("fingerprint", f"model fingerprint differs: snapshot {str(snap_fp)[:12]}, "
-                                       f"model {model_fp[:12]}", True))
+                                       f"{str(s.meta.get('w0_fingerprint'))[:12]}; this model's W0 {w0[:12]})", False))
+        elif s.meta.get("fingerprint_version") != FINGERPRINT_VERSION:
+            problems.append(FitProblem("fingerprint", "the snapshot was written by an older ttt whose fingerprint "
+                                       "did not cover the target tensors: its W0 and config match, its targets "
+                                       "cannot be checked (export it again)", True))
+        elif snap_fp != model_fp and not any(p.kind == "config" for p in problems):
+            problems.append(FitProblem("fingerprint", f"model fingerprint differs (same W0 and TTT config, so the "
+                                       f"target generator's tensors differ): snapshot {str(snap_fp)[:12]}, model "
+                                       f"{model_fp[:12]}", False))
     return FitReport(problems, model_fp, snap_fp)
 
 
@@ -371,7 +381,7 @@ def capture(lm, batch_index: int = 0, attention: bool = False) -> FastWeightStat
     meta: dict[str, tp.Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in cfg.to_dict().items() if k in CONFIG_KEYS},
         "model": getattr(model, "model_id", None), "model_fingerprint": model_fp,
-        "w0_fingerprint": w0_fp, "batch_index": batch_index, "steps": steps,
+        "fingerprint_version": FINGERPRINT_VERSION, "w0_fingerprint": w0_fp, "batch_index": batch_index, "steps": steps,
         "seconds": steps / FRAME_RATE, "source_files": [], "reset_policy": None,
         "pending_tokens": {k: int(v.get("pending_tokens", 0)) for k, v in telemetry.items()},
         "flushed": False, "attention": attention, "telemetry": telemetry, "w0_norms": w0_norms, "created": _utc_now(),
@@ -448,7 +458,7 @@ def restore(lm, s: FastWeightState, batch_index: int = 0, force: bool = False) -
         lm: a streaming moshi LMModel with TTT layers (or a TTTModel).
         s: the snapshot.
         batch_index: which stream to overwrite.
-        force: restore despite forceable differences (another lr/clip, another W0 of the same shapes).
+        force: restore despite forceable differences (another lr or clip).
     Raises:
         StateMismatchError: the snapshot does not fit (the message says why); nothing is changed.
     """
@@ -499,7 +509,8 @@ def save_state(s: FastWeightState, path: str | Path, metadata: dict | None = Non
         path: file to write.
         metadata: keys added to (or replacing) `s.meta`: e.g. steps, seconds, source_files, reset_policy.
         overwrite: replace an existing file.
-        verify: load the written file back and check every tensor and the metadata.
+        verify: load the written (temporary) file back and check every tensor and the metadata before
+            it replaces `path`; a mismatch raises StateMismatchError and leaves no file.
     Returns:
         The path written.
     """
@@ -514,16 +525,23 @@ def save_state(s: FastWeightState, path: str | Path, metadata: dict | None = Non
     meta = {**s.meta, **(metadata or {})}
     header = {META_KEY: _jsonable(meta), "format": "pt"}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in s.tensors.items()}
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=header)
+        if verify:  # the temporary file is checked before it replaces anything: a bad write leaves nothing
+            try:
+                back = load_state(tmp)
+            except StateMismatchError as e:
+                raise StateMismatchError(f"{path} was written but does not read back ({e}); the disk may be "
+                                         f"full or failing.") from None
+            bad = [k for k in tensors if k not in back.tensors or not torch.equal(back.tensors[k], tensors[k])]
+            if bad or set(back.tensors) != set(tensors) or back.meta != json.loads(header[META_KEY]):
+                raise StateMismatchError(f"{path} was written but does not read back identically "
+                                         f"({', '.join(bad[:3]) or 'metadata'}); the disk may be full or failing.")
+
     try:
-        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
+        atomic_write(path, write)
     except OSError as e:
         raise ConfigError(f"cannot write {path}: {e.strerror or e}.") from None
-    if verify:
-        back = load_state(path)
-        bad = [k for k in tensors if k not in back.tensors or not torch.equal(back.tensors[k], tensors[k])]
-        if bad or set(back.tensors) != set(tensors) or back.meta != json.loads(header[META_KEY]):
-            raise StateMismatchError(f"{path} was written but does not read back identically "
-                                     f"({', '.join(bad[:3]) or 'metadata'}); the disk may be full or failing.")
     s.meta = json.loads(header[META_KEY])
     return path
 

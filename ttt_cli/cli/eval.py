@@ -51,8 +51,8 @@ def librilight_cmd(
     overwrite: OverwriteOpt = False,
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
                                                           "(ttt export-state); resets go back to it.")] = None,
-    force_state: Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip or "
-                                              "W0 differ from the model's.")] = False,
+    force_state: Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip "
+                                              "differ from the model's.")] = False,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     ttt: TTTOpt = True,

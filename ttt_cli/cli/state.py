@@ -35,7 +35,7 @@ def export_state_cmd(
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     force: Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit; "
-                                        "restore an --init-state whose lr or W0 differ.")] = False,
+                                        "restore an --init-state whose lr or clip differ.")] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:

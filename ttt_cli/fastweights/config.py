@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import typing as tp
 from dataclasses import asdict, dataclass, field
@@ -89,12 +88,6 @@ class TTTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def canonical_json(self) -> str:
-        """Canonical JSON of what changes the math (used in fingerprints); `ttt_name` excluded."""
-        d = self.to_dict()
-        d.pop("ttt_name")
-        return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
     def with_overrides(self, overrides: dict | None, num_layers: int | None = None) -> "TTTConfig":
         """Returns a copy with `overrides` (keys of this section) applied and validated."""

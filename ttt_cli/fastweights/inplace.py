@@ -161,6 +161,9 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
     """
 
     variant = "inplace"
+    # `activation` enters once the config section carries it (SPEC §3.1); lr and clip never do.
+    structural = frozenset({"variant", "layers", "chunk_size", "conv_kernel_size", "conv_padding",
+                            "target_source", "activation"})
 
     def __init__(self, linear_in: nn.Module, linear_out: nn.Module, activation, cfg: TTTConfig,
                  x0: X0Source):
@@ -381,6 +384,11 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
 
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         return {"w_down": self.w_down}
+
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        tg = self.target_generator
+        return {"w_down": self.w_down, "target_generator.conv1d.conv.weight": tg.conv1d.conv.weight,
+                "target_generator.W_target.weight": tg.W_target.weight}
 
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
         st = self._state()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import typing as tp
 
 import torch
@@ -17,12 +18,15 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     """A moshi `StreamingModule` whose streaming state holds per-stream fast weights.
 
     What commands need from a variant (SPEC §3.9): `capture`/`restore` of one stream's tensors,
-    `reset_streaming(mask)` (inherited), a fingerprint of its initial weights, telemetry, memory
+    `reset_streaming(mask)` (inherited), a fingerprint of what it computes, telemetry, memory
     arithmetic and `config_section()` (with a `variant` key). Tensor names in `capture()` are
     the snapshot's per-layer keys (`layers.{i}.<name>`).
     """
 
     variant: tp.ClassVar[str]
+    # Config keys (of `config_section()`, plus the model-level `layers`) that change what the layer
+    # computes: they enter the fingerprint. Update-rule hyperparameters (lr, clip) and file names do not.
+    structural: tp.ClassVar[frozenset[str]]
 
     @abc.abstractmethod
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
@@ -39,7 +43,11 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
 
     @abc.abstractmethod
     def initial_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors a reset goes back to (W0), used for fingerprints and drift."""
+        """The tensors a reset goes back to (θ0), used for drift and the W0-only fingerprint."""
+
+    @abc.abstractmethod
+    def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
+        """θ0 and every other tensor that defines what the layer computes (In-Place: W0, conv, W_target)."""
 
     @abc.abstractmethod
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
@@ -57,8 +65,17 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     def flush_partial(self, batch_index: int | None = None) -> None:
         """Applies the pending partial chunk's update now (chunk counting restarts)."""
 
-    def fingerprint_update(self, h: "hashlib._Hash") -> None:
-        for name, t in sorted(self.initial_tensors().items()):
-            h.update(name.encode())
+    def structural_config(self) -> dict[str, tp.Any]:
+        """The `structural` keys of `config_section()` (what the fingerprint covers of the config)."""
+        return {k: v for k, v in sorted(self.config_section().items()) if k in self.structural}
+
+    def fingerprint_update(self, h: "hashlib._Hash", initial_only: bool = False) -> None:
+        """Feeds the fingerprint tensors (names, shapes, float32 bytes) and the structural config to `h`;
+        `initial_only`: θ0's tensors only (the W0 fingerprint)."""
+        tensors = self.initial_tensors() if initial_only else self.fingerprint_tensors()
+        for name, t in sorted(tensors.items()):
+            h.update(f"{name}:{list(t.shape)};".encode())
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if not initial_only:
+            h.update(json.dumps(self.structural_config(), sort_keys=True, separators=(",", ":")).encode())
 
