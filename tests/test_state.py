@@ -429,7 +429,8 @@ def test_fingerprint_by_behaviour(tiny, fresh, tmp_path):
         assert w0_fingerprint(fresh) == w0_before  # the W0-only fingerprint is W0's alone
     structural = {"variant": (layer, "variant", "another"), "chunk_size": (layer, "chunk_size", 8),
                   "conv_kernel_size": (tg.conv1d, "kernel_size", 3), "conv_padding": (tg.conv1d, "padding", "center"),
-                  "target_source": (layer, "target_source", "text")}
+                  "target_source": (layer, "target_source", "text"),
+                  "activation": (layer, "activation_name", "gelu")}
     # every structural key the layer reports is covered here (a new one needs its case)
     assert set(layer.structural) & set(layer.config_section()) == set(structural)
     for key, (obj, attr, value) in structural.items():
