@@ -166,7 +166,7 @@ def test_cli_no_ttt_tokens_are_moshis(plain, tmp_path):
     ref_text, _, ref_pcm = moshi_loop(plain, read_mix(HELLO), "dialog")
     res = cli(HELLO, "--model", "tiny", "--out", tmp_path, "--no-ttt", "--greedy", "--json")
     assert res.exit_code == 0, res.output
-    obj = json.loads(res.stdout)
+    obj = json.loads(res.stdout)["results"][0]
     pad, epad = plain.lm.text_padding_token_id, plain.lm.end_of_text_padding_id
     want = [(s, i) for s, i in enumerate(ref_text) if i not in (pad, epad)]
     assert [(t["step"], t["id"]) for t in obj["tokens"]] == want
@@ -222,7 +222,7 @@ def test_sampling_uses_seed(tmp_path):
     for name, seed in (("s1", 1), ("s1b", 1), ("s2", 2)):
         res = cli(HELLO, "--model", "tiny", "--out", tmp_path / name, "--seed", seed, "--json")
         assert res.exit_code == 0, res.output
-        runs.append(json.loads(res.stdout))
+        runs.append(json.loads(res.stdout)["results"][0])
     assert runs[0]["tokens"] == runs[1]["tokens"] and runs[0]["tokens"] != runs[2]["tokens"]
     assert runs[0]["sampling"] == {"use_sampling": True, "temp": 0.8, "temp_text": 0.7, "top_k": 50,
                                    "top_k_text": 25}  # the preset's lm_gen_config
@@ -234,7 +234,7 @@ def test_sampling_uses_seed(tmp_path):
 def test_cli_dialog_two_files_as_batch(tmp_path):
     res = cli(HELLO, WEATHER, "--model", "tiny", "--out", tmp_path, "--batch-size", "2", "--greedy", "--json")
     assert res.exit_code == 0, res.output
-    objs = json.loads(res.stdout)  # only JSON on stdout: a list for several inputs
+    objs = json.loads(res.stdout)["results"]  # only JSON on stdout: one object, the results inside
     assert [o["input"]["path"] for o in objs] == [str(HELLO), str(WEATHER)]
     for o, stem in zip(objs, ("hello", "weather")):
         assert JSON_KEYS <= set(o)
@@ -258,21 +258,21 @@ def test_cli_dialog_two_files_as_batch(tmp_path):
 def test_cli_transcribe_and_channel(tmp_path):
     res = cli(WEATHER, "--model", "tiny", "--mode", "transcribe", "--out", tmp_path / "mix", "--greedy", "--json")
     assert res.exit_code == 0, res.output
-    mix = json.loads(res.stdout)
+    mix = json.loads(res.stdout)["results"][0]
     assert mix["mode"] == "transcribe" and mix["audio_out"] is None
     assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == ["weather.json", "weather.txt"]
     assert mix["steps"] == mix["input"]["frames"]  # no double feed: the input is forced, not fed
     res = cli(WEATHER, "--model", "tiny", "--mode", "transcribe", "--out", tmp_path / "ch1", "--greedy",
               "--channel", "1", "--json")
     assert res.exit_code == 0, res.output
-    ch1 = json.loads(res.stdout)
+    ch1 = json.loads(res.stdout)["results"][0]
     assert ch1["input"]["channel"] == "1" and ch1["tokens"] != mix["tokens"]
 
 
 def test_cli_stt_mode_and_auto(tmp_path):
     res = cli(HELLO, "--model", "tiny-stt", "--out", tmp_path, "--greedy", "--json")  # auto -> stt
     assert res.exit_code == 0, res.output
-    o = json.loads(res.stdout)
+    o = json.loads(res.stdout)["results"][0]
     assert o["mode"] == "stt" and o["audio_out"] is None and o["model"]["model_type"] == "stt"
     frames = (122582 + 12000 + 36000) // FRAME
     assert o["steps"] == frames + 1
@@ -298,7 +298,7 @@ def test_carry_plays_files_as_one_stream(tiny, tmp_path):
     res = cli(HELLO, WEATHER, "--model", "tiny", "--out", tmp_path, "--greedy", "--reset-policy", "carry",
               "--save-state", tmp_path / "end.safetensors", "--json")
     assert res.exit_code == 0, res.output
-    a, b = json.loads(res.stdout)
+    a, b = json.loads(res.stdout)["results"]
     ids_alone = [(t.step, t.id) for t in alone[0].tokens]
     # the first file sees what it sees alone, plus the outputs that arrive once the second begins
     assert [(t["step"], t["id"]) for t in a["tokens"]][:len(ids_alone)] == ids_alone
@@ -324,7 +324,7 @@ def test_save_and_init_state(tmp_path):
     warm = cli(WEATHER, "--model", "tiny", "--out", tmp_path / "c", "--greedy", "--json", "--init-state", snap)
     warm2 = cli(WEATHER, "--model", "tiny", "--out", tmp_path / "d", "--greedy", "--json", "--init-state", snap)
     assert fresh.exit_code == warm.exit_code == warm2.exit_code == 0, warm.output
-    f, w, w2 = (json.loads(r.stdout) for r in (fresh, warm, warm2))
+    f, w, w2 = (json.loads(r.stdout)["results"][0] for r in (fresh, warm, warm2))
     assert w["tokens"] != f["tokens"] and w["tokens"] == w2["tokens"]
     assert w["ttt"]["init_state"] == str(snap)
     # several streams with --save-state write a directory of <stem>.end.safetensors
@@ -354,7 +354,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
               bad / "tiny.wav", bad / "nan.wav", HELLO]
     res = cli(*inputs, "--model", "tiny", "--out", tmp_path / "out", "--greedy", "--batch-size", "3", "--json")
     assert res.exit_code == 1, res.output
-    objs = json.loads(res.stdout)
+    objs = json.loads(res.stdout)["results"]
     errors = {Path(o["input"]["path"]).name: o.get("error") for o in objs}
     assert "no such file" in errors["missing.wav"]
     assert "directory" in errors["bad"]
@@ -386,13 +386,13 @@ def test_unwritable_outputs(tmp_path):
     blocker.write_text("x")
     res = cli(HELLO, "--model", "tiny", "--out", blocker / "sub")
     assert res.exit_code == 2 and "cannot write to the output directory" in res.output
-    # one input's outputs cannot be written: it fails alone, nothing of it is left, the other runs
+    # a directory in the way of one input's output: found before any work (SPEC §7.1), nothing written
     out = tmp_path / "out"
     (out / "hello.txt").mkdir(parents=True)
     res = cli(HELLO, WEATHER, "--model", "tiny", "--out", out, "--overwrite")
-    assert res.exit_code == 1, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["hello.txt", "weather.json", "weather.txt", "weather.wav"]
-    assert (out / "hello.txt").is_dir() and "cannot write outputs" in res.stderr
+    assert res.exit_code == 2, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["hello.txt"]
+    assert (out / "hello.txt").is_dir() and "is a directory" in res.stderr
 
 
 def test_same_stem_twice(tmp_path):

@@ -19,7 +19,7 @@ def bench_cmd(
     out: Annotated[tp.Optional[Path], typer.Option("--out", "-o", help="Write the JSON here too.")] = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -38,17 +38,24 @@ def bench_cmd(
       ttt bench --json --out bench.json
     """
     from ..bench import BenchOptions, run_bench
-    from ..io import refuse_overwrite, write_json
+    from ..io import write_json
+    from ..outputs import OutputPlan, json_with_keys
     from ..progress import make_progress
 
-    if out is not None:
-        refuse_overwrite([out], overwrite)
-    with make_progress() as progress:
-        res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
-                                     steps=steps, seed=seed), progress)
-    d = res.to_dict()
-    if out is not None:
-        write_json(out, d)
+    plan = OutputPlan(overwrite)
+    if out is not None:  # checked before the long measurements, not after them (SPEC §7.1)
+        plan.read_model(model)
+        plan.write(out, "--out", "the bench JSON", json_with_keys("device", "figures"))
+        plan.check().prepare()
+    try:
+        with make_progress() as progress:
+            res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
+                                         steps=steps, seed=seed), progress)
+        d = res.to_dict()
+        if out is not None:
+            write_json(out, d)
+    finally:
+        plan.cleanup()
     if json_out:
         print_json(d)
     else:
