@@ -314,6 +314,11 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     for name in (report.CURVE_CSV, report.CURVE_PNG):
         plan.write(out / name, "--out", f"{name} of ttt eval", beside(out / report.RESULTS, record))
     plan.check()
+    if cache_dir is not None:
+        root, c = real(dataset.root), real(cache_dir)
+        if c == root or c.startswith(root.rstrip("/") + "/"):
+            raise OutputError(f"--codes-cache {cache_dir} is inside the dataset {dataset.root}: cache files would mix "
+                              f"with the books. Choose a directory outside it.")
     sdir = resume.state_dir(out)
     if sdir.exists() and not (sdir.is_dir() and resume.state_dir_is_ours(sdir)):
         raise OutputError(f"{sdir} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
@@ -331,11 +336,6 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     plan.prepare()
     store, notes = cache_dir is not None, []
     if cache_dir is not None:
-        root = real(dataset.root)
-        c = real(cache_dir)
-        if c == root or c.startswith(root.rstrip("/") + "/"):
-            raise OutputError(f"--codes-cache {cache_dir} is inside the dataset {dataset.root}: cache files would mix "
-                              f"with the books. Choose a directory outside it.")
         try:
             check_writable_dir(cache_dir, "--codes-cache")
         except ConfigError as e:

@@ -91,6 +91,8 @@ def run_config(protocol: dict, model: dict) -> dict:
 def config_differences(old: dict, new: dict) -> list[str]:
     """`option: was X, now Y` for every option that differs."""
     def fmt(v: tp.Any) -> str:
+        if isinstance(v, float):
+            return f"{v:g}"
         if isinstance(v, list):
             return ", ".join(map(str, v)) or "none"
         if isinstance(v, str) and len(v) == 64:

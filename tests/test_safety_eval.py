@@ -199,15 +199,18 @@ def test_ctrl_c_while_writing_results_keeps_finished_documents(data, cache, refe
 
 
 def test_disk_full_keeps_finished_documents_for_resume(data, cache, tmp_path, monkeypatch):
-    with small_disk(tmp_path / "disk", 12, monkeypatch) as how:  # state.json fits, results.json does not
+    with small_disk(tmp_path / "disk", 8, monkeypatch) as how:  # the resume record fits, results.json does not
         out = tmp_path / "disk" / "out"
         r = run(data, cache, out, "--json")
         left = names(tmp_path / "disk")
+        state = json.loads((out / ".ttt-eval" / "state.json").read_text()) if left else None
     assert r.exit_code == 1, (how, r.output)
     obj = json.loads(r.stdout)
-    assert "No space left on device" in obj["error"]["message"] and "--resume" in obj["error"]["message"]
-    assert no_temporaries(tmp_path / "disk") and "out/results.json" not in left
-    assert left <= {"out/", "out/.ttt-eval/", "out/.ttt-eval/state.json"}, left
+    msg = obj["error"]["message"]
+    assert "No space left on device" in msg and "--resume" in msg and "results.json" in msg and "Traceback" not in r.output
+    assert obj["documents_done"] == ["s/a", "s/b"] and obj["documents_not_run"] == []
+    assert left == {"out/", "out/.ttt-eval/", "out/.ttt-eval/state.json"}, (how, left)
+    assert state["done"] == ["s/a", "s/b"]
 
 
 def test_non_utf8_names_in_the_dataset(tmp_path, cache):

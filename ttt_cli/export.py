@@ -58,6 +58,7 @@ class ExportResult:
     elapsed_seconds: float
     inputs: dict = field(default_factory=dict)   # the accounting of inputs (`InputLedger.to_dict()`)
     stopped: str | None = None                   # why the run stopped early (a write failure), if it did
+    interrupted: bool = False                    # Ctrl-C stopped it (finished snapshots are kept)
 
     @property
     def failed(self) -> list[ExportItem]:
@@ -177,7 +178,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         check_fits(model, init).raise_unless_fits(force, flag="--force-state")  # refuse before anything is written
     items: list[ExportItem] = []
     ledger = InputLedger(paths)
-    stopped = None
+    stopped, interrupted = None, False
     try:
         for n, (path, plan) in enumerate(zip(paths, plans)):
             item = ExportItem(str(path), ok=False)
@@ -190,6 +191,13 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
                 ledger.skip(n, str(e).removeprefix(f"{path}: "))
                 progress.log(f"skipped {path}: {e}")
                 continue
+            except KeyboardInterrupt:
+                interrupted = True
+                item.error = f"{path}: interrupted (Ctrl-C)"
+                ledger.skip(n, "interrupted (Ctrl-C)")
+                ledger.not_run("interrupted (Ctrl-C)")
+                items += [ExportItem(str(p), ok=False, error=f"{p}: not run (interrupted)") for p in paths[n + 1:]]
+                break
             except Exception as e:
                 ose = as_os_error(e)
                 if ose is None:
@@ -206,7 +214,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         oplan.cleanup()
     return ExportResult(model.model_id, fp, {k: v for k, v in cfg.to_dict().items() if k != "ttt_name"},
                         str(out), layout, flush_partial, None if init_state is None else str(init_state), items,
-                        time.monotonic() - t0, ledger.to_dict(), stopped)
+                        time.monotonic() - t0, ledger.to_dict(), stopped, interrupted)
 
 
 def _export_one(model, item: ExportItem, path: Path, plan: dict[str, Path], at_sec: list[float],

@@ -59,8 +59,10 @@ def as_os_error(e: BaseException, path: Path | str | None = None) -> OSError | N
 
 def describe_os_error(e: OSError, path: Path | str | None = None) -> str:
     """One sentence: what failed where, and what to do about it."""
-    where = path if path is not None else (e.filename or "")
+    where = path if path is not None else e.filename
     what = e.strerror or str(e)
+    if where is None:
+        return f"cannot write: {what}"
     hint = {errno.ENOSPC: "free some space or write elsewhere",
             errno.EDQUOT: "free some space or write elsewhere",
             errno.EROFS: "the file system is read-only: write elsewhere",
@@ -69,7 +71,7 @@ def describe_os_error(e: OSError, path: Path | str | None = None) -> str:
             errno.ENOTDIR: "a part of that path is a file, not a directory",
             errno.EISDIR: "a directory is in the way",
             errno.ENAMETOOLONG: "use a shorter name"}.get(e.errno or 0, "")
-    return f"cannot write {where}: {what}" + (f" ({hint})" if hint else "")
+    return f"cannot write {shown(where)}: {what}" + (f" ({hint})" if hint else "")
 
 
 @contextlib.contextmanager
@@ -90,7 +92,11 @@ def atomic_path(path: Path | str) -> tp.Iterator[Path]:
             yield tmp
         except Exception as e:
             ose = as_os_error(e, path)
-            if ose is None or ose is e:
+            if ose is None:
+                raise
+            if ose is e:
+                if not e.filename or str(e.filename) == str(tmp):
+                    e.filename = str(path)  # name the file the user asked for, not our temporary
                 raise
             raise ose from e
         os.replace(tmp, path)

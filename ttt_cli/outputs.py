@@ -239,10 +239,16 @@ class OutputPlan:
         for o in self.outputs:
             d = o.path if o.kind == "dir" else (o.path.parent if str(o.path.parent) else Path("."))
             dirs.setdefault(real(d), (d, o.flag))
-        for d, flag in dirs.values():
-            made = [x for x in _missing(d)]
-            check_writable_dir(d, flag)
-            self.created += [x for x in made if x.is_dir()]
+        try:
+            for d, flag in dirs.values():
+                made = _missing(d)
+                try:
+                    check_writable_dir(d, flag)
+                finally:
+                    self.created += [x for x in made if x.is_dir()]
+        except BaseException:
+            self.cleanup()  # a refused run leaves no empty directory behind
+            raise
         return self
 
     def cleanup(self) -> None:

@@ -165,18 +165,23 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
 
     finished: list = []
 
-    def account(res) -> None:
-        if res.ok:
-            ledger.done(res.job.index, res.info.warnings if res.info else ())
-        else:
-            ledger.skip(res.job.index, res.error.removeprefix(f"{res.job.path}: ") if res.error else "failed")
+    def failed(res, default: str) -> None:
+        ledger.skip(res.job.index, res.error.removeprefix(f"{res.job.path}: ") if res.error else default)
 
     with make_progress() as progress:
         def on_result(res, run) -> None:
             try:
                 write_result(res, run, out, states.get(res.job.index))
-            finally:
-                account(res)
+            except KeyboardInterrupt:
+                failed(res, "interrupted (Ctrl-C) while its outputs were written; none of them is left")
+                raise
+            except BaseException:
+                failed(res, "its outputs could not be written")
+                raise
+            if res.ok:
+                ledger.done(res.job.index, res.info.warnings if res.info else ())
+            else:
+                failed(res, "failed")
             if res.info is not None:
                 for w in res.info.warnings:
                     warn(w)
@@ -191,11 +196,11 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
             fail(1, f"{e} {len(rest)} input(s) not run: {_names(rest)}.", e.hint, json_out,
                  {"inputs": ledger.to_dict(), "exit_code": 1})
         except KeyboardInterrupt:
-            rest = ledger.not_run("interrupted (Ctrl-C)")
-            done = ledger.done_records
-            fail(130, f"interrupted: {len(done)} file(s) finished with outputs in {out} (kept); run again on the "
-                      f"others: {_names(rest)}.", "run the command again on the inputs not run", json_out,
-                 {"inputs": ledger.to_dict(), "exit_code": 130})
+            ledger.not_run("interrupted (Ctrl-C)")
+            again = [r for r in ledger.skipped if r.reason.startswith(("not run", "interrupted"))]
+            fail(130, f"interrupted: {len(ledger.done_records)} file(s) finished with outputs in {out} (kept); run "
+                      f"again on the others: {_names(again)}.", "run the command again on the inputs not run",
+                 json_out, {"inputs": ledger.to_dict(), "exit_code": 130})
 
 
 def _names(records, n: int = 5) -> str:

@@ -78,6 +78,12 @@ def export_state_cmd(
         for w in (it.audio or {}).get("warnings", []):
             warn(w)
     code = 1 if res.failed else 0
+    if res.interrupted:
+        done = [it.input for it in res.items if it.ok]
+        rest = [it.input for it in res.items if not it.ok]
+        fail(130, f"interrupted: {len(done)} input(s) finished, their snapshots are kept; run again on the others "
+                  f"({' '.join(rest[:5])}{' ...' if len(rest) > 5 else ''}).",
+             "run the command again on the inputs not run", json_out, {**res.to_dict(), "exit_code": 130})
     if res.stopped:
         n = sum(1 for it in res.items if it.error and "not run" in it.error)
         fail(1, f"{res.stopped}. Snapshots already written stay; {n} input(s) not run.",
