@@ -345,7 +345,8 @@ def document_codes(mimi, doc: Document, max_seconds: float | None = None, cache_
     if dc.steps and store:
         try:
             _store(path, dc, doc, key, expect)
-            back, problem = _load_cached(path, doc, key, expect, digest_of)  # a cache entry that does not read is useless
+            # load it back: a cache entry that does not read is useless
+            back, problem = _load_cached(path, doc, key, expect, digest_of)
             if back is None or not bool((back.codes == dc.codes).all()):
                 raise OSError(f"the written entry does not read back ({problem or 'codes differ'})")
             dc.cache_path = str(path)

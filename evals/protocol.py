@@ -304,7 +304,7 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     from ttt_cli.io import check_writable_dir
     from ttt_cli.outputs import OutputPlan, beside, json_with_keys, real
 
-    plan = OutputPlan(o.overwrite or o.resume)
+    plan = OutputPlan(overwrite=True)  # ttt's own earlier outputs: decided below (--resume or --overwrite)
     plan.read(dataset.root, "the dataset (DATA)", tree=True)
     plan.read(o.init_state, "the --init-state snapshot")
     plan.read_model(o.model)
@@ -540,10 +540,16 @@ def _open_resume(run: _Run, config: dict) -> None:
     for p in run.policies:
         if p.carries_across_documents and scored_before:
             path = resume.carry_path(out, p.dir_name)
-            if not path.is_file():
-                raise ConfigError(f"--resume: the fast weights that policy {p.name} carries across documents "
-                                  f"({path}) are missing; pass --overwrite to start again.")
-            run.carries[p.name] = resume.load_carry(path)
+            carry, after = resume.load_carry(path) if path.is_file() else ({}, None)
+            if after != run.state["done"][-1]:  # missing, damaged, or from another point of the run
+                note = (f"--resume: the fast weights that policy {p.name} carries across documents ({path}) do not "
+                        f"follow the last finished document; every document is computed again.")
+                run.warnings.append(note)
+                progress.log(note)
+                run.state = resume.new_state(config)
+                run.carries = {q.name: None for q in run.policies}
+                break
+            run.carries[p.name] = carry
     try:
         sdir.mkdir(parents=True, exist_ok=True)
         _write_state(sdir, run.state)
@@ -592,12 +598,13 @@ def _score_all(run: _Run) -> bool:
     try:
         for n_doc, doc in enumerate(todo, start=len(run.state["done"]) + 1):
             entry = _score_document(run, doc, f"{n_doc}/{len(docs)}", t_loop)
-            # Commit this document: carries first, then the record that points at them.
+            # Commit this document: carries first (they name it), then the record; it counts once written.
             for p in run.policies:
                 if p.carries_across_documents and run.carries[p.name] is not None:
-                    resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name])
-            resume.add_document(run.state, doc.id, entry)
-            _write_state(resume.state_dir(run.out), run.state)
+                    resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
+            state = resume.with_document(run.state, doc.id, entry)
+            _write_state(resume.state_dir(run.out), state)
+            run.state = state
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:

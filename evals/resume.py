@@ -49,22 +49,29 @@ def state_dir_is_ours(sdir: Path) -> bool:
                for n in names)
 
 
-def save_carry(path: Path, carry: dict) -> None:
+def save_carry(path: Path, carry: dict, after: str) -> None:
+    """The fast weights a `never` policy carries into the next document, and the document they follow."""
     from safetensors.torch import save_file
     from ttt_cli.io import atomic_write
 
     flat = {f"layers.{i}.{k}": v.contiguous() for i, t in carry.items() for k, v in t.items()}
-    atomic_write(path, lambda p: save_file(flat, str(p)))
+    atomic_write(path, lambda p: save_file(flat, str(p), metadata={"after": json.dumps(after)}))
 
 
-def load_carry(path: Path) -> dict:
-    from safetensors.torch import load_file
+def load_carry(path: Path) -> tuple[dict, str | None]:
+    """(carried tensors by layer, the id of the document they follow), or ({}, None) if unreadable."""
+    from safetensors import safe_open
 
     out: dict[int, dict] = {}
-    for k, v in load_file(str(path)).items():
-        _, i, name = k.split(".", 2)
-        out.setdefault(int(i), {})[name] = v
-    return out
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            after = json.loads((f.metadata() or {}).get("after", "null"))
+            for k in f.keys():
+                _, i, name = k.split(".", 2)
+                out.setdefault(int(i), {})[name] = f.get_tensor(k)
+    except Exception:  # damaged: the caller recomputes
+        return {}, None
+    return out, after
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -128,12 +135,12 @@ def _digest(path: Path, file_digest) -> str | None:
         return None
 
 
-def add_document(state: dict, doc_id: str, entry: dict) -> None:
-    """Records a finished document (with its checksum) in the state."""
-    entry["checksum"] = _checksum(entry)
-    state["docs"][doc_id] = entry
-    if doc_id not in state["done"]:
-        state["done"].append(doc_id)
+def with_document(state: dict, doc_id: str, entry: dict) -> dict:
+    """A copy of the state with one more finished document (its entry checksummed); the caller
+    keeps it once it is written, so the state in memory never claims more than the disk holds."""
+    entry = {**entry, "checksum": _checksum(entry)}
+    done = state["done"] + ([] if doc_id in state["done"] else [doc_id])
+    return {**state, "done": done, "docs": {**state["docs"], doc_id: entry}}
 
 
 def _inputs_changed(entry: dict, doc, root: Path, rel) -> str | None:
@@ -144,8 +151,8 @@ def _inputs_changed(entry: dict, doc, root: Path, rel) -> str | None:
     if rec.get("paths") != now:
         added = sorted(set(now) - set(rec.get("paths") or []))
         gone = sorted(set(rec.get("paths") or []) - set(now))
-        return "its files changed (" + "; ".join(x for x in (f"added {', '.join(added[:3])}" if added else "",
-                                                            f"removed {', '.join(gone[:3])}" if gone else "") if x) + ")"
+        parts = [f"{what} {', '.join(names[:3])}" for what, names in (("added", added), ("removed", gone)) if names]
+        return f"its files changed ({'; '.join(parts)})"
     changed = [r for r, d in (rec.get("sha256") or {}).items() if _digest(root / r, file_digest) != d]
     if changed:
         return f"its audio changed ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"

@@ -152,29 +152,18 @@ def test_resume_checks_config_inputs_and_records(data, cache, reference, tmp_pat
     assert nll(res) != pytest.approx(nll(ref), rel=1e-6)
 
 
-class _StopAt:
-    """A progress hook that presses Ctrl-C when the given document is being scored."""
-
-    def __init__(self, doc):
-        self.doc = doc
-
-    def start(self, *a): pass
-    def finish(self, *a, **k): pass
-    def log(self, m): pass
-
-    def update(self, key, completed, **info):
-        if info.get("doc") == self.doc:
-            raise KeyboardInterrupt
+def _interrupt(*a, **k):
+    raise KeyboardInterrupt  # Ctrl-C
 
 
 def test_interrupted_before_the_first_document_resumes(data, cache, reference, tmp_path, monkeypatch):
-    import ttt_cli.progress as progress
-    monkeypatch.setattr(progress, "make_progress", lambda quiet=False: __import__("contextlib").nullcontext(
-        _StopAt("1/2")))
+    import evals.scoring as scoring
+    monkeypatch.setattr(scoring, "score_document", _interrupt)  # while the first document is scored
     out = tmp_path / "out"
     r = run(data, cache, out)
     assert r.exit_code == 130 and "Run the same command with --resume" in r.stderr
     assert json.loads((out / "results.json").read_text())["status"] == "interrupted"
+    assert json.loads((out / ".ttt-eval" / "state.json").read_text())["done"] == []
     monkeypatch.undo()
     r = run(data, cache, out, "--resume", "--json")
     assert r.exit_code == 0, r.output
@@ -184,7 +173,7 @@ def test_interrupted_before_the_first_document_resumes(data, cache, reference, t
 def test_ctrl_c_while_writing_results_keeps_finished_documents(data, cache, reference, tmp_path, monkeypatch):
     import evals.report as report
     real = report.write_curve_png
-    monkeypatch.setattr(report, "write_curve_png", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(report, "write_curve_png", _interrupt)
     out = tmp_path / "out"
     r = run(data, cache, out, "--json")
     assert r.exit_code == 130
@@ -199,7 +188,8 @@ def test_ctrl_c_while_writing_results_keeps_finished_documents(data, cache, refe
 
 
 def test_disk_full_keeps_finished_documents_for_resume(data, cache, tmp_path, monkeypatch):
-    with small_disk(tmp_path / "disk", 8, monkeypatch) as how:  # the resume record fits, results.json does not
+    # 24 KiB: the resume record (~5 KB), results.json (~6 KB) and curve.csv fit, curve.png (~47 KB) does not
+    with small_disk(tmp_path / "disk", 24, monkeypatch) as how:
         out = tmp_path / "disk" / "out"
         r = run(data, cache, out, "--json")
         left = names(tmp_path / "disk")
@@ -207,9 +197,11 @@ def test_disk_full_keeps_finished_documents_for_resume(data, cache, tmp_path, mo
     assert r.exit_code == 1, (how, r.output)
     obj = json.loads(r.stdout)
     msg = obj["error"]["message"]
-    assert "No space left on device" in msg and "--resume" in msg and "results.json" in msg and "Traceback" not in r.output
+    assert "No space left on device" in msg and "curve.png" in msg and "--resume" in msg
+    assert "Traceback" not in r.output
     assert obj["documents_done"] == ["s/a", "s/b"] and obj["documents_not_run"] == []
-    assert left == {"out/", "out/.ttt-eval/", "out/.ttt-eval/state.json"}, (how, left)
+    assert left == {"out/", "out/results.json", "out/curve.csv", "out/.ttt-eval/", "out/.ttt-eval/state.json"}, \
+        (how, left)  # what was finished stays; no partial curve.png, no temporary
     assert state["done"] == ["s/a", "s/b"]
 
 

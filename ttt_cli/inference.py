@@ -186,11 +186,15 @@ def output_paths(out_dir: Path, job: Job, mode: str) -> dict[str, Path]:
 
 
 def state_paths(save_state: Path | None, jobs: list[Job], reset_policy: str) -> dict[int, Path]:
-    """{index of a stream's last job: snapshot path}; one stream writes `save_state` itself."""
+    """{index of a stream's last job: snapshot path}; one stream writes `save_state` itself (or
+    `<stem>.end.safetensors` inside it when it is an existing directory), several streams a directory."""
     if save_state is None or not jobs:
         return {}
     if reset_policy == "carry" or len(jobs) == 1:
-        return {jobs[-1].index: Path(save_state)}
+        last = jobs[-1]
+        if Path(save_state).is_dir():
+            return {last.index: Path(save_state) / f"{last.stem}.end.safetensors"}
+        return {last.index: Path(save_state)}
     return {j.index: Path(save_state) / f"{j.stem}.end.safetensors" for j in jobs}
 
 

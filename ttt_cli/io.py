@@ -191,6 +191,7 @@ def check_writable_dir(path: Path | str, flag: str = "--out") -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: {describe_os_error(e, path)}. Choose another {flag}.",
-                          hint=f"give {flag} a directory you can write to") from None
+        what = describe_os_error(e, path).removeprefix(f"cannot write {shown(path)}: ")
+        raise ConfigError(f"cannot write to the output directory {shown(path)} ({flag}): {what}. Choose another "
+                          f"{flag}.", hint=f"give {flag} a directory you can write to") from None
     return path

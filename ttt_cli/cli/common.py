@@ -137,6 +137,15 @@ def fail(code: int, message: str, hint: str | None = None, json_out: bool = Fals
     raise typer.Exit(code)
 
 
+def inputs_error(code: int, message: str) -> dict:
+    """The `error` entry of a `--json` result whose exit code is 1 because some inputs failed (the
+    result object itself, with the accounting of inputs, is still printed)."""
+    if code == 0:
+        return {}
+    return {"error": {"code": code, "message": message, "hint": "the inputs listed as skipped were reported "
+                                                                "and left out; fix or remove them"}}
+
+
 _WARNED: set[str] = set()
 
 

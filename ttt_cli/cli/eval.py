@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from .common import (AudioStream, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
-                     ForceStateOpt, handle_errors, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt,
-                     TextStream, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
+                     ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
+                     print_table, SeedOpt, TextStream, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
@@ -110,7 +110,8 @@ def librilight_cmd(
              {**res.results, "out": str(res.out), "files": res.files, "failed": res.failed, "exit_code": 130})
     if json_out:
         print_json({**res.results, "out": str(res.out), "files": res.files, "failed": res.failed,
-                    "exit_code": res.exit_code})
+                    "exit_code": res.exit_code,
+                    **inputs_error(res.exit_code, f"{len(res.failed)} input(s) skipped: " + "; ".join(res.failed))})
     else:
         rows = [[p.name, _fmt(p.nll), _fmt(p.perplexity, ".2f"), _fmt(p.nll_semantic), _fmt(p.nll_acoustic),
                  *([_fmt(p.nll_text)] if any(q.nll_text is not None for q in res.policies) else []),

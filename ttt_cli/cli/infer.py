@@ -11,7 +11,7 @@ import typer
 
 from .common import (SEED_MAX, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, ForceStateOpt, JsonOpt,
                      ModelOpt, OverwriteOpt, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, fail,
-                     handle_errors, print_json, print_table, ttt_overrides, warn)
+                     handle_errors, inputs_error, print_json, print_table, ttt_overrides, warn)
 
 DEFAULT_SEED = 4242  # = inference.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
 TEXT_PREVIEW = 48
@@ -67,8 +67,9 @@ def infer_cmd(
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this "
                                                           "fast-weight snapshot.")] = None,
     save_state: Annotated[tp.Optional[Path], typer.Option("--save-state", help="Write the fast weights at the end "
-                                                          "of the stream: this file for one stream, else a "
-                                                          "directory of <stem>.end.safetensors.")] = None,
+                                                          "of the stream: this file for one stream (inside it "
+                                                          "if it is a directory), else a directory of "
+                                                          "<stem>.end.safetensors.")] = None,
     json_out: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
@@ -113,7 +114,7 @@ def infer_cmd(
     plan.read(init_state, "the --init-state snapshot")
     plan.read_model(model)
     plan.write_into(out)
-    if save_state is not None and len(set(states.values())) > 1:
+    if save_state is not None and (len(set(states.values())) > 1 or save_state.is_dir()):
         plan.write_into(save_state, "--save-state")
     plan_outputs(plan, out, jobs, mode.value if mode.value != "auto" else None, states)
     plan.check().prepare()
@@ -144,12 +145,13 @@ def infer_cmd(
     print_table(f"ttt infer: {run.mode}, model {run.model['id']}, TTT {'on' if run.ttt['enabled'] else 'off'}, "
                 f"outputs in {out}", ["file", "status", "seconds", "steps", "ms/step", "RTF", "text / reason"],
                 rows)
+    summary = (f"{len(ledger.failed)} of {len(jobs)} input(s) failed: "
+               + "; ".join(f"{r.path}: {r.reason}" for r in ledger.failed))
     if json_out:
         print_json({"results": [result_json(r, run) for r in run.results], "inputs": ledger.to_dict(),
-                    "exit_code": ledger.exit_code})
+                    "exit_code": ledger.exit_code, **inputs_error(ledger.exit_code, summary)})
     if ledger.exit_code:
-        err(f"{len(ledger.failed)} of {len(jobs)} input(s) failed: "
-            + "; ".join(f"{r.path}: {r.reason}" for r in ledger.failed))
+        err(summary)
         raise typer.Exit(1)
 
 
@@ -162,8 +164,6 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
     from ..errors import WriteError
     from ..inference import infer, write_result
     from ..progress import make_progress
-
-    finished: list = []
 
     def failed(res, default: str) -> None:
         ledger.skip(res.job.index, res.error.removeprefix(f"{res.job.path}: ") if res.error else default)
@@ -187,7 +187,6 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
                     warn(w)
             if not res.ok:
                 progress.log(f"skipped: {res.error}")
-            finished.append(res)
 
         try:
             return infer(m, jobs, opts, progress, on_result=on_result)

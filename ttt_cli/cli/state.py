@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import (AudioStream, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail,
-                     ForceOpt, ForceStateOpt, handle_errors, JsonOpt, ModelOpt, OverwriteOpt, print_json,
+                     ForceOpt, ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
                      print_table, SeedOpt, set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTLayersOpt, TTTLrOpt,
                      TTTOpt, warn)
 
@@ -90,7 +90,8 @@ def export_state_cmd(
              "free some space or write elsewhere, then run again on the inputs not run", json_out,
              {**res.to_dict(), "exit_code": 1})
     if json_out:
-        print_json({**res.to_dict(), "exit_code": code})
+        print_json({**res.to_dict(), "exit_code": code, **inputs_error(code, "; ".join(
+            str(it.error) for it in res.failed))})
     else:
         rows = []
         for it in res.items:
