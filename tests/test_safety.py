@@ -160,6 +160,11 @@ def test_two_inputs_never_share_an_output(audio, tmp_path):
     assert [o["outputs"]["txt"].rsplit("/", 1)[1] for o in res["results"]] == ["a_x.txt", "b_x.txt", "a_x_2.txt"]
     assert names(tmp_path / "o") == {f"{s}.{e}" for s in ("a_x", "b_x", "a_x_2") for e in ("txt", "json")}
     assert res["inputs"]["done"] == [str(a), str(b), str(tmp_path / "a_x.wav")] and res["exit_code"] == 0
+    # two outputs of one run at one path: refused before any work
+    r = cli("infer", a, "--model", "tiny", "--out", tmp_path / "p", "--save-state", tmp_path / "p" / "x.json")
+    assert r.exit_code == 2 and "the .json output of x.wav (--out) and a fast-weight snapshot (--save-state) " \
+                                 "would both be written to" in r.stderr
+    assert not (tmp_path / "p").exists()
 
 
 # -- nothing half-written --------------------------------------------------------------------------

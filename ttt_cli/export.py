@@ -114,7 +114,7 @@ def output_plan(inputs: list[Path], out: Path, at_seconds: list[float], overwrit
     ours = safetensors_with_metadata("ttt_state")
     for src, per in zip(inputs, plans):
         for label, dest in per.items():
-            plan.write(dest, "--out", f"the {label} snapshot of {src.name}", ours, source=src)
+            plan.write(dest, "--out", f"the {label} snapshot of {src.name}", ours)
     return layout, plans, plan.check().prepare()
 
 

@@ -801,10 +801,9 @@ def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states:
         rec = output_recognisers(out_dir, j, mode or "transcribe")
         for k, p in output_paths(out_dir, j, mode or "transcribe").items():
             if k in kinds:
-                plan.write(p, "--out", f"the .{k} output of {j.path.name}", rec[k], source=j.path)
+                plan.write(p, "--out", f"the .{k} output of {j.path.name}", rec[k])
     for i, p in states.items():
-        plan.write(p, "--save-state", "a fast-weight snapshot", safetensors_with_metadata("ttt_state"),
-                   source=jobs[i].path if i < len(jobs) else None)
+        plan.write(p, "--save-state", "a fast-weight snapshot", safetensors_with_metadata("ttt_state"))
 
 
 def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path | None = None,

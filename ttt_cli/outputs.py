@@ -108,7 +108,6 @@ class _Output:
     what: str
     kind: str                 # "file" | "dir" (written into) | "tree" (replaced whole)
     ours: Recogniser | None   # recognises an existing file/tree as this tool's own
-    source: str | None = None  # the input it is made from, for messages
 
 
 @dataclass
@@ -148,11 +147,17 @@ class OutputPlan:
         elif p.is_file():
             self.read(p, "the checkpoint file")
 
-    def write(self, path: Path | str, flag: str = "--out", what: str = "output", ours: Recogniser | None = None,
-              source: Path | str | None = None) -> None:
-        """Declares an output file; `ours` recognises an existing one as this tool's (replaceable with --overwrite)."""
+    def write(self, path: Path | str, flag: str = "--out", what: str = "output", ours: Recogniser | None = None) -> None:
+        """Declares an output file; `ours` recognises an existing one as this tool's (replaceable with --overwrite).
+
+        Args:
+            path: the file.
+            flag: the option that sets where it goes (named in messages).
+            what: what it is, e.g. "the .wav output of talk.wav" (named in messages).
+            ours: recognises an existing file there as written by this tool.
+        """
         p = Path(path)
-        self.outputs.append(_Output(p, real(p), flag, what, "file", ours, None if source is None else shown(source)))
+        self.outputs.append(_Output(p, real(p), flag, what, "file", ours))
 
     def write_into(self, path: Path | str, flag: str = "--out") -> None:
         """Declares a directory that outputs are written into (its other content is left alone)."""
@@ -201,9 +206,9 @@ class OutputPlan:
                 continue
             prev = seen.get(o.real)
             if prev is not None:
-                srcs = " and ".join(s for s in (prev.source, o.source) if s) or "two outputs"
-                raise OutputError(f"{srcs} would both be written to {shown(o.path)}; rename one of the inputs or "
-                                  f"run them separately.", hint="give inputs whose output names differ")
+                raise OutputError(f"{prev.what} ({prev.flag}) and {o.what} ({o.flag}) would both be written to "
+                                  f"{shown(o.path)}; choose other output paths, or rename one of the inputs.",
+                                  hint="give outputs that do not collide")
             seen[o.real] = o
 
     def _check_existing(self, o: _Output) -> None:
