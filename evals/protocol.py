@@ -525,9 +525,7 @@ def _open_resume(run: _Run, config: dict) -> None:
     carrying = any(p.carries_across_documents for p in run.policies)
     if o.resume and (sdir / resume.STATE_FILE).is_file():
         run.state, notes = resume.open_state(out, config, run.dataset, carrying, _rel)
-        run.warnings += notes
-        for n in notes:
-            progress.log(n)
+        run.warnings += notes  # printed once, as warnings, with the results
         progress.log(f"resuming: {len(run.state['done'])} of {len(run.dataset.documents)} documents already done.")
     else:
         if o.resume:
@@ -545,7 +543,6 @@ def _open_resume(run: _Run, config: dict) -> None:
                 note = (f"--resume: the fast weights that policy {p.name} carries across documents ({path}) do not "
                         f"follow the last finished document; every document is computed again.")
                 run.warnings.append(note)
-                progress.log(note)
                 run.state = resume.new_state(config)
                 run.carries = {q.name: None for q in run.policies}
                 break

@@ -334,3 +334,54 @@ def test_snapshot_with_bad_metadata_or_tensors_is_refused_naming_them(snapshot, 
             r = cli(*cmd, "--json")
             assert r.exit_code == 2 and words in error_of(r)["error"]["message"], (cmd, r.output)
             assert "Traceback" not in r.output
+
+
+def test_more_refusals_before_any_work(audio, snapshot, tmp_path):
+    """The next things a careless user tries; each is refused (exit 2) with nothing written or changed."""
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "results.json").write_text('{"mine": 1}')
+    data = tmp_path / "data"
+    clip(data / "s" / "b" / "1.wav", 0.0, 0.3)
+    before = tree(tmp_path), tree(audio[0].parent), tree(snapshot.parent)
+    cases = [
+        (["infer", audio[0], "--out", audio[0]], "is a file; it must be a directory"),
+        (["export-state", audio[0], audio[1], "--out", audio[2]], "--out must be a directory, but it is a file"),
+        (["export-state", audio[0], "--init-state", snapshot, "--out", snapshot, "--overwrite"],
+         "is the --init-state snapshot"),
+        (["infer", audio[0], "--init-state", snapshot, "--save-state", snapshot, "--out", tmp_path / "o"],
+         "is the --init-state snapshot"),
+        (["eval", "librilight", data, "--out", foreign, "--overwrite"], "was not written by ttt"),
+        (["eval", "librilight", data, "--out", audio[0]], "is a file"),
+    ]
+    for args, words in cases:
+        r = cli(*args, "--model", "tiny", "--json")
+        assert r.exit_code == 2, (args, r.output)
+        msg = error_of(r)["error"]["message"]
+        assert words in msg and "pass --overwrite" not in msg, (args, msg)
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    r = cli("inspect-state", tmp_path / "pipe.safetensors")
+    assert r.exit_code == 2 and "named pipe (FIFO)" in r.stderr
+    (tmp_path / "pipe.safetensors").unlink()
+    assert (tree(tmp_path), tree(audio[0].parent), tree(snapshot.parent)) == before
+
+
+def test_atomic_writer_leaves_nothing_on_any_exit(tmp_path):
+    from ttt_cli.io import as_os_error, atomic_write
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(b"old")
+
+    def partial_then(exc):
+        def write(p):
+            p.write_bytes(b"half")
+            raise exc
+        return write
+    for exc, expect in [(KeyboardInterrupt(), KeyboardInterrupt),
+                        (ValueError("write failed: No space left on device (os error 28)"), OSError),
+                        (RuntimeError("something else"), RuntimeError)]:
+        with pytest.raises(expect) as info:
+            atomic_write(dest, partial_then(exc))
+        assert names(tmp_path) == {"f.bin"} and dest.read_bytes() == b"old"  # no temporary, the old file intact
+        if expect is OSError:
+            assert info.value.errno == 28 and info.value.filename == str(dest)
+    assert as_os_error(ValueError("not an I/O problem")) is None
