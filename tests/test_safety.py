@@ -248,7 +248,8 @@ def test_bad_inputs_among_good_ones_are_skipped_with_reasons(audio, tmp_path):
     trunc = lying_wav(tmp_path / "trunc.wav", 0.6, claims=5.0)
     args = [tmp_path / "loop1.wav", tmp_path / "pipe.wav", tmp_path / "dangling.wav", tmp_path / "missing.wav",
             audio[0], odd, trunc]
-    r = cli("infer", *args, "--model", "tiny", "--mode", "transcribe", "--out", tmp_path / "o", "--json")
+    r = cli("infer", *args, "--model", "tiny", "--mode", "transcribe", "--batch-size", "3", "--out", tmp_path / "o",
+            "--json")
     assert r.exit_code == 1, r.output
     res = json.loads(r.stdout)
     reasons = {os.path.basename(s["path"]): s["reason"] for s in res["inputs"]["skipped"]}
@@ -262,9 +263,8 @@ def test_bad_inputs_among_good_ones_are_skipped_with_reasons(audio, tmp_path):
     assert r.stderr.count("header declares 5.00 s") == 1  # printed once, cleanly
     trunc_json = json.loads((tmp_path / "o" / "trunc.json").read_text())
     assert trunc_json["input"]["warnings"] == [warn[0]["warning"]]
-    assert names(tmp_path / "o") == {f"{s}.{e}" for s in ("a", "caf\ufffd", "trunc") for e in ("txt", "json")} \
-        or names(tmp_path / "o") == {f"{s}.{e}" for s in ("a", os.fsdecode(b"caf\xe9"), "trunc")
-                                     for e in ("txt", "json")}
+    assert names(tmp_path / "o") == {f"{s}.{e}" for s in ("a", os.fsdecode(b"caf\xe9"), "trunc")
+                                     for e in ("txt", "json")}  # the input's own bytes in the output names
     odd_json = json.loads((tmp_path / "o" / (os.fsdecode(b"caf\xe9") + ".json")).read_text(encoding="utf-8"))
     assert odd_json["input"]["path"].endswith("caf\ufffd.wav")
 
