@@ -147,7 +147,7 @@ def inspect_state_cmd(
                        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
     res = inspect_state(s, m)
     if json_out:
-        print_json({"path": str(state), "checked_model": model, **res.to_dict()})
+        print_json({"path": str(state), "checked_model": model, **res.to_dict(), **_fit_error(res, model)})
         _exit_unless_fits(res, model)
         return
     meta = s.meta
@@ -166,11 +166,21 @@ def inspect_state_cmd(
     _exit_unless_fits(res, model)
 
 
+def _fit_error(res, model: str | None) -> dict:
+    """The `error` entry when the snapshot does not fit the --model it was checked against, else {}."""
+    if res.fit is None or res.fit.fits:
+        return {}
+    how = "restorable with --force-state" if res.fit.forceable else "cannot be forced"
+    return {"error": {"code": 2, "message": f"the snapshot does not fit {model} ({how}): {res.fit.reason()}.",
+                      "hint": "use a snapshot taken with this model" + (", or pass --force-state to use it anyway"
+                                                                       if res.fit.forceable else "")}}
+
+
 def _exit_unless_fits(res, model: str | None) -> None:
     """inspect-state --model doubles as a fit check: exit 2 (after the report) when the snapshot does not fit."""
-    if res.fit is not None and not res.fit.fits:
-        how = "restorable with --force-state" if res.fit.forceable else "cannot be forced"
-        err(f"error: the snapshot does not fit {model} ({how}): {res.fit.reason()}.")
+    e = _fit_error(res, model)
+    if e:
+        err(f"error: {e['error']['message']}")
         raise typer.Exit(2)
 
 
