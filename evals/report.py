@@ -9,7 +9,7 @@ import math
 import typing as tp
 from pathlib import Path
 
-from ttt_cli.io import atomic_write, write_json
+from ttt_cli.io import atomic_write, shown, write_json
 
 CURVE_COLUMNS = ("policy", "bin_start_s", "bin_end_s", "nll", "nll_semantic", "nll_acoustic", "tokens")
 RESULTS = "results.json"
@@ -21,8 +21,8 @@ TOKEN_NLL_DIR = "token_nll"
 def write_results(path: Path, results: dict) -> Path:
     """Writes results.json atomically, then reads it back and checks it parses to the same object."""
     write_json(path, results)
-    back = json.loads(Path(path).read_text())
-    if back != json.loads(json.dumps(results)):
+    back = json.loads(Path(path).read_text(encoding="utf-8"))
+    if back != json.loads(shown(json.dumps(results, ensure_ascii=False))):  # names that are not UTF-8 shown as U+FFFD
         raise OSError(f"{path} does not read back as written.")
     return Path(path)
 

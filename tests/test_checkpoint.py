@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ttt_cli import load_model, ttt_layers
-from ttt_cli.fastweights.attach import attach_ttt
 from ttt_cli.models.resolver import resolve
 from ttt_cli.fastweights.config import TTTConfig
 from ttt_cli.models.config import parse_layers

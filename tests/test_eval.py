@@ -485,7 +485,7 @@ def test_cli_end_to_end(data_root, cache_dir, full_run, tmp_path, monkeypatch):
                          str(tmp_path / "nocache"), "--json"])
     assert r.exit_code == 1, r.output
     nc = json.loads(r.stdout)
-    assert nc["codes_cache"] == {"dir": None, "hits": 0, "misses": 3} and not fresh_cache.exists()
+    assert nc["codes_cache"] == {"dir": None, "hits": 0, "misses": 3, "read_only": False} and not fresh_cache.exists()
     assert nc["policies"]["document"]["nll"] == pytest.approx(first["policies"]["document"]["nll"], rel=1e-6)
     # usage errors: one paragraph, exit 2, nothing written
     (tmp_path / "empty").mkdir()

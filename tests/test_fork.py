@@ -426,7 +426,7 @@ def test_cli_fork_checkpoint_with_base_and_ttt_clip(tmp_path, base):
     r = run(app, ["infer", str(clip), "--model", str(folder.parent), "--base", str(base[0]), "--ttt-clip", "none",
                   "--greedy", "--out", str(tmp_path / "out"), "--json"])
     assert r.exit_code == 0, r.output
-    res = json.loads(r.stdout)
+    res = json.loads(r.stdout)["results"][0]
     assert res["ttt"]["config"]["delta_clip_fro_norm"] is None and res["ttt"]["config"]["activation"] == "gelu"
     prov = res["model"]["provenance"]
     assert prov["kind"] == "adapters" and prov["files"]["adapters"].endswith("lora.safetensors")

@@ -280,7 +280,7 @@ def test_sampling_options_equal_moshi_run_inference(plain, frozen, short_clip):
 def test_sampling_defaults_and_bad_values(tmp_path, short_clip):
     res = cli(short_clip, "--model", "tiny", "--out", tmp_path / "a", "--no-ttt", "--json")
     assert res.exit_code == 0, res.output
-    o = json.loads(res.stdout)  # the preset's lm_gen_config, sampling on, moshi.run_inference's seed
+    o = json.loads(res.stdout)["results"][0]  # the preset's lm_gen_config, sampling on, moshi.run_inference's seed
     assert o["sampling"] == {"use_sampling": True, "temp": 0.8, "temp_text": 0.7, "top_k": 50, "top_k_text": 25}
     assert o["seed"] == 4242
     for opt, value in (("--temp", "-1"), ("--temp-text", "nan"), ("--top-k", "-3"), ("--top-k-text", "-1")):
@@ -321,7 +321,7 @@ def test_cli_no_ttt_equals_plain_moshi_loop(plain, tmp_path, hello):
     the CLI's TTT-on runs equal in test_cli_dialog_two_files_as_batch)."""
     off = cli(hello, "--model", "tiny", "--out", tmp_path, "--no-ttt", "--greedy", "--json")
     assert off.exit_code == 0, off.output
-    b = json.loads(off.stdout)
+    b = json.loads(off.stdout)["results"][0]
     ref_off = reference(plain, "tiny", [hello], "dialog", ttt=False)
     assert json_tokens(b) == text_tokens(plain, ref_off["text"])
     assert json_tokens(b) != text_tokens(plain, reference(plain, "tiny", [hello], "dialog")["text"])
@@ -339,7 +339,7 @@ def test_carry_equals_naive_reference(plain, tmp_path, short_clip, weather):
     res = cli(short_clip, weather, "--model", "tiny", "--out", tmp_path, "--greedy", "--reset-policy", "carry",
               "--save-state", end, "--json")
     assert res.exit_code == 0, res.output
-    a, b = json.loads(res.stdout)
+    a, b = json.loads(res.stdout)["results"]
     ref = reference(plain, "tiny", [short_clip, weather], "dialog")
     got = [(t["step"] + o["stream"]["start_step"], t["id"]) for o in (a, b) for t in o["tokens"]]
     assert got == text_tokens(plain, ref["text"])
@@ -380,7 +380,7 @@ def test_save_state_then_init_state_equal_naive_reference(plain, short_clip, tmp
     res = cli(weather, "--model", "tiny", "--out", tmp_path / "c", "--greedy", "--json", "--init-state", snap,
               "--save-state", end)
     assert res.exit_code == 0, res.output
-    w = json.loads(res.stdout)
+    w = json.loads(res.stdout)["results"][0]
     assert json_tokens(w) == text_tokens(plain, warm_ref["text"])
     pcm = sphn.read(w["audio_out"])[0][0]
     assert np.abs(pcm - warm_ref["pcm"]).max() < 2e-4  # Moshi's voice too (16-bit wav)
@@ -412,7 +412,7 @@ def test_save_state_several_streams_and_misfit(tmp_path, short_clip, weather):
 def test_cli_dialog_two_files_as_batch(plain, tmp_path, hello, weather):
     res = cli(hello, weather, "--model", "tiny", "--out", tmp_path, "--batch-size", "2", "--greedy", "--json")
     assert res.exit_code == 0, res.output
-    objs = json.loads(res.stdout)  # only JSON on stdout: a list for several inputs
+    objs = json.loads(res.stdout)["results"]  # only JSON on stdout: one object, the results inside
     assert [o["input"]["path"] for o in objs] == [str(hello), str(weather)]
     for o, f, stem in zip(objs, (hello, weather), ("hello", "weather")):
         ref = reference(plain, "tiny", [f], "dialog")
@@ -444,7 +444,7 @@ def test_cli_transcribe_channel(plain, tmp_path, weather):
     res = cli(weather, "--model", "tiny", "--mode", "transcribe", "--out", tmp_path, "--greedy",
               "--channel", "1", "--json")
     assert res.exit_code == 0, res.output
-    o = json.loads(res.stdout)
+    o = json.loads(res.stdout)["results"][0]
     assert o["mode"] == "transcribe" and o["audio_out"] is None and o["input"]["channel"] == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weather.json", "weather.txt"]
     assert o["steps"] == o["input"]["frames"]  # no double feed: the input is forced, not fed
@@ -458,7 +458,7 @@ def test_cli_transcribe_channel(plain, tmp_path, weather):
 def test_cli_stt_mode_and_auto(plain_stt, tmp_path, hello):
     res = cli(hello, "--model", "tiny-stt", "--out", tmp_path, "--greedy", "--json")  # auto -> stt
     assert res.exit_code == 0, res.output
-    o = json.loads(res.stdout)
+    o = json.loads(res.stdout)["results"][0]
     assert o["mode"] == "stt" and o["audio_out"] is None and o["model"]["model_type"] == "stt"
     ref = reference(plain_stt, "tiny-stt", [hello], "stt")
     assert [t["id"] for t in o["tokens"]] == [i for _, i in text_tokens(plain_stt, ref["text"])]
@@ -518,7 +518,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path, short_clip, hello):
               bad / "tiny.wav", bad / "nan.wav", short_clip]
     res = cli(*inputs, "--model", "tiny", "--out", tmp_path / "out", "--greedy", "--batch-size", "3", "--json")
     assert res.exit_code == 1, res.output
-    objs = json.loads(res.stdout)
+    objs = json.loads(res.stdout)["results"]
     errors = {Path(o["input"]["path"]).name: o.get("error") for o in objs}
     assert "no such file" in errors["missing.wav"]
     assert "directory" in errors["bad"]
@@ -551,13 +551,13 @@ def test_unwritable_outputs(tmp_path, short_clip, hello):
     blocker.write_text("x")
     res = cli(short_clip, "--model", "tiny", "--out", blocker / "sub")
     assert res.exit_code == 2 and "cannot write to the output directory" in res.output
-    # one input's outputs cannot be written: it fails alone, nothing of it is left, the other runs
+    # a directory in the way of one input's output: found before any work (SPEC §7.1), nothing written
     out = tmp_path / "out"
     (out / "hello.txt").mkdir(parents=True)
     res = cli(hello, short_clip, "--model", "tiny", "--mode", "transcribe", "--out", out, "--overwrite")
-    assert res.exit_code == 1, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["hello.txt", "short.json", "short.txt"]
-    assert (out / "hello.txt").is_dir() and "cannot write outputs" in res.stderr
+    assert res.exit_code == 2, res.output
+    assert sorted(p.name for p in out.iterdir()) == ["hello.txt"]
+    assert (out / "hello.txt").is_dir() and "is a directory" in res.stderr
 
 
 def test_same_stem_twice(tmp_path, short_clip, hello):
@@ -610,7 +610,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path, short_clip):
                                         "--block-steps", "1", "--codes-cache", tmp_path / "cache"], "[2/2] spk/b")
         (rc_i, err_i), (rc_e, err_e) = inf.result(), ev.result()
     assert rc_i == 130, err_i
-    assert "interrupted: 1 file(s) finished" in err_i and f"run again on the others ({long})" in err_i
+    assert "interrupted: 1 file(s) finished" in err_i and f"run again on the others: {long}" in err_i
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["short.json", "short.txt", "short.wav"]
     assert "Traceback" not in err_i
     assert rc_e == 130, err_e

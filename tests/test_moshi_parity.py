@@ -85,7 +85,7 @@ def test_cli_no_ttt_bf16_is_moshi_run_inference(moshi_layout, tmp_path):
          "--dtype", "bf16", "--device", "cpu", "--out", str(tmp_path / "out"), "--json"],
         capture_output=True, text=True, env=env, timeout=600)
     assert ours.returncode == 0, ours.stderr[-2000:]
-    res = json.loads(ours.stdout)
+    res = json.loads(ours.stdout)["results"][0]
     assert res["model"]["dtype"] == "bfloat16" and res["ttt"]["enabled"] is False
     # text: moshi prints every token but 0 and 3, "▁" as a space
     text = "".join(t["piece"].replace("▁", " ") for t in res["tokens"] if t["id"] not in (0, 3))

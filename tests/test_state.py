@@ -19,7 +19,6 @@ from naive_ttt import checkpoint_ttt, naive_delta, naive_ttt
 from ttt_cli import load_model, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.errors import ConfigError, StateMismatchError
-from ttt_cli.export import export_states
 from ttt_cli.fastweights.attach import set_ttt_lr
 from ttt_cli.fastweights.interface import FastWeightLayer
 from ttt_cli.models.presets import preset_dir

@@ -33,6 +33,7 @@ STRUCTURAL_KEYS = ("variant", "chunk_size", "conv_kernel_size", "conv_padding", 
 HYPER_KEYS = ("lr", "delta_clip_fro_norm", "delta_clip_epsilon")
 CONFIG_KEYS = ("variant", "layers", "chunk_size", "lr", "conv_kernel_size", "conv_padding", "target_source",
                "delta_clip_fro_norm", "delta_clip_epsilon")
+INVALID_HINT = "not a valid snapshot: write a new one with `ttt export-state`"
 # moshi State fields that are not stream content.
 SKIP_FIELDS = ("batch_size", "device", "exec_mask")
 
@@ -106,15 +107,21 @@ class FitReport:
     def reason(self) -> str:
         return "; ".join(p.message for p in self.problems)
 
-    def raise_unless_fits(self, force: bool = False) -> None:
-        """Raises StateMismatchError unless the snapshot fits (or `force` and every problem is forceable)."""
+    def raise_unless_fits(self, force: bool = False, flag: str = "--force-state") -> None:
+        """Raises StateMismatchError unless the snapshot fits (or `force` and every problem is forceable).
+
+        Args:
+            force: accept forceable differences.
+            flag: the command-line flag that sets `force`, named in the message.
+        """
         if self.fits or (force and self.forceable):
             return
         hard = [p for p in self.problems if not p.forceable]
-        hint = (" Pass --force (force=True) to restore anyway: the fast weights continue a well-defined "
+        hint = (f" Pass {flag} to restore anyway: the fast weights continue a well-defined "
                 "stream, but not the one this model would have produced." if not hard else
                 " This cannot be forced: the snapshot's tensors mean something else in this model.")
-        raise StateMismatchError(f"the snapshot does not fit the model: {self.reason()}.{hint}")
+        raise StateMismatchError(f"the snapshot does not fit the model: {self.reason()}.{hint}",
+                                 hint=f"pass {flag} to use it anyway" if not hard else None)
 
     def to_dict(self) -> dict:
         return {"fits": self.fits, "forceable": self.forceable, "model_fingerprint": self.model_fingerprint,
@@ -494,8 +501,9 @@ def restore_layers(lm, tensors: dict[int, dict[str, torch.Tensor]], batch_index:
 # -- files ---------------------------------------------------------------------------------------
 
 def _jsonable(meta: dict) -> str:
+    from .io import shown
     try:
-        return json.dumps(meta, sort_keys=True, allow_nan=False, default=str)
+        return shown(json.dumps(meta, sort_keys=True, allow_nan=False, default=str))
     except ValueError as e:
         raise ConfigError(f"snapshot metadata is not valid JSON: {e}") from None
 
@@ -513,6 +521,9 @@ def save_state(s: FastWeightState, path: str | Path, metadata: dict | None = Non
             it replaces `path`; a mismatch raises StateMismatchError and leaves no file.
     Returns:
         The path written.
+    Raises:
+        ConfigError: `path` exists (without `overwrite`) or is a directory.
+        OSError: the write failed (nothing is left at `path`'s temporary name; an existing `path` is unchanged).
     """
     from safetensors.torch import save_file
     from .io import atomic_write
@@ -538,10 +549,7 @@ def save_state(s: FastWeightState, path: str | Path, metadata: dict | None = Non
                 raise StateMismatchError(f"{path} was written but does not read back identically "
                                          f"({', '.join(bad[:3]) or 'metadata'}); the disk may be full or failing.")
 
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}.") from None
+    atomic_write(path, write)  # OSError on a full disk etc.: the commands report it as a write failure
     s.meta = json.loads(header[META_KEY])
     return path
 
@@ -557,11 +565,15 @@ def load_state(path: str | Path) -> FastWeightState:
     """
     from safetensors import safe_open
 
+    from .outputs import input_problem
+
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such snapshot file.")
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a snapshot file.")
+    problem = input_problem(path)
+    if problem == "no such file":
+        raise ConfigError(f"{path}: no such snapshot file.", hint="give the path of a snapshot (ttt export-state)")
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem.replace('an audio file', 'a snapshot file')}.",
+                          hint="give the path of a snapshot (ttt export-state)")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -569,21 +581,22 @@ def load_state(path: str | Path) -> FastWeightState:
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StateMismatchError(f"{path}: cannot read as safetensors ({detail}); the file is corrupted or "
-                                 f"truncated, or not a safetensors file.") from None
+                                 f"truncated, or not a safetensors file.", hint=INVALID_HINT) from None
     if META_KEY not in header:
         raise StateMismatchError(f"{path}: a safetensors file without `{META_KEY}` metadata: not a fast-weight "
-                                 f"snapshot (write one with `ttt export-state`).")
+                                 f"snapshot (write one with `ttt export-state`).", hint=INVALID_HINT)
     try:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as e:
-        raise StateMismatchError(f"{path}: its `{META_KEY}` metadata is not valid JSON ({e}).") from None
+        raise StateMismatchError(f"{path}: its `{META_KEY}` metadata is not valid JSON ({e}).",
+                                 hint=INVALID_HINT) from None
     _validate(path, meta, tensors)
     return FastWeightState(tensors, meta)
 
 
 def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> None:
     def bad(msg: str) -> tp.NoReturn:
-        raise StateMismatchError(f"{path}: invalid fast-weight snapshot: {msg}")
+        raise StateMismatchError(f"{path}: invalid fast-weight snapshot: {msg}", hint=INVALID_HINT)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         bad(f"its metadata does not say format {FORMAT!r}.")
     ver = meta.get("format_version")
@@ -593,8 +606,10 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
     if missing:
         bad(f"metadata lacks {', '.join(missing)}.")
     layers = meta["layers"]
-    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-        bad(f"layers must be a list of integers, got {layers!r}.")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        bad(f"layers must be a list of integers >= 0, got {layers!r}.")
+    _validate_meta_values(meta, bad)
     seen: set[int] = set()
     for k, t in tensors.items():
         if k.startswith(ATTN_PREFIX):
@@ -614,6 +629,7 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
         seen.add(i)
     if set(layers) - seen:
         bad(f"no tensors for layer(s) {sorted(set(layers) - seen)}.")
+    _validate_pending(meta, tensors, bad)
     if meta.get("attention"):
         spec = meta.get("attention_state")
         if not isinstance(spec, dict):
@@ -626,6 +642,65 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
                 lost = [n for n in need if n not in tensors]
                 if lost:
                     bad(f"attention tensors {lost} are missing.")
+
+
+def _is_num(v: tp.Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_meta_values(meta: dict, bad: tp.Callable[[str], tp.NoReturn]) -> None:
+    """Types and ranges of the metadata values that commands read (a hand-edited header is refused, named)."""
+    def check(key: str, ok: tp.Callable[[tp.Any], bool], want: str, optional: bool = True) -> None:
+        if key in meta and not (optional and meta[key] is None) and not ok(meta[key]):
+            bad(f"metadata `{key}` must be {want}, got {meta[key]!r}.")
+    check("chunk_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1",
+          optional=False)
+    check("lr", lambda v: _is_num(v) and v >= 0, "a finite number >= 0", optional=False)
+    check("delta_clip_fro_norm", lambda v: _is_num(v) and v > 0, "null or a finite number > 0")
+    check("delta_clip_epsilon", lambda v: _is_num(v) and v >= 0, "null or a finite number >= 0")
+    check("variant", lambda v: isinstance(v, str) and v != "", "a variant name", optional=False)
+    for k in ("model_fingerprint", "w0_fingerprint"):
+        check(k, lambda v: isinstance(v, str) and v != "", "a hex digest", optional=False)
+    check("steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+    check("seconds", lambda v: _is_num(v) and v >= 0, "a finite number >= 0")
+    check("source_files", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of paths")
+    check("pending_tokens", lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 and x >= 0 for x in v.values()),
+          "an object of integers >= 0")
+    check("telemetry", lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+          "an object per layer")
+    check("w0_norms", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+          "an object of finite numbers")
+    check("flushed", lambda v: isinstance(v, bool), "true or false")
+    check("attention", lambda v: isinstance(v, bool), "true or false")
+    for k in ("model", "created", "reset_policy", "tool_version", "label"):
+        check(k, lambda v: isinstance(v, str), "a string")
+    numeric = ("tokens", "updates", "resets", "clip_events", "nonfinite_events", "pending_tokens", "relative_drift")
+    for i, t in (meta.get("telemetry") or {}).items():
+        for k in numeric:
+            if k in t and not _is_num(t[k]):
+                bad(f"metadata `telemetry.{i}.{k}` must be a finite number, got {t[k]!r}.")
+
+
+def _validate_pending(meta: dict, tensors: dict[str, torch.Tensor], bad: tp.Callable[[str], tp.NoReturn]) -> None:
+    """In-Place layers: W is a matrix, the pending chunk's rows agree with each other, W and the metadata."""
+    chunk = meta["chunk_size"]
+    for i in meta["layers"]:
+        w, z, x0 = (tensors.get(f"layers.{i}.{n}") for n in ("w", "pending_z", "pending_x0"))
+        if w is None or z is None or x0 is None:
+            continue  # another variant: its own tensors, checked against the model by check_fits
+        if w.dim() != 2 or z.dim() != 2 or x0.dim() != 2:
+            bad(f"layer {i}: w, pending_z and pending_x0 must be matrices, got shapes {list(w.shape)}, "
+                f"{list(z.shape)}, {list(x0.shape)}.")
+        d, h = w.shape
+        if z.shape[0] != x0.shape[0] or z.shape[1] != h or x0.shape[1] != d:
+            bad(f"layer {i}: pending_z {list(z.shape)} and pending_x0 {list(x0.shape)} do not fit w {list(w.shape)} "
+                f"(expected [n, {h}] and [n, {d}]).")
+        if z.shape[0] >= chunk:
+            bad(f"layer {i}: {z.shape[0]} pending tokens, but a chunk of {chunk} would have been applied.")
+        recorded = (meta.get("pending_tokens") or {}).get(str(i))
+        if recorded is not None and recorded != z.shape[0]:
+            bad(f"layer {i}: metadata says {recorded} pending tokens, the tensors hold {z.shape[0]}.")
 
 
 # -- inspect / diff ------------------------------------------------------------------------------

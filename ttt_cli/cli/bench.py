@@ -27,7 +27,7 @@ def bench_cmd(
     out: Annotated[tp.Optional[Path], typer.Option("--out", "-o", help="Write the JSON here too.")] = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -53,20 +53,25 @@ def bench_cmd(
     """
     from ..bench import BenchOptions, run_bench
     from ..bench_figures import parse_targets, spec
-    from ..io import check_writable_dir, refuse_overwrite
+    from ..io import write_json
+    from ..outputs import OutputPlan, json_with_keys
     from ..progress import make_progress
 
     targets = parse_targets(target or [])
-    if out is not None:
-        refuse_overwrite([out], overwrite)
-        check_writable_dir(out.parent if str(out.parent) else Path("."))
-    with make_progress(quiet=json_out) as progress:
-        res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick, steps=steps,
-                                     seed=seed, only=only, targets=targets), progress)
-    d = res.to_dict()
-    if out is not None:
-        from ..io import write_json
-        write_json(out, d)
+    plan = OutputPlan(overwrite)
+    if out is not None:  # checked before the long measurements, not after them (SPEC §7.1)
+        plan.read_model(model)
+        plan.write(out, "--out", "the bench JSON", json_with_keys("device", "figures"))
+        plan.check().prepare()
+    try:
+        with make_progress(quiet=json_out) as progress:
+            res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
+                                         steps=steps, seed=seed, only=only, targets=targets), progress)
+        d = res.to_dict()
+        if out is not None:
+            write_json(out, d)
+    finally:
+        plan.cleanup()
     if json_out:
         print_json(d)
     else:

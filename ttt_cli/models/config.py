@@ -13,8 +13,14 @@ DEFAULT_CHUNK = 512
 
 
 def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
-    """Parses `0,6,12`, `every:6` (from 0) or `every:6@3`; `every:` needs `num_layers`."""
+    """Parses `0,6,12`, `every:6` (from 0), `every:6@3` or `none`; `every:` needs `num_layers`.
+
+    A spec that selects no layer by accident (empty, or `every:` starting past the last layer) is a
+    usage error, not a silent TTT-off: `none` says that on purpose.
+    """
     s = spec.strip()
+    if s == "":
+        raise ConfigError("--ttt-layers '': empty. Give 0,6,12, every:6, every:6@3, or none for no TTT layers.")
     m = re.fullmatch(r"every:(\d+)(?:@(\d+))?", s)
     if m:
         if num_layers is None:
@@ -22,13 +28,19 @@ def parse_layers(spec: str, num_layers: int | None = None) -> list[int]:
         step, start = int(m.group(1)), int(m.group(2) or 0)
         if step < 1:
             raise ConfigError(f"--ttt-layers {spec!r}: the step must be >= 1.")
+        if start >= num_layers:
+            raise ConfigError(f"--ttt-layers {spec!r} selects no layer: the model has {num_layers} layers "
+                              f"(0..{num_layers - 1}). Start below {num_layers}, or give none for no TTT layers.")
         return list(range(start, num_layers, step))
-    if s in ("", "none"):
+    if s == "none":
         return []
     try:
-        return sorted({int(p) for p in s.split(",") if p.strip()})
+        layers = sorted({int(p) for p in s.split(",") if p.strip()})
     except ValueError:
-        raise ConfigError(f"--ttt-layers {spec!r}: expected e.g. `0,6,12`, `every:6` or `every:6@3`.") from None
+        raise ConfigError(f"--ttt-layers {spec!r}: expected e.g. `0,6,12`, `every:6`, `every:6@3` or none.") from None
+    if not layers:
+        raise ConfigError(f"--ttt-layers {spec!r} selects no layer. Give 0,6,12, every:6, every:6@3, or none.")
+    return layers
 
 
 def default_ttt_section(num_layers: int) -> dict:

@@ -128,7 +128,7 @@ class YarnRotaryEmbedding(RotaryEmbedding):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, offset: torch.Tensor, time_before_heads: bool = False):
         # q, k: [B, H, T, D] ([B, T, H, D] when time_before_heads); offset [B] (or scalar)
-        T, D = (q.shape[1] if time_before_heads else q.shape[2]), q.shape[-1]
+        T = q.shape[1] if time_before_heads else q.shape[2]
         pos = offset.float().view(-1, 1) + torch.arange(T, device=q.device, dtype=F32)  # [B, T]
         angle = self.inv_freq.to(q.device) * pos[..., None]  # [B, T, D/2]
         angle = angle[:, :, None] if time_before_heads else angle[:, None]
