@@ -15,7 +15,9 @@ from ttt_cli.errors import InputError
 
 from .librilight import Document, SkippedFile
 
-CACHE_VERSION = 2  # 2: audio read without sphn's resampler delay, at its exact length
+# 2: audio read without sphn's resampler delay, at its exact length. 3: entries carry the content keys
+# of their inputs and a checksum of their payload, verified on every read (SPEC §7.1).
+CACHE_VERSION = 3
 HASH_BLOCK = 1 << 20  # bytes read at a time when hashing audio files
 
 
@@ -29,7 +31,8 @@ class FileSpan:
     start_step: int   # start sample // 1920
     end_step: int     # end sample // 1920
     samples: int
-    truncated: bool = False  # cut by --max-seconds
+    truncated: bool = False  # cut by --max-seconds, or found bad part-way (see warnings)
+    warnings: list[str] = field(default_factory=list)  # e.g. decodes shorter than its header says
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +51,7 @@ class DocumentCodes:
     key: str = ""
     cache_path: str | None = None
     warnings: list[str] = field(default_factory=list)
+    inputs: list[dict] = field(default_factory=list)  # {index, sha256} of every file opened (content keys)
 
     @property
     def steps(self) -> int:
@@ -85,10 +89,18 @@ def mimi_fingerprint(mimi) -> str:
     return h.hexdigest()
 
 
-def cache_key(file_digests: list[str], max_samples: int | None, mimi_fp: str, block_frames: int) -> str:
-    """Key of a document's codes: its files' contents in order, the cut, Mimi's weights, the block size."""
+def layout_of(mimi) -> dict:
+    """What the codes' shape and range depend on besides the weights: codebooks, cardinality, frame."""
+    return {"n_q": int(mimi.num_codebooks), "cardinality": int(mimi.cardinality), "frame": FRAME_SIZE,
+            "sr": SAMPLE_RATE}
+
+
+def cache_key(file_digests: list[str], max_samples: int | None, mimi_fp: str, block_frames: int,
+              layout: dict | None = None) -> str:
+    """Key of a document's codes: its files' contents in order, the cut, Mimi's weights and layout, the block size."""
     blob = json.dumps({"v": CACHE_VERSION, "files": file_digests, "max_samples": max_samples, "mimi": mimi_fp,
-                       "block_frames": block_frames, "frame": FRAME_SIZE, "sr": SAMPLE_RATE}, sort_keys=True)
+                       "block_frames": block_frames, "layout": layout, "frame": FRAME_SIZE, "sr": SAMPLE_RATE},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -101,41 +113,100 @@ def _cache_path(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / key[:2] / f"{key}.safetensors"
 
 
-def _spans_from_meta(doc: Document, meta: dict) -> tuple[list[FileSpan], list[SkippedFile]]:
-    # Paths come from the current dataset (same content, possibly moved), indices from the cache.
-    files = [FileSpan(str(doc.files[s["index"]].path), s["start_s"], s["end_s"], s["start_step"], s["end_step"],
-                      s["samples"], s["truncated"]) for s in meta["files"]]
-    skipped = [SkippedFile(str(doc.files[s["index"]].path), s["reason"]) for s in meta["skipped"]]
-    return files, skipped
+def payload_digest(codes) -> str:
+    """sha256 over the stored codes: dtype, shape and bytes."""
+    t = codes.contiguous()
+    h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
 
 
-def _load_cached(path: Path, doc: Document) -> DocumentCodes | None:
+class _Bad(Exception):
+    """A cache entry that may not be used; the message says why."""
+
+
+def _verify(meta: tp.Any, codes, doc: Document, key: str, expect: dict, digest_of) -> None:
+    """Checks a cache entry against what it must have been made from; raises _Bad naming the first problem."""
+    import torch
+
+    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+        raise _Bad(f"written by another cache format ({meta.get('version') if isinstance(meta, dict) else '?'}, "
+                   f"this ttt writes {CACHE_VERSION})")
+    inputs = meta.get("inputs") or {}
+    if meta.get("key") != key:
+        raise _Bad("its key does not match its name")
+    for k, what in (("mimi", "other Mimi weights"), ("layout", "another codebook layout"),
+                    ("max_samples", "another --max-seconds cut"), ("block_frames", "another encoding block size")):
+        if inputs.get(k) != expect[k]:
+            raise _Bad(f"made with {what}")
+    paths = doc.all_paths()
+    for rec in inputs.get("files", []):
+        i = rec["index"]
+        if not (isinstance(i, int) and 0 <= i < len(paths)):
+            raise _Bad(f"names input file #{i}, the book has {len(paths)}")
+        if digest_of(i) != rec["sha256"]:
+            raise _Bad(f"made from other audio: {paths[i]} changed since")
+    if payload_digest(codes) != meta.get("payload_sha256"):
+        raise _Bad("its codes do not match their checksum (altered or damaged)")
+    if codes.dtype not in (torch.int16, torch.int32, torch.int64) or codes.dim() != 2 \
+            or tuple(codes.shape) != (expect["layout"]["n_q"], meta["steps"]):
+        raise _Bad(f"codes of shape {list(codes.shape)} and type {codes.dtype}, expected "
+                   f"[{expect['layout']['n_q']}, {meta['steps']}] integers")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= expect["layout"]["cardinality"]):
+        raise _Bad(f"codes out of range (min {int(codes.min())}, max {int(codes.max())}; Mimi's codebooks have "
+                   f"{expect['layout']['cardinality']} entries)")
+    end = 0
+    for sp in meta["files"]:
+        if not (0 <= sp["index"] < len(paths)) or sp["start_step"] < end or sp["end_step"] > meta["steps"] \
+                or sp["end_step"] < sp["start_step"]:
+            raise _Bad("its file boundaries are inconsistent")
+        end = sp["start_step"]
+    for sp in meta["skipped"]:
+        if not 0 <= sp["index"] < len(paths):
+            raise _Bad("its skipped files are inconsistent")
+
+
+def _load_cached(path: Path, doc: Document, key: str, expect: dict,
+                 digest_of: tp.Callable[[int], str]) -> tuple["DocumentCodes | None", str | None]:
+    """A verified cache entry as DocumentCodes, or (None, why it cannot be used)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["ttt_codes"])
-            codes = f.get_tensor("codes").long()
-        files, skipped = _spans_from_meta(doc, meta)
-        if meta.get("version") != CACHE_VERSION or codes.dim() != 2 or codes.shape[-1] != meta["steps"]:
-            return None
-    except Exception:  # a damaged or foreign cache entry is re-encoded, never trusted
-        return None
-    return DocumentCodes(codes, files, skipped, int(meta["samples"]), cache_hit=True, cache_path=str(path))
+            meta = json.loads((f.metadata() or {})["ttt_codes"])
+            codes = f.get_tensor("codes")
+    except Exception as e:  # a damaged or foreign file is re-encoded, never trusted
+        return None, f"unreadable ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+    try:
+        _verify(meta, codes, doc, key, expect, digest_of)
+        paths = doc.all_paths()
+        files = [FileSpan(str(paths[s["index"]]), s["start_s"], s["end_s"], s["start_step"], s["end_step"],
+                          s["samples"], s["truncated"], list(s.get("warnings", []))) for s in meta["files"]]
+        skipped = [SkippedFile(str(paths[s["index"]]), s["reason"], bool(s.get("failed", True)))
+                   for s in meta["skipped"]]
+        samples = int(meta["samples"])
+    except _Bad as e:
+        return None, str(e)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        return None, f"malformed metadata ({type(e).__name__}: {e})"
+    warnings = [w for sp in files for w in sp.warnings]
+    return DocumentCodes(codes.long(), files, skipped, samples, cache_hit=True, cache_path=str(path),
+                         warnings=warnings, inputs=list(meta["inputs"]["files"])), None
 
 
-def _store(path: Path, dc: DocumentCodes, index_of: dict[str, int]) -> None:
+def _store(path: Path, dc: DocumentCodes, doc: Document, key: str, expect: dict) -> None:
     import torch
     from safetensors.torch import save_file
     from ttt_cli.io import atomic_write
 
-    meta = {"version": CACHE_VERSION, "steps": dc.steps, "samples": dc.samples,
-            "files": [{**f.to_dict(), "index": index_of[f.path]} for f in dc.files],
-            "skipped": [{"index": index_of[s.path], "reason": s.reason} for s in dc.skipped]}
-    for f in meta["files"]:
-        f.pop("path")
+    index_of = {str(p): i for i, p in enumerate(doc.all_paths())}
     top = int(dc.codes.max()) if dc.codes.numel() else 0
     codes = dc.codes.to(torch.int16 if top < 2**15 else torch.int32).contiguous()  # Mimi codes < 2048
+    meta = {"version": CACHE_VERSION, "key": key, "steps": dc.steps, "samples": dc.samples,
+            "inputs": {**expect, "files": dc.inputs}, "payload_sha256": payload_digest(codes),
+            "files": [{**{k: v for k, v in f.to_dict().items() if k != "path"}, "index": index_of[f.path]}
+                      for f in dc.files],
+            "skipped": [{"index": index_of[s.path], "reason": s.reason, "failed": s.failed} for s in dc.skipped]}
     atomic_write(path, lambda p: save_file({"codes": codes}, str(p), metadata={"ttt_codes": json.dumps(meta)}))
 
 
@@ -146,13 +217,15 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
 
     Memory stays flat in the document's and its files' lengths: one chunk of one file's waveform
     (`ttt_cli.audio.iter_audio`) and one block of frames (`ttt_cli.codes.encode_stream`) at a
-    time. Files that fail to open are skipped and recorded; a file found bad part-way (non-finite
-    samples) keeps what was already encoded, is marked truncated and warned about. The
-    boundaries are those of the concatenation actually encoded, in exact 24 kHz samples.
+    time. Every file ends in exactly one place: `files` (encoded; `truncated` and a warning when it
+    was cut or found bad part-way, a warning when it decodes shorter than its header says) or
+    `skipped` (unreadable: `failed`; after the --max-seconds cut: not failed). The cut is made on
+    decoded lengths, so a file whose header promises more than it holds never hides later files.
+    The boundaries are those of the concatenation actually encoded, in exact 24 kHz samples.
 
     Args:
         mimi: moshi MimiModel.
-        doc: the document (files in order).
+        doc: the document (files in order, then those after the header-based cut).
         max_seconds: cut the concatenation there (None: no cut).
         device: Mimi's device.
         block_frames: frames per Mimi call.
@@ -167,19 +240,22 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
     skipped: list[SkippedFile] = []
     warnings: list[str] = []
     total = 0
+    paths = doc.all_paths()
 
     def pieces() -> tp.Iterator:
         nonlocal total
-        for f in doc.files:
+        for n, path in enumerate(paths):
             if max_samples is not None and total >= max_samples:
-                break
+                skipped.extend(SkippedFile(str(q), f"after the --max-seconds cut ({max_seconds:g} s)", False)
+                               for q in paths[n:])
+                return
             try:
-                info, stream = iter_audio(f.path)
+                info, stream = iter_audio(path)
             except InputError as e:
-                skipped.append(SkippedFile(str(f.path), str(e).removeprefix(f"{f.path}: ")))
+                skipped.append(SkippedFile(str(path), str(e).removeprefix(f"{path}: ")))
                 continue
             take = info.samples if max_samples is None else min(info.samples, max_samples - total)
-            start, fed = total, 0
+            start, fed, notes = total, 0, list(info.warnings)
             try:
                 for piece in stream:
                     piece = piece[:take - fed]
@@ -191,13 +267,14 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
             except InputError as e:
                 # Found part-way: the pieces already encoded cannot be taken back, so the file ends there.
                 if not fed:
-                    skipped.append(SkippedFile(str(f.path), str(e).removeprefix(f"{f.path}: ")))
+                    skipped.append(SkippedFile(str(path), str(e).removeprefix(f"{path}: ")))
                     continue
-                warnings.append(f"{e} Kept its first {fed / SAMPLE_RATE:.2f} s.")
+                notes.append(f"{e} Kept its first {fed / SAMPLE_RATE:.2f} s.")
             finally:
                 stream.close()
-            spans.append(FileSpan(str(f.path), start / SAMPLE_RATE, total / SAMPLE_RATE, start // FRAME_SIZE,
-                                  total // FRAME_SIZE, fed, fed < info.samples))
+            warnings.extend(notes)
+            spans.append(FileSpan(str(path), start / SAMPLE_RATE, total / SAMPLE_RATE, start // FRAME_SIZE,
+                                  total // FRAME_SIZE, fed, fed < info.samples, notes))
 
     t0 = time.perf_counter()
     parts = []
@@ -213,8 +290,12 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
 
 def document_codes(mimi, doc: Document, max_seconds: float | None = None, cache_dir: Path | str | None = None,
                    device: str = "cpu", block_frames: int = ENCODE_BLOCK_FRAMES, mimi_fp: str | None = None,
-                   on_progress: tp.Callable[[float], None] | None = None) -> DocumentCodes:
-    """The document's codes from the cache when present, else encoded (and stored when `cache_dir` is set).
+                   on_progress: tp.Callable[[float], None] | None = None, store: bool = True) -> DocumentCodes:
+    """The document's codes from the cache when a verified entry is there, else encoded (and stored).
+
+    An entry is used only after checking it against what it was made from (the audio files'
+    contents, Mimi's weights and layout, the cut, the block size) and its payload checksum, shape
+    and code range; an entry that fails is reported in `warnings` and encoded again (SPEC §7.1).
 
     Args:
         mimi: moshi MimiModel.
@@ -225,30 +306,56 @@ def document_codes(mimi, doc: Document, max_seconds: float | None = None, cache_
         block_frames: frames per Mimi call (part of the key).
         mimi_fp: `mimi_fingerprint(mimi)`, computed once per run by the caller.
         on_progress: called with the seconds encoded so far (cache misses only).
+        store: write new entries (False for a cache directory that cannot be written: read only).
     """
     t0 = time.perf_counter()
     if cache_dir is None:
         return encode_document(mimi, doc, max_seconds, device, block_frames, on_progress)
     max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
-    key = cache_key([file_digest(f.path) for f in doc.files], max_samples, mimi_fp or mimi_fingerprint(mimi),
-                    block_frames)
+    paths = doc.all_paths()
+    digests: dict[int, str | None] = {}
+
+    def digest_of(i: int) -> str | None:
+        if i not in digests:
+            try:
+                digests[i] = file_digest(paths[i])
+            except OSError:
+                digests[i] = None  # gone or unreadable: never equal to a recorded digest
+        return digests[i]
+
+    expect = {"mimi": mimi_fp or mimi_fingerprint(mimi), "layout": layout_of(mimi), "max_samples": max_samples,
+              "block_frames": block_frames}
+    key = cache_key([digest_of(i) for i in range(len(doc.files))], max_samples, expect["mimi"], block_frames,
+                    expect["layout"])
     path = _cache_path(Path(cache_dir), key)
-    if path.is_file():
-        hit = _load_cached(path, doc)
+    notes = []
+    if path.exists():
+        hit, problem = _load_cached(path, doc, key, expect, digest_of)
         if hit is not None:
             hit.key, hit.encode_seconds = key, time.perf_counter() - t0
             return hit
+        notes.append(f"codes cache entry {path} for {doc.id} was not used: {problem}; encoded again.")
     dc = encode_document(mimi, doc, max_seconds, device, block_frames, on_progress)
     dc.key = key
-    if dc.steps:
-        index_of = {str(f.path): i for i, f in enumerate(doc.files)}
+    dc.warnings = notes + dc.warnings
+    index_of = {str(p): i for i, p in enumerate(paths)}
+    dc.inputs = [{"index": index_of[x], "sha256": digest_of(index_of[x])}
+                 for x in sorted({f.path for f in dc.files} | {s.path for s in dc.skipped if s.failed},
+                                 key=lambda x: index_of[x])]
+    if dc.steps and store:
         try:
-            _store(path, dc, index_of)
-            back = _load_cached(path, doc)  # load it back: a cache entry that does not read is useless
+            _store(path, dc, doc, key, expect)
+            # load it back: a cache entry that does not read is useless
+            back, problem = _load_cached(path, doc, key, expect, digest_of)
             if back is None or not bool((back.codes == dc.codes).all()):
-                raise OSError("the written entry does not read back")
+                raise OSError(f"the written entry does not read back ({problem or 'codes differ'})")
             dc.cache_path = str(path)
         except OSError as e:
-            dc.warnings.append(f"could not write the codes cache entry {path}: {e}; encoding will repeat next run.")
+            try:
+                path.unlink(missing_ok=True)  # an entry that does not read back must not be found next run
+            except OSError:
+                pass
+            dc.warnings.append(f"could not write the codes cache entry {path}: {e.strerror or e}; encoding will "
+                               f"repeat next run.")
     dc.encode_seconds = time.perf_counter() - t0
     return dc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,8 +34,11 @@ class AudioFile:
 
 @dataclass
 class SkippedFile:
+    """An input file left out, and why; `failed` is False when an option excluded it (a cut, a limit)."""
+
     path: str
     reason: str
+    failed: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,12 +51,19 @@ class Document:
     id: str                      # <speaker>/<book>
     speaker: str
     book: str
-    files: list[AudioFile]
+    files: list[AudioFile]       # readable files up to the --max-seconds cut by their headers' durations
     skipped: list[SkippedFile] = field(default_factory=list)
+    # Files after that cut, in order: encoding takes them when the files before decode shorter than
+    # their headers say (a truncated file must not make later files vanish), else lists them as cut.
+    after_cut: list[Path] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
         return sum(f.seconds for f in self.files)
+
+    def all_paths(self) -> list[Path]:
+        """Every audio file of the book in order: `files`, then those after the cut."""
+        return [f.path for f in self.files] + list(self.after_cut)
 
     def title(self) -> str | None:
         for f in self.files:
@@ -64,7 +75,8 @@ class Document:
 
 @dataclass
 class SkippedDocument:
-    """A book left out: too short (not a failure) or with no readable file (`files` says why each failed)."""
+    """A book left out: by an option (too short, beyond --limit-books) or with no readable file; `files`
+    accounts for each of its audio files (with `failed` set where the file itself is bad)."""
 
     id: str
     reason: str
@@ -72,7 +84,7 @@ class SkippedDocument:
 
     @property
     def failed(self) -> bool:
-        return bool(self.files)
+        return any(f.failed for f in self.files)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "reason": self.reason, "skipped": [f.to_dict() for f in self.files]}
@@ -91,7 +103,7 @@ class Dataset:
     def failed_files(self) -> list[SkippedFile]:
         """Files found but not usable: stray, and unreadable ones of dropped books (those of kept
         books are in their `skipped` lists)."""
-        return self.stray_files + [f for d in self.skipped_documents for f in d.files]
+        return [f for f in self.stray_files + [f for d in self.skipped_documents for f in d.files] if f.failed]
 
 
 def _summarise_meta(raw: dict) -> dict:
@@ -126,6 +138,11 @@ def probe_seconds(path: Path) -> float:
     """Duration from the file header; raises ValueError with a reason when the file cannot be opened."""
     import sphn
 
+    from ttt_cli.outputs import input_problem
+
+    problem = input_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     try:
@@ -139,13 +156,47 @@ def probe_seconds(path: Path) -> float:
 
 
 def _audio_files(d: Path) -> list[Path]:
-    return [p for p in d.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+    # Anything with an audio name but a directory is an input: a FIFO or a broken link is then reported.
+    return [p for p in d.iterdir() if not p.is_dir() and p.suffix.lower() in AUDIO_EXTENSIONS
             and not p.name.startswith(".")]
 
 
 def _subdirs(d: Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: natural_key(p.name))
+
+
+def _nested_audio(book: Path) -> list[Path]:
+    """Audio files in subdirectories of a book directory (not part of the layout: reported as stray)."""
+    out: list[Path] = []
+    for d in _subdirs(book):
+        try:
+            for dirpath, dirnames, filenames in os.walk(d):
+                dirnames[:] = sorted((n for n in dirnames if not n.startswith(".")), key=natural_key)
+                out += [Path(dirpath) / n for n in sorted(filenames, key=natural_key)
+                        if Path(n).suffix.lower() in AUDIO_EXTENSIONS and not n.startswith(".")]
+        except OSError:
+            continue
+    return out
+
+
+def _document(doc_id: str, speaker: str, book: str, paths: list[Path], max_seconds: float | None) -> Document:
+    """A book's document: its readable files up to the cut by header durations, the others after it."""
+    doc = Document(doc_id, speaker, book, [])
+    total = 0.0
+    for n, p in enumerate(paths):
+        if max_seconds is not None and total >= max_seconds:
+            doc.after_cut = paths[n:]  # decided again at encoding, on the decoded lengths
+            break
+        try:
+            sec = probe_seconds(p)
+        except (ValueError, OSError) as e:
+            doc.skipped.append(SkippedFile(str(p), str(e)))
+            continue
+        meta, meta_err = read_metadata(p)
+        doc.files.append(AudioFile(p, sec, meta, meta_err))
+        total += sec
+    return doc
 
 
 def discover(root: Path | str, max_seconds: float | None = None, min_seconds: float = 0.0,
@@ -181,40 +232,40 @@ def discover(root: Path | str, max_seconds: float | None = None, min_seconds: fl
         stray += [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory")
                   for p in sorted(_audio_files(spk), key=lambda p: natural_key(p.name))]
         for book in _subdirs(spk):
+            nested = _nested_audio(book)
+            stray += [SkippedFile(str(p), "nested below a <speaker>/<book>/ directory") for p in nested]
             paths = sorted(_audio_files(book), key=lambda p: natural_key(p.name))
             doc_id = f"{spk.name}/{book.name}"
+            deeper = deeper or bool(nested)
             if not paths:
-                deeper = deeper or any(_subdirs(book))
                 continue
-            doc = Document(doc_id, spk.name, book.name, [])
-            total = 0.0
-            for p in paths:
-                if max_seconds is not None and total >= max_seconds:
-                    break  # beyond the cut: not part of the document
-                try:
-                    sec = probe_seconds(p)
-                except (ValueError, OSError) as e:
-                    doc.skipped.append(SkippedFile(str(p), str(e)))
-                    continue
-                meta, meta_err = read_metadata(p)
-                doc.files.append(AudioFile(p, sec, meta, meta_err))
-                total += sec
+            doc = _document(doc_id, spk.name, book.name, paths, max_seconds)
             if not doc.files:
                 skipped_docs.append(SkippedDocument(doc_id, "no readable audio file", doc.skipped))
                 continue
-            if doc.seconds < min_seconds:
-                skipped_docs.append(SkippedDocument(doc_id, f"{doc.seconds:.1f} s is shorter than --min-seconds "
-                                                            f"{min_seconds:g}"))
+            if doc.seconds < min_seconds and not doc.after_cut:
+                reason = f"{doc.seconds:.1f} s is shorter than --min-seconds {min_seconds:g}"
+                skipped_docs.append(SkippedDocument(doc_id, reason, doc.skipped + [
+                    SkippedFile(str(f.path), f"its book is shorter than --min-seconds {min_seconds:g}", False)
+                    for f in doc.files]))
                 continue
             documents.append(doc)
+    if limit_books is not None:
+        for doc in documents[limit_books:]:
+            # Not scored because the user asked for fewer books: accounted for, never a failure of
+            # this run, even where a file of such a book would not have decoded.
+            beyond = f"its book is beyond --limit-books {limit_books}"
+            skipped_docs.append(SkippedDocument(doc.id, f"beyond --limit-books {limit_books}", [
+                SkippedFile(s.path, f"{beyond} (and it would be skipped: {s.reason})", False) for s in doc.skipped] + [
+                SkippedFile(str(p), beyond, False) for p in [f.path for f in doc.files] + doc.after_cut]))
     keep = documents[:limit_books] if limit_books is not None else documents
     if not keep:
+        hint = (" Audio was found deeper: point DATA at the directory that holds the speaker folders."
+                if deeper else "")
         if skipped_docs or stray:
             why = "; ".join([f"{s.id}: {s.reason}" for s in skipped_docs[:3]]
                             + [f"{s.path}: {s.reason}" for s in stray[:3]])
-            raise ConfigError(f"no usable book in {root} ({why}).")
-        hint = (" Audio was found deeper: point DATA at the directory that holds the speaker folders."
-                if deeper else "")
+            raise ConfigError(f"no usable book in {root} ({why}).{hint}")
         raise ConfigError(f"no audio files found in {root}: expected <speaker>/<book>/<file>.flac (or "
                           f"{', '.join(AUDIO_EXTENSIONS)}).{hint}")
     return Dataset(root, keep, skipped_docs, stray)

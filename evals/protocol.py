@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import platform
 import shutil
 import time
+import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE
 from ttt_cli.units import FRAME_RATE, seconds_to_steps
-from ttt_cli.errors import ConfigError
+from ttt_cli.errors import ConfigError, TTTError
 from ttt_cli.progress import NullProgress
 
-from . import report
+from . import report, resume
 from .librilight import Dataset, Document, discover
 from .policies import Policy, parse_policies
 from .scoring import DEFAULT_BLOCK_STEPS
 
 RESULTS_VERSION = 1
-STATE_DIR = ".ttt-eval"        # resume state inside --out
-STATE_FILE = "state.json"
 AUDIO_STREAMS = ("moshi", "user")
 TEXT_STREAMS = ("zero", "pad")
 GROUPS = ("all", "semantic", "acoustic", "text")
@@ -50,10 +49,11 @@ class EvalOptions:
     resume: bool = False
     overwrite: bool = False
     init_state: Path | None = None
-    force_state: bool = False         # accept a snapshot whose differences are forceable (lr, W0)
+    force_state: bool = False         # accept a snapshot whose lr/clip differ from the model's
     device: str = "auto"
     dtype: str = "auto"
     ttt: dict | None = None           # overrides of the `ttt` section
+    base: str | None = None           # --base of a fine-tuning fork checkpoint (SPEC §4.3)
     seed: int = 0
 
 
@@ -238,7 +238,7 @@ def _ttt_fingerprint(m) -> str | None:
 def _model_section(m, fp: str | None, mimi_fp: str) -> dict:
     lm = m.lm
     return {"id": m.model_id, "model_type": m.info.model_type, "ttt": m.config.get("ttt"),
-            "ttt_origin": m.config.get("ttt_origin"), "fingerprint": fp, "mimi_fingerprint": mimi_fp,
+            "ttt_origin": m.config.get("ttt_origin"), "provenance": m.config.get("provenance"), "fingerprint": fp, "mimi_fingerprint": mimi_fp,
             "num_layers": len(lm.transformer.layers), "dim": lm.dim, "context": lm.context, "n_q": lm.n_q,
             "dep_q": lm.dep_q,
             "delays": list(lm.delays), "card": lm.card, "text_card": lm.text_card,
@@ -253,7 +253,7 @@ def load_warm_start(m, path: Path, force: bool) -> tuple[dict, dict, list[str]]:
     Args:
         m: the loaded TTTModel the snapshot must fit.
         path: the snapshot file.
-        force: accept forceable differences (lr, clip, W0 of the same shapes).
+        force: accept forceable differences (lr, clip).
 
     Only the fast weights are used: resets and new streams start from them. A pending partial
     chunk in the snapshot is not replayed (a reset empties the pending chunk by definition), and
@@ -262,7 +262,7 @@ def load_warm_start(m, path: Path, force: bool) -> tuple[dict, dict, list[str]]:
     from ttt_cli.state import check_fits, load_state
 
     s = load_state(path)
-    check_fits(m.lm, s).raise_unless_fits(force)
+    check_fits(m.lm, s).raise_unless_fits(force, flag="--force-state")
     warm, notes = {}, []
     for i in s.layers:
         warm[i] = s.layer_tensors(i)  # FastWeightLayer.set_warm_start takes them as captured
@@ -283,44 +283,73 @@ def _file_sha256(p: Path) -> str:
     return file_digest(p)
 
 
-# -- resume state --------------------------------------------------------------------------------
+# -- outputs and resume state --------------------------------------------------------------------
 
-def _state_dir(out: Path) -> Path:
-    return Path(out) / STATE_DIR
-
-
-def _carry_path(out: Path, p: Policy) -> Path:
-    return _state_dir(out) / f"carry-{p.dir_name}.safetensors"
-
-
-def _save_carry(path: Path, carry: dict) -> None:
-    from safetensors.torch import save_file
-    from ttt_cli.io import atomic_write
-
-    flat = {f"layers.{i}.{k}": v.contiguous() for i, t in carry.items() for k, v in t.items()}
-    atomic_write(path, lambda p: save_file(flat, str(p)))
-
-
-def _load_carry(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out: dict[int, dict] = {}
-    for k, v in load_file(str(path)).items():
-        _, i, name = k.split(".", 2)
-        out.setdefault(int(i), {})[name] = v
-    return out
-
-
-def _protocol_key(protocol: dict, model: dict) -> str:
-    """What must match for `--resume` to continue a run: the numbers-changing options and the model."""
-    keep = {k: v for k, v in protocol.items() if k not in ("block_steps", "codes_cache", "save_token_nll")}
-    blob = json.dumps({"protocol": keep, "model": {k: model[k] for k in ("id", "fingerprint", "ttt", "dtype")}},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+class EvalStopped(TTTError):
+    """The run stopped while its results were being written (Ctrl-C: exit 130, a write failure: exit 1);
+    finished documents are kept in the resume record."""
 
 
 def _outputs(out: Path) -> list[Path]:
-    return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, _state_dir(out)]
+    return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, resume.state_dir(out)]
+
+
+def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | None):
+    """Checks where the run writes before any work (SPEC §7.1); returns (plan, store codes?, notes).
+
+    --out and --codes-cache must lie outside DATA; results.json, curve.csv and curve.png are
+    replaced only when an earlier `ttt eval` wrote them (with --overwrite or --resume); an
+    unwritable codes cache is used read-only, with a warning.
+    """
+    from ttt_cli.errors import OutputError
+    from ttt_cli.io import check_writable_dir
+    from ttt_cli.outputs import OutputPlan, beside, json_with_keys, real
+
+    plan = OutputPlan(overwrite=True)  # ttt's own earlier outputs: decided below (--resume or --overwrite)
+    plan.read(dataset.root, "the dataset (DATA)", tree=True)
+    plan.read(o.init_state, "the --init-state snapshot")
+    plan.read_model(o.model)
+    plan.write_into(out)
+    record = json_with_keys("format_version", "protocol", "policies")
+    plan.write(out / report.RESULTS, "--out", "results of ttt eval", record)
+    for name in (report.CURVE_CSV, report.CURVE_PNG):
+        plan.write(out / name, "--out", f"{name} of ttt eval", beside(out / report.RESULTS, record))
+    plan.check()
+    if cache_dir is not None:
+        root, c = real(dataset.root), real(cache_dir)
+        if c == root or c.startswith(root.rstrip("/") + "/"):
+            raise OutputError(f"--codes-cache {cache_dir} is inside the dataset {dataset.root}: cache files would mix "
+                              f"with the books. Choose a directory outside it.")
+    sdir = resume.state_dir(out)
+    if sdir.exists() and not (sdir.is_dir() and resume.state_dir_is_ours(sdir)):
+        raise OutputError(f"{sdir} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
+                          f"choose another --out.")
+    if o.resume:
+        if not (sdir / resume.STATE_FILE).is_file() and (out / report.RESULTS).exists():
+            raise ConfigError(f"--resume: {out} has results but no resume state ({resume.STATE_DIR}/"
+                              f"{resume.STATE_FILE}); pass --overwrite to run again.")
+    elif not o.overwrite:
+        existing = [p.name for p in _outputs(out) if p.exists()]
+        if existing:
+            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
+                              f"continue it, or --overwrite to replace it.",
+                              hint="pass --resume or --overwrite, or choose another --out")
+    plan.prepare()
+    store, notes = cache_dir is not None, []
+    if cache_dir is not None:
+        try:
+            check_writable_dir(cache_dir, "--codes-cache")
+        except ConfigError as e:
+            store = False
+            notes.append(f"{e} Entries already there are used; new ones are not stored (--no-codes-cache silences "
+                         f"this).")
+    return plan, store, notes
+
+
+def _write_state(sdir: Path, state: dict) -> None:
+    from ttt_cli.io import write_text
+    # ASCII escapes keep file names that are not UTF-8 exact (surrogate escapes survive a round trip).
+    write_text(sdir / resume.STATE_FILE, json.dumps(state, indent=1, ensure_ascii=True) + "\n")
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -330,6 +359,9 @@ def _validate(o: EvalOptions) -> None:
         raise ConfigError(f"--block-steps must be >= 1, got {o.block_steps}.")
     if not o.bin_seconds > 0 or seconds_to_steps(o.bin_seconds) < 1:
         raise ConfigError(f"--bin-seconds must be at least one step (0.08 s), got {o.bin_seconds}.")
+    if o.max_seconds is not None and 0 < o.max_seconds and int(round(o.max_seconds * SAMPLE_RATE)) < FRAME_SIZE:
+        raise ConfigError(f"--max-seconds {o.max_seconds:g} leaves nothing to score: a document needs at least one "
+                          f"80 ms frame (--max-seconds 0.08 or more).", hint="give --max-seconds of 0.08 s or more")
     if o.audio_stream not in AUDIO_STREAMS:
         raise ConfigError(f"--audio-stream must be one of {', '.join(AUDIO_STREAMS)}, got {o.audio_stream!r}.")
     if o.text_stream not in TEXT_STREAMS:
@@ -361,7 +393,8 @@ def _rel(path: str | Path, root: Path) -> str:
 
 def _skipped_doc(s, root: Path) -> dict:
     d = s.to_dict()
-    d["skipped"] = [{"path": _rel(f["path"], root), "reason": f["reason"]} for f in d["skipped"]]
+    d["skipped"] = [{"path": _rel(f["path"], root), "reason": f["reason"], "failed": f["failed"]}
+                    for f in d["skipped"]]
     return d
 
 
@@ -375,16 +408,44 @@ def _doc_record(doc: Document, dc, root: Path) -> dict:
              "end_step": f.end_step}
         if f.truncated:
             e["truncated"] = True
+        if f.warnings:
+            e["warnings"] = list(f.warnings)
         src = meta.get(f.path)
         if src is not None and src.meta:
             e["meta"] = src.meta
         if src is not None and src.meta_error:
             e["meta_error"] = src.meta_error
         files.append(e)
-    skipped = [{"path": rel(s.path), "reason": s.reason} for s in doc.skipped + dc.skipped]
+    skipped = [{"path": rel(s.path), "reason": s.reason, "failed": s.failed} for s in doc.skipped + dc.skipped]
     return {"id": doc.id, "speaker": doc.speaker, "book": doc.book, "title": doc.title(),
             "seconds": dc.seconds, "steps": dc.steps, "files": files, "skipped": skipped,
             "codes_cache_hit": dc.cache_hit}
+
+
+@dataclass
+class _Run:
+    """What one evaluation holds while it runs (built by `evaluate_librilight`)."""
+
+    o: EvalOptions
+    policies: list[Policy]
+    dataset: Dataset
+    out: Path
+    m: tp.Any
+    cache_dir: Path | None
+    store: bool
+    warm: dict | None
+    lr: float
+    mimi_fp: str
+    bin_steps: int
+    progress: tp.Any
+    state: dict = field(default_factory=dict)
+    carries: dict = field(default_factory=dict)
+    written_nll: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    scored_steps: float = 0.0
+    enc_seconds: float = 0.0
+    hits: int = 0
+    misses: int = 0
 
 
 def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> EvalResult:
@@ -399,54 +460,49 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
         EvalResult; `interrupted` is True when Ctrl-C stopped the run (finished documents are kept,
         `--resume` continues).
     Raises:
-        ConfigError / CheckpointError / StateMismatchError: bad options, data, model or snapshot.
+        ConfigError / CheckpointError / StateMismatchError / OutputError: bad options, data, model,
+            snapshot or output path (before any work).
+        WriteError: writing failed part-way (finished documents are kept for --resume).
+        EvalStopped: Ctrl-C while the results were being written (exit 130; --resume writes them).
     """
-    from ttt_cli.codes import lm_input_codes
-    from ttt_cli.io import check_writable_dir, write_json
-
-    from .codes_cache import default_cache_dir, document_codes, mimi_fingerprint
-    from .scoring import policy_settings, score_document
-
     progress = progress or NullProgress()
     o = options
     _validate(o)
     policies = parse_policies(o.policies)
     dataset: Dataset = discover(o.data, o.max_seconds, o.min_seconds, o.limit_books)
     out = Path(o.out)
-    check_writable_dir(out)
-    sdir = _state_dir(out)
-    if o.resume:
-        if not (sdir / STATE_FILE).is_file() and (out / report.RESULTS).exists():
-            raise ConfigError(f"--resume: {out} has results but no resume state ({STATE_DIR}/{STATE_FILE}); "
-                              f"pass --overwrite to run again.")
-    elif not o.overwrite:
-        existing = [p.name for p in _outputs(out) if p.exists()]
-        if existing:
-            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
-                              f"continue it, or --overwrite to replace it.")
-    elif sdir.exists():
-        shutil.rmtree(sdir)  # --overwrite: forget the old run's resume state
+    cache_dir = None
+    if o.use_codes_cache:
+        from .codes_cache import default_cache_dir
+        cache_dir = Path(o.codes_cache) if o.codes_cache else default_cache_dir()
+    plan, store, notes = _output_plan(o, dataset, out, cache_dir)
+    try:
+        return _evaluate(o, policies, dataset, out, cache_dir, store, notes, progress, model)
+    finally:
+        plan.cleanup()
+
+
+def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Path, cache_dir: Path | None,
+              store: bool, notes: list[str], progress, model) -> EvalResult:
+    from .codes_cache import mimi_fingerprint
 
     t_start = time.perf_counter()
     if model is None:
         from ttt_cli import load_model
-        model = load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt)
+        model = load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt, base=o.base)
     elif callable(model):
         model = model()
     m = model
-    lm = m.lm
-    _check_layout(lm, o)
+    _check_layout(m.lm, o)
     lr = float(m.ttt.rate) if m.ttt is not None else 0.0  # the variant's rate (lr, base_lr or lr_scale)
-    warnings: list[str] = list(m.warnings)
     warm, init_rec = None, None
+    run_notes = list(m.warnings) + notes
     if o.init_state is not None:
-        warm, init_rec, notes = load_warm_start(m, Path(o.init_state), o.force_state)
-        warnings += notes
+        warm, init_rec, more = load_warm_start(m, Path(o.init_state), o.force_state)
+        run_notes += more
     t_fp = time.perf_counter()
     mimi_fp = mimi_fingerprint(m.mimi)  # hashed once per run: part of every codes cache key
     fp_seconds = time.perf_counter() - t_fp
-    fp = _ttt_fingerprint(m)
-    cache_dir = (Path(o.codes_cache) if o.codes_cache else default_cache_dir()) if o.use_codes_cache else None
     bin_steps = seconds_to_steps(o.bin_seconds)
     protocol = {"policies": [p.name for p in policies], "max_seconds": o.max_seconds, "min_seconds": o.min_seconds,
                 "limit_books": o.limit_books, "block_steps": o.block_steps, "bin_seconds": o.bin_seconds,
@@ -454,163 +510,248 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
                 "codes_cache": str(cache_dir) if cache_dir else None, "save_token_nll": o.save_token_nll,
                 "init_state": init_rec, "seed": o.seed, "data": str(dataset.root.resolve()),
                 "scoring": "teacher forcing in streaming mode; nats per step and codebook"}
-    model_rec = _model_section(m, fp, mimi_fp)
-    key = _protocol_key(protocol, model_rec)
+    model_rec = _model_section(m, _ttt_fingerprint(m), mimi_fp)
+    run = _Run(o, policies, dataset, out, m, cache_dir, store, warm, lr, mimi_fp, bin_steps, progress,
+               warnings=run_notes)
+    _open_resume(run, resume.run_config(protocol, model_rec))
+    interrupted = _score_all(run)
+    return _finish(run, protocol, model_rec, interrupted, t_start, fp_seconds)
 
-    # Resume state: finished documents (their records and per-policy sums) in dataset order.
-    state = {"version": RESULTS_VERSION, "key": key, "done": [], "docs": {}, "skipped_documents": []}
-    if o.resume and (sdir / STATE_FILE).is_file():
-        try:
-            old = json.loads((sdir / STATE_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--resume: cannot read {sdir / STATE_FILE} ({e}); pass --overwrite to start again.") \
-                from None
-        if old.get("key") != key:
-            raise ConfigError(f"--resume: the run in {out} used other options, model or snapshot (policies, "
-                              f"cuts, layout, bins, TTT settings); pass the same options, or --overwrite to start "
-                              f"again.")
-        ids = [d.id for d in dataset.documents]
-        done_ids = [d for d in old["done"]]
-        if ids[:len(done_ids)] != done_ids:
-            raise ConfigError(f"--resume: the dataset changed since the interrupted run (its first documents were "
-                              f"{done_ids[:3]}); pass --overwrite to start again.")
-        state = old
-        progress.log(f"resuming: {len(done_ids)} of {len(ids)} documents already done.")
-    elif o.resume:
-        progress.log(f"--resume: nothing to resume in {out}; starting a new run.")
-    sdir.mkdir(parents=True, exist_ok=True)
 
-    carries: dict[str, dict | None] = {p.name: None for p in policies}
-    scored_before = any(state["docs"][d]["record"]["steps"] for d in state["done"])
-    for p in policies:
+def _open_resume(run: _Run, config: dict) -> None:
+    """Loads (and verifies) the resume record, or starts one; written at once, so that a run interrupted
+    before its first document finished resumes like any other."""
+    o, out, progress = run.o, run.out, run.progress
+    sdir = resume.state_dir(out)
+    carrying = any(p.carries_across_documents for p in run.policies)
+    if o.resume and (sdir / resume.STATE_FILE).is_file():
+        run.state, notes = resume.open_state(out, config, run.dataset, carrying, _rel)
+        run.warnings += notes  # printed once, as warnings, with the results
+        progress.log(f"resuming: {len(run.state['done'])} of {len(run.dataset.documents)} documents already done.")
+    else:
+        if o.resume:
+            progress.log(f"--resume: nothing to resume in {out}; starting a new run.")
+        if sdir.exists():
+            shutil.rmtree(sdir)  # checked to hold only ttt's own resume files (--overwrite)
+        run.state = resume.new_state(config)
+    run.carries = {p.name: None for p in run.policies}
+    scored_before = any(run.state["docs"][d]["record"]["steps"] for d in run.state["done"])
+    for p in run.policies:
         if p.carries_across_documents and scored_before:
-            if not _carry_path(out, p).is_file():
-                raise ConfigError(f"--resume: the fast weights that policy {p.name} carries across documents "
-                                  f"({_carry_path(out, p)}) are missing; pass --overwrite to start again.")
-            carries[p.name] = _load_carry(_carry_path(out, p))
-
-    docs = dataset.documents
-    todo = [d for d in docs if d.id not in set(state["done"])]
-    est_steps = sum(min(d.seconds, o.max_seconds) for d in todo) * FRAME_RATE * len(policies)
-    progress.log(f"scoring {len(todo)} of {len(docs)} document(s) x {len(policies)} policy(ies): "
-                 f"{', '.join(p.name for p in policies)}")
-    progress.start("eval", "scoring", est_steps)
-    interrupted = False
-    scored_steps = 0.0
-    enc_seconds, hits, misses = 0.0, 0, 0
-    written_nll: list[str] = []
-    t_loop = time.perf_counter()
+            path = resume.carry_path(out, p.dir_name)
+            carry, after = resume.load_carry(path) if path.is_file() else ({}, None)
+            if after != run.state["done"][-1]:  # missing, damaged, or from another point of the run
+                note = (f"--resume: the fast weights that policy {p.name} carries across documents ({path}) do not "
+                        f"follow the last finished document; every document is computed again.")
+                run.warnings.append(note)
+                run.state = resume.new_state(config)
+                run.carries = {q.name: None for q in run.policies}
+                break
+            run.carries[p.name] = carry
     try:
-        for n_doc, doc in enumerate(todo, start=len(state["done"]) + 1):
-            dc = document_codes(m.mimi, doc, o.max_seconds, cache_dir, str(m.device), mimi_fp=mimi_fp)
-            enc_seconds += dc.encode_seconds
-            hits, misses = hits + dc.cache_hit, misses + (not dc.cache_hit)
-            warnings += dc.warnings
-            progress.log(f"[{n_doc}/{len(docs)}] {doc.id}: {dc.seconds:.1f} s, {dc.steps} steps, "
-                         f"{'codes cache hit' if dc.cache_hit else 'encoded'} in {dc.encode_seconds:.2f} s"
-                         + (f", {len(dc.skipped)} file(s) skipped" if dc.skipped else ""))
-            rec = _doc_record(doc, dc, dataset.root)
-            entry = {"record": rec, "policies": {}, "telemetry": {}, "encode_seconds": dc.encode_seconds}
-            if dc.steps == 0:
-                state["skipped_documents"].append({"id": doc.id, "reason": "no file could be decoded",
-                                                   "skipped": rec["skipped"]})
-            else:
-                codes = lm_input_codes(lm, dc.codes, o.audio_stream, o.text_stream)  # [K, T]
-                starts = [f.start_step for f in dc.files]
-                for p in policies:
-                    resets = p.reset_positions(dc.steps, starts)
-                    base = scored_steps
+        sdir.mkdir(parents=True, exist_ok=True)
+        _write_state(sdir, run.state)
+    except OSError as e:
+        _stop_on_write_error(run, e)
 
-                    def on_block(done: int, base=base, p=p) -> None:
-                        el = time.perf_counter() - t_loop
-                        progress.update("eval", base + done, doc=f"{n_doc}/{len(docs)}", policy=p.name,
-                                        steps_per_s=f"{(base + done) / el:.0f}" if el > 0 else "-")
 
-                    with policy_settings(lm, p.ttt_on, lr, warm):
-                        sc = score_document(lm, codes, resets, o.block_steps, carry=carries[p.name],
-                                            keep_carry=p.carries_across_documents, on_block=on_block)
-                    scored_steps += dc.steps
-                    acc = Accum()
-                    acc.add(sc.nll, sc.text_nll, bin_steps, sc.seconds)
-                    entry["policies"][p.name] = acc.to_dict()
-                    entry["telemetry"][p.name] = {str(i): t for i, t in sc.telemetry.items()}
-                    if p.carries_across_documents:
-                        carries[p.name] = sc.carry
-                    if o.save_token_nll:
-                        path = report.token_nll_path(out, p.dir_name, doc.id)
-                        report.write_token_nll(path, sc.nll, codes, {
-                            "policy": p.name, "document": doc.id, "resets": resets, "model": m.model_id,
-                            "audio_stream": o.audio_stream, "text_stream": o.text_stream,
-                            "delays": list(lm.delays), "dep_q": lm.dep_q})
-                        written_nll.append(str(path))
-            # Commit this document: carries first, then the state that points at them.
-            for p in policies:
-                if p.carries_across_documents and carries[p.name] is not None:
-                    _save_carry(_carry_path(out, p), carries[p.name])
-            state["docs"][doc.id] = entry
-            state["done"].append(doc.id)
-            write_json(sdir / STATE_FILE, state)
+def _stop_on_write_error(run: _Run, e: BaseException) -> tp.NoReturn:
+    from ttt_cli.errors import WriteError
+    from ttt_cli.io import as_os_error, describe_os_error
+
+    ose = as_os_error(e) or OSError(str(e))
+    done = len(run.state.get("done", []))
+    left = [d.id for d in run.dataset.documents if d.id not in set(run.state.get("done", []))]
+    if not done:
+        _remove_empty_state(run.out)
+    err = WriteError(f"{describe_os_error(ose, ose.filename)}. {done} finished document(s) are kept"
+                     + (f" in {resume.state_dir(run.out)}" if done else "")
+                     + f"; {len(left)} document(s) not run. Free some space (or fix the path) and run the same "
+                       f"command with --resume.", hint="free some space, then run the same command with --resume")
+    err.payload = {"documents_done": run.state.get("done", []), "documents_not_run": left}  # type: ignore[attr-defined]
+    raise err from None
+
+
+def _remove_empty_state(out: Path) -> None:
+    sdir = resume.state_dir(out)
+    try:
+        if sdir.is_dir() and resume.state_dir_is_ours(sdir) and not any(
+                p.name != resume.STATE_FILE for p in sdir.iterdir()):
+            shutil.rmtree(sdir)
+    except OSError:
+        pass
+
+
+def _score_all(run: _Run) -> bool:
+    """Scores every document not done yet, committing each to the resume record; True when Ctrl-C stopped it."""
+    docs = run.dataset.documents
+    done = set(run.state["done"])
+    todo = [d for d in docs if d.id not in done]
+    est_steps = sum(min(d.seconds, run.o.max_seconds) for d in todo) * FRAME_RATE * len(run.policies)
+    run.progress.log(f"scoring {len(todo)} of {len(docs)} document(s) x {len(run.policies)} policy(ies): "
+                     f"{', '.join(p.name for p in run.policies)}")
+    run.progress.start("eval", "scoring", est_steps)
+    t_loop = time.perf_counter()
+    interrupted = False
+    try:
+        for n_doc, doc in enumerate(todo, start=len(run.state["done"]) + 1):
+            entry = _score_document(run, doc, f"{n_doc}/{len(docs)}", t_loop)
+            # Commit this document: carries first (they name it), then the record; it counts once written.
+            for p in run.policies:
+                if p.carries_across_documents and run.carries[p.name] is not None:
+                    resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
+            state = resume.with_document(run.state, doc.id, entry)
+            _write_state(resume.state_dir(run.out), state)
+            run.state = state
     except KeyboardInterrupt:
         interrupted = True
-    progress.finish("eval", documents=len(state["done"]), steps_scored=int(scored_steps))
+    except Exception as e:
+        from ttt_cli.io import as_os_error
+        if as_os_error(e) is None:
+            raise
+        _stop_on_write_error(run, e)
+    run.progress.finish("eval", documents=len(run.state["done"]), steps_scored=int(run.scored_steps))
+    return interrupted
 
-    # Aggregate every finished document (this run's and resumed ones), in dataset order.
+
+def _score_document(run: _Run, doc: Document, label: str, t_loop: float) -> dict:
+    """Encodes (or finds cached) one document and scores it under every policy; returns its resume entry."""
+    from ttt_cli.codes import lm_input_codes
+    from .codes_cache import document_codes
+    from .scoring import policy_settings, score_document
+
+    o, m, lm = run.o, run.m, run.m.lm
+    dc = document_codes(m.mimi, doc, o.max_seconds, run.cache_dir, str(m.device), mimi_fp=run.mimi_fp,
+                        store=run.store)
+    run.enc_seconds += dc.encode_seconds
+    run.hits, run.misses = run.hits + dc.cache_hit, run.misses + (not dc.cache_hit)
+    run.warnings += dc.warnings
+    run.progress.log(f"[{label}] {doc.id}: {dc.seconds:.1f} s, {dc.steps} steps, "
+                     f"{'codes cache hit' if dc.cache_hit else 'encoded'} in {dc.encode_seconds:.2f} s"
+                     + (f", {len(dc.skipped)} file(s) skipped" if dc.skipped else ""))
+    rec = _doc_record(doc, dc, run.dataset.root)
+    entry = {"record": rec, "policies": {}, "telemetry": {}, "encode_seconds": dc.encode_seconds,
+             "inputs": resume.document_inputs(doc, dc, run.dataset.root, _rel), "warnings": list(dc.warnings)}
+    if dc.steps == 0:
+        entry["skipped_document"] = {"id": doc.id, "reason": "no file could be decoded", "skipped": rec["skipped"]}
+        return entry
+    codes = lm_input_codes(lm, dc.codes, o.audio_stream, o.text_stream)  # [K, T]
+    starts = [f.start_step for f in dc.files]
+    for p in run.policies:
+        resets = p.reset_positions(dc.steps, starts)
+        base = run.scored_steps
+
+        def on_block(done: int, base=base, p=p) -> None:
+            el = time.perf_counter() - t_loop
+            run.progress.update("eval", base + done, doc=label, policy=p.name,
+                                steps_per_s=f"{(base + done) / el:.0f}" if el > 0 else "-")
+
+        with policy_settings(lm, p.ttt_on, run.lr, run.warm):
+            sc = score_document(lm, codes, resets, o.block_steps, carry=run.carries[p.name],
+                                keep_carry=p.carries_across_documents, on_block=on_block)
+        run.scored_steps += dc.steps
+        acc = Accum()
+        acc.add(sc.nll, sc.text_nll, run.bin_steps, sc.seconds)
+        entry["policies"][p.name] = acc.to_dict()
+        entry["telemetry"][p.name] = {str(i): t for i, t in sc.telemetry.items()}
+        if p.carries_across_documents:
+            run.carries[p.name] = sc.carry
+        if o.save_token_nll:
+            path = report.token_nll_path(run.out, p.dir_name, doc.id)
+            report.write_token_nll(path, sc.nll, codes, {
+                "policy": p.name, "document": doc.id, "resets": resets, "model": m.model_id,
+                "audio_stream": o.audio_stream, "text_stream": o.text_stream,
+                "delays": list(lm.delays), "dep_q": lm.dep_q})
+            run.written_nll.append(str(path))
+    return entry
+
+
+def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_start: float,
+            fp_seconds: float) -> EvalResult:
+    """Aggregates every finished document (this run's and resumed ones) and writes the outputs."""
+    policies, dataset, state = run.policies, run.dataset, run.state
     accs = {p.name: Accum() for p in policies}
     tele: dict[str, dict] = {p.name: {} for p in policies}
-    documents = []
+    documents, skipped_docs = [], []
     failed = [f"{_rel(s.path, dataset.root)}: {s.reason}" for s in dataset.failed_files]
     total_enc = 0.0
+    warnings = list(run.warnings)
     for doc_id in state["done"]:
         e = state["docs"][doc_id]
-        failed += [f"{s['path']}: {s['reason']}" for s in e["record"]["skipped"]]
+        failed += [f"{s['path']}: {s['reason']}" for s in e["record"]["skipped"] if s.get("failed", True)]
+        warnings += [w for w in e.get("warnings", []) if w not in warnings]
         if not e["record"]["steps"]:
-            continue  # listed in skipped_documents
+            skipped_docs.append(e.get("skipped_document") or {"id": doc_id, "reason": "no file could be decoded",
+                                                              "skipped": e["record"]["skipped"]})
+            continue
         documents.append(e["record"])
         total_enc += float(e.get("encode_seconds", 0.0))
         for p in policies:
             if p.name in e["policies"]:
                 accs[p.name].merge(Accum.from_dict(e["policies"][p.name]))
                 _telemetry_add(tele[p.name], {int(i): t for i, t in e["telemetry"][p.name].items()})
-    sections = {p.name: _policy_section(p, accs[p.name], bin_steps, tele[p.name], lr, warm is not None)
+    sections = {p.name: _policy_section(p, accs[p.name], run.bin_steps, tele[p.name], run.lr, run.warm is not None)
                 for p in policies}
-    all_docs = len(docs)
+    excluded = sum(1 for d in documents for s in d["skipped"] if not s.get("failed", True)) + sum(
+        1 for s in dataset.skipped_documents for f in s.files if not f.failed)
     results = {
         "format_version": RESULTS_VERSION,
         "status": "interrupted" if interrupted else "complete",
         "model": model_rec,
-        "dataset": {"path": str(dataset.root.resolve()), "documents": len(documents), "documents_total": all_docs,
+        "dataset": {"path": str(dataset.root.resolve()), "documents": len(documents),
+                    "documents_total": len(dataset.documents),
                     "files": sum(len(d["files"]) for d in documents),
-                    "skipped_files": len(failed),
+                    "skipped_files": len(failed), "excluded_files": excluded,
                     "seconds": sum(d["seconds"] for d in documents), "steps": sum(d["steps"] for d in documents),
                     "skipped_documents": [_skipped_doc(s, dataset.root) for s in dataset.skipped_documents]
-                    + state["skipped_documents"],
+                    + skipped_docs,
                     "stray_files": [{"path": _rel(s.path, dataset.root), "reason": s.reason}
                                     for s in dataset.stray_files]},
         "protocol": protocol,
         "policies": sections,
-        "timing": {"wall_seconds": time.perf_counter() - t_start, "encode_seconds_this_run": enc_seconds,
+        "timing": {"wall_seconds": time.perf_counter() - t_start, "encode_seconds_this_run": run.enc_seconds,
                    "mimi_fingerprint_seconds": fp_seconds,
                    "encode_seconds_all_runs": total_enc,
                    "score_seconds": sum(a.seconds for a in accs.values())},
-        "codes_cache": {"dir": str(cache_dir) if cache_dir else None, "hits": hits, "misses": misses},
-        "fast_weight_bytes_per_stream": _fw_bytes(lm),
-        "environment": environment(m),
+        "codes_cache": {"dir": str(run.cache_dir) if run.cache_dir else None, "hits": run.hits,
+                        "misses": run.misses, "read_only": run.cache_dir is not None and not run.store},
+        "fast_weight_bytes_per_stream": _fw_bytes(run.m.lm),
+        "environment": environment(run.m),
         "warnings": warnings,
         "documents": documents,
     }
-    files = [str(report.write_results(out / report.RESULTS, results)),
-             str(report.write_curve_csv(out / report.CURVE_CSV, sections)),
-             str(report.write_curve_png(out / report.CURVE_PNG, sections,
-                                        f"{m.model_id}: NLL vs position ({len(documents)} document(s), "
-                                        f"{o.bin_seconds:g} s bins)"))]
+    files = _write_outputs(run, results, sections, len(documents))
     summaries = [PolicySummary(p.name, s["nll"], s["perplexity"], s["nll_semantic"], s["nll_acoustic"],
                                s["nll_text"], s["tokens"]["all"], s["timing"]["steps_per_second"])
                  for p, s in zip(policies, sections.values())]
-    return EvalResult(out, results, summaries, files + written_nll, failed, warnings, interrupted,
-                      len(state["done"]), all_docs)
+    return EvalResult(run.out, results, summaries, files + run.written_nll, failed, warnings, interrupted,
+                      len(state["done"]), len(dataset.documents))
+
+
+def _write_outputs(run: _Run, results: dict, sections: dict, n_docs: int) -> list[str]:
+    """results.json, curve.csv, curve.png, each atomic; Ctrl-C or a write failure here keeps the record."""
+    out = run.out
+    try:
+        return [str(report.write_results(out / report.RESULTS, results)),
+                str(report.write_curve_csv(out / report.CURVE_CSV, sections)),
+                str(report.write_curve_png(out / report.CURVE_PNG, sections,
+                                           f"{run.m.model_id}: NLL vs position ({n_docs} document(s), "
+                                           f"{run.o.bin_seconds:g} s bins)"))]
+    except KeyboardInterrupt:
+        done = len(run.state["done"])
+        e = EvalStopped(f"interrupted while writing the results: the {done} finished document(s) are kept in "
+                        f"{resume.state_dir(out)}. Run the same command with --resume to write results.json, "
+                        f"curve.csv and curve.png.", hint="run the same command with --resume")
+        e.exit_code = 130
+        e.payload = {"documents_done": run.state["done"]}  # type: ignore[attr-defined]
+        raise e from None
+    except Exception as e:
+        from ttt_cli.io import as_os_error
+        if as_os_error(e) is None:
+            raise
+        _stop_on_write_error(run, e)
 
 
 def _fw_bytes(lm) -> int:
     from ttt_cli.fastweights.attach import ttt_layers
     return sum(layer.state_bytes_per_stream() for layer in ttt_layers(lm).values())
-

@@ -14,6 +14,10 @@ if "TTT_CACHE" not in os.environ:
 else:
     _OWN_CACHE = None
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+# One intra-op thread (before torch is imported; subprocesses inherit it): the test models are tiny, so a
+# second thread buys nothing, and on a busy machine OpenMP's spin-waiting made tests 5-10x slower. The
+# second core runs the suite's subprocesses. Override by setting OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -11,11 +11,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ttt_cli import load_model, ttt_layers
-from ttt_cli.fastweights.attach import attach_ttt
 from ttt_cli.models.resolver import resolve
 from ttt_cli.fastweights.config import TTTConfig
 from ttt_cli.models.config import parse_layers
-from ttt_cli.models.fork import from_fork_config
 from ttt_cli.units import parse_seconds, seconds_to_steps
 from ttt_cli.errors import CheckpointError, ConfigError
 from ttt_cli.models.presets import build_preset, directory_digest, preset_dir
@@ -76,91 +74,6 @@ def test_tiny_stt_preset(tiny_stt):
     assert tiny_stt.lm.dep_q == 0 and tiny_stt.model_type == "stt"
     assert {"audio_delay_seconds", "audio_silence_prefix_seconds"} <= set(tiny_stt.info.stt_config)
     assert len(ttt_layers(tiny_stt.lm)) == 2
-
-
-def _fork_checkpoint(tmp_path, drop=()):
-    """A checkpoint in the fine-tuning fork's format, made from the tiny preset's base weights."""
-    from moshi.modules.lora import replace_all_linear_with_lora
-    src = preset_dir("tiny")
-    out = tmp_path / "fork"
-    out.mkdir()
-    for f in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
-        shutil.copy(src / f, out / f)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.pop("ttt")
-    cfg.update({"ttt_config": {"enabled": True, "layer_frequency": 2, "start_layer": 1, "chunk_size": 16,
-                               "learning_rate": 0.05, "conv_kernel_size": 2, "delta_clip_fro_norm": 0},
-                "lora": True, "lora_rank": 4, "lora_scaling": 2.0, "lora_name": "lora.safetensors"})
-    (out / "config.json").write_text(json.dumps(cfg))
-    g = torch.Generator().manual_seed(7)
-    base = load_file(str(src / "model.safetensors"))
-    d, h = base["transformer.layers.1.gating.linear_out.weight"].shape
-    ttt = {  # layer 1: plain tensors in the main file; layer 3: LoRA-wrapped W_target in lora.safetensors
-        "transformer.layers.1.gating.w_down": base["transformer.layers.1.gating.linear_out.weight"] + 0.01,
-        "transformer.layers.1.gating.w_down_pretrained": torch.zeros(d, h),
-        "transformer.layers.1.gating.target_generator.conv1d.conv.weight": torch.randn(d, d, 2, generator=g) * 0.1,
-        "transformer.layers.1.gating.target_generator.W_target.weight": torch.randn(d, d, generator=g) * 0.1,
-    }
-    main = {**base, **ttt}
-    save_file(main, str(out / "model.safetensors"))
-    lm, _ = plain_moshi(src)
-    replace_all_linear_with_lora(lm, 4, 2.0)
-    lora = {}
-    for k, v in lm.state_dict().items():
-        if ".lora_" in k:
-            lora[k] = torch.randn(v.shape, generator=g) * 0.05
-    pre = "transformer.layers.3.gating.target_generator."
-    lora.update({
-        "transformer.layers.3.gating.w_down": base["transformer.layers.3.gating.linear_out.weight"] * 1.1,
-        pre + "conv1d.conv.weight": torch.randn(d, d, 2, generator=g) * 0.1,
-        pre + "W_target.frozen_W.weight": torch.randn(d, d, generator=g) * 0.1,
-        pre + "W_target.lora_A.weight": torch.randn(4, d, generator=g) * 0.1,
-        pre + "W_target.lora_B.weight": torch.randn(d, 4, generator=g) * 0.1,
-    })
-    for k in drop:
-        lora.pop(k, None)
-    save_file(lora, str(out / "lora.safetensors"))
-    return out, ttt, lora
-
-
-def test_fork_checkpoint_loads_like_the_model_built_directly(tmp_path):
-    out, ttt, lora = _fork_checkpoint(tmp_path)
-    m = load_model(str(out), device="cpu", dtype="fp32")
-    assert m.ttt.layers == [1, 3] and m.ttt.target_source == "text" and m.ttt.delta_clip_fro_norm is None
-    assert m.config["ttt_origin"] == "fork"
-    # the same model built by hand: moshi base + moshi LoRA, TTT attached with hand-fused tensors
-    from moshi.models.loaders import get_lora_moshi
-    ref_lm, _ = plain_moshi(preset_dir("tiny"))
-    ref_lm = get_lora_moshi(ref_lm, None, 4, 2.0, dtype=torch.float32, fuse_lora=False)
-    ref_lm.load_state_dict({k: v for k, v in lora.items() if ".lora_" in k and "target_generator" not in k},
-                           strict=False)
-    pre = "transformer.layers.3.gating.target_generator."
-    fused = lora[pre + "W_target.frozen_W.weight"] + 2.0 * lora[pre + "W_target.lora_B.weight"] @ lora[pre + "W_target.lora_A.weight"]
-    tensors = {k: v for k, v in ttt.items() if "pretrained" not in k}
-    tensors.update({"transformer.layers.3.gating.w_down": lora["transformer.layers.3.gating.w_down"],
-                    pre + "conv1d.conv.weight": lora[pre + "conv1d.conv.weight"], pre + "W_target.weight": fused})
-    attach_ttt(ref_lm, TTTConfig(layers=[1, 3], chunk_size=16, lr=0.05, target_source="text"), tensors)
-    assert torch.equal(ttt_layers(m.lm)[3].target_generator.W_target.weight, fused)
-    codes = codes_for(m.lm)
-    for a, b in zip(logits(m.lm, codes), logits(ref_lm, codes)):
-        assert (a - b).abs().max().item() <= 1e-5
-
-
-def test_fork_missing_tensors_warn_and_follow_init(tmp_path):
-    pre = "transformer.layers.3.gating.target_generator."
-    out, _, _ = _fork_checkpoint(tmp_path, drop=[pre + "conv1d.conv.weight"])
-    with pytest.warns(UserWarning, match=r"layers\.3\.gating\.target_generator\.conv1d\.conv\.weight"):
-        m = load_model(str(out), device="cpu", dtype="fp32")
-    assert torch.count_nonzero(ttt_layers(m.lm)[3].target_generator.conv1d.conv.weight) == 0  # zero init
-
-
-def test_fork_config_mapping_defaults():
-    cfg = from_fork_config({}, 32)
-    assert cfg.layers == [0, 6, 12, 18, 24, 30] and cfg.chunk_size == 256 and cfg.lr == 1e-3
-    assert cfg.delta_clip_fro_norm == 1e-5 and cfg.target_source == "text" and cfg.conv_padding == "right"
-    assert from_fork_config({"enabled": False}, 32) is None
-    with pytest.raises(ConfigError, match="Valid keys"):
-        from_fork_config({"chunksize": 3}, 32)
 
 
 def _copy_tiny(tmp_path):
@@ -254,3 +167,66 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_init_checkpoint_copy_base_and_target_source(tmp_path):
+    """--copy-base: the base files are copied (byte-identical, named relative to the folder);
+    --target-source text reaches the config and every layer."""
+    from ttt_cli.cli.app import app
+    src = preset_dir("tiny")
+    out = tmp_path / "copied"
+    r = CliRunner().invoke(app, ["init-checkpoint", "--from", str(src), "--out", str(out), "--copy-base",
+                                 "--target-source", "text", "--layers", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    src_cfg = json.loads((src / "config.json").read_text())
+    for key in ("moshi_name", "mimi_name", "tokenizer_name"):
+        assert cfg[key] == src_cfg[key] and "/" not in cfg[key]
+        assert (out / cfg[key]).read_bytes() == (src / src_cfg[key]).read_bytes()
+    assert cfg["ttt"]["target_source"] == "text" and cfg["ttt"]["layers"] == [2]
+    m = load_model(str(out), device="cpu", dtype="fp32")
+    assert [(i, l.target_source) for i, l in ttt_layers(m.lm).items()] == [(2, "text")]
+    t = load_file(str(out / "ttt.safetensors"))  # §3.6 init: w_down <- linear_out, ntp target
+    base = load_file(str(src / src_cfg["moshi_name"]))
+    assert torch.equal(t["transformer.layers.2.gating.w_down"], base["transformer.layers.2.gating.linear_out.weight"])
+    conv = t["transformer.layers.2.gating.target_generator.conv1d.conv.weight"]
+    assert torch.equal(conv[:, :, 1], torch.eye(conv.shape[0])) and not conv[:, :, 0].any()
+    r = CliRunner().invoke(app, ["init-checkpoint", "--from", str(src), "--out", str(tmp_path / "x"),
+                                 "--target-source", "audio"])
+    assert r.exit_code == 2 and "target_source" in r.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("variant", "nope", "variant 'nope' is not supported"),
+    ("layers", "1,3", "layers must be a list of integers"),
+    ("layers", [1, True], "layers must be a list of integers"),
+    ("layers", [1, 1], "layers has duplicates"),
+    ("layers", [1, 9], r"layers \[9\] do not exist: the model has 4 layers"),
+    ("chunk_size", 0, "chunk_size must be a positive integer"),
+    ("chunk_size", 1.5, "chunk_size must be a positive integer"),
+    ("lr", -0.1, "lr must be a finite number >= 0"),
+    ("lr", float("nan"), "lr must be a finite number >= 0"),
+    ("lr", "fast", "lr must be a finite number >= 0"),
+    ("conv_kernel_size", 0, "conv_kernel_size must be a positive integer"),
+    ("conv_padding", "left", "conv_padding must be one of"),
+    ("target_source", "audio", "target_source must be one of"),
+    ("delta_clip_fro_norm", 0, "delta_clip_fro_norm must be a number > 0 or null"),
+    ("delta_clip_fro_norm", "big", "delta_clip_fro_norm must be a number > 0 or null"),
+    ("delta_clip_epsilon", 0, "delta_clip_epsilon must be a number > 0"),
+    ("ttt_name", "", "ttt_name must be a file name"),
+])
+def test_ttt_config_validation(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TTTConfig.from_dict({"layers": [1, 3], key: value}, num_layers=4)
+    assert TTTConfig.from_dict({"layers": [3, 1]}, num_layers=4).layers == [1, 3]  # sorted, valid
+
+
+def test_ttt_section_shape_and_layer_syntax_errors():
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        TTTConfig.from_dict([1, 3])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in the `ttt` config section of variant .inplace.: chunk\. Valid keys"):
+        TTTConfig.from_dict({"chunk": 3})
+    for spec, msg in (("every:0", "the step must be >= 1"), ("one,two", "expected e.g."), ("every:2", "needs the model")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_layers(spec, None if spec == "every:2" else 4)
+    assert parse_layers("none") == [] and parse_layers(" 3, 1,3 ") == [1, 3]

@@ -1,4 +1,6 @@
-"""`ttt eval librilight` against independent references: plain moshi forwards and a naive per-token loop."""
+"""`ttt eval librilight` against independent references: moshi's own full-sequence forward, and plain moshi
+fed one step at a time with the naive per-token fast-weight loop of tests/naive_ttt.py (never the tool's
+TTT layers or its scoring code)."""
 
 import csv
 import json
@@ -13,16 +15,18 @@ from safetensors.torch import load_file
 from moshi.modules.streaming import StreamingModule
 
 import librilight_data as LD
+from naive_ttt import checkpoint_ttt, naive_ttt
 from evals.codes_cache import document_codes
 from evals.librilight import discover, natural_key
 from evals.policies import parse_policies, parse_policy
 from evals.protocol import EvalOptions, evaluate_librilight
 from evals.scoring import policy_settings, score_document
+from ttt_cli import load_model
 from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.audio import load_audio
-from ttt_cli.codes import lm_input_codes
+from ttt_cli.codes import encode_audio, lm_input_codes
 from ttt_cli.errors import ConfigError
-from ttt_cli.fastweights.interface import FastWeightLayer
+from ttt_cli.models.presets import preset_dir
 
 REL = 1e-4
 FRAME = 1920
@@ -51,7 +55,6 @@ def doc_codes(tiny, dataset, cache_dir):
 
 @pytest.fixture(scope="session")
 def plain(tiny):
-    from ttt_cli import load_model
     return load_model("tiny", device="cpu", dtype="fp32", ttt=False)
 
 
@@ -82,33 +85,35 @@ def hand_input(lm, codes, s):
 
 
 def reset_attention_only(lm):
-    """Resets every streaming state of the LM except the fast-weight layers' (a new document under `never`)."""
+    """Resets every streaming state of the LM (the naive fast-weight streams are not streaming modules)."""
     for mod in lm.modules():
-        if isinstance(mod, StreamingModule) and not isinstance(mod, FastWeightLayer) \
-                and mod._streaming_state is not None:
+        if isinstance(mod, StreamingModule) and mod._streaming_state is not None:
             mod._streaming_state.reset(torch.ones(1, dtype=torch.bool))
 
 
+_NAIVE: dict = {}
+
+
 @torch.no_grad()
-def naive_nll(lm, docs, resets_per_doc, warm=None):
-    """One `forward_text` per step in plain `lm.streaming(1)`, fast weights reset at the given positions.
+def naive_nll(plain, docs, resets_per_doc, warm=None, key=None):
+    """One `forward_text` per step in plain moshi's `lm.streaming(1)`, the fast weights updated by the naive
+    per-token loop (tests/naive_ttt.py) and reset to W0 (or `warm`, {layer: W}) at the given positions.
 
     `docs` are played in one stream (attention reset between them, fast weights carried: `never`).
-    `warm` ({layer: W}) is restored at each document start and after each reset instead of W0.
     Returns [dep_q, T] NLL per document, from moshi's `forward_depformer_training` on the outputs.
+    Computed once per (`key`, resets): pass a key naming the documents (and warm start).
     """
-    layers = ttt_layers(lm)
-    one = torch.ones(1, dtype=torch.bool)
-
-    def put_warm():
-        if warm is not None:
-            for i, layer in layers.items():
-                h, d = layer.hidden, layer.dim
-                layer.restore({"w": warm[i], "pending_z": torch.zeros(0, h), "pending_x0": torch.zeros(0, d)}, 0)
-
+    k = (key, tuple(tuple(r) for r in resets_per_doc))
+    if key is not None and k in _NAIVE:
+        return _NAIVE[k]
+    lm = plain.lm
     results = []
-    with lm.streaming(1):
-        put_warm()
+    with naive_ttt(lm, *checkpoint_ttt(preset_dir("tiny"))) as streams, lm.streaming(1):
+        def start():
+            for i, st in streams.items():
+                st.start(None if warm is None else warm[i])
+
+        start()
         for n, (codes, resets) in enumerate(zip(docs, resets_per_doc)):
             if n:
                 reset_attention_only(lm)
@@ -116,9 +121,7 @@ def naive_nll(lm, docs, resets_per_doc, warm=None):
             outs = []
             for s in range(T):
                 if s in resets:
-                    for layer in layers.values():
-                        layer.reset_streaming(one)
-                    put_warm()
+                    start()
                 out, _ = lm.forward_text(hand_input(lm, codes, s))
                 outs.append(out)
             tout = torch.cat(outs, 1)  # [1, T, d]
@@ -130,6 +133,8 @@ def naive_nll(lm, docs, resets_per_doc, warm=None):
                 for t in range(T - d):
                     nll[k, t] = -logp[k, t + d, codes[1 + k, t]]
             results.append(nll)
+    if key is not None:
+        _NAIVE[k] = results
     return results
 
 
@@ -203,15 +208,21 @@ def test_max_seconds_cut(tiny, dataset):
 
 
 def test_streamed_encoding_matches_whole_waveform(tiny, dataset, doc_codes):
+    """Pitfall 7: bounded streaming encoding gives exactly the codes of one whole-waveform call, also past
+    the 250-step context of Mimi's encoder transformer (the document twice: 16.8 s = 420 encoder steps)."""
     doc = dataset.documents[0]
     wav = np.concatenate([load_audio(f.path)[0] for f in doc.files])
-    with torch.no_grad():
-        whole = tiny.mimi.encode(torch.from_numpy(wav)[None, None])[0]  # [n_q, F] in one call
     streamed = doc_codes[doc.id].codes
     T = streamed.shape[-1]
-    assert whole.shape[-1] >= T
-    same = (whole[:, :T] == streamed).float().mean().item()
-    assert same >= 0.99, f"only {same:.2%} of positions agree"
+    long = np.concatenate([wav, wav])
+    with torch.no_grad():
+        whole = tiny.mimi.encode(torch.from_numpy(long)[None, None])[0]  # [n_q, F] in one call
+    assert T == wav.shape[0] // FRAME and torch.equal(whole[:, :T], streamed)  # the document as cached
+    pieces = [long[i:i + 7000] for i in range(0, long.shape[0], 7000)]  # pieces are not frames
+    again = encode_audio(tiny.mimi, pieces)
+    n = long.shape[0] // FRAME
+    assert again.shape[-1] == n and whole.shape[-1] in (n, n + 1)  # the partial last frame aside
+    assert torch.equal(whole[:, :n], again)
 
 
 def test_codes_cache_hit_and_invalidation(tiny, dataset, doc_codes, cache_dir, tmp_path):
@@ -261,34 +272,37 @@ def test_off_equals_plain_moshi_forward(tiny, plain, doc_codes):
     assert torch.isnan(got[1:, -1]).all() and not torch.isnan(got[0]).any()  # acoustic delay at the end
 
 
-def test_document_equals_full_sequence_forward_with_ttt(tiny, plain, doc_codes):
-    codes = lm_codes(tiny, doc_codes, "20/book2")
-    ref = moshi_forward_nll(tiny.lm, codes)  # moshi's forward; TTT layers start from W0 in a plain forward
-    got = score_document(tiny.lm, codes, block_steps=250).nll
-    assert_close(got, ref)
-    off = moshi_forward_nll(plain.lm, codes)
-    ok = ~torch.isnan(off)
-    assert (got[ok] - off[ok]).abs().max() > 1e-2  # TTT visibly changes the scores
+RESETS = {"document": [], "file": [37, 70], "every:20": [20, 40, 60, 80, 100]}
+# Block sizes scored per policy: every:20 resets inside blocks of 7 and between steps of 1 too.
+BLOCKS = {"document": ({"block_steps": 250},), "file": ({"block_steps": 7}, {"block_steps": 250}),
+          "every:20": ({"block_steps": 1}, {"block_steps": 7}, {"block_steps": 250}, {"step_by_step": True})}
 
 
-@pytest.mark.parametrize("policy", ["file", "every:20"])
-def test_reset_policies_equal_naive_reference(tiny, doc_codes, policy):
+@pytest.mark.parametrize("policy", list(RESETS))
+def test_policies_and_block_sizes_equal_naive_reference(tiny, plain, doc_codes, policy):
+    """score_document in blocks (and step by step), each against the naive reference (plain moshi one step
+    at a time, naive fast weights reset where the policy says): the block size changes nothing."""
     dc = doc_codes["20/book2"]
     codes = lm_codes(tiny, doc_codes, "20/book2")
-    resets = [37, 70] if policy == "file" else [20, 40, 60, 80, 100]
+    resets = RESETS[policy]
     assert [f.start_step for f in dc.files] == [0, 37, 70]  # what the file resets are written from
     assert parse_policy(policy).reset_positions(dc.steps, [f.start_step for f in dc.files]) == resets
-    ref = naive_nll(tiny.lm, [codes], [resets])[0]
-    got = score_document(tiny.lm, codes, resets, block_steps=250).nll
-    assert_close(got, ref)
-    no_reset = score_document(tiny.lm, codes, [], block_steps=250).nll
-    ok = ~torch.isnan(ref)
-    assert (no_reset[ok] - ref[ok]).abs().max() > 1e-3  # the resets matter
+    ref = naive_nll(plain, [codes], [resets], key="20/book2")[0]
+    for kw in BLOCKS[policy]:
+        assert_close(score_document(tiny.lm, codes, resets, **kw).nll, ref)
+    if resets:  # the resets matter
+        no_reset = naive_nll(plain, [codes], [[]], key="20/book2")[0]
+        ok = ~torch.isnan(ref)
+        assert (no_reset[ok] - ref[ok]).abs().max() > 1e-3
+    else:  # TTT visibly changes the scores
+        off = moshi_forward_nll(plain.lm, codes)
+        ok = ~torch.isnan(off)
+        assert (ref[ok] - off[ok]).abs().max() > 1e-2
 
 
-def test_never_carries_fast_weights_across_documents(tiny, doc_codes):
+def test_never_carries_fast_weights_across_documents(tiny, plain, doc_codes):
     a, b = lm_codes(tiny, doc_codes, "20/book2"), lm_codes(tiny, doc_codes, "20/book10")
-    ref = naive_nll(tiny.lm, [a, b], [[], []])
+    ref = naive_nll(plain, [a, b], [[], []], key="book2+book10")
     first = score_document(tiny.lm, a, keep_carry=True)
     second = score_document(tiny.lm, b, carry=first.carry, keep_carry=True)
     assert_close(first.nll, ref[0])
@@ -297,15 +311,6 @@ def test_never_carries_fast_weights_across_documents(tiny, doc_codes):
     ok = ~torch.isnan(fresh)
     assert (fresh[ok] - second.nll[ok]).abs().max() > 1e-3
     assert any(t["pending_tokens"] for t in first.telemetry.values())  # a pending chunk was carried
-
-
-@pytest.mark.parametrize("resets", [[], [38, 71], [20, 40, 60, 80, 100]])
-def test_block_size_does_not_change_scores(tiny, doc_codes, resets):
-    codes = lm_codes(tiny, doc_codes, "20/book2")
-    runs = [score_document(tiny.lm, codes, resets, block_steps=bs).nll for bs in (1, 7, 250)]
-    runs.append(score_document(tiny.lm, codes, resets, step_by_step=True).nll)
-    for r in runs[1:]:
-        assert_close(r, runs[0], rel=1e-5)
 
 
 # -- the protocol and the CLI --------------------------------------------------------------------
@@ -340,9 +345,10 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes):
     tn = lambda pol, doc: load_file(str(res.out / "token_nll" / pol / f"{doc}.safetensors"))
     f0 = tn("file", "20/book2")
     assert torch.equal(f0["codes"], a) and f0["nll"].dtype == torch.float32 and f0["nll"].shape == (8, a.shape[1])
-    assert_close(f0["nll"], naive_nll(tiny.lm, [a], [[37, 70]])[0])
-    assert_close(tn("every-20", "20/book2")["nll"], naive_nll(tiny.lm, [a], [[20, 40, 60, 80, 100]])[0])
-    assert_close(tn("never", "20/book10")["nll"], naive_nll(tiny.lm, [a, b], [[], []])[1])
+    assert_close(f0["nll"], naive_nll(plain, [a], [RESETS["file"]], key="20/book2")[0])
+    assert_close(tn("every-20", "20/book2")["nll"], naive_nll(plain, [a], [RESETS["every:20"]], key="20/book2")[0])
+    assert_close(tn("document", "20/book2")["nll"], naive_nll(plain, [a], [[]], key="20/book2")[0])
+    assert_close(tn("never", "20/book10")["nll"], naive_nll(plain, [a, b], [[], []], key="book2+book10")[1])
     assert_close(tn("off", "20/book2")["nll"], moshi_forward_nll(plain.lm, a))
     # Means and curve bins recomputed by hand from the token NLL files.
     for pol in ("document", "never"):
@@ -403,61 +409,97 @@ def test_interrupt_then_resume_equals_full_run(tiny, data_root, cache_dir, full_
         evaluate_librilight(other, model=tiny)
 
 
-def test_init_state_warm_start(tiny, plain, data_root, cache_dir, doc_codes, tmp_path):
+def test_init_state_warm_start_and_force_state(tiny, plain, data_root, cache_dir, doc_codes, tmp_path):
+    """--init-state warm-starts every reset from the snapshot's W (its pending chunk ignored); a snapshot
+    taken with another lr is refused unless --force-state; `off` stays W0."""
     from ttt_cli.state import capture, save_state
     a = lm_codes(tiny, doc_codes, "20/book2")
-    with tiny.lm.streaming(1):
-        tiny.lm.forward_text(hand_cols(tiny.lm, a, 48))  # three chunks of 16: no pending tokens
-        snap = capture(tiny.lm, 0)
+    other = load_model("tiny", device="cpu", dtype="fp32", ttt={"lr": 0.1})
+    with torch.no_grad(), other.lm.streaming(1):
+        other.lm.forward_text(hand_cols(other.lm, a, 40))  # two chunks of 16 and 8 pending tokens
+        snap = capture(other, 0)
     path = save_state(snap, tmp_path / "warm.safetensors")
     warm = {i: snap.layer_tensors(i)["w"] for i in snap.layers}
-    opts = EvalOptions(data=data_root, out=tmp_path / "out", model="tiny", policies=["file", "off"],
-                       limit_books=1, codes_cache=cache_dir, save_token_nll=True, init_state=path)
-    res = evaluate_librilight(opts, model=tiny)
-    assert res.results["protocol"]["init_state"]["path"] == str(path.resolve())
-    assert res.results["policies"]["file"]["ttt"]["warm_start"] is True
-    got = load_file(str(tmp_path / "out" / "token_nll" / "file" / "20" / "book2.safetensors"))["nll"]
-    assert_close(got, naive_nll(tiny.lm, [a], [[37, 70]], warm=warm)[0])
-    off = load_file(str(tmp_path / "out" / "token_nll" / "off" / "20" / "book2.safetensors"))["nll"]
+    out = tmp_path / "out"
+    args = ["eval", "librilight", str(data_root), "--model", "tiny", "--out", str(out), "-p", "file", "-p", "off",
+            "--limit-books", "1", "--codes-cache", str(cache_dir), "--save-token-nll", "--init-state", str(path)]
+    r = cli(args)
+    assert r.exit_code == 2 and "lr differs" in r.output and not (out / "results.json").exists()
+    r = cli(args + ["--force-state"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    rec = res["protocol"]["init_state"]
+    assert rec["path"] == str(path.resolve()) and rec["pending_tokens_ignored"] == {"1": 8, "3": 8}
+    assert res["policies"]["file"]["ttt"]["warm_start"] is True and res["policies"]["off"]["ttt"]["on"] is False
+    got = load_file(str(out / "token_nll" / "file" / "20" / "book2.safetensors"))["nll"]
+    assert_close(got, naive_nll(plain, [a], [RESETS["file"]], warm=warm)[0])  # the model's lr, from the warm W
+    off = load_file(str(out / "token_nll" / "off" / "20" / "book2.safetensors"))["nll"]
     assert_close(off, moshi_forward_nll(plain.lm, a))  # `off` is W0, warm start or not
     for layer in ttt_layers(tiny.lm).values():  # the warm start does not outlive the run
         assert layer._reset_target() is layer.w_down
+
+
+def cli(args):
+    from typer.testing import CliRunner
+    from ttt_cli.cli.app import app
+    return CliRunner().invoke(app, args)
 
 
 def hand_cols(lm, codes, n):
     return torch.cat([hand_input(lm, codes, s) for s in range(n)], 2)
 
 
-def test_cli_end_to_end(data_root, cache_dir, tmp_path):
-    from typer.testing import CliRunner
-    from ttt_cli.cli.app import app
-
-    runner = CliRunner()
+def test_cli_end_to_end(data_root, cache_dir, full_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["eval", "librilight", str(data_root), "--model", "tiny", "--out", str(out), "-p", "document",
             "-p", "every:2s", "--bin-seconds", "2", "--codes-cache", str(cache_dir), "--device", "cpu"]
-    r = runner.invoke(app, args + ["--json"])
+    r = cli(args + ["--json"])
     assert r.exit_code == 1, r.output  # one broken file
     payload = json.loads(r.stdout)  # stdout holds the JSON result only
     assert payload["status"] == "complete" and set(payload["policies"]) == {"document", "every:2s"}
+    assert payload["policies"]["document"]["nll"] == pytest.approx(full_run.results["policies"]["document"]["nll"],
+                                                                 rel=1e-9)  # the CLI runs the same protocol
     assert any(LD.BROKEN in f for f in payload["failed"])
     assert payload["codes_cache"]["hits"] == 3  # encoded by the session fixture: no encoding again
     for name in ("results.json", "curve.csv", "curve.png"):
         assert (out / name).is_file()
-    before = (out / "results.json").read_text()
-    r = runner.invoke(app, args)
-    assert r.exit_code == 2 and "--overwrite" in r.output and (out / "results.json").read_text() == before
-    r = runner.invoke(app, args + ["--resume"])
-    assert r.exit_code == 1 and "every:2s" in r.output  # the final table
-    r = runner.invoke(app, args + ["--overwrite"])
+    first = json.loads((out / "results.json").read_text())
+    before = (out / "results.json").read_bytes()
+    r = cli(args)
+    assert r.exit_code == 2 and "--overwrite" in r.output and (out / "results.json").read_bytes() == before
+    # --resume of a finished run: nothing is scored again, the results are the same
+    r = cli(args + ["--resume"])
+    assert r.exit_code == 1, r.output
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["codes_cache"]["hits"] == resumed["codes_cache"]["misses"] == 0  # no document was processed
+    assert resumed["policies"] == first["policies"] and resumed["documents"] == first["documents"]
+    # --overwrite: a new run (every document processed again), same numbers
+    r = cli(args + ["--overwrite"])
     assert r.exit_code == 1 and "fast-weight memory" in r.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["codes_cache"]["hits"] == 3
+    assert again["policies"]["every:2s"]["nll"] == pytest.approx(first["policies"]["every:2s"]["nll"], rel=1e-9)
+    # --no-codes-cache: encodes again, stores nothing, same numbers
+    fresh_cache = tmp_path / "unused-cache"
+    r = cli(args[:-4] + ["--device", "cpu", "--codes-cache", str(fresh_cache), "--no-codes-cache", "--out",
+                         str(tmp_path / "nocache"), "--json"])
+    assert r.exit_code == 1, r.output
+    nc = json.loads(r.stdout)
+    assert nc["codes_cache"] == {"dir": None, "hits": 0, "misses": 3, "read_only": False} and not fresh_cache.exists()
+    assert nc["policies"]["document"]["nll"] == pytest.approx(first["policies"]["document"]["nll"], rel=1e-6)
+    # usage errors: one paragraph, exit 2, nothing written
     (tmp_path / "empty").mkdir()
-    r = runner.invoke(app, ["eval", "librilight", str(tmp_path / "empty"), "--model", "tiny", "--out", str(out)])
+    r = cli(["eval", "librilight", str(tmp_path / "empty"), "--model", "tiny", "--out", str(out)])
     assert r.exit_code == 2 and "no audio files found" in r.output and "Traceback" not in r.output
-    r = runner.invoke(app, args + ["--overwrite", "--audio-stream", "user"])
-    assert r.exit_code == 2 and "nothing to score" in r.output
-    r = runner.invoke(app, args + ["--overwrite", "-p", "sometimes"])
-    assert r.exit_code == 2 and "unknown policy" in r.output
+    bad = {"--audio-stream user": "nothing to score", "-p sometimes": "unknown policy",
+           "--block-steps 0": "--block-steps", "--bin-seconds 0.01": "--bin-seconds", "--resume": "exclude each other",
+           "--max-seconds soon": "soon"}
+    for opt, msg in bad.items():
+        r = cli(args + ["--overwrite", *opt.split()])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (opt, r.output)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda without a GPU
+    r = cli(args[:-2] + ["--device", "cuda", "--out", str(tmp_path / "cuda")])
+    assert r.exit_code == 2 and "no CUDA device" in r.output and not (tmp_path / "cuda" / "results.json").exists()
 
 
 def test_text_stream_pad_scores_text_like_moshi(tiny, doc_codes):

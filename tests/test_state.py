@@ -1,5 +1,8 @@
-"""Fast-weight state: exact resume, flush-partial by the equations, fit checks, files, and the CLI."""
+"""Fast-weight state: exact resume, export against the naive per-token loop, flush-partial by the equations,
+the fingerprint by behaviour, fit checks, files, diff, and the CLI."""
 
+import contextlib
+import copy
 import json
 import shutil
 import subprocess
@@ -12,14 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from naive_ttt import checkpoint_ttt, naive_delta, naive_ttt
 from ttt_cli import load_model, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.errors import ConfigError, StateMismatchError
-from ttt_cli.export import export_states
+from ttt_cli.fastweights.attach import set_ttt_lr
 from ttt_cli.fastweights.interface import FastWeightLayer
 from ttt_cli.models.presets import preset_dir
-from ttt_cli.state import (capture, check_fits, diff_states, fingerprint, inspect_state, load_state, restore,
-                           save_state)
+from ttt_cli.state import (FastWeightState, capture, check_fits, diff_states, fingerprint, inspect_state, load_state,
+                           restore, save_state, w0_fingerprint)
 from ttt_cli.streaming import block_streaming
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,50 +141,163 @@ def test_capture_and_restore_need_streaming(tiny):
         capture(tiny.lm, 0)
 
 
-# -- flush-partial by the equations ---------------------------------------------------------------
+# -- export against the naive per-token loop ---------------------------------------------------------
 
-def naive_delta(z, x0, conv_w, w_target):
-    """Δ = V̂ᵀ Z of one (partial) chunk: V̂_t = W_target · Σ_j conv[:, :, j] · X0_{t+j}, zero-padded inside it."""
-    n, K = x0.shape[0], conv_w.shape[-1]
-    v = torch.zeros(n, x0.shape[1], dtype=torch.float64)
-    for t in range(n):
-        acc = torch.zeros(x0.shape[1], dtype=torch.float64)
-        for j in range(K):
-            if t + j < n:
-                acc += conv_w[:, :, j] @ x0[t + j]
-        v[t] = w_target @ acc
-    return v, v.T @ z
+@pytest.fixture(scope="module")
+def plain():
+    """Plain moshi modules (no TTT layers attached): the naive references run on it."""
+    return load_model("tiny", device="cpu", dtype="fp32", ttt=False)
 
 
-def test_flush_partial_equals_the_update_equations(tiny, fresh, clip, tmp_path):
-    at = 1.5  # round(1.5 x 12.5) = 19 steps: one full chunk, 3 tokens pending
-    plain = export_states(tiny, [clip], tmp_path / "plain", at=[at])
-    flushed = export_states(tiny, [clip], tmp_path / "flushed", at=[at], flush_partial=True)
-    assert [s.steps for s in plain.items[0].snapshots][0] == 19
-    ttt = load_file(str(preset_dir("tiny") / "ttt.safetensors"))
-    lr = tiny.ttt.lr
-    # Each flushed snapshot (at 1.5 s and at the end) = the unflushed one + lr·V̂ᵀZ of its pending rows; for the
-    # end one this also shows that the stream went on unflushed after the 1.5 s snapshot.
-    for sa, sf in zip(plain.items[0].snapshots, flushed.items[0].snapshots):
-        a, f = load_state(sa.path), load_state(sf.path)
+@pytest.fixture(scope="module")
+def clip2(clip, tmp_path_factory):
+    """The first 2.5 s of the clip, as another input."""
+    wav, sr = sphn.read(str(clip))
+    out = tmp_path_factory.mktemp("audio") / "part.wav"
+    sphn.write_wav(str(out), wav[:, : int(2.5 * sr)], sr)
+    return out
+
+
+def hand_sequence(lm, mimi, path):
+    """export-state's teacher-forced LM input [1, K, T], built here: audio on Moshi's stream, text and the
+    user stream -1, position p holding step p-1-delay_k of codebook k (the initial token before that)."""
+    wav, _ = sphn.read(str(path), sample_rate=24000)
+    wav = wav.mean(0).astype(np.float32)
+    T = wav.shape[0] // 1920
+    with torch.no_grad():
+        audio = mimi.encode(torch.from_numpy(wav[:T * 1920])[None, None])[0]  # [8, T] in one call
+    K = lm.num_codebooks
+    seq = torch.empty(1, K, T, dtype=torch.long)
+    for k in range(K):
+        d = lm.delays[k]
+        first = lm.text_initial_token_id if k == 0 else lm.initial_token_id
+        for p in range(T):
+            step = p - 1 - d
+            if p == 0 or step < 0:
+                seq[0, k, p] = first
+            elif 1 <= k <= lm.dep_q:
+                seq[0, k, p] = audio[k - 1, step]
+            else:
+                seq[0, k, p] = lm.zero_token_id  # text and the user stream: "no token"
+    return seq
+
+
+_NAIVE: dict = {}
+
+
+def naive_stream(plain, path, init_key=None):
+    """{layer: NaiveStream} after feeding `path`'s hand-built sequence one position at a time through plain
+    moshi with the naive fast-weight loop (tests/naive_ttt.py), started from W0 or from the end state of
+    `naive_stream(plain, init_key)` (W and pending rows). Computed once per arguments."""
+    key = (str(path), init_key and str(init_key))
+    if key not in _NAIVE:
+        init = naive_stream(plain, init_key) if init_key else None
+        seq = hand_sequence(plain.lm, plain.mimi, path)
+        with torch.no_grad(), naive_ttt(plain.lm, *checkpoint_ttt(preset_dir("tiny"))) as streams, \
+                plain.lm.streaming(1):
+            for i, st in streams.items():
+                st.start(init[i].w, init[i].zs, init[i].xs) if init else st.start()
+            for p in range(seq.shape[-1]):
+                plain.lm.forward_text(seq[:, :, p:p + 1])
+        _NAIVE[key] = {i: copy.deepcopy(st) for i, st in streams.items()}
+    return _NAIVE[key]
+
+
+def assert_snapshot_is(path, streams, rel=1e-4):
+    """A snapshot file (read with safetensors) holds the naive stream's W and pending rows."""
+    t = load_file(str(path))
+    for i, st in streams.items():
+        w = t[f"layers.{i}.w"].double()
+        assert (w - st.w).norm() <= rel * st.w.norm(), i
+        assert t[f"layers.{i}.pending_z"].shape[0] == len(st.zs)
+        for name, rows in (("pending_z", st.zs), ("pending_x0", st.xs)):
+            if rows:
+                got, want = t[f"layers.{i}.{name}"].double(), torch.stack(rows)
+                assert (got - want).norm() <= rel * want.norm(), (i, name, ((got - want).norm() / want.norm()).item())
+
+
+def test_export_and_init_state_equal_the_naive_loop(plain, clip, clip2, tmp_path):
+    """export-state's snapshot = the naive loop over the hand-built sequence; with --init-state the next
+    input continues from W and the pending chunk (15 tokens), as the naive loop does."""
+    r = run(["export-state", str(clip), "--model", "tiny", "--out", str(tmp_path / "a.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    first = naive_stream(plain, clip)
+    assert len(first[1].zs) == 63 % CHUNK == 15 and first[1].updates == 3
+    assert_snapshot_is(tmp_path / "a.safetensors", first)
+    r = run(["export-state", str(clip2), "--model", "tiny", "--init-state", str(tmp_path / "a.safetensors"),
+             "--out", str(tmp_path / "warm.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    warm = naive_stream(plain, clip2, init_key=clip)
+    assert_snapshot_is(tmp_path / "warm.safetensors", warm)
+    cold = naive_stream(plain, clip2)
+    assert (warm[1].w - cold[1].w).norm() > 1e-2 * cold[1].w.norm()  # the warm start matters
+    s = load_state(tmp_path / "warm.safetensors")
+    assert s.meta["init_state"].endswith("a.safetensors") and s.meta["steps"] == 31
+
+
+# -- the CLI: export, --at, --flush-partial, inspect, diff ----------------------------------------------
+
+def run(args):
+    from ttt_cli.cli.app import app
+    return CliRunner().invoke(app, args)
+
+
+@pytest.fixture(scope="module")
+def exported(clip, tmp_path_factory):
+    """`export-state` with --at 1.5 / 3s / 1m (past the end), pending chunks kept, and the same flushed."""
+    out = tmp_path_factory.mktemp("export")
+    runs = {}
+    for name, extra in (("plain", []), ("flushed", ["--flush-partial"])):
+        r = run(["export-state", str(clip), "--model", "tiny", "--out", str(out / name), "--at", "1.5", "--at", "3s",
+                 "--at", "1m", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = (out / name, json.loads(r.stdout), r)
+    return runs
+
+
+def test_cli_export_at_times(clip, exported, plain):
+    out, res, r = exported["plain"]
+    item = res["items"][0]
+    snaps = item["snapshots"]
+    stem = clip.stem
+    assert [Path(x["path"]).name for x in snaps] == [f"{stem}.at-1.5s.safetensors", f"{stem}.at-3s.safetensors",
+                                                     f"{stem}.end.safetensors"]
+    steps = [19, 38, 63]  # round(1.5 x 12.5) = 19, round(3 x 12.5) = 38 (half to even), 63 whole frames
+    assert [x["steps"] for x in snaps] == steps and item["steps"] == 63
+    assert [x["pending_tokens"]["1"] for x in snaps] == [s % CHUNK for s in steps]
+    # --at past the end: said, and no snapshot for it (the run still succeeds)
+    assert any("--at 60s (step 750) is past the end" in n for n in item["notes"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(x["path"]).name for x in snaps)
+    assert_snapshot_is(out / f"{stem}.end.safetensors", naive_stream(plain, clip))
+    # the same command again: refused, nothing overwritten
+    before = (out / f"{stem}.end.safetensors").read_bytes()
+    r = run(["export-state", str(clip), "--model", "tiny", "--out", str(out), "--at", "1.5", "--at", "3s"])
+    assert r.exit_code == 2 and "--overwrite" in r.stderr and (out / f"{stem}.end.safetensors").read_bytes() == before
+
+
+def test_cli_flush_partial_equals_the_update_equations(exported, fresh):
+    """--flush-partial: each snapshot = the unflushed one + lr·V̂ᵀZ of its pending rows (Δ by hand, V̂ from
+    the checkpoint's own conv and W_target), and the stream itself went on unflushed."""
+    cfg, ttt = checkpoint_ttt(preset_dir("tiny"))
+    (_, plain_res, _), (_, flushed_res, _) = exported["plain"], exported["flushed"]
+    pairs = list(zip(plain_res["items"][0]["snapshots"], flushed_res["items"][0]["snapshots"]))
+    assert len(pairs) == 3
+    for sa, sf in pairs:
+        a, f = load_state(sa["path"]), load_state(sf["path"])
         assert a.meta["steps"] == f.meta["steps"] and f.meta["flushed"] and not a.meta["flushed"]
         for i in a.layers:
             pre = f"transformer.layers.{i}.gating.target_generator."
-            conv_w, w_t = ttt[pre + "conv1d.conv.weight"].double(), ttt[pre + "W_target.weight"].double()
             t = a.layer_tensors(i)
             z, x0 = t["pending_z"].double(), t["pending_x0"].double()
             assert z.shape[0] == a.meta["steps"] % CHUNK and z.shape[0] > 1
-            v, delta = naive_delta(z, x0, conv_w, w_t)
-            # ntp on tiny: the target of row t is X0_{t+1} inside the chunk, 0 on its last row
-            assert torch.allclose(v[:-1], x0[1:], atol=1e-6) and not v[-1].any()
-            expect = t["w"].double() + lr * delta
+            delta = naive_delta(z, x0, ttt[pre + "conv1d.conv.weight"], ttt[pre + "W_target.weight"], "right")
+            expect = t["w"].double() + cfg["lr"] * delta
             got = f.layer_tensors(i)
             assert (got["w"].double() - expect).norm() <= 1e-5 * expect.norm()
             assert (got["w"].double() - t["w"].double()).norm() > 1e-3 * expect.norm()
             assert got["pending_z"].shape[0] == 0 and f.pending_tokens(i) == 0
-    assert a.meta["label"] == "end"
-    f = load_state(flushed.items[0].snapshots[0].path)
     # chunk counting restarts after the flush: the next update comes after a full chunk
+    f = load_state(pairs[0][1]["path"])
     seq = transformer_input(fresh.lm, random_codes(fresh.lm, 1, 20, seed=3))
     with torch.no_grad(), fresh.lm.streaming(1):
         restore(fresh.lm, f, 0)
@@ -194,39 +311,150 @@ def test_flush_partial_equals_the_update_equations(tiny, fresh, clip, tmp_path):
         assert not torch.equal(layer.capture(0)["w"], f.layer_tensors(1)["w"])
 
 
-def test_export_matches_a_naive_step_loop(tiny, fresh, clip, tmp_path):
-    """export-state's token layout and streaming against a hand-built sequence fed one step at a time."""
-    res = export_states(tiny, [clip], tmp_path / "s.safetensors")
-    assert res.layout == "file" and res.items[0].ok
-    s = load_state(tmp_path / "s.safetensors")
-    lm = fresh.lm
-    wav, _ = sphn.read(str(clip), sample_rate=24000)
-    wav = wav.mean(0).astype(np.float32)
-    T = wav.shape[0] // 1920
-    with torch.no_grad():
-        audio = fresh.mimi.encode(torch.from_numpy(wav[:T * 1920])[None, None])[0]  # [8, T] in one call
-    K = lm.num_codebooks
-    seq = torch.empty(1, K, T, dtype=torch.long)
-    for k in range(K):
-        d = lm.delays[k]
-        first = lm.text_initial_token_id if k == 0 else lm.initial_token_id
-        for p in range(T):
-            step = p - 1 - d  # position p holds codebook k of step p-1-delay (the initial token before that)
-            if p == 0 or step < 0:
-                seq[0, k, p] = first
-            elif 1 <= k <= lm.dep_q:
-                seq[0, k, p] = audio[k - 1, step]
-            else:
-                seq[0, k, p] = lm.zero_token_id  # text and the user stream: "no token"
-    assert s.meta["steps"] == T == res.items[0].steps
-    with torch.no_grad(), lm.streaming(1):
-        for p in range(T):
-            lm.forward_text(seq[:, :, p:p + 1])
-        ref = layer_tensors(lm, 0)
-    for i in s.layers:
-        got = s.layer_tensors(i)
-        assert got["pending_z"].shape[0] == ref[i]["pending_z"].shape[0] == T % CHUNK
-        assert (got["w"] - ref[i]["w"]).norm() <= 1e-4 * ref[i]["w"].norm()
+def test_cli_inspect_and_diff(clip, exported, tmp_path):
+    out, res, _ = exported["plain"]
+    stem = clip.stem
+    end, a = out / f"{stem}.end.safetensors", out / f"{stem}.at-1.5s.safetensors"
+    r = run(["inspect-state", str(end), "--model", "tiny", "--json"])
+    assert r.exit_code == 0, r.output
+    ins = json.loads(r.stdout)
+    assert ins["fit"]["fits"] and [l["pending_tokens"] for l in ins["layers"]] == [63 % CHUNK] * 2
+    assert ins["meta"]["source_files"] == [str(clip)] and ins["meta"]["reset_policy"] == "file"
+    w0 = checkpoint_ttt(preset_dir("tiny"))[1]
+    for row in ins["layers"]:
+        w = load_file(str(end))[f"layers.{row['layer']}.w"].double()
+        w0_i = w0[f"transformer.layers.{row['layer']}.gating.w_down"].double()
+        assert row["delta_norm"] == pytest.approx((w - w0_i).norm().item(), rel=1e-5)
+        assert row["relative_drift"] == pytest.approx(((w - w0_i).norm() / w0_i.norm()).item(), rel=1e-5)
+    r = run(["inspect-state", str(end)])  # tables go to stderr, nothing on stdout
+    assert r.exit_code == 0 and r.stdout == "" and "pending" in r.stderr
+    r = run(["diff-state", str(a), str(end), "--json"])
+    assert r.exit_code == 0, r.output
+    diff = json.loads(r.stdout)
+    wa, wb = load_file(str(a)), load_file(str(end))
+    assert not diff["identical"] and diff["same_fingerprint"]
+    for row in diff["layers"]:
+        d = wa[f"layers.{row['layer']}.w"].double() - wb[f"layers.{row['layer']}.w"].double()
+        assert row["diff_norm"] == pytest.approx(d.norm().item(), rel=1e-6)
+        assert row["max_abs_diff"] == pytest.approx(d.abs().max().item(), rel=1e-6)
+        assert (row["pending_a"], row["pending_b"]) == (19 % CHUNK, 63 % CHUNK)
+    assert diff["meta_differs"]["steps"] == [19, 63]
+    # inspect against a model it does not fit: report, then exit 2 with the reason
+    r = run(["inspect-state", str(end), "--model", "tiny", "--ttt-chunk-size", "8"])
+    assert r.exit_code == 2 and "chunk_size differs" in r.stderr and "Traceback" not in r.output
+    # an --init-state that does not fit: exit 2 before anything is written
+    r = run(["export-state", str(clip), "--model", "tiny", "--ttt-layers", "0,2", "--init-state", str(end),
+             "--out", str(tmp_path / "x.safetensors")])
+    assert r.exit_code == 2 and "layer set differs" in r.stderr and not (tmp_path / "x.safetensors").exists()
+    # a broken snapshot file: one paragraph, exit 2
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(end.read_bytes()[: end.stat().st_size // 3])
+    for args in (["inspect-state", str(bad)], ["diff-state", str(bad), str(end)]):
+        r = run(args)
+        assert r.exit_code == 2 and "cannot read as safetensors" in r.stderr and "Traceback" not in r.output
+
+
+def test_written_snapshots_are_verified(clip, tmp_path, monkeypatch):
+    """A snapshot that does not read back as written is refused and leaves no file (the check can fail)."""
+    import safetensors.torch as st
+    real = st.save_file
+
+    def corrupt(tensors, path, metadata=None):
+        t = dict(tensors)
+        t["layers.1.w"] = t["layers.1.w"].clone()
+        t["layers.1.w"][0, 0] += 1.0  # what a failing disk might do
+        real(t, path, metadata=metadata)
+
+    monkeypatch.setattr(st, "save_file", corrupt)
+    r = run(["export-state", str(clip), "--model", "tiny", "--out", str(tmp_path / "s.safetensors")])
+    assert r.exit_code == 2 and "does not read back identically (layers.1.w)" in r.stderr, r.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_bad_audio_is_skipped(clip, tmp_path):
+    broken = tmp_path / "broken.wav"
+    broken.write_text("not audio")
+    short = tmp_path / "first.wav"
+    shutil.copy(clip, short)
+    out = tmp_path / "dir"
+    r = run(["export-state", str(broken), str(short), "--model", "tiny", "--out", str(out), "--json"])
+    assert r.exit_code == 1, r.output
+    res = json.loads(r.stdout)
+    assert [it["ok"] for it in res["items"]] == [False, True] and "cannot decode" in res["items"][0]["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["first.end.safetensors"] and "broken.wav" in r.stderr
+
+
+# -- the fingerprint, by behaviour ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def changed(obj, attr, value):
+    """Sets an attribute for the block (an instance attribute shadowing a class one is removed again)."""
+    had, old = attr in obj.__dict__, obj.__dict__.get(attr)
+    setattr(obj, attr, value)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, attr, old)
+        else:
+            delattr(obj, attr)
+
+
+@contextlib.contextmanager
+def nudged(t):
+    """Changes one entry of a tensor for the block, then puts the exact old value back."""
+    flat = t.data.view(-1)
+    old = flat[0].item()
+    flat[0] += 0.5
+    try:
+        yield
+    finally:
+        flat[0] = old
+
+
+def test_fingerprint_by_behaviour(tiny, fresh, tmp_path):
+    """SPEC §3.9 / §5.3: the fingerprint changes with W0, the target tensors and every structural config key;
+    not with lr, the clip, its epsilon or the ttt file's name."""
+    base = fingerprint(fresh)
+    assert base == fingerprint(tiny) and len(base) == 64  # two independent loads of one checkpoint agree
+    layer = ttt_layers(fresh.lm)[3]
+    tg = layer.target_generator
+    changes = {}
+    for name, t in (("W0", layer.w_down), ("conv", tg.conv1d.conv.weight), ("W_target", tg.W_target.weight)):
+        with nudged(t):
+            changes[name] = fingerprint(fresh)
+    w0_before = w0_fingerprint(fresh)
+    with nudged(tg.W_target.weight):
+        assert w0_fingerprint(fresh) == w0_before  # the W0-only fingerprint is W0's alone
+    structural = {"variant": (layer, "variant", "another"), "chunk_size": (layer, "chunk_size", 8),
+                  "conv_kernel_size": (tg.conv1d, "kernel_size", 3), "conv_padding": (tg.conv1d, "padding", "center"),
+                  "target_source": (layer, "target_source", "text"),
+                  "activation": (layer, "activation_name", "gelu")}
+    # every structural key the layer reports is covered here (a new one needs its case)
+    assert set(layer.structural) & set(layer.config_section()) == set(structural)
+    for key, (obj, attr, value) in structural.items():
+        with changed(obj, attr, value):
+            assert layer.config_section()[key] == value
+            changes[key] = fingerprint(fresh)
+    changes["layers"] = fingerprint(load_model("tiny", device="cpu", dtype="fp32", ttt={"layers": "1"}))
+    assert base not in changes.values() and len(set(changes.values())) == len(changes), changes
+    for attr, value in (("lr", 0.3), ("clip", 0.5), ("clip_eps", 1e-3)):
+        with changed(layer, attr, value):
+            assert fingerprint(fresh) == base, attr
+    set_ttt_lr(fresh.lm, 0.0)  # what --no-ttt and the eval policy `off` do
+    try:
+        assert fingerprint(fresh) == base
+    finally:
+        set_ttt_lr(fresh.lm, fresh.ttt.lr)
+    for ov in ({"lr": 0.2}, {"delta_clip_fro_norm": 1.0, "delta_clip_epsilon": 1e-6}):
+        assert fingerprint(load_model("tiny", device="cpu", dtype="fp32", ttt=ov)) == base
+    ck = tmp_path / "ck"  # the same checkpoint with its ttt file under another name
+    shutil.copytree(preset_dir("tiny"), ck)
+    (ck / "ttt.safetensors").rename(ck / "fast.safetensors")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["ttt"]["ttt_name"] = "fast.safetensors"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert fingerprint(load_model(str(ck), device="cpu", dtype="fp32")) == base
 
 
 # -- fit checks and files -------------------------------------------------------------------------
@@ -242,37 +470,21 @@ def snap(tiny, tmp_path_factory):
     return path
 
 
-def test_metadata_and_fingerprint(tiny, fresh, snap):
+def test_metadata(tiny, fresh, snap):
     s = load_state(snap)
     m = s.meta
     for k in ("format_version", "variant", "layers", "chunk_size", "lr", "conv_kernel_size", "conv_padding",
-              "target_source", "model_fingerprint", "steps", "seconds", "source_files", "reset_policy", "created",
-              "tool_version"):
+              "target_source", "model_fingerprint", "fingerprint_version", "steps", "seconds", "source_files",
+              "reset_policy", "created", "tool_version"):
         assert k in m, k
     assert m["layers"] == [1, 3] and m["chunk_size"] == 16 and m["steps"] == 24 and m["source_files"] == ["x.wav"]
     assert m["pending_tokens"] == {"1": 8, "3": 8} and s.tensors["layers.3.pending_x0"].shape == (8, 64)
-    # the fingerprint is sha256 over W0 and the target generator's bytes and the structural TTT config
-    # (SPEC §3.9: not lr or clip), by hand
-    import hashlib
-    import json
-    h = hashlib.sha256()
-    for i, layer in sorted(ttt_layers(fresh.lm).items()):
-        h.update(f"layer:{i};".encode())
-        tg = layer.target_generator
-        for name, t in (("target_generator.W_target.weight", tg.W_target.weight),
-                        ("target_generator.conv1d.conv.weight", tg.conv1d.conv.weight), ("w_down", layer.w_down)):
-            h.update(f"{name}:{list(t.shape)};".encode())
-            h.update(t.detach().numpy().tobytes())
-        h.update(json.dumps({"variant": "inplace", "chunk_size": 16, "conv_kernel_size": 2, "conv_padding": "right",
-                             "target_source": "input"}, sort_keys=True, separators=(",", ":")).encode())
-    h.update(json.dumps({"layers": [1, 3]}).encode())
-    assert fingerprint(fresh) == fingerprint(tiny.lm) == m["model_fingerprint"] == h.hexdigest()
-    assert check_fits(fresh, s).fits
+    assert m["model_fingerprint"] == fingerprint(fresh) and check_fits(fresh, s).fits
     with pytest.raises(ConfigError, match="overwrite"):
         save_state(s, snap)
 
 
-def test_snapshots_that_do_not_fit_are_refused(tiny, tiny_stt, snap):
+def test_snapshots_that_do_not_fit_are_refused(tiny, tiny_stt, fresh, snap):
     s = load_state(snap)
     cases = [({"chunk_size": 8}, "config", "chunk_size", False), ({"layers": "0,1"}, "layers", "layer set", False),
              ({"target_source": "text"}, "config", "target_source", False),
@@ -282,6 +494,8 @@ def test_snapshots_that_do_not_fit_are_refused(tiny, tiny_stt, snap):
         rep = check_fits(m, s)
         assert not rep.fits and kind in [p.kind for p in rep.problems] and text in rep.reason()
         assert rep.forceable == forceable
+        if kind == "hyper":  # another lr is no other model: the fingerprint is the same
+            assert [p.kind for p in rep.problems] == ["hyper"] and rep.model_fingerprint == s.fingerprint
         with torch.no_grad(), m.lm.streaming(1):
             before = layer_tensors(m.lm, 0)
             with pytest.raises(StateMismatchError, match=text):
@@ -294,13 +508,20 @@ def test_snapshots_that_do_not_fit_are_refused(tiny, tiny_stt, snap):
             if forceable:
                 restore(m.lm, s, 0, force=True)
                 assert torch.equal(m.lm.transformer.layers[1].gating.capture(0)["w"], s.layer_tensors(1)["w"])
-    # another model of the same shapes (tiny-stt): W0 differs -> refused, restorable with force
+    # another model of the same shapes (tiny-stt): another W0, another fingerprint -> never forced (SPEC §7.1)
     rep = check_fits(tiny_stt, s)
-    assert [p.kind for p in rep.problems] == ["w0"] and rep.forceable and "W0" in rep.reason()
+    assert [p.kind for p in rep.problems] == ["w0"] and not rep.forceable and "W0" in rep.reason()
     with torch.no_grad(), tiny_stt.lm.streaming(1):
-        with pytest.raises(StateMismatchError, match="W0"):
-            restore(tiny_stt.lm, s, 0)
-        restore(tiny_stt.lm, s, 0, force=True)
+        with pytest.raises(StateMismatchError, match="cannot be forced"):
+            restore(tiny_stt.lm, s, 0, force=True)
+    # the same W0 but other target tensors: the fingerprint says so, never forced
+    with nudged(ttt_layers(fresh.lm)[1].target_generator.W_target.weight):
+        rep = check_fits(fresh, s)
+    assert [p.kind for p in rep.problems] == ["fingerprint"] and not rep.forceable and "target" in rep.reason()
+    # a snapshot of the older fingerprint recipe whose W0 and config match: refused, forceable
+    old = FastWeightState(s.tensors, {k: v for k, v in s.meta.items() if k != "fingerprint_version"})
+    rep = check_fits(fresh, old)
+    assert [p.kind for p in rep.problems] == ["fingerprint"] and rep.forceable and "older ttt" in rep.reason()
     # no TTT layers at all
     plain = load_model("tiny", device="cpu", dtype="fp32", ttt=False)
     assert [p.kind for p in check_fits(plain, s).problems] == ["no-ttt"]
@@ -350,92 +571,43 @@ def test_broken_files_give_clear_errors(snap, tmp_path):
         load_state(tmp_path / "nope.safetensors")
 
 
-def test_inspect_and_diff_library(tiny, snap):
+def test_inspect_library(tiny, snap):
     s = load_state(snap)
     res = inspect_state(s, tiny)
     assert res.fit.fits and [r.layer for r in res.layers] == [1, 3]
+    w0s = checkpoint_ttt(preset_dir("tiny"))[1]
     for r in res.layers:
-        w, w0 = s.layer_tensors(r.layer)["w"].double(), ttt_layers(tiny.lm)[r.layer].w_down.double()
+        w, w0 = s.layer_tensors(r.layer)["w"].double(), w0s[f"transformer.layers.{r.layer}.gating.w_down"].double()
         assert abs(r.w_norm - w.norm().item()) <= 1e-9 * w.norm().item()
         assert abs(r.delta_norm - (w - w0).norm().item()) <= 1e-5 * (w - w0).norm().item()
         assert r.pending_tokens == 8 and r.drift_against == "model"
         rec = inspect_state(s).layers[[1, 3].index(r.layer)]
         assert rec.drift_against == "recorded" and abs(rec.relative_drift - r.relative_drift) <= 1e-6
-    d = diff_states(s, s)
-    assert d.identical and all(r.diff_norm == 0 for r in d.layers) and not d.meta_differs
 
 
-# -- CLI ------------------------------------------------------------------------------------------
-
-def run(args):
-    from ttt_cli.cli.app import app
-    return CliRunner().invoke(app, args)
-
-
-def test_cli_export_inspect_diff(clip, tmp_path):
-    out = tmp_path / "states"
-    r = run(["export-state", str(clip), "--model", "tiny", "--out", str(out), "--at", "1.5", "--at", "3s", "--json"])
-    assert r.exit_code == 0, r.output
-    res = json.loads(r.stdout)
-    snaps = res["items"][0]["snapshots"]
-    stem = clip.stem
-    assert [Path(x["path"]).name for x in snaps] == [f"{stem}.at-1.5s.safetensors", f"{stem}.at-3s.safetensors",
-                                                     f"{stem}.end.safetensors"]
-    steps = [19, 38, res["items"][0]["steps"]]  # round(1.5 x 12.5) = 19, round(3 x 12.5) = 38 (half to even)
-    assert [x["steps"] for x in snaps] == steps and all(x["verified"] for x in snaps)
-    assert [x["pending_tokens"]["1"] for x in snaps] == [s % CHUNK for s in steps]
-    end = out / f"{stem}.end.safetensors"
-    r = run(["inspect-state", str(end), "--model", "tiny", "--json"])
-    assert r.exit_code == 0, r.output
-    ins = json.loads(r.stdout)
-    assert ins["fit"]["fits"] and [l["pending_tokens"] for l in ins["layers"]] == [steps[2] % CHUNK] * 2
-    assert ins["meta"]["source_files"] == [str(clip)] and ins["meta"]["reset_policy"] == "file"
-    r = run(["inspect-state", str(end)])  # tables go to stderr, nothing on stdout
-    assert r.exit_code == 0 and r.stdout == "" and "pending" in r.stderr
-    a = out / f"{stem}.at-1.5s.safetensors"
-    r = run(["diff-state", str(a), str(end), "--json"])
-    assert r.exit_code == 0, r.output
-    diff = json.loads(r.stdout)
-    wa, wb = load_file(str(a))["layers.1.w"], load_file(str(end))["layers.1.w"]
-    row = diff["layers"][0]
-    assert not diff["identical"] and diff["same_fingerprint"] and row["layer"] == 1
-    assert abs(row["diff_norm"] - (wa.double() - wb.double()).norm().item()) <= 1e-6 * row["diff_norm"]
-    assert diff["meta_differs"]["steps"] == [19, steps[2]]
-    # the same command again: refused, nothing overwritten
-    before = end.read_bytes()
-    r = run(["export-state", str(clip), "--model", "tiny", "--out", str(out), "--at", "1.5", "--at", "3s"])
-    assert r.exit_code == 2 and "--overwrite" in r.stderr and end.read_bytes() == before
-    # inspect against a model it does not fit: report, then exit 2 with the reason
-    r = run(["inspect-state", str(end), "--model", "tiny", "--ttt-chunk-size", "8"])
-    assert r.exit_code == 2 and "chunk_size differs" in r.stderr and "Traceback" not in r.output
-    # an --init-state that does not fit: exit 2 before anything is written
-    r = run(["export-state", str(clip), "--model", "tiny", "--ttt-layers", "0,2", "--init-state", str(end),
-             "--out", str(tmp_path / "x.safetensors")])
-    assert r.exit_code == 2 and "layer set differs" in r.stderr and not (tmp_path / "x.safetensors").exists()
-    # a broken snapshot file: one paragraph, exit 2
-    bad = tmp_path / "bad.safetensors"
-    bad.write_bytes(before[: len(before) // 3])
-    for args in (["inspect-state", str(bad)], ["diff-state", str(bad), str(end)]):
-        r = run(args)
-        assert r.exit_code == 2 and "cannot read as safetensors" in r.stderr and "Traceback" not in r.output
-
-
-def test_cli_bad_audio_is_skipped_and_init_state_resumes(clip, tmp_path):
-    broken = tmp_path / "broken.wav"
-    broken.write_text("not audio")
-    short = tmp_path / "first.wav"
-    shutil.copy(clip, short)
-    out = tmp_path / "dir"
-    r = run(["export-state", str(broken), str(short), "--model", "tiny", "--out", str(out), "--json"])
-    assert r.exit_code == 1, r.output
-    res = json.loads(r.stdout)
-    assert [it["ok"] for it in res["items"]] == [False, True] and "cannot decode" in res["items"][0]["error"]
-    assert sorted(p.name for p in out.iterdir()) == ["first.end.safetensors"] and "broken.wav" in r.stderr
-    # --init-state: the second pass starts from the first pass's end state, so its weights differ from a cold run
-    r = run(["export-state", str(short), "--model", "tiny", "--init-state", str(out / "first.end.safetensors"),
-             "--out", str(tmp_path / "warm.safetensors"), "--json"])
-    assert r.exit_code == 0, r.output
-    warm = load_state(tmp_path / "warm.safetensors")
-    cold = load_state(out / "first.end.safetensors")
-    assert warm.meta["init_state"].endswith("first.end.safetensors")
-    assert not torch.equal(warm.tensors["layers.1.w"], cold.tensors["layers.1.w"])
+def test_diff_states_against_hand_computation(tiny, snap):
+    """Two different snapshots, the same one twice, and snapshots that differ only in their pending chunk."""
+    a = load_state(snap)
+    seq = transformer_input(tiny.lm, random_codes(tiny.lm, 1, 40, seed=4))
+    with torch.no_grad(), tiny.lm.streaming(1):
+        tiny.lm.forward_text(seq)
+        b = capture(tiny, 0)
+    d = diff_states(a, b)
+    assert not d.identical and d.same_fingerprint and d.only_in_a == d.only_in_b == []
+    assert d.meta_differs["steps"] == [24, 40]
+    for row in d.layers:
+        wa, wb = a.layer_tensors(row.layer)["w"].double(), b.layer_tensors(row.layer)["w"].double()
+        assert row.diff_norm == pytest.approx((wa - wb).norm().item(), rel=1e-9)
+        assert row.relative_diff == pytest.approx(((wa - wb).norm() / wa.norm()).item(), rel=1e-9)
+        assert row.max_abs_diff == pytest.approx((wa - wb).abs().max().item(), rel=1e-6)  # float32 difference
+        assert row.w_norm_b == pytest.approx(wb.norm().item(), rel=1e-9) and row.diff_norm > 0.1
+        assert (row.pending_a, row.pending_b, row.comparable, row.identical) == (8, 8, True, False)
+    same = diff_states(a, load_state(snap))  # another read of the same file
+    assert same.identical and all(r.diff_norm == 0 and r.identical for r in same.layers) and not same.meta_differs
+    pend = FastWeightState(dict(a.tensors), dict(a.meta))  # same W, another pending chunk
+    pend.tensors["layers.3.pending_z"] = a.tensors["layers.3.pending_z"] + 1.0
+    p = diff_states(a, pend)
+    assert not p.identical and [r.identical for r in p.layers] == [True, False] and p.layers[1].diff_norm == 0
+    one = FastWeightState({k: v for k, v in a.tensors.items() if k.startswith("layers.1.")}, {**a.meta, "layers": [1]})
+    o = diff_states(a, one)
+    assert o.only_in_a == [3] and [r.layer for r in o.layers] == [1] and not o.identical

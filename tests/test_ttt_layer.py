@@ -1,54 +1,26 @@
-"""The In-Place TTT layer against equations written here, and the SPEC §3.4 equivalences."""
+"""The In-Place TTT layer against the naive per-token loop written from the SPEC (tests/naive_ttt.py), and
+the SPEC §3.4 equivalences."""
 
 
 import pytest
 import torch
 from torch import nn
 
+from naive_ttt import NaiveStream, checkpoint_ttt, gated_z, naive_target, naive_ttt
 from ttt_cli.fastweights.attach import attach_ttt, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.fastweights.config import TTTConfig
 from ttt_cli.fastweights.inplace import InPlaceTTTGating, X0Source
+from ttt_cli.models.presets import preset_dir
 from ttt_cli.streaming import block_streaming
-from streaming_checks import full_equals_blocks
 
 D, H = 6, 10
 
 
-# -- a naive reference written from SPEC §3.1-3.3, token by token, in float64 -------------------
-
-def naive_target(x0_chunk, conv_w, w_target, padding):
-    """V̂ for one chunk by explicit loops: V̂_t = W_target · Σ_j conv[:, :, j] · X0_{t + j - left}."""
-    L, d = x0_chunk.shape
-    K = conv_w.shape[2]
-    left = 0 if padding == "right" else (K - 1) // 2
-    v = torch.zeros(L, d, dtype=torch.float64)
-    for t in range(L):
-        acc = torch.zeros(d, dtype=torch.float64)
-        for j in range(K):
-            s = t + j - left
-            if 0 <= s < L:  # zero padding inside the chunk only
-                acc += conv_w[:, :, j] @ x0_chunk[s]
-        v[t] = w_target @ acc
-    return v
-
-
-def naive_layer(z, x0, w0, conv_w, w_target, C, lr, padding, clip=None, eps=1e-12):
-    """Outputs [T, d] of one stream: apply W_i to chunk i, then W_{i+1} = W_i + lr·clip(V̂ᵀZ)."""
-    T = z.shape[0]
-    w = w0.clone()
-    out = torch.zeros(T, w0.shape[0], dtype=torch.float64)
-    start = 0
-    for t in range(T):
-        out[t] = w @ z[t]
-        if t - start + 1 == C:  # chunk complete
-            v = naive_target(x0[start:t + 1], conv_w, w_target, padding)
-            delta = sum(torch.outer(v[s], z[start + s]) for s in range(C))
-            if clip is not None:
-                delta = delta * min(1.0, clip / (delta.norm().item() + eps))
-            w = w + lr * delta
-            start = t + 1
-    return out, w
+def naive_layer(z, x0, w0, conv_w, w_target, C, lr, padding, clip=None):
+    """Outputs [T, d] and the final W of one stream, token by token (tests/naive_ttt.py's loop)."""
+    st = NaiveStream(w0, conv_w, w_target, C, lr, padding, clip)
+    return torch.stack([st.step(z[t], x0[t]) for t in range(z.shape[0])]), st.w
 
 
 def make_layer(C=4, lr=0.3, K=2, padding="right", clip=None, seed=0):
@@ -70,7 +42,7 @@ def make_layer(C=4, lr=0.3, K=2, padding="right", clip=None, seed=0):
 
 @torch.no_grad()
 def reference(layer, x, x0, clip=None):
-    z = layer.hidden_activations(x).double()
+    z = gated_z(layer, x)  # moshi's linear_in and activation, in float64
     tg = layer.target_generator
     outs = [naive_layer(z[b], x0[b].double(), layer.w_down.double(), tg.conv1d.conv.weight.double(),
                         tg.W_target.weight.double(), layer.chunk_size, layer.lr, tg.conv1d.padding, clip)
@@ -197,7 +169,7 @@ def test_flush_partial_applies_pending_chunk():
     layer, src = make_layer(C=4)
     x, x0 = torch.randn(1, 6, D), torch.randn(1, 6, D)
     _, w_after_first = reference(layer, x[:, :4], x0[:, :4])
-    z = layer.hidden_activations(x).double()[0]
+    z = gated_z(layer, x)[0]
     tg = layer.target_generator
     v = naive_target(x0[0, 4:6].double(), tg.conv1d.conv.weight.double(), tg.W_target.weight.double(), "right")
     expect = w_after_first[0] + layer.lr * (v.T @ z[4:6])
@@ -208,35 +180,35 @@ def test_flush_partial_applies_pending_chunk():
         assert rel(layer._streaming_state.w[0], expect) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_keeps_float32_fast_weights(dtype):
+    """SPEC §3.3: in a bf16/fp16 model, Z comes out of moshi's linear_in in the model dtype, but W, V̂, Δ and
+    the output matmul are float32; only the output is cast back. W after three updates must match the
+    float64 loop on the same Z to float32 precision (an update in half precision is off by ~1e-3), and
+    every output must be the float64 reference rounded once to the model dtype."""
+    layer, src = make_layer(C=4, lr=0.3)
+    layer.to(dtype)  # what lm.to(dtype) does: slow weights cast, fast-weight tensors stay float32
+    assert layer.linear_in.weight.dtype == dtype and layer.w_down.dtype == torch.float32
+    B, T = 2, 14
+    g = torch.Generator().manual_seed(3)
+    x, x0 = torch.randn(B, T, D, generator=g).to(dtype), torch.randn(B, T, D, generator=g).to(dtype)
+    with torch.no_grad(), layer.streaming(B):
+        out = torch.cat([call(layer, src, x[:, s:s + 5], x0[:, s:s + 5]) for s in range(0, T, 5)], 1)
+        w = layer._streaming_state.w.clone()
+    assert out.dtype == dtype and w.dtype == torch.float32
+    hu = torch.nn.functional.linear(x, layer.linear_in.weight).view(B, T, 2, -1)  # in the model dtype, as moshi
+    z = (layer.activation(hu[..., 0, :]) * hu[..., 1, :]).double()
+    tg = layer.target_generator
+    for b in range(B):
+        ref, ref_w = naive_layer(z[b], x0[b].double(), layer.w_down.double(), tg.conv1d.conv.weight.double(),
+                                 tg.W_target.weight.double(), 4, 0.3, "right")
+        assert ((w[b].double() - ref_w).norm() / ref_w.norm()).item() < 1e-6
+        unit = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # one rounding to the model dtype
+        err = (out[b].double() - ref).abs()
+        assert (err <= unit * ref.abs() + 1e-6).all(), (err / ref.abs()).max().item()
+
+
 # -- the layer inside moshi's LMModel ------------------------------------------------------------
-
-class NaiveTTTGating(nn.Module):
-    """Test-side reference: the equations token by token, fed X0 by its own hook."""
-
-    def __init__(self, ttt_layer, holder):
-        super().__init__()
-        self.lin_in, self.act = ttt_layer.linear_in, ttt_layer.activation
-        tg = ttt_layer.target_generator
-        self.conv_w, self.w_t = tg.conv1d.conv.weight.double(), tg.W_target.weight.double()
-        self.padding, self.C, self.lr = tg.conv1d.padding, ttt_layer.chunk_size, ttt_layer.lr
-        self.w0 = ttt_layer.w_down.double()
-        self.holder = holder
-        self.w, self.zs, self.xs = None, [], []
-
-    def forward(self, x):
-        hu = self.lin_in(x).view(x.shape[0], x.shape[1], 2, -1)
-        z = (self.act(hu[..., 0, :]) * hu[..., 1, :]).double()[0, 0]  # one stream, one token
-        if self.w is None:
-            self.w = self.w0.clone()
-        out = self.w @ z
-        self.zs.append(z)
-        self.xs.append(self.holder["x0"][0, 0].double())
-        if len(self.zs) == self.C:
-            v = naive_target(torch.stack(self.xs), self.conv_w, self.w_t, self.padding)
-            self.w = self.w + self.lr * sum(torch.outer(v[s], self.zs[s]) for s in range(self.C))
-            self.zs, self.xs = [], []
-        return out.float()[None, None]
-
 
 def random_codes(lm, B, T, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -245,8 +217,14 @@ def random_codes(lm, B, T, seed=0):
     return codes
 
 
+@pytest.fixture(scope="module")
+def plain():
+    from ttt_cli import load_model
+    return load_model("tiny", device="cpu", dtype="fp32", ttt=False)
+
+
 @pytest.mark.parametrize("source", ["input", "text"])
-def test_model_full_vs_blocks_vs_naive(tiny, source):
+def test_model_full_vs_blocks_vs_naive(tiny, plain, source):
     lm = tiny.lm
     layers = ttt_layers(lm)
     for layer in layers.values():
@@ -254,30 +232,21 @@ def test_model_full_vs_blocks_vs_naive(tiny, source):
     try:
         C = tiny.ttt.chunk_size
         T = 2 * C + 5  # two chunks and a partial one, beyond the 32-step attention context
-        seq = transformer_input(lm, random_codes(lm, 1, T))
+        codes = random_codes(lm, 1, T)
+        seq = transformer_input(lm, codes)
         with torch.no_grad():
-            full = full_equals_blocks(lm, seq, (1, 7, C))
-            # naive per-token loop with the test's own TTT reference in place of ours
-            holder = {}
-            grab = lm.transformer.register_forward_pre_hook(lambda m, a: holder.__setitem__("x0", a[0])) \
-                if source == "input" else lm.text_emb.register_forward_hook(lambda m, a, o: holder.__setitem__("x0", o))
-            saved = {i: lm.transformer.layers[i].gating for i in layers}
-            try:
-                for i, layer in layers.items():
-                    lm.transformer.layers[i].gating = NaiveTTTGating(layer, holder)
-                with lm.streaming(1):
-                    naive = torch.cat([lm.forward_text(seq[:, :, s:s + 1])[1] for s in range(T)], 2)
-            finally:
-                grab.remove()
-                for i, g in saved.items():
-                    lm.transformer.layers[i].gating = g
+            _, full = lm.forward_text(seq)
+            for block in (1, 7, C):
+                with block_streaming(lm, 1, block):
+                    outs = [lm.forward_text(seq[:, :, s:s + block])[1] for s in range(0, T, block)]
+                assert rel(torch.cat(outs, 2), full) < 1e-4, block
+            # plain moshi, one step at a time, with the naive per-token loop in place of the TTT layers
+            cfg, tensors = checkpoint_ttt(preset_dir("tiny"))
+            with naive_ttt(plain.lm, {**cfg, "target_source": source}, tensors), plain.lm.streaming(1):
+                naive = torch.cat([plain.lm.forward_text(seq[:, :, s:s + 1])[1] for s in range(T)], 2)
             assert rel(naive, full) < 1e-4
             # and TTT really changes the output (lr > 0 on tiny)
-            for layer in layers.values():
-                layer.lr, lr = 0.0, layer.lr
-            _, frozen = lm.forward_text(seq)
-            for layer in layers.values():
-                layer.lr = lr
+            _, frozen = plain.lm.forward_text(seq)
             assert rel(frozen, full) > 1e-3
     finally:
         for layer in layers.values():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import typing as tp
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,10 @@ MARGIN_SECONDS = 0.25  # native context resampled on each side of a chunk, then 
 # number of rate periods); the block length is its filter length, which sets its delay.
 _SPHN_RESAMPLE_BLOCK = 1024
 _SEEK_CHECK = 64  # native samples decoded twice at each chunk start, to verify that seeking is exact
+# A file that decodes to less than its header declares by more than this (seconds, or share of the
+# declared length) is reported as truncated: its decodable part is used, with a recorded warning.
+_SHORT_SECONDS = 0.08
+_SHORT_SHARE = 0.01
 
 
 @dataclass
@@ -34,6 +38,7 @@ class AudioInfo:
     seconds: float     # after resampling to 24 kHz
     samples: int       # at 24 kHz: ceil(native samples · 24000 / sample_rate)
     frames: int        # whole 80 ms frames
+    warnings: list[str] = field(default_factory=list)  # e.g. a header that promises more than the file holds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +117,7 @@ class _Native:
         self.sr = int(reader.sample_rate)
         self.whole: np.ndarray | None = None  # [n] mono, when read in one go
         self.head: np.ndarray | None = None   # [C, block] first block, when read in blocks
+        self.declared: int | None = None      # the header's sample count, when it gives one
         self.n = self._measure()
 
     def _mono(self, data: np.ndarray) -> np.ndarray:
@@ -141,6 +147,8 @@ class _Native:
             declared = float(self.reader.duration_sec) * self.sr
         except Exception:
             declared = math.nan
+        if math.isfinite(declared) and declared > 0:
+            self.declared = round(declared)
         if not math.isfinite(declared) or round(declared) <= 2 * self.block:
             self.whole = self._read_whole()
             return int(self.whole.shape[0])
@@ -158,6 +166,16 @@ class _Native:
             return int(self.whole.shape[0])
         self.head = head
         return declared - c + int(end.shape[-1])
+
+    def shortfall(self) -> str | None:
+        """A warning when the file decodes to clearly less than its header declares (truncated or damaged)."""
+        if self.declared is None or self.n >= self.declared:
+            return None
+        missing = self.declared - self.n
+        if missing <= max(_SHORT_SECONDS * self.sr, _SHORT_SHARE * self.declared):
+            return None
+        return (f"{self.path}: its header declares {self.declared / self.sr:.2f} s but only {self.n / self.sr:.2f} s "
+                f"decode (truncated or damaged file); the {self.n / self.sr:.2f} s that decode are used.")
 
     def _checked(self, mono: np.ndarray, start: int) -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(mono))
@@ -228,12 +246,12 @@ def _resampled(blocks: tp.Iterable[np.ndarray], n: int, rs: _Resampler, step: in
 
 def _open(path: str | Path):
     import sphn
+    from .outputs import input_problem
 
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file.")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not an audio file.")
+    problem = input_problem(p)
+    if problem is not None:
+        raise InputError(f"{p}: {problem}.")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file (0 bytes).")
     try:
@@ -281,8 +299,9 @@ def iter_audio(path: str | Path, channel: int | None = None,
         raise InputError(f"{p}: {samples / SAMPLE_RATE * 1000:.1f} ms of audio ({samples} samples at 24 kHz) is "
                          f"shorter than one 80 ms frame ({FRAME_SIZE} samples).")
     native.check_whole()
+    short = native.shortfall()
     info = AudioInfo(str(p), sr, nch, "mix" if channel is None else str(channel), samples / SAMPLE_RATE,
-                     samples, samples // FRAME_SIZE)
+                     samples, samples // FRAME_SIZE, [short] if short else [])
     pieces = native.blocks() if rs.identity else _resampled(native.blocks(), native.n, rs, step)
     return info, pieces
 
@@ -313,7 +332,7 @@ def load_audio(path: str | Path, channel: int | None = None,
             raise InputError(f"{path}: contains NaN or infinite samples.")
         n = out.shape[0]
         return out, AudioInfo(info.path, info.sample_rate, info.channels, info.channel, n / SAMPLE_RATE, n,
-                               n // FRAME_SIZE)
+                               n // FRAME_SIZE, info.warnings)
     out = np.empty(info.samples, np.float32)
     i = 0
     for piece in pieces:

@@ -1,4 +1,4 @@
-"""`ttt bench`: the SPEC §8 performance figures, TTT on/off interleaved A B A B in one process, per fast-weight variant."""
+"""`ttt bench`: the SPEC §8 performance figures, variants interleaved A B A B in one process."""
 
 from __future__ import annotations
 
@@ -18,41 +18,83 @@ from pathlib import Path
 
 import torch
 
+from .bench_figures import judge, spec
+from .errors import ConfigError
 from .progress import NullProgress
 
-TARGETS = {
-    "step_overhead_b1": 1.10, "step_overhead_b8": 1.15, "eval_block_speedup": 10.0,
-    "eval_nll_max_abs_diff": 1e-4, "eval_memory_ratio": 1.10, "eval_cache_encode_seconds": 0.5,
-    "ttt_layer_ratio": 2.0, "memory_per_stream_error": 0.10,
-}
-# Per-variant figures (SPEC §5.5): In-Place's names, and the same with the variant's suffix (`_mlp`, `_adapter`).
-VARIANT_FIGURES = ("step_overhead_b1", "step_overhead_b8", "step_overhead_b8_floor", "step_ms_p99_b1",
-                   "ttt_layer_ratio", "memory_per_stream_error")
-for _suffix in ("_mlp", "_adapter"):
-    TARGETS.update({n + _suffix: TARGETS[n] for n in VARIANT_FIGURES if n in TARGETS})
 LAYER_T = 4096
+# Measurement groups: the figures each one produces (a run measures only the groups it needs).
+# The first three are measured per fast-weight variant, their names carrying the variant's suffix.
+GROUPS = {
+    "step": ("step_overhead_b1", "step_overhead_b8", "step_overhead_b8_floor", "step_ms_p99_b1"),
+    "layer": ("ttt_layer_ratio",),
+    "state": ("memory_per_stream_error",),
+    "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
+    "memory": ("eval_memory_ratio",),
+    "cache": ("eval_cache_encode_seconds",),
+}
+VARIANT_GROUPS = ("step", "layer", "state")
+# A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
+SUFFIXES = {"inplace": "", "mlp": "_mlp", "linear-adapter": "_adapter"}
+
+
+PER_VARIANT = tuple(n for g in VARIANT_GROUPS for n in GROUPS[g])
+
+
+def variant_names(variant: str) -> list[str]:
+    """The per-variant figures of one variant, with its suffix."""
+    return [n + SUFFIXES[variant] for n in PER_VARIANT]
+
+
+def measured_names(variants: tp.Sequence[str] = tuple(SUFFIXES)) -> list[str]:
+    """Every figure `ttt bench` measures for these variants, in run order (variants first, then eval)."""
+    return [n for v in variants for n in variant_names(v)] + \
+        [n for g, names in GROUPS.items() if g not in VARIANT_GROUPS for n in names]
+
+
+MEASURED = tuple(measured_names())
 
 
 @dataclass
 class Figure:
+    """One measured figure; `target` and `passed` come from the registry (`ttt_cli.bench_figures`)."""
+
     name: str
     value: float
-    target: float | None
-    passed: bool | None
+    target: float | None = None
+    passed: bool | None = None
     detail: dict = field(default_factory=dict)
+    error: str | None = None  # a measurement whose precondition failed: counts as a missed target
 
 
 @dataclass
 class BenchOptions:
+    """What `ttt bench` measures.
+
+    Args:
+        model: model to measure (default the `bench` preset).
+        device, dtype: as every command.
+        quick: fewer steps and shorter documents.
+        steps: steps per measurement (LMGen steps per variant and batch size; positions scored by
+            the eval figures); None = 1024 / 1500 (320 / 500 with `quick`).
+        rounds: interleaved A/B rounds.
+        seed: random seed of the synthetic inputs.
+        only: figure names to measure (None = every figure `ttt bench` measures for `variants`).
+        targets: overrides of registry targets ({name: target}, `--target NAME=VALUE`).
+        variants: fast-weight variants to attach to the model's base and measure (None = all three,
+            the model's own first); `only` may name any variant's figures instead.
+    """
+
     model: str = "bench"
     device: str = "auto"
     dtype: str = "auto"
     quick: bool = False
-    steps: int | None = None        # LMGen steps per variant and batch size
-    rounds: int = 4                 # interleaved A/B rounds
+    steps: int | None = None
+    rounds: int = 4
     seed: int = 0
-    variants: list[str] | None = None  # fast-weight variants attached to the model's base (None: all)
-    eval: bool = True               # the eval figures (scoring speed, memory on long documents, cache)
+    only: list[str] | None = None
+    targets: dict[str, float] = field(default_factory=dict)
+    variants: list[str] | None = None
 
 
 @dataclass
@@ -65,10 +107,22 @@ class BenchResult:
     date: str
     seconds: float
 
+    @property
+    def missed(self) -> list[Figure]:
+        """Figures whose target was not met."""
+        return [f for f in self.figures if f.passed is False]
+
+    @property
+    def exit_code(self) -> int:
+        """SPEC §5.5: 0 when every target is met, 1 when one is missed."""
+        return 1 if self.missed else 0
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["figures"] = [{"name": f.name, "value": f.value, "target": f.target, "pass": f.passed, **f.detail}
-                        for f in self.figures]
+        d["figures"] = [{"name": f.name, "value": f.value, "target": f.target, "pass": f.passed,
+                         "direction": spec(f.name).direction, "unit": spec(f.name).unit,
+                         **({"error": f.error} if f.error else {}), **f.detail} for f in self.figures]
+        d["exit_code"] = self.exit_code
         return d
 
 
@@ -192,101 +246,177 @@ def measured_bytes_per_stream(layer) -> int:
     return sizes[1] - sizes[0]
 
 
-def variant_figures(opts: BenchOptions, overrides: dict, steps: int, progress) -> tuple[list[Figure], tp.Any]:
+
+def selected(only: list[str] | None, variants: list[str]) -> list[str]:
+    """The figures to measure, in run order; ConfigError for names `ttt bench` cannot measure.
+
+    Without `only`: every figure of `variants` and the eval figures. With it: exactly the names given
+    (a variant's figures may be named whatever `variants` says).
+    """
+    if not only:
+        return measured_names(variants)
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    for n in names:
+        spec(n)  # unknown names: the registry's message
+        if n not in MEASURED:
+            raise ConfigError(f"--only {n}: `ttt bench` does not measure this figure yet. It measures: "
+                              f"{', '.join(MEASURED)}.")
+    if not names:
+        raise ConfigError("--only: give at least one figure name.")
+    order = measured_names(variants + [v for v in SUFFIXES if v not in variants])
+    return [n for n in order if n in names]
+
+
+def _variant_order(opts: BenchOptions) -> list[str]:
+    """The variants to measure: `opts.variants`, or all of them with the model's own first."""
+    from .models.config import resolve_ttt_config
+    from .models.resolver import resolve
+
+    if opts.variants:
+        unknown = [v for v in opts.variants if v not in SUFFIXES]
+        if unknown:
+            raise ConfigError(f"--variant {', '.join(unknown)}: choose among {', '.join(SUFFIXES)}.")
+        return list(dict.fromkeys(opts.variants))
+    res = resolve(opts.model)
+    own, _ = resolve_ttt_config(res.config, int(res.config.get("num_layers", 32)))
+    first = own.variant if own is not None else "inplace"
+    return [first] + [v for v in SUFFIXES if v != first]
+
+
+def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
+    """Measures the selected §8 figures on one device and judges them against the registry's targets.
+
+    Every variant asked for is attached to the same base model and measured in turn with its suffix
+    (SPEC §5.5); the eval figures are the model's own (as loaded, first variant measured).
+
+    Args:
+        opts: model, device, dtype, quick mode, steps, rounds, figure and variant selection, target overrides.
+        progress: a `Progress` hook (ttt_cli.progress).
+    """
+    from .models.loader import load_model
+
+    progress = progress or NullProgress()
+    if opts.steps is not None and opts.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {opts.steps}.")
+    variants = _variant_order(opts)
+    wanted = selected(opts.only, variants)
+    for name in opts.targets:
+        if name not in wanted:
+            raise ConfigError(f"--target {name}: that figure is not measured in this run.")
+    t_start = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    values: dict[str, Figure] = {}
+    own = None  # the model the eval figures and the provenance are taken from: the first variant's
+    for v in variants + [v for v in SUFFIXES if v not in variants]:
+        if set(variant_names(v)) & set(wanted):
+            vf, on = variant_figures(opts, v, wanted, progress)
+            values.update(vf)
+            own = own or on
+            del on
+    need = {g for g, names in GROUPS.items() if g not in VARIANT_GROUPS and set(names) & set(wanted)}
+    if own is None:
+        own = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+        _require_ttt(own)
+    if "score" in need:
+        values.update(score_figures(own, opts, progress))
+    if need & {"memory", "cache"}:
+        values.update(eval_run_figures(own, opts, "memory" in need, "cache" in need, progress))
+    measured = {n: f.value for n, f in values.items()}
+    figs = []
+    for name in wanted:
+        f = values[name]
+        f.target, f.passed = judge(name, f.value, measured, opts.targets)
+        if f.error and f.passed is not None:
+            f.passed = False
+        figs.append(f)
+    return BenchResult(device_name(own.device), versions(), own.model_id, own.config.get("ttt") or {}, figs,
+                       _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       time.perf_counter() - t_start)
+
+
+def _require_ttt(m) -> None:
+    if not m.ttt or not m.ttt.layers:
+        raise ConfigError(f"{m.model_id} has no TTT layers: nothing to measure (pass --ttt-layers to a base model).")
+
+
+def variant_figures(opts: BenchOptions, variant: str, wanted: list[str], progress) -> tuple[dict[str, Figure], tp.Any]:
     """Step overhead (b1, b8, floor, p99), layer ratio and memory per stream of one variant on `opts.model`.
 
-    TTT off is the same model with its fast weights frozen (rate 0, SPEC §5.5). Returns the figures and
-    the TTT-on model.
+    TTT off: the same model with its fast weights frozen (rate 0, SPEC §5.5; In-Place's frozen layer is
+    moshi's gating kernel on W0), so every variant's overhead is the price of learning.
+    Returns the figures (suffixed names) and the TTT-on model.
     """
     from .models.loader import load_model
     from .fastweights.attach import ttt_layers
 
-    with warnings.catch_warnings():  # another variant on this base has no tensors: its fresh init is expected
+    sfx = SUFFIXES[variant]
+    want = {n for n in PER_VARIANT if n + sfx in wanted}
+    overrides = {"variant": variant}
+    with warnings.catch_warnings():  # a variant the checkpoint has no tensors for: its fresh init is expected
         warnings.simplefilter("ignore", UserWarning)
-        on = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=overrides or None)
-        off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt={**overrides, "lr": 0.0})
+        on = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=overrides)
+    _require_ttt(on)
     layers = ttt_layers(on.lm)
-    first = next(iter(layers.values()))
-    sfx, name = first.figure_suffix, first.variant
+    out: dict[str, Figure] = {}
+    if want & set(GROUPS["step"]):
+        for name, f in step_figures(on, opts, want, variant, progress).items():
+            f.name = name + sfx
+            f.detail["variant"] = variant
+            out[f.name] = f
+    if "ttt_layer_ratio" in want:
+        progress.start(f"layer{sfx}", f"{variant}: TTT layer vs plain layer, T={LAYER_T}", None)
+        first_i, first = next(iter(layers.items()))
+        lr = layer_ratio(first, on.device)
+        progress.finish(f"layer{sfx}", ratio=lr["ratio"])
+        out["ttt_layer_ratio" + sfx] = Figure("ttt_layer_ratio" + sfx, lr["ratio"],
+                                              detail={"variant": variant, "layer": first_i, **lr})
+    if "memory_per_stream_error" in want:
+        predicted = sum(l.state_bytes_per_stream() for l in layers.values())
+        measured = sum(measured_bytes_per_stream(l) for l in layers.values())
+        err = abs(measured - predicted) / max(predicted, 1)
+        out["memory_per_stream_error" + sfx] = Figure("memory_per_stream_error" + sfx, err, detail={
+            "variant": variant, "predicted_bytes": predicted, "measured_bytes": measured,
+            "formula": " + ".join(l.memory_formula() for l in layers.values()),
+            "measured_as": "bytes of the per-stream state tensors (B=2 minus B=1)"})
+    return out, on
+
+
+def step_figures(on, opts: BenchOptions, want: set[str], variant: str, progress) -> dict[str, Figure]:
+    """LMGen.step TTT on / off at batch 1 and/or 8, and the batch-8 memory floor (unsuffixed names)."""
+    from .models.loader import load_model
+    from .fastweights.attach import ttt_layers
+
+    steps = opts.steps or (320 if opts.quick else 1024)  # > chunk_size 256: updates included
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        off = load_model(opts.model, device=opts.device, dtype=opts.dtype,
+                         ttt={"variant": variant, "lr": 0.0})
     dev = on.device
-    figs: list[Figure] = []
+    b8 = bool({"step_overhead_b8", "step_overhead_b8_floor"} & want)
+    sizes = [B for B, w in ((1, bool({"step_overhead_b1", "step_ms_p99_b1"} & want)), (8, b8)) if w]
+    out: dict[str, Figure] = {}
     stats_b: dict[int, dict] = {}
-    for B in (1, 8):
-        progress.start(f"step{B}{sfx}", f"{name}: LMGen.step TTT on/off, batch {B}", None)
+    for B in sizes:
+        key = f"step{B}{SUFFIXES[variant]}"
+        progress.start(key, f"{variant}: LMGen.step TTT on/off, batch {B}", None)
         stats, _ = step_overhead(on, off, B, steps, opts.rounds, dev, opts.seed)
         stats_b[B] = stats
         ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
-        progress.finish(f"step{B}{sfx}", ratio=ratio)
-        figs.append(Figure(f"step_overhead_b{B}{sfx}", ratio, TARGETS[f"step_overhead_b{B}"], None,
-                           {"variant": name, "on": stats["on"], "off": stats["off"]}))
-    # batch-8 memory floor: reading 8 streams' fp32 fast state each step, at the measured bandwidth
-    bw = memory_bandwidth(dev)
-    extra = sum(8 * l.bytes_read_per_step() for l in layers.values())
-    floor = 1 + (extra / bw) / (stats_b[8]["off"]["median_ms"] / 1e3)
-    figs.append(Figure(f"step_overhead_b8_floor{sfx}", floor, None, None,
-                       {"variant": name, "extra_bytes_per_step": extra, "bandwidth_gb_s": bw / 1e9}))
-    figs.append(Figure(f"step_ms_p99_b1{sfx}", stats_b[1]["on"]["p99_ms"], None, None,
-                       {"variant": name, "median_ms": stats_b[1]["on"]["median_ms"],
-                        "max_ms": stats_b[1]["on"]["max_ms"]}))
-    figs[0].passed = figs[0].value <= figs[0].target
-    figs[1].passed = figs[1].value <= figs[1].target or figs[1].value <= 1.10 * floor
-    figs[1].detail["floor"] = floor
+        progress.finish(key, ratio=ratio)
+        out[f"step_overhead_b{B}"] = Figure(f"step_overhead_b{B}", ratio, detail={"on": stats["on"], "off": stats["off"]})
+    if 1 in stats_b:
+        st = stats_b[1]["on"]
+        out["step_ms_p99_b1"] = Figure("step_ms_p99_b1", st["p99_ms"], detail={"median_ms": st["median_ms"],
+                                                                               "max_ms": st["max_ms"]})
+    if b8:  # batch-8 memory floor: reading 8 streams' fp32 fast state each step, at the measured bandwidth
+        bw = memory_bandwidth(dev)
+        extra = sum(8 * l.bytes_read_per_step() for l in ttt_layers(on.lm).values())
+        floor = 1 + (extra / bw) / (stats_b[8]["off"]["median_ms"] / 1e3)
+        out["step_overhead_b8_floor"] = Figure("step_overhead_b8_floor", floor, detail={
+            "extra_bytes_per_step": extra, "bandwidth_gb_s": bw / 1e9})
+        out["step_overhead_b8"].detail["floor"] = floor
     del off
-
-    progress.start(f"layer{sfx}", f"{name}: TTT layer vs plain layer, T={LAYER_T}", None)
-    lr = layer_ratio(first, dev)
-    progress.finish(f"layer{sfx}", ratio=lr["ratio"])
-    target = TARGETS["ttt_layer_ratio"]
-    figs.append(Figure(f"ttt_layer_ratio{sfx}", lr["ratio"], target, lr["ratio"] <= target,
-                       {"variant": name, "layer": next(iter(layers)), **lr}))
-
-    predicted = sum(l.state_bytes_per_stream() for l in layers.values())
-    measured = sum(measured_bytes_per_stream(l) for l in layers.values())
-    err = abs(measured - predicted) / max(predicted, 1)
-    target = TARGETS["memory_per_stream_error"]
-    figs.append(Figure(f"memory_per_stream_error{sfx}", err, target, err <= target,
-                       {"variant": name, "predicted_bytes": predicted, "measured_bytes": measured,
-                        "formula": " + ".join(l.memory_formula() for l in layers.values()),
-                        "measured_as": "bytes of the per-stream state tensors (B=2 minus B=1)"}))
-    return figs, on
-
-
-def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
-    """Measures the §8 figures on one device and returns them with provenance.
-
-    The model's own fast-weight variant gives the unsuffixed figures when it is In-Place; every
-    variant in `opts.variants` (default: all) is attached to the same base model and measured with
-    its suffix (SPEC §5.5), one after the other in this process.
-
-    Args:
-        opts: model, device, dtype, quick mode, steps, rounds, variants.
-        progress: a `Progress` hook (ttt_cli.progress).
-    """
-    from .fastweights.config import VARIANTS
-    from .models.config import resolve_ttt_config
-    from .models.resolver import resolve
-
-    progress = progress or NullProgress()
-    t_start = time.perf_counter()
-    torch.manual_seed(opts.seed)
-    steps = opts.steps or (320 if opts.quick else 1024)  # > chunk_size 256: updates included
-    figs: list[Figure] = []
-    own = None
-    res = resolve(opts.model)
-    own_cfg, _ = resolve_ttt_config(res.config, int(res.config.get("num_layers", 32)))
-    variant = own_cfg.variant if own_cfg is not None else "inplace"  # the model's own variant goes first
-    for variant in (opts.variants or [variant] + [v for v in VARIANTS if v != variant]):
-        vf, on = variant_figures(opts, {"variant": variant}, steps, progress)
-        figs += vf
-        if own is None:
-            own = on  # the eval figures and the recorded config are the first variant's
-        else:
-            del on
-    if opts.eval:
-        figs += eval_figures(own, opts, progress)
-    return BenchResult(device_name(own.device), versions(), own.model_id, own.config.get("ttt") or {}, figs,
-                       _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       time.perf_counter() - t_start)
+    return {k: v for k, v in out.items() if k in want or k == "step_overhead_b8_floor" and b8}
 
 
 # -- eval figures ------------------------------------------------------------------------------
@@ -344,20 +474,19 @@ def _peak_rss_of(cmd_args: list[str]) -> int:
         hwm.unlink(missing_ok=True)
 
 
-def eval_figures(m, opts: BenchOptions, progress) -> list[Figure]:
-    """Block vs step-by-step scoring, eval peak memory (long vs short document), cached re-run."""
+def score_figures(m, opts: BenchOptions, progress) -> dict[str, Figure]:
+    """Block vs step-by-step scoring of the same random codes (with a fast-weight reset inside)."""
     from evals.scoring import score_document
 
-    figs: list[Figure] = []
     lm = m.lm
-    T = 500 if opts.quick else 1500
+    T = opts.steps or (500 if opts.quick else 1500)
     g = torch.Generator().manual_seed(opts.seed)
     codes = torch.full((lm.num_codebooks, T), lm.zero_token_id, dtype=torch.long)
     codes[1:1 + lm.dep_q] = torch.randint(0, lm.card, (lm.dep_q, T), generator=g)
     progress.start("score", f"eval scoring: blocks of 250 vs one step at a time, {T} steps", None)
     block_runs = []
     step = None
-    for r in range(3):  # block, step, block: interleaved, the median block run counts
+    for r in range(3):  # block, step, block: interleaved, the faster block run counts
         if r == 1:
             step = score_document(lm, codes, resets=[T // 3], step_by_step=True)
         else:
@@ -367,38 +496,42 @@ def eval_figures(m, opts: BenchOptions, progress) -> list[Figure]:
     speed = (tokens / block.seconds) / (tokens / step.seconds)
     diff = float((block.nll - step.nll).nan_to_num().abs().max())
     progress.finish("score", speedup=speed, max_abs_diff=diff)
-    figs.append(Figure("eval_block_speedup", speed, TARGETS["eval_block_speedup"], speed >= TARGETS["eval_block_speedup"],
-                       {"block_tokens_per_s": tokens / block.seconds, "step_tokens_per_s": tokens / step.seconds,
-                        "steps": T}))
-    figs.append(Figure("eval_nll_max_abs_diff", diff, TARGETS["eval_nll_max_abs_diff"],
-                       diff <= TARGETS["eval_nll_max_abs_diff"]))
+    return {"eval_block_speedup": Figure("eval_block_speedup", speed, detail={
+                "block_tokens_per_s": tokens / block.seconds, "step_tokens_per_s": tokens / step.seconds, "steps": T}),
+            "eval_nll_max_abs_diff": Figure("eval_nll_max_abs_diff", diff)}
 
+
+def eval_run_figures(m, opts: BenchOptions, memory: bool, cache: bool, progress) -> dict[str, Figure]:
+    """`ttt eval` in its own processes: peak memory (long vs short document) and a re-run on cached codes."""
+    out: dict[str, Figure] = {}
     # Full: the §8 pair (30 vs 5 minutes). --quick keeps the 6:1 ratio on 12 vs 2 minutes.
     long_s, short_s = (720.0, 120.0) if opts.quick else (1800.0, 300.0)
     with tempfile.TemporaryDirectory(prefix="ttt-bench-") as tmp:
         root = Path(tmp)
-        rss = {}
-        for name, secs in (("short", short_s), ("long", long_s)):
+        docs = (("short", short_s), ("long", long_s)) if memory else (("short", short_s),)
+        for name, secs in docs:
             data = root / name / "spk" / "book"
             data.mkdir(parents=True)
             _write_wav_chunked(data / "part1.wav", secs, seed=1)
         common = ["--model", opts.model, "--device", m.device, "--dtype", opts.dtype, "-p", "document",
                   "--codes-cache", str(root / "cache"), "--overwrite", "--max-seconds", "7200"]
-        for name, secs in (("short", short_s), ("long", long_s)):
+        rss = {}
+        for name, secs in docs:
             progress.start(f"mem-{name}", f"ttt eval on a {secs / 60:.0f}-minute document (own process)", None)
             t = time.perf_counter()
             rss[name] = _peak_rss_of(["eval", "librilight", str(root / name), "--out", str(root / f"out-{name}"), *common])
             progress.finish(f"mem-{name}", peak_rss_mib=rss[name] / 2**20, seconds=time.perf_counter() - t)
-        ratio = rss["long"] / rss["short"]
-        figs.append(Figure("eval_memory_ratio", ratio, TARGETS["eval_memory_ratio"], ratio <= TARGETS["eval_memory_ratio"],
-                           {"peak_rss_long_mib": rss["long"] / 2**20, "peak_rss_short_mib": rss["short"] / 2**20,
-                            "long_seconds": long_s, "short_seconds": short_s}))
-        progress.start("cache", "second ttt eval on cached codes", None)
-        _peak_rss_of(["eval", "librilight", str(root / "short"), "--out", str(root / "out-again"), *common])
-        res = json.loads((root / "out-again" / "results.json").read_text())
-        enc = float(res["timing"]["encode_seconds_this_run"])
-        hits = int(res["codes_cache"]["hits"])
-        progress.finish("cache", encode_seconds=enc, hits=hits)
-        figs.append(Figure("eval_cache_encode_seconds", enc, TARGETS["eval_cache_encode_seconds"],
-                           enc <= TARGETS["eval_cache_encode_seconds"] and hits >= 1, {"cache_hits": hits}))
-    return figs
+        if memory:
+            out["eval_memory_ratio"] = Figure("eval_memory_ratio", rss["long"] / rss["short"], detail={
+                "peak_rss_long_mib": rss["long"] / 2**20, "peak_rss_short_mib": rss["short"] / 2**20,
+                "long_seconds": long_s, "short_seconds": short_s})
+        if cache:
+            progress.start("cache", "second ttt eval on cached codes", None)
+            _peak_rss_of(["eval", "librilight", str(root / "short"), "--out", str(root / "out-again"), *common])
+            res = json.loads((root / "out-again" / "results.json").read_text())
+            enc = float(res["timing"]["encode_seconds_this_run"])
+            hits = int(res["codes_cache"]["hits"])
+            progress.finish("cache", encode_seconds=enc, hits=hits)
+            out["eval_cache_encode_seconds"] = Figure("eval_cache_encode_seconds", enc, detail={"cache_hits": hits},
+                                                      error=None if hits >= 1 else "no codes cache hit")
+    return out

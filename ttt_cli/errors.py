@@ -2,9 +2,19 @@
 
 
 class TTTError(Exception):
-    """Base class: a one-paragraph message for the user, no traceback unless --debug."""
+    """Base class: a one-paragraph message for the user, no traceback unless --debug.
+
+    Args:
+        message: what is wrong (and, in a sentence, what to do).
+        hint: the next step in a few words, for `--json` error objects (default: the class's).
+    """
 
     exit_code = 2
+    default_hint = "fix the option or file named in the message; `ttt COMMAND --help` lists the options"
+
+    def __init__(self, message: str = "", hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint or self.default_hint
 
 
 class ConfigError(TTTError):
@@ -14,12 +24,35 @@ class ConfigError(TTTError):
 class CheckpointError(TTTError):
     """A missing, inconsistent or unreachable checkpoint (exit 2)."""
 
+    default_hint = "check --model: `--model tiny` runs offline; `ttt init-checkpoint` writes a checkpoint"
+
 
 class StateMismatchError(TTTError):
     """A fast-weight snapshot that does not fit the model (exit 2)."""
+
+    default_hint = "use a snapshot taken with this model (`ttt inspect-state FILE --model M` says why it does not fit)"
+
+
+class OutputError(TTTError):
+    """An output path that may not be written: it is an input, or a file this tool did not write (exit 2)."""
+
+    default_hint = "choose another output path"
+
+
+class WriteError(TTTError):
+    """Writing failed part-way (disk full, read-only, permission): finished outputs are kept (exit 1)."""
+
+    exit_code = 1
+    default_hint = "free some space or write elsewhere, then run again on the inputs reported as not run"
 
 
 class InputError(TTTError):
     """One input (audio file) is unusable; commands skip it and exit 1 at the end."""
 
     exit_code = 1
+    default_hint = "the input is reported and skipped; fix or remove it"
+
+
+class LoadWarning(UserWarning):
+    """Something about a loaded checkpoint the user must know (also in `TTTModel.warnings`, which the
+    commands print; the CLI silences the Python warning so that each is said once)."""

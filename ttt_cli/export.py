@@ -56,6 +56,10 @@ class ExportResult:
     init_state: str | None
     items: list[ExportItem]
     elapsed_seconds: float
+    provenance: dict | None = None  # files the model was loaded from and the mapping applied
+    inputs: dict = field(default_factory=dict)   # the accounting of inputs (`InputLedger.to_dict()`)
+    stopped: str | None = None                   # why the run stopped early (a write failure), if it did
+    interrupted: bool = False                    # Ctrl-C stopped it (finished snapshots are kept)
 
     @property
     def failed(self) -> list[ExportItem]:
@@ -86,14 +90,40 @@ def plan_outputs(inputs: list[Path], out: Path, at_seconds: list[float]) -> tupl
         return "file", [{"end": out}]
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: several snapshots result ({len(inputs)} input(s), {len(at_seconds)} --at "
-                          f"time(s) + the end), so --out must be a directory, but it is a file.")
+                          f"time(s) + the end), so --out must be a directory, but it is a file.",
+                          hint="give --out a directory")
     return "directory", [{lab: out / f"{stem}.{lab}{SUFFIX}" for lab in labels} for stem in unique_stems(inputs)]
+
+
+def output_plan(inputs: list[Path], out: Path, at_seconds: list[float], overwrite: bool = False,
+                init_state: Path | None = None, model: str | None = None):
+    """The checked `OutputPlan` of an export (SPEC §7.1): refuses outputs that are inputs or foreign files.
+
+    Returns:
+        (layout, per input {label: path}, the prepared OutputPlan).
+    """
+    from .outputs import OutputPlan, safetensors_with_metadata
+
+    layout, plans = plan_outputs(inputs, out, at_seconds)
+    plan = OutputPlan(overwrite)
+    for p in inputs:
+        plan.read(p, "an input audio file")
+    plan.read(init_state, "the --init-state snapshot")
+    plan.read_model(model)
+    if layout == "directory":
+        plan.write_into(out)
+    ours = safetensors_with_metadata("ttt_state")
+    for src, per in zip(inputs, plans):
+        for label, dest in per.items():
+            plan.write(dest, "--out", f"the {label} snapshot of {src.name}", ours)
+    return layout, plans, plan.check().prepare()
 
 
 def export_states(model, inputs: list[str | Path], out: str | Path, at: list[float] | None = None,
                   flush_partial: bool = False, overwrite: bool = False, audio_stream: str = "moshi",
                   text_stream: str = "zero", channel: int | None = None, block_steps: int = DEFAULT_BLOCK_STEPS,
-                  init_state: str | Path | None = None, force: bool = False, progress=None) -> ExportResult:
+                  init_state: str | Path | None = None, force: bool = False, progress=None,
+                  guard=None) -> ExportResult:
     """Streams each input through the model (teacher forcing, SPEC §6 layout) and writes snapshots.
 
     Each input is its own stream (batch 1) starting from the model's initial fast weights. A snapshot
@@ -113,18 +143,18 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         channel: audio channel to take instead of mixing down.
         block_steps: LM steps per streaming call.
         init_state: a snapshot every stream starts from (restored as by `ttt_cli.state.restore`).
-        force: restore `init_state` despite forceable differences (another lr, another W0).
+        force: restore `init_state` despite forceable differences (another lr or clip).
         progress: a progress hook (see `ttt_cli.progress`).
+        guard: the `(layout, plans, OutputPlan)` of `output_plan`, when the caller checked it before
+            loading the model (None: checked here).
     Returns:
-        ExportResult; inputs that could not be read are reported in it, not raised.
+        ExportResult; inputs that could not be read are reported in it, not raised. A write failure
+        (disk full, read-only) stops the run: snapshots already written stay, the input being
+        written and the ones after it are reported (`stopped` says why).
     """
-    import torch
-    from .audio import iter_audio
-    from .codes import encode_audio, lm_input_codes, transformer_input
-    from .io import check_writable_dir, refuse_overwrite
-    from .state import (_layers, capture, check_fits, fingerprint, load_state, model_config, restore, restore_layers,
-                        save_state)
-    from .streaming import block_streaming
+    from .io import as_os_error, describe_os_error
+    from .outputs import InputLedger
+    from .state import _layers, check_fits, fingerprint, load_state, model_config
 
     progress = progress or NullProgress()
     t0 = time.monotonic()
@@ -137,82 +167,124 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
     if any(t < 0 for t in at_sec):
         raise ConfigError(f"--at times must be >= 0, got {[t for t in at_sec if t < 0]}.")
     lm = model.lm
-    layers = _layers(lm)
+    _layers(lm)  # refuses a model without TTT layers before anything is written
     out = Path(out)
-    layout, plans = plan_outputs(paths, out, at_sec)
-    refuse_overwrite([p for plan in plans for p in plan.values()], overwrite)
-    check_writable_dir(out if layout == "directory" else (out.parent if str(out.parent) else Path(".")))
+    layout, plans, oplan = guard if guard is not None else output_plan(
+        paths, out, at_sec, overwrite, None if init_state is None else Path(init_state), None)
     cfg = model_config(lm)
     fp = fingerprint(lm)
     init = None
     if init_state is not None:
         init = load_state(init_state)
-        check_fits(model, init).raise_unless_fits(force)  # refuse before anything is written
+        check_fits(model, init).raise_unless_fits(force, flag="--force-state")  # refuse before anything is written
     items: list[ExportItem] = []
-    for path, plan in zip(paths, plans):
-        item = ExportItem(str(path), ok=False)
-        items.append(item)
-        try:  # decoded and encoded piece by piece: memory does not grow with the file
-            info, pieces = iter_audio(path, channel)
-            audio = encode_audio(model.mimi, pieces, device=model.device)  # [n_q, T]
-        except InputError as e:
-            item.error = str(e)
-            progress.log(f"skipped {path}: {e}")
-            continue
-        item.audio = info.to_dict()
-        codes = lm_input_codes(lm, audio, audio_stream, text_stream)  # [K, T]
-        seq = transformer_input(lm, codes[None].to(model.device))  # [1, K, T]
-        T = seq.shape[-1]
-        item.steps = T
-        cuts: dict[int, list[tuple[str, float | None]]] = {}
-        for sec in at_sec:
-            s = seconds_to_steps(sec)
-            if s > T:
-                item.notes.append(f"--at {_fmt_seconds(sec)}s (step {s}) is past the end of {path.name} "
-                                  f"({T} steps = {T / FRAME_RATE:.2f} s): no snapshot for it.")
+    ledger = InputLedger(paths)
+    stopped, interrupted = None, False
+    try:
+        for n, (path, plan) in enumerate(zip(paths, plans)):
+            item = ExportItem(str(path), ok=False)
+            items.append(item)
+            try:
+                _export_one(model, item, path, plan, at_sec, flush_partial, audio_stream, text_stream, channel,
+                            block_steps, init, init_state, force, fp, progress)
+            except InputError as e:
+                item.error = str(e)
+                ledger.skip(n, str(e).removeprefix(f"{path}: "))
+                progress.log(f"skipped {path}: {e}")
                 continue
-            cuts.setdefault(s, []).append((f"at-{_fmt_seconds(sec)}s", sec))
-        cuts.setdefault(T, []).append(("end", None))
-        key = f"export:{path}"
-        progress.start(key, f"export-state {path.name}", T / FRAME_RATE)
-        pos = 0
-        with torch.no_grad(), block_streaming(lm, 1, block_steps):
-            if init is not None:
-                restore(lm, init, 0, force=force)
-            for stop in sorted(cuts):
-                while pos < stop:
-                    n = min(block_steps, stop - pos)
-                    lm.forward_text(seq[:, :, pos:pos + n])
-                    pos += n
-                    progress.update(key, pos / FRAME_RATE)
-                for label, req in cuts[stop]:
-                    if flush_partial:
-                        before = {i: layer.capture(0) for i, layer in layers.items()}
-                        for layer in layers.values():
-                            layer.flush_partial(0)
-                        snap = capture(model, 0)
-                        restore_layers(lm, before, 0)  # the stream goes on as it was
-                    else:
-                        snap = capture(model, 0)
-                    meta = {"steps": stop, "seconds": stop / FRAME_RATE, "source_files": [str(path)],
-                            "reset_policy": RESET_POLICY, "flushed": flush_partial, "label": label,
-                            "at_seconds": req, "audio_stream": audio_stream, "text_stream": text_stream,
-                            "model": model.model_id, "init_state": None if init_state is None else str(init_state)}
-                    dest = plan[label]
-                    save_state(snap, dest, metadata=meta, overwrite=overwrite, verify=True)
-                    back = load_state(dest)  # check what is on disk before reporting success
-                    report = check_fits(model, back)
-                    if not report.fits or back.fingerprint != fp:
-                        raise StateMismatchError(f"{dest} was written but does not fit the model it came from: "
-                                                 f"{report.reason() or 'fingerprint differs'}.")
-                    tel = back.meta["telemetry"]
-                    item.snapshots.append(SnapshotInfo(
-                        str(dest), label, stop, stop / FRAME_RATE, req,
-                        {k: int(v) for k, v in back.meta["pending_tokens"].items()},
-                        {k: float(v.get("relative_drift", float("nan"))) for k, v in tel.items()},
-                        flush_partial, True))
-        progress.finish(key, steps=T, snapshots=len(item.snapshots))
-        item.ok = True
+            except KeyboardInterrupt:
+                interrupted = True
+                item.error = f"{path}: interrupted (Ctrl-C)"
+                ledger.skip(n, "interrupted (Ctrl-C)")
+                ledger.not_run("interrupted (Ctrl-C)")
+                items += [ExportItem(str(p), ok=False, error=f"{p}: not run (interrupted)") for p in paths[n + 1:]]
+                break
+            except Exception as e:
+                ose = as_os_error(e)
+                if ose is None:
+                    raise
+                stopped = describe_os_error(ose, ose.filename)
+                item.error = f"{path}: {stopped}"
+                ledger.skip(n, stopped)
+                ledger.not_run(f"the run stopped after a write failure ({stopped})")
+                items += [ExportItem(str(p), ok=False, error=f"{p}: not run (the run stopped after a write failure)")
+                          for p in paths[n + 1:]]
+                break
+            ledger.done(n, (item.audio or {}).get("warnings", []))
+    finally:
+        oplan.cleanup()
     return ExportResult(model.model_id, fp, {k: v for k, v in cfg.to_dict().items() if k != "ttt_name"},
                         str(out), layout, flush_partial, None if init_state is None else str(init_state), items,
-                        time.monotonic() - t0)
+                        time.monotonic() - t0, model.config.get("provenance"), ledger.to_dict(), stopped,
+                        interrupted)
+
+
+def _export_one(model, item: ExportItem, path: Path, plan: dict[str, Path], at_sec: list[float],
+                flush_partial: bool, audio_stream: str, text_stream: str, channel: int | None, block_steps: int,
+                init, init_state, force: bool, fp: str, progress) -> None:
+    """Streams one input and writes its snapshots (see `export_states`); raises InputError or OSError."""
+    import torch
+    from .audio import iter_audio
+    from .codes import encode_audio, lm_input_codes, transformer_input
+    from .state import _layers, capture, check_fits, load_state, restore, restore_layers, save_state
+    from .streaming import block_streaming
+
+    lm = model.lm
+    layers = _layers(lm)
+    # decoded and encoded piece by piece: memory does not grow with the file
+    info, pieces = iter_audio(path, channel)
+    audio = encode_audio(model.mimi, pieces, device=model.device)  # [n_q, T]
+    item.audio = info.to_dict()
+    codes = lm_input_codes(lm, audio, audio_stream, text_stream)  # [K, T]
+    seq = transformer_input(lm, codes[None].to(model.device))  # [1, K, T]
+    T = seq.shape[-1]
+    item.steps = T
+    cuts: dict[int, list[tuple[str, float | None]]] = {}
+    for sec in at_sec:
+        s = seconds_to_steps(sec)
+        if s > T:
+            item.notes.append(f"--at {_fmt_seconds(sec)}s (step {s}) is past the end of {path.name} "
+                              f"({T} steps = {T / FRAME_RATE:.2f} s): no snapshot for it.")
+            continue
+        cuts.setdefault(s, []).append((f"at-{_fmt_seconds(sec)}s", sec))
+    cuts.setdefault(T, []).append(("end", None))
+    key = f"export:{path}"
+    progress.start(key, f"export-state {path.name}", T / FRAME_RATE)
+    pos = 0
+    with torch.no_grad(), block_streaming(lm, 1, block_steps):
+        if init is not None:
+            restore(lm, init, 0, force=force)
+        for stop in sorted(cuts):
+            while pos < stop:
+                n = min(block_steps, stop - pos)
+                lm.forward_text(seq[:, :, pos:pos + n])
+                pos += n
+                progress.update(key, pos / FRAME_RATE)
+            for label, req in cuts[stop]:
+                if flush_partial:
+                    before = {i: layer.capture(0) for i, layer in layers.items()}
+                    for layer in layers.values():
+                        layer.flush_partial(0)
+                    snap = capture(model, 0)
+                    restore_layers(lm, before, 0)  # the stream goes on as it was
+                else:
+                    snap = capture(model, 0)
+                meta = {"steps": stop, "seconds": stop / FRAME_RATE, "source_files": [str(path)],
+                        "reset_policy": RESET_POLICY, "flushed": flush_partial, "label": label,
+                        "at_seconds": req, "audio_stream": audio_stream, "text_stream": text_stream,
+                        "model": model.model_id, "init_state": None if init_state is None else str(init_state)}
+                dest = plan[label]
+                save_state(snap, dest, metadata=meta, overwrite=True, verify=True)  # the plan checked it
+                back = load_state(dest)  # check what is on disk before reporting success
+                report = check_fits(model, back)
+                if not report.fits or back.fingerprint != fp:
+                    raise StateMismatchError(f"{dest} was written but does not fit the model it came from: "
+                                             f"{report.reason() or 'fingerprint differs'}.")
+                tel = back.meta["telemetry"]
+                item.snapshots.append(SnapshotInfo(
+                    str(dest), label, stop, stop / FRAME_RATE, req,
+                    {k: int(v) for k, v in back.meta["pending_tokens"].items()},
+                    {k: float(v.get("relative_drift", float("nan"))) for k, v in tel.items()},
+                    flush_partial, True))
+    progress.finish(key, steps=T, snapshots=len(item.snapshots))
+    item.ok = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import math
 import time
@@ -15,7 +16,8 @@ import numpy as np
 
 from .audio import FRAME_SIZE, SAMPLE_RATE, AudioInfo, load_audio
 from .units import FRAME_RATE
-from .errors import ConfigError, InputError, TTTError
+from .errors import ConfigError, InputError, TTTError, WriteError
+from .io import shown
 from .progress import NullProgress, Progress
 from .seed import set_seed
 
@@ -47,7 +49,7 @@ class InferOptions:
         init_state: fast-weight snapshot every stream starts from.
         save_state: where to write each stream's fast weights at its end (a file for one stream,
             else a directory of `<stem>.end.safetensors`).
-        force: restore an `init_state` despite forceable differences (another lr, another W0 of the same shapes).
+        force: restore an `init_state` despite forceable differences (another lr or clip).
     """
 
     mode: str = "auto"
@@ -151,18 +153,27 @@ class InferRun:
 def plan_jobs(paths: tp.Sequence[str | Path]) -> list[Job]:
     """Names each input's outputs: `<stem>`, or `<parent>_<stem>` when several inputs share a stem.
 
+    Names are unique (compared case-insensitively, for file systems that fold case): a name still
+    taken gets `_2`, `_3`, ... so that two inputs never write the same output.
+
     Args:
         paths: input paths in command-line order.
     """
     paths = [Path(p) for p in paths]
     stems = [p.stem or p.name for p in paths]
-    count = {s: stems.count(s) for s in stems}
-    names = [f"{p.parent.name or 'root'}_{s}" if count[s] > 1 else s for p, s in zip(paths, stems)]
-    seen: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for s in stems:
+        count[s.lower()] = count.get(s.lower(), 0) + 1
+    names = [f"{p.parent.name or 'root'}_{s}" if count[s.lower()] > 1 else s for p, s in zip(paths, stems)]
+    taken: set[str] = set()
     out = []
     for i, (p, n) in enumerate(zip(paths, names)):
-        seen[n] = seen.get(n, 0) + 1
-        out.append(Job(i, p, n if seen[n] == 1 else f"{n}_{seen[n]}"))  # same parent name too: number them
+        name, k = n, 1
+        while name.lower() in taken:  # same parent name too, or a stem equal to another's new name
+            k += 1
+            name = f"{n}_{k}"
+        taken.add(name.lower())
+        out.append(Job(i, p, name))
     return out
 
 
@@ -175,11 +186,15 @@ def output_paths(out_dir: Path, job: Job, mode: str) -> dict[str, Path]:
 
 
 def state_paths(save_state: Path | None, jobs: list[Job], reset_policy: str) -> dict[int, Path]:
-    """{index of a stream's last job: snapshot path}; one stream writes `save_state` itself."""
+    """{index of a stream's last job: snapshot path}; one stream writes `save_state` itself (or
+    `<stem>.end.safetensors` inside it when it is an existing directory), several streams a directory."""
     if save_state is None or not jobs:
         return {}
     if reset_policy == "carry" or len(jobs) == 1:
-        return {jobs[-1].index: Path(save_state)}
+        last = jobs[-1]
+        if Path(save_state).is_dir():
+            return {last.index: Path(save_state) / f"{last.stem}.end.safetensors"}
+        return {last.index: Path(save_state)}
     return {j.index: Path(save_state) / f"{j.stem}.end.safetensors" for j in jobs}
 
 
@@ -436,7 +451,7 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
             # infer starts new LMGen streams: only the fast weights carry over (SPEC §5.0 semantics).
             init_state = FastWeightState({k: v for k, v in init_state.tensors.items() if k.startswith("layers.")},
                                          {**init_state.meta, "attention": False, "attention_state": None})
-        check_fits(model.lm, init_state).raise_unless_fits(opts.force)
+        check_fits(model.lm, init_state).raise_unless_fits(opts.force, flag="--force-state")
     streams = [[j] for j in jobs] if opts.reset_policy == "file" else [jobs]
     B = min(opts.batch_size, len(streams))
     run = InferRun(mode=mode, model=_model_facts(model), ttt=ttt, sampling=sampling, seed=opts.seed,
@@ -460,7 +475,8 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
 def _model_facts(model) -> dict:
     return {"id": model.model_id, "model_type": getattr(model.info, "model_type", None),
             "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
-            "dep_q": int(model.lm.dep_q), "n_q": int(model.lm.n_q), "delays": list(model.lm.delays)}
+            "dep_q": int(model.lm.dep_q), "n_q": int(model.lm.n_q), "delays": list(model.lm.delays),
+            "provenance": model.config.get("provenance")}
 
 
 def _no_cuda_graph_if(model, ttt_on: bool):
@@ -760,52 +776,105 @@ def result_json(res: FileResult, run: InferRun) -> dict:
     return d
 
 
+def output_recognisers(out_dir: Path, job: Job, mode: str) -> dict[str, tp.Callable[[Path], bool]]:
+    """How an existing output of an earlier `ttt infer` run is recognised (replaceable with --overwrite):
+    `<stem>.json` is a result object, and it names the other files among its `outputs`."""
+    from .outputs import json_with_keys, named_in
+    paths = output_paths(out_dir, job, mode)
+    record = json_with_keys("input", "mode", "outputs")
+    return {k: (record if k == "json" else named_in(paths["json"], record)) for k in paths}
+
+
+def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states: dict[int, Path],
+                 kinds: tp.Collection[str] = ("txt", "json", "wav")) -> None:
+    """Declares the outputs of an infer run on an `OutputPlan` (mode None: not known yet, no .wav).
+
+    Args:
+        plan: the run's OutputPlan.
+        out_dir: --out.
+        jobs: the planned inputs.
+        mode: the resolved mode, or None before the model is loaded.
+        states: --save-state paths by job index.
+        kinds: which per-input outputs to declare (e.g. only "wav" once the mode is known).
+    """
+    from .outputs import safetensors_with_metadata
+    for j in jobs:
+        rec = output_recognisers(out_dir, j, mode or "transcribe")
+        for k, p in output_paths(out_dir, j, mode or "transcribe").items():
+            if k in kinds:
+                plan.write(p, "--out", f"the .{k} output of {j.path.name}", rec[k])
+    for i, p in states.items():
+        plan.write(p, "--save-state", "a fast-weight snapshot", safetensors_with_metadata("ttt_state"))
+
+
 def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path | None = None,
                  overwrite: bool = False) -> None:
-    """Writes `<stem>.txt`, `<stem>.wav` (dialog), the snapshot and `<stem>.json`, atomically, and reads
-    each back. A write failure marks the result failed and removes what this result wrote."""
+    """Writes `<stem>.txt`, `<stem>.wav` (dialog), the snapshot and `<stem>.json` as one unit.
+
+    Each file is written atomically and read back; `<stem>.json` comes last, so it exists only when
+    the rest does. On any failure (a full disk, Ctrl-C, a file that does not read back) the files of
+    this result already written are removed again and the error propagates: an OSError becomes a
+    WriteError naming the path, which stops the run (the inputs not yet written are reported as not
+    run); the outputs of earlier inputs stay.
+    """
     import sphn
-    from .io import atomic_write, write_text
+    from .io import as_os_error, atomic_write, describe_os_error, write_text
 
     if not res.ok:
         return
     paths = output_paths(out_dir, res.job, run.mode)
     written: list[Path] = []
+    current: Path | None = None
     try:
+        current = paths["txt"]
         write_text(paths["txt"], res.text + "\n")
         written.append(paths["txt"])
-        if paths["txt"].read_text() != res.text + "\n":
-            raise OSError(f"{paths['txt']} does not read back")
+        if paths["txt"].read_text(encoding="utf-8") != res.text + "\n":
+            raise OSError(errno.EIO, "does not read back as written", str(paths["txt"]))
         res.outputs["txt"] = str(paths["txt"])
         if "wav" in paths:
+            current = paths["wav"]
             audio = np.asarray(res.audio, dtype=np.float32)
             atomic_write(paths["wav"], lambda p: sphn.write_wav(str(p), audio, SAMPLE_RATE))
             written.append(paths["wav"])
             back, sr = sphn.read(str(paths["wav"]))
             if sr != SAMPLE_RATE or back.shape[-1] != audio.shape[0]:
-                raise OSError(f"{paths['wav']} does not read back ({back.shape[-1]} samples at {sr} Hz, "
-                              f"expected {audio.shape[0]} at {SAMPLE_RATE})")
+                raise OSError(errno.EIO, f"does not read back ({back.shape[-1]} samples at {sr} Hz, expected "
+                                         f"{audio.shape[0]} at {SAMPLE_RATE})", str(paths["wav"]))
             res.outputs["wav"] = str(paths["wav"])
         if state_path is not None and res.state is not None:
             from .state import save_state
+            current = state_path
             meta = {"source_files": [str(res.job.path)] if run.reset_policy == "file" else res.stream.get("paths", []),
                     "reset_policy": run.reset_policy, "command": "infer", "mode": run.mode,
                     "init_state": run.init_state}
-            save_state(res.state, state_path, metadata=meta, overwrite=overwrite)
+            save_state(res.state, state_path, metadata=meta, overwrite=True)  # the plan checked it is ours
             written.append(state_path)
             res.outputs["state"] = str(state_path)
+        current = paths["json"]
         res.outputs["json"] = str(paths["json"])
         obj = result_json(res, run)
         text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
-        write_text(paths["json"], text)
+        from .io import write_json
+        write_json(paths["json"], obj)
         written.append(paths["json"])
-        if json.loads(paths["json"].read_text()) != json.loads(text):
-            raise OSError(f"{paths['json']} does not read back")
-    except (OSError, TTTError) as e:
+        if json.loads(paths["json"].read_text(encoding="utf-8")) != json.loads(shown(text)):
+            raise OSError(errno.EIO, "does not read back as written", str(paths["json"]))
+    except BaseException as e:
         for p in written:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
         res.outputs.clear()
-        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        res.error = f"{res.job.path}: cannot write outputs to {out_dir}: {detail}."
+        ose = as_os_error(e, current)
+        if ose is not None and not isinstance(e, TTTError):
+            detail = describe_os_error(ose, current)
+            res.error = f"{res.job.path}: {detail}"
+            we = WriteError(f"{detail}. The outputs of {res.job.path} were removed again; outputs already "
+                            f"finished stay.")
+            we.detail = detail  # type: ignore[attr-defined]
+            raise we from None
+        raise
     finally:
         res.state = None  # a snapshot can be large: keep it no longer than needed

@@ -23,6 +23,7 @@ from .fastweights.interface import FastWeightLayer
 
 FORMAT = "ttt-fast-weight-state"
 FORMAT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: fingerprint_tensors + structural keys (1 hashed W0 and lr/clip)
 META_KEY = "ttt_state"  # the safetensors header key holding the metadata JSON
 LAYER_KEY = re.compile(r"^layers\.(\d+)\.([A-Za-z0-9_.]+)$")  # names may hold dots (adapter targets)
 ATTN_PREFIX = "attention."
@@ -34,6 +35,9 @@ ATTN_PREFIX = "attention."
 def config_keys(variant: str) -> list[str]:
     """The `ttt` keys a snapshot of `variant` records in its metadata."""
     return [k for k in config_class(variant).valid_keys() if k != "ttt_name"]
+# Keys added to a variant's section after snapshots of format 1 were written: absent means their default (null).
+LATER_KEYS = ("activation",)
+INVALID_HINT = "not a valid snapshot: write a new one with `ttt export-state`"
 # moshi State fields that are not stream content.
 SKIP_FIELDS = ("batch_size", "device", "exec_mask")
 
@@ -107,15 +111,21 @@ class FitReport:
     def reason(self) -> str:
         return "; ".join(p.message for p in self.problems)
 
-    def raise_unless_fits(self, force: bool = False) -> None:
-        """Raises StateMismatchError unless the snapshot fits (or `force` and every problem is forceable)."""
+    def raise_unless_fits(self, force: bool = False, flag: str = "--force-state") -> None:
+        """Raises StateMismatchError unless the snapshot fits (or `force` and every problem is forceable).
+
+        Args:
+            force: accept forceable differences.
+            flag: the command-line flag that sets `force`, named in the message.
+        """
         if self.fits or (force and self.forceable):
             return
         hard = [p for p in self.problems if not p.forceable]
-        hint = (" Pass --force (force=True) to restore anyway: the fast weights continue a well-defined "
+        hint = (f" Pass {flag} to restore anyway: the fast weights continue a well-defined "
                 "stream, but not the one this model would have produced." if not hard else
                 " This cannot be forced: the snapshot's tensors mean something else in this model.")
-        raise StateMismatchError(f"the snapshot does not fit the model: {self.reason()}.{hint}")
+        raise StateMismatchError(f"the snapshot does not fit the model: {self.reason()}.{hint}",
+                                 hint=f"pass {flag} to use it anyway" if not hard else None)
 
     def to_dict(self) -> dict:
         return {"fits": self.fits, "forceable": self.forceable, "model_fingerprint": self.model_fingerprint,
@@ -222,8 +232,9 @@ def check_fits(model_or_lm, s: FastWeightState) -> FitReport:
     """Says whether snapshot `s` fits a model, with every reason it does not.
 
     Never forceable: no TTT layers, another variant, another layer set, other tensor shapes, another
-    chunk size / conv / target source. Forceable: another lr or delta clip (update-rule
-    hyperparameters) and other W0 of the same shapes (another checkpoint of the same architecture).
+    chunk size / conv / target source, another fingerprint (another W0 or other target tensors).
+    Forceable: another lr or delta clip (update-rule hyperparameters), and a snapshot of an older
+    fingerprint recipe whose W0 and config match.
 
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
@@ -265,14 +276,20 @@ def check_fits(model_or_lm, s: FastWeightState) -> FitReport:
             if a != b:
                 problems.append(FitProblem("hyper", f"TTT {k} differs: snapshot {_fmt(a)}, model {_fmt(b)}", True))
     model_fp, w0 = fingerprints(lm)
+    # Another W0 or other target tensors: the fingerprint differs, which is never forced (SPEC §7.1).
     if shapes_ok and s.layers == cfg.layers and s.variant == cfg.variant:
         if s.meta.get("w0_fingerprint") != w0:
             problems.append(FitProblem("w0", f"the model's initial fast weights W0 differ from those the snapshot "
                                        f"was taken from (snapshot model {s.meta.get('model') or 'unknown'}, W0 "
-                                       f"{str(s.meta.get('w0_fingerprint'))[:12]}; this model's W0 {w0[:12]})", True))
-        elif snap_fp != model_fp and not problems:
-            problems.append(FitProblem("fingerprint", f"model fingerprint differs: snapshot {str(snap_fp)[:12]}, "
-                                       f"model {model_fp[:12]}", True))
+                                       f"{str(s.meta.get('w0_fingerprint'))[:12]}; this model's W0 {w0[:12]})", False))
+        elif s.meta.get("fingerprint_version") != FINGERPRINT_VERSION:
+            problems.append(FitProblem("fingerprint", "the snapshot was written by an older ttt whose fingerprint "
+                                       "did not cover the target tensors: its W0 and config match, its targets "
+                                       "cannot be checked (export it again)", True))
+        elif snap_fp != model_fp and not any(p.kind == "config" for p in problems):
+            problems.append(FitProblem("fingerprint", f"model fingerprint differs (same W0 and TTT config, so the "
+                                       f"target generator's tensors differ): snapshot {str(snap_fp)[:12]}, model "
+                                       f"{model_fp[:12]}", False))
     return FitReport(problems, model_fp, snap_fp)
 
 
@@ -378,7 +395,7 @@ def capture(lm, batch_index: int = 0, attention: bool = False) -> FastWeightStat
         "format": FORMAT, "format_version": FORMAT_VERSION,
         **{k: v for k, v in cfg.to_dict().items() if k in config_keys(cfg.variant)},
         "model": getattr(model, "model_id", None), "model_fingerprint": model_fp,
-        "w0_fingerprint": w0_fp, "batch_index": batch_index, "steps": steps,
+        "fingerprint_version": FINGERPRINT_VERSION, "w0_fingerprint": w0_fp, "batch_index": batch_index, "steps": steps,
         "seconds": steps / FRAME_RATE, "source_files": [], "reset_policy": None,
         "pending_tokens": {k: int(v.get("pending_tokens", 0)) for k, v in telemetry.items()},
         "flushed": False, "attention": attention, "telemetry": telemetry, "w0_norms": w0_norms, "created": _utc_now(),
@@ -455,7 +472,7 @@ def restore(lm, s: FastWeightState, batch_index: int = 0, force: bool = False) -
         lm: a streaming moshi LMModel with TTT layers (or a TTTModel).
         s: the snapshot.
         batch_index: which stream to overwrite.
-        force: restore despite forceable differences (another lr/clip, another W0 of the same shapes).
+        force: restore despite forceable differences (another lr or clip).
     Raises:
         StateMismatchError: the snapshot does not fit (the message says why); nothing is changed.
     """
@@ -491,8 +508,9 @@ def restore_layers(lm, tensors: dict[int, dict[str, torch.Tensor]], batch_index:
 # -- files ---------------------------------------------------------------------------------------
 
 def _jsonable(meta: dict) -> str:
+    from .io import shown
     try:
-        return json.dumps(meta, sort_keys=True, allow_nan=False, default=str)
+        return shown(json.dumps(meta, sort_keys=True, allow_nan=False, default=str))
     except ValueError as e:
         raise ConfigError(f"snapshot metadata is not valid JSON: {e}") from None
 
@@ -506,9 +524,13 @@ def save_state(s: FastWeightState, path: str | Path, metadata: dict | None = Non
         path: file to write.
         metadata: keys added to (or replacing) `s.meta`: e.g. steps, seconds, source_files, reset_policy.
         overwrite: replace an existing file.
-        verify: load the written file back and check every tensor and the metadata.
+        verify: load the written (temporary) file back and check every tensor and the metadata before
+            it replaces `path`; a mismatch raises StateMismatchError and leaves no file.
     Returns:
         The path written.
+    Raises:
+        ConfigError: `path` exists (without `overwrite`) or is a directory.
+        OSError: the write failed (nothing is left at `path`'s temporary name; an existing `path` is unchanged).
     """
     from safetensors.torch import save_file
     from .io import atomic_write
@@ -521,16 +543,20 @@ def save_state(s: FastWeightState, path: str | Path, metadata: dict | None = Non
     meta = {**s.meta, **(metadata or {})}
     header = {META_KEY: _jsonable(meta), "format": "pt"}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in s.tensors.items()}
-    try:
-        atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e.strerror or e}.") from None
-    if verify:
-        back = load_state(path)
-        bad = [k for k in tensors if k not in back.tensors or not torch.equal(back.tensors[k], tensors[k])]
-        if bad or set(back.tensors) != set(tensors) or back.meta != json.loads(header[META_KEY]):
-            raise StateMismatchError(f"{path} was written but does not read back identically "
-                                     f"({', '.join(bad[:3]) or 'metadata'}); the disk may be full or failing.")
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=header)
+        if verify:  # the temporary file is checked before it replaces anything: a bad write leaves nothing
+            try:
+                back = load_state(tmp)
+            except StateMismatchError as e:
+                raise StateMismatchError(f"{path} was written but does not read back ({e}); the disk may be "
+                                         f"full or failing.") from None
+            bad = [k for k in tensors if k not in back.tensors or not torch.equal(back.tensors[k], tensors[k])]
+            if bad or set(back.tensors) != set(tensors) or back.meta != json.loads(header[META_KEY]):
+                raise StateMismatchError(f"{path} was written but does not read back identically "
+                                         f"({', '.join(bad[:3]) or 'metadata'}); the disk may be full or failing.")
+
+    atomic_write(path, write)  # OSError on a full disk etc.: the commands report it as a write failure
     s.meta = json.loads(header[META_KEY])
     return path
 
@@ -546,11 +572,15 @@ def load_state(path: str | Path) -> FastWeightState:
     """
     from safetensors import safe_open
 
+    from .outputs import input_problem
+
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such snapshot file.")
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a snapshot file.")
+    problem = input_problem(path)
+    if problem == "no such file":
+        raise ConfigError(f"{path}: no such snapshot file.", hint="give the path of a snapshot (ttt export-state)")
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem.replace('an audio file', 'a snapshot file')}.",
+                          hint="give the path of a snapshot (ttt export-state)")
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -558,21 +588,22 @@ def load_state(path: str | Path) -> FastWeightState:
     except Exception as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise StateMismatchError(f"{path}: cannot read as safetensors ({detail}); the file is corrupted or "
-                                 f"truncated, or not a safetensors file.") from None
+                                 f"truncated, or not a safetensors file.", hint=INVALID_HINT) from None
     if META_KEY not in header:
         raise StateMismatchError(f"{path}: a safetensors file without `{META_KEY}` metadata: not a fast-weight "
-                                 f"snapshot (write one with `ttt export-state`).")
+                                 f"snapshot (write one with `ttt export-state`).", hint=INVALID_HINT)
     try:
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as e:
-        raise StateMismatchError(f"{path}: its `{META_KEY}` metadata is not valid JSON ({e}).") from None
+        raise StateMismatchError(f"{path}: its `{META_KEY}` metadata is not valid JSON ({e}).",
+                                 hint=INVALID_HINT) from None
     _validate(path, meta, tensors)
     return FastWeightState(tensors, meta)
 
 
 def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> None:
     def bad(msg: str) -> tp.NoReturn:
-        raise StateMismatchError(f"{path}: invalid fast-weight snapshot: {msg}")
+        raise StateMismatchError(f"{path}: invalid fast-weight snapshot: {msg}", hint=INVALID_HINT)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         bad(f"its metadata does not say format {FORMAT!r}.")
     ver = meta.get("format_version")
@@ -582,12 +613,15 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
         variant_keys = config_keys(meta.get("variant"))
     except ConfigError as e:
         bad(str(e).removeprefix("invalid `ttt` config: "))
-    missing = [k for k in variant_keys + ["model_fingerprint", "w0_fingerprint"] if k not in meta]
+    missing = [k for k in variant_keys + ["model_fingerprint", "w0_fingerprint"]
+               if k not in meta and k not in LATER_KEYS]
     if missing:
         bad(f"metadata lacks {', '.join(missing)}.")
     layers = meta["layers"]
-    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
-        bad(f"layers must be a list of integers, got {layers!r}.")
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                               for i in layers):
+        bad(f"layers must be a list of integers >= 0, got {layers!r}.")
+    _validate_meta_values(meta, bad)
     seen: set[int] = set()
     for k, t in tensors.items():
         if k.startswith(ATTN_PREFIX):
@@ -607,6 +641,7 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
         seen.add(i)
     if set(layers) - seen:
         bad(f"no tensors for layer(s) {sorted(set(layers) - seen)}.")
+    _validate_pending(meta, tensors, bad)
     if meta.get("attention"):
         spec = meta.get("attention_state")
         if not isinstance(spec, dict):
@@ -619,6 +654,65 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
                 lost = [n for n in need if n not in tensors]
                 if lost:
                     bad(f"attention tensors {lost} are missing.")
+
+
+def _is_num(v: tp.Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_meta_values(meta: dict, bad: tp.Callable[[str], tp.NoReturn]) -> None:
+    """Types and ranges of the metadata values that commands read (a hand-edited header is refused, named)."""
+    def check(key: str, ok: tp.Callable[[tp.Any], bool], want: str, optional: bool = True) -> None:
+        if key in meta and not (optional and meta[key] is None) and not ok(meta[key]):
+            bad(f"metadata `{key}` must be {want}, got {meta[key]!r}.")
+    check("chunk_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1",
+          optional=False)
+    check("lr", lambda v: _is_num(v) and v >= 0, "a finite number >= 0", optional=False)
+    check("delta_clip_fro_norm", lambda v: _is_num(v) and v > 0, "null or a finite number > 0")
+    check("delta_clip_epsilon", lambda v: _is_num(v) and v >= 0, "null or a finite number >= 0")
+    check("variant", lambda v: isinstance(v, str) and v != "", "a variant name", optional=False)
+    for k in ("model_fingerprint", "w0_fingerprint"):
+        check(k, lambda v: isinstance(v, str) and v != "", "a hex digest", optional=False)
+    check("steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+    check("seconds", lambda v: _is_num(v) and v >= 0, "a finite number >= 0")
+    check("source_files", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of paths")
+    check("pending_tokens", lambda v: isinstance(v, dict) and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                 and x >= 0 for x in v.values()),
+          "an object of integers >= 0")
+    check("telemetry", lambda v: isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()),
+          "an object per layer")
+    check("w0_norms", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+          "an object of finite numbers")
+    check("flushed", lambda v: isinstance(v, bool), "true or false")
+    check("attention", lambda v: isinstance(v, bool), "true or false")
+    for k in ("model", "created", "reset_policy", "tool_version", "label"):
+        check(k, lambda v: isinstance(v, str), "a string")
+    numeric = ("tokens", "updates", "resets", "clip_events", "nonfinite_events", "pending_tokens", "relative_drift")
+    for i, t in (meta.get("telemetry") or {}).items():
+        for k in numeric:
+            if k in t and not _is_num(t[k]):
+                bad(f"metadata `telemetry.{i}.{k}` must be a finite number, got {t[k]!r}.")
+
+
+def _validate_pending(meta: dict, tensors: dict[str, torch.Tensor], bad: tp.Callable[[str], tp.NoReturn]) -> None:
+    """In-Place layers: W is a matrix, the pending chunk's rows agree with each other, W and the metadata."""
+    chunk = meta["chunk_size"]
+    for i in meta["layers"]:
+        w, z, x0 = (tensors.get(f"layers.{i}.{n}") for n in ("w", "pending_z", "pending_x0"))
+        if w is None or z is None or x0 is None:
+            continue  # another variant: its own tensors, checked against the model by check_fits
+        if w.dim() != 2 or z.dim() != 2 or x0.dim() != 2:
+            bad(f"layer {i}: w, pending_z and pending_x0 must be matrices, got shapes {list(w.shape)}, "
+                f"{list(z.shape)}, {list(x0.shape)}.")
+        d, h = w.shape
+        if z.shape[0] != x0.shape[0] or z.shape[1] != h or x0.shape[1] != d:
+            bad(f"layer {i}: pending_z {list(z.shape)} and pending_x0 {list(x0.shape)} do not fit w {list(w.shape)} "
+                f"(expected [n, {h}] and [n, {d}]).")
+        if z.shape[0] >= chunk:
+            bad(f"layer {i}: {z.shape[0]} pending tokens, but a chunk of {chunk} would have been applied.")
+        recorded = (meta.get("pending_tokens") or {}).get(str(i))
+        if recorded is not None and recorded != z.shape[0]:
+            bad(f"layer {i}: metadata says {recorded} pending tokens, the tensors hold {z.shape[0]}.")
 
 
 # -- inspect / diff ------------------------------------------------------------------------------

@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
+
+
+def _click_exception() -> type:
+    try:  # typer >= 0.20 vendors click
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - older typer on top of click
+        from click.exceptions import ClickException
+    return ClickException
+
+
+class _Group(TyperGroup):
+    """The top-level group: with --json, a usage error found by the parser (a missing argument, an
+    invalid value, an unknown option) is also printed on stdout as `{"error": {...}}` (SPEC §7.1)."""
+
+    def invoke(self, ctx):
+        args = [*ctx._protected_args, *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except _click_exception() as e:
+            if "--json" in args:
+                from .common import print_json
+                print_json({"error": {"code": e.exit_code, "message": e.format_message(),
+                                      "hint": "see `ttt " + " ".join(a for a in args[:2] if not a.startswith("-"))
+                                              + " --help`"}})
+            raise
+
 
 app = typer.Typer(
-    name="ttt", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="ttt", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Moshi with In-Place Test-Time Training: streaming inference, long-context eval, fast-weight state.\n\n"
          "Examples:\n\n  ttt infer examples/hello.wav --model tiny --out out/\n\n"
          "  ttt eval librilight DATA --model tiny -p document -p off --out results/\n\n"
@@ -16,6 +43,9 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """Moshi with In-Place Test-Time Training."""
+    import warnings
+    from ..errors import LoadWarning
+    warnings.filterwarnings("ignore", category=LoadWarning)  # commands print TTTModel.warnings themselves
 
 
 def _register() -> None:

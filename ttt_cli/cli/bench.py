@@ -24,18 +24,24 @@ def _note(detail: dict) -> str:
 
 
 def bench_cmd(
-    model: Annotated[str, typer.Option("--model", "--preset", "-m", help="Model to measure (default: the `bench` preset).")] = "bench",
+    model: Annotated[str, typer.Option("--model", "-m", "--preset", help="Model to measure (default: the `bench` "
+                                       "preset; `tiny` for a quick check).")] = "bench",
     variant: Annotated[tp.Optional[list[Variant]], typer.Option(
         "--variant", help="Fast-weight variant(s) to measure on the model's base, repeatable (default: all three, "
                           "the model's own first). Figures of mlp / linear-adapter carry _mlp / _adapter.")] = None,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the eval figures (scoring speed, memory on long "
-                                                            "documents, codes cache).")] = False,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer steps and shorter documents (< 3 min on 2 CPU cores).")] = False,
-    steps: Annotated[tp.Optional[int], typer.Option("--steps", help="LMGen steps per variant and batch size.")] = None,
+    steps: Annotated[tp.Optional[int], typer.Option("--steps", help="Steps per measurement: LMGen steps per variant "
+                                                    "and batch size, positions scored by the eval figures.")] = None,
+    only: Annotated[tp.Optional[list[str]], typer.Option("--only", help="Measure only these figures (comma-separated "
+                                                          "or repeated), e.g. --only step_overhead_b1,ttt_layer_ratio.")]
+    = None,
+    target: Annotated[tp.Optional[list[str]], typer.Option("--target", help="Override a figure's target, NAME=VALUE "
+                                                            "(repeatable), e.g. a stricter one on a faster machine.")]
+    = None,
     out: Annotated[tp.Optional[Path], typer.Option("--out", "-o", help="Write the JSON here too.")] = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1)] = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -43,42 +49,59 @@ def bench_cmd(
     """Measure TTT overheads side by side (TTT on/off interleaved A B A B, medians after warm-up), for each
     fast-weight variant attached to the same base model (In-Place names; `_mlp`, `_adapter` suffixes).
 
-    Per variant: step_overhead_b1/b8 (LMGen.step TTT on / the same model with rate 0), step_overhead_b8_floor,
+    Figures, targets and directions come from one registry (ttt_cli/bench_figures.py). Per variant:
+    step_overhead_b1/b8 (LMGen.step TTT on / the same model with rate 0), step_overhead_b8_floor,
     step_ms_p99_b1, ttt_layer_ratio (T = 4096, with the variant's FLOP floor), memory_per_stream_error
-    (the memory estimate vs the bytes of the per-stream state). Then
-    eval_block_speedup and eval_nll_max_abs_diff (block vs step-by-step scoring), eval_memory_ratio
-    (peak RSS, 30-min vs 5-min document, separate processes), eval_cache_encode_seconds (second run
-    on cached codes).
+    (the memory estimate vs the bytes of the per-stream state). Then eval_block_speedup and
+    eval_nll_max_abs_diff (block vs step-by-step scoring), eval_memory_ratio (peak RSS, 30-min vs
+    5-min document, separate processes), eval_cache_encode_seconds (second run on cached codes).
+
+    Exit code: 0 when every measured target is met, 1 when one is missed (named in the table and
+    on stderr), 2 on usage errors.
 
     Examples:
 
       ttt bench --quick
 
       ttt bench --json --out bench.json
+
+      ttt bench --model tiny --steps 32 --only step_overhead_b1,ttt_layer_ratio
     """
     from ..bench import BenchOptions, run_bench
-    from ..io import refuse_overwrite, write_json
+    from ..bench_figures import parse_targets, spec
+    from ..io import write_json
+    from ..outputs import OutputPlan, json_with_keys
     from ..progress import make_progress
 
-    if out is not None:
-        refuse_overwrite([out], overwrite)
-    with make_progress() as progress:
-        res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
-                                     steps=steps, seed=seed, variants=[v.value for v in variant] if variant else None,
-                                     eval=not no_eval), progress)
-    d = res.to_dict()
-    if out is not None:
-        write_json(out, d)
+    targets = parse_targets(target or [])
+    plan = OutputPlan(overwrite)
+    if out is not None:  # checked before the long measurements, not after them (SPEC §7.1)
+        plan.read_model(model)
+        plan.write(out, "--out", "the bench JSON", json_with_keys("device", "figures"))
+        plan.check().prepare()
+    try:
+        with make_progress(quiet=json_out) as progress:
+            res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
+                                         steps=steps, seed=seed, only=only, targets=targets,
+                                         variants=[v.value for v in variant] if variant else None), progress)
+        d = res.to_dict()
+        if out is not None:
+            write_json(out, d)
+    finally:
+        plan.cleanup()
     if json_out:
         print_json(d)
     else:
-        rows = [[f.name, f.value, "" if f.target is None else f.target,
-                 "-" if f.passed is None else ("pass" if f.passed else "FAIL"), _note(f.detail)] for f in res.figures]
+        rows = [[f.name, f.value, "" if f.target is None else f"{spec(f.name).direction} {f.target:g}",
+                 "-" if f.passed is None else ("pass" if f.passed else "MISSED"), _note(f.detail)]
+                for f in res.figures]
         print_table(f"ttt bench on {res.device} ({res.model}, {res.seconds:.0f} s)",
-                    ["figure", "value", "target", "pass", "compared with"], rows)
-    failed = [f.name for f in res.figures if f.passed is False]
-    if failed:
-        err(f"targets missed: {', '.join(failed)}")
+                    ["figure", "value", "target", "met", "compared with"], rows)
+    if res.missed:
+        err("targets missed: " + "; ".join(
+            f"{f.name} = {f.value:.4g} (target {spec(f.name).direction} {f.target:g}{', ' + f.error if f.error else ''})"
+            for f in res.missed))
+    raise typer.Exit(res.exit_code)
 
 
 def register(app: typer.Typer) -> None:

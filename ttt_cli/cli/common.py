@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import typing as tp
+import warnings
 from typing import Annotated
 
 import typer
@@ -45,25 +46,63 @@ class DType(str, enum.Enum):
     fp32 = "fp32"
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | a checkpoint directory | "
-                                       "a hub id org/name[@rev]. Default: kyutai/moshiko-pytorch-bf16.")]
+def _model_value(value: tp.Optional[str]) -> tp.Optional[str]:
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty: give tiny, a checkpoint directory or a hub id org/name (leave the option "
+                                 "out for the default kyutai/moshiko-pytorch-bf16).")
+    return value
+
+
+ModelOpt = Annotated[tp.Optional[str], typer.Option("--model", "-m", callback=_model_value,
+                                                    help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | "
+                                                    "a checkpoint directory | "
+                                                    "a hub id org/name[@rev]. Default: kyutai/moshiko-pytorch-bf16.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on cuda, fp32 on cpu.")]
 TTTOpt = Annotated[bool, typer.Option("--ttt/--no-ttt", help="--no-ttt freezes fast weights at W0 (the baseline).")]
 TTTLrOpt = Annotated[tp.Optional[float], typer.Option("--ttt-lr", help="Override the fast-weight rate: lr (inplace), "
                                                      "base_lr (mlp) or lr_scale (linear-adapter).")]
-TTTChunkOpt = Annotated[tp.Optional[int], typer.Option("--ttt-chunk-size", help="Override the chunk size (steps).")]
-TTTLayersOpt = Annotated[tp.Optional[str], typer.Option("--ttt-layers", help="0,6,12 | every:6 | every:6@3.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout, nothing else.")]
+TTTChunkOpt = Annotated[tp.Optional[int], typer.Option("--ttt-chunk-size", min=1,
+                                                       help="Override the chunk size (steps).")]
+TTTLayersOpt = Annotated[tp.Optional[str], typer.Option("--ttt-layers", help="0,6,12 | every:6 | every:6@3 | none.")]
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed (0 .. 2**32 - 1).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout, nothing else "
+                                       "(one JSON object, also on errors).")]
+TTTClipOpt = Annotated[tp.Optional[str], typer.Option("--ttt-clip", help="Override the delta clip (Frobenius "
+                                                      "norm of each chunk's update): none | a number > 0.")]
+BaseOpt = Annotated[tp.Optional[str], typer.Option("--base", help="For a fine-tuning fork (moshi_in_place) checkpoint: "
+                                                   "the base model its missing files (LM weights, Mimi, tokenizer) "
+                                                   "come from. Any --model source; default "
+                                                   "kyutai/moshiko-pytorch-bf16.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier ttt run (never inputs, "
+                                            "never files ttt did not write).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit.")]
+ForceStateOpt = Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip differ "
+                                             "from the model's (never one whose fingerprint differs).")]
 
 
-def ttt_overrides(ttt: bool, lr: float | None, chunk: int | None, layers: str | None) -> dict:
+def parse_clip(value: str) -> float | None:
+    """`--ttt-clip`: `none` (no clip) or a number > 0."""
+    from ..errors import ConfigError
+    if value.strip().lower() == "none":
+        return None
+    try:
+        clip = float(value)
+    except ValueError:
+        clip = float("nan")
+    if not clip > 0 or clip == float("inf"):
+        raise ConfigError(f"--ttt-clip {value}: expected `none` or a number > 0.")
+    return clip
+
+
+def ttt_overrides(ttt: bool, lr: float | None, chunk: int | None, layers: str | None,
+                  clip: str | None = None) -> dict:
     """CLI TTT options -> overrides of the `ttt` section (`--no-ttt` = lr 0, SPEC §3.4b)."""
     out: dict[str, tp.Any] = {}
+    if clip is not None:
+        out["delta_clip_fro_norm"] = parse_clip(clip)
     if lr is not None:
         out["lr"] = lr
     if chunk is not None:
@@ -76,35 +115,103 @@ def ttt_overrides(ttt: bool, lr: float | None, chunk: int | None, layers: str | 
 
 
 def handle_errors(fn):
-    """Maps TTTError to a one-paragraph message and its exit code; tracebacks only with --debug."""
+    """Runs a command body under the error contract (SPEC §5, §7, §7.1).
+
+    TTTError -> a one-paragraph message and its exit code; Ctrl-C -> 130; an OSError or an
+    unexpected exception -> a one-paragraph message, exit 1; tracebacks only with --debug. With
+    --json the same error is also printed on stdout as one object
+    `{"error": {"code", "message", "hint"}, ...}` (plus what the error carries, e.g. the inputs'
+    accounting). Warnings (Python's `warnings` included) are printed once each, without source lines.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from ..errors import TTTError
         debug = kwargs.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except TTTError as e:
-            if debug:
+        json_out = kwargs.get("json_out", False)
+        _WARNED.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            try:
+                return fn(*args, **kwargs)
+            except typer.Exit:
                 raise
-            err(f"error: {e}")
-            raise typer.Exit(e.exit_code)
-        except KeyboardInterrupt:
-            err("interrupted.")
-            raise typer.Exit(130)
+            except TTTError as e:
+                if debug:
+                    raise
+                fail(e.exit_code, str(e), e.hint, json_out, getattr(e, "payload", None))
+            except KeyboardInterrupt:
+                fail(130, "interrupted (Ctrl-C); outputs finished before it are kept.",
+                     "run the same command again", json_out)
+            except OSError as e:
+                if debug:
+                    raise
+                from ..io import describe_os_error
+                fail(1, describe_os_error(e) + ".", "fix the path named in the message", json_out)
+            except Exception as e:
+                if debug:
+                    raise
+                fail(1, f"unexpected error ({type(e).__name__}: {str(e).strip() or 'no details'}). This is a bug in "
+                     f"ttt: run again with --debug for the traceback and report it.", "run again with --debug",
+                     json_out)
     return wrapper
+
+
+def fail(code: int, message: str, hint: str | None = None, json_out: bool = False,
+         payload: dict | None = None) -> tp.NoReturn:
+    """Prints an error (stderr; with --json also the error object on stdout) and exits with `code`."""
+    from ..outputs import shown
+    message = shown(message)
+    err(f"error: {message}")
+    if json_out:
+        print_json({"error": {"code": code, "message": message, "hint": hint or ""}, **(payload or {})})
+    raise typer.Exit(code)
+
+
+def inputs_error(code: int, message: str) -> dict:
+    """The `error` entry of a `--json` result whose exit code is 1 because some inputs failed (the
+    result object itself, with the accounting of inputs, is still printed)."""
+    if code == 0:
+        return {}
+    return {"error": {"code": code, "message": message, "hint": "the inputs listed as skipped were reported "
+                                                                "and left out; fix or remove them"}}
+
+
+_WARNED: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, printed once per command run however many times it is raised."""
+    text = str(message).strip()
+    if text and text not in _WARNED:
+        _WARNED.add(text)
+        err(f"warning: {text}")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    warn(str(message))
 
 
 def err(msg: str) -> None:
     """A message on stderr (never stdout: --json owns stdout)."""
     from rich.console import Console
-    Console(stderr=True, highlight=False, soft_wrap=True).print(msg, markup=False)
+    from ..outputs import shown
+    Console(stderr=True, highlight=False, soft_wrap=True).print(shown(msg), markup=False)
+
+
+def say_model_notes(m) -> None:
+    """What loading said about the model (where a fork checkpoint's files came from, warnings), once."""
+    for note in m.notes:
+        err(note)
+    for note in m.warnings:
+        warn(note)
 
 
 def print_json(obj: tp.Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    """The one JSON object of a command on stdout (paths with undecodable bytes shown with U+FFFD)."""
+    from ..outputs import shown
+    sys.stdout.write(shown(json.dumps(obj, indent=2, ensure_ascii=False, default=str)) + "\n")
     sys.stdout.flush()
 
 

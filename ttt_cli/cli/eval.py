@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, ForceOpt, handle_errors,
-                     JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt, TextStream,
-                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
+from .common import (AudioStream, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
+                     ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
+                     print_table, SeedOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
@@ -23,6 +23,7 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
 def librilight_cmd(
     data: Annotated[Path, typer.Argument(help="Dataset directory: DATA/<speaker>/<book>/<file>.flac (+ <file>.json).")],
     model: ModelOpt = None,
+    base: BaseOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (results.json, curve.csv, curve.png).")]
     = Path("results/librilight"),
     policy: Annotated[tp.Optional[list[str]], typer.Option(
@@ -50,14 +51,14 @@ def librilight_cmd(
     overwrite: OverwriteOpt = False,
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
                                                           "(ttt export-state); resets go back to it.")] = None,
-    force_state: Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip or "
-                                              "W0 differ from the model's.")] = False,
+    force_state: ForceStateOpt = False,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     ttt: TTTOpt = True,
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
@@ -89,20 +90,32 @@ def librilight_cmd(
         text_stream=text_stream.value, codes_cache=codes_cache, use_codes_cache=not no_codes_cache,
         save_token_nll=save_token_nll, resume=resume, overwrite=overwrite, init_state=init_state,
         force_state=force_state, device=device.value, dtype=dtype.value,
-        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers) or None, seed=seed)
+        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base)
 
     def load():
         from ..models.loader import load_model
         set_seed(seed)
-        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt)
+        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
+        for note in m.notes:
+            err(note)
+        for note in m.warnings:  # also in results.json; `warn` says each once
+            warn(note)
         err(check_memory(m, 1, force))
         return m
 
     with make_progress(quiet=json_out) as progress:
         res = evaluate_librilight(opts, progress, model=load)
+    for w in res.warnings:
+        warn(w)
+    if res.interrupted:
+        fail(130, f"interrupted: {res.documents_done} of {res.documents_total} document(s) finished and kept "
+                  f"(results.json says so). Run the same command with --resume to continue.",
+             "run the same command with --resume", json_out,
+             {**res.results, "out": str(res.out), "files": res.files, "failed": res.failed, "exit_code": 130})
     if json_out:
         print_json({**res.results, "out": str(res.out), "files": res.files, "failed": res.failed,
-                    "exit_code": res.exit_code})
+                    "exit_code": res.exit_code,
+                    **inputs_error(res.exit_code, f"{len(res.failed)} input(s) skipped: " + "; ".join(res.failed))})
     else:
         rows = [[p.name, _fmt(p.nll), _fmt(p.perplexity, ".2f"), _fmt(p.nll_semantic), _fmt(p.nll_acoustic),
                  *([_fmt(p.nll_text)] if any(q.nll_text is not None for q in res.policies) else []),
@@ -111,17 +124,12 @@ def librilight_cmd(
                 *(["NLL text"] if any(q.nll_text is not None for q in res.policies) else []), "tokens", "steps/s"]
         print_table(f"{res.documents_done}/{res.documents_total} document(s), "
                     f"{res.results['dataset']['seconds']:.1f} s of audio", cols, rows)
-        for w in res.warnings:
-            err(f"warning: {w}")
         err(f"wrote {', '.join(res.files[:3])}" + (f" and {len(res.files) - 3} token NLL file(s)"
                                                    if len(res.files) > 3 else ""))
     if res.failed and not json_out:
         err(f"{len(res.failed)} input(s) skipped:")
         for f in res.failed:
             err(f"  {f}")
-    if res.interrupted:
-        err(f"interrupted: {res.documents_done} of {res.documents_total} document(s) finished and kept. "
-            f"Run the same command with --resume to continue.")
     raise typer.Exit(res.exit_code)
 
 

@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
-from .common import (DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, JsonOpt, ModelOpt, OverwriteOpt,
-                     TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, check_memory, err, handle_errors, print_json,
-                     print_table, ttt_overrides)
+from .common import (SEED_MAX, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, ForceStateOpt,
+                     JsonOpt, ModelOpt, OverwriteOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt,
+                     check_memory, err, fail, handle_errors, inputs_error, print_json, print_table, say_model_notes,
+                     ttt_overrides, warn)
 
 DEFAULT_SEED = 4242  # = inference.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
 TEXT_PREVIEW = 48
@@ -33,6 +34,7 @@ def infer_cmd(
     audio: Annotated[tp.List[Path], typer.Argument(help="Audio files: wav, flac, mp3, ogg; any sample rate and "
                                                    "channel count.", show_default=False)],
     model: ModelOpt = None,  # type: ignore[assignment]
+    base: BaseOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (created if needed).")] = Path("out"),
     mode: Annotated[Mode, typer.Option("--mode", help="auto: stt for STT checkpoints, else dialog. dialog: input "
                                        "on the user stream, Moshi answers (text + audio). transcribe: input forced "
@@ -56,21 +58,25 @@ def infer_cmd(
                                                          "else 25).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Argmax instead of sampling: deterministic output.")]
     = False,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (moshi.run_inference uses 4242).")] = DEFAULT_SEED,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed, 0 .. 2**32 - 1 "
+                                      "(moshi.run_inference uses 4242).")] = DEFAULT_SEED,
     ttt: TTTOpt = True,
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this "
                                                           "fast-weight snapshot.")] = None,
     save_state: Annotated[tp.Optional[Path], typer.Option("--save-state", help="Write the fast weights at the end "
-                                                          "of the stream: this file for one stream, else a "
-                                                          "directory of <stem>.end.safetensors.")] = None,
+                                                          "of the stream: this file for one stream (inside it "
+                                                          "if it is a directory), else a directory of "
+                                                          "<stem>.end.safetensors.")] = None,
     json_out: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
+    force_state: ForceStateOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Stream audio files through Mimi and Moshi (LMGen) with TTT fast weights, frame by frame as live.
@@ -92,50 +98,43 @@ def infer_cmd(
     """
     from ..models.loader import load_model
     from ..errors import ConfigError
-    from ..inference import (InferOptions, infer, output_paths, plan_jobs, preflight, result_json, state_paths,
-                             validate_options, write_result)
-    from ..io import check_writable_dir, refuse_overwrite
-    from ..progress import make_progress
+    from ..inference import InferOptions, plan_jobs, plan_outputs, preflight, result_json, state_paths, validate_options
+    from ..outputs import InputLedger, OutputPlan
 
     opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
                         temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy,
-                        seed=seed, init_state=init_state, save_state=save_state, force=force)
+                        seed=seed, init_state=init_state, save_state=save_state, force=force_state)
     validate_options(opts, len(audio))
     jobs = plan_jobs(audio)
-    out_dir = check_writable_dir(out)
-    m = load_model(model, device=device.value, dtype=dtype.value,
-                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
-    for note in m.warnings:
-        err(f"warning: {note}")
-    run_mode, _ = preflight(m, opts, len(jobs))
     states = state_paths(save_state, jobs, opts.reset_policy)
-    if save_state is not None and len(set(states.values())) > 1:
-        if save_state.exists() and not save_state.is_dir():
-            raise ConfigError(f"--save-state {save_state}: several streams write one snapshot each into a "
-                              f"directory, but {save_state} is a file.")
-        check_writable_dir(save_state)
-    refuse_overwrite([p for j in jobs for p in output_paths(out_dir, j, run_mode).values()] + list(states.values()),
-                     overwrite)
-    streams = len(jobs) if opts.reset_policy == "file" else 1
-    err(check_memory(m, min(opts.batch_size, streams), force))
-
-    done: list = []
-    with make_progress() as progress:
-        def on_result(res, run) -> None:
-            if res.ok:
-                write_result(res, run, out_dir, states.get(res.job.index), overwrite)
-            if not res.ok:
-                progress.log(f"skipped: {res.error}")
-            done.append(res)
-
-        try:
-            run = infer(m, jobs, opts, progress, on_result=on_result)
-        except KeyboardInterrupt:
-            ok = {str(r.job.path) for r in done if r.ok}
-            rest = [str(j.path) for j in jobs if str(j.path) not in ok]
-            err(f"interrupted: {len(ok)} file(s) finished with outputs in {out_dir}; run again on the others "
-                f"({' '.join(rest[:5])}{' ...' if len(rest) > 5 else ''}).")
-            raise typer.Exit(130)
+    if save_state is not None and len(set(states.values())) > 1 and save_state.exists() and not save_state.is_dir():
+        raise ConfigError(f"--save-state {save_state}: several streams write one snapshot each into a directory, "
+                          f"but {save_state} is a file.")
+    # Where to write is decided and checked before the model loads: outputs never touch an input.
+    plan = OutputPlan(overwrite)
+    for j in jobs:
+        plan.read(j.path, "an input audio file")
+    plan.read(init_state, "the --init-state snapshot")
+    plan.read_model(model)
+    plan.write_into(out)
+    if save_state is not None and (len(set(states.values())) > 1 or save_state.is_dir()):
+        plan.write_into(save_state, "--save-state")
+    plan_outputs(plan, out, jobs, mode.value if mode.value != "auto" else None, states)
+    plan.check().prepare()
+    ledger = InputLedger([j.path for j in jobs])
+    try:
+        m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
+        say_model_notes(m)
+        run_mode, _ = preflight(m, opts, len(jobs))
+        if run_mode == "dialog" and mode.value != "dialog":  # known now: the .wav outputs
+            plan_outputs(plan, out, jobs, run_mode, {}, kinds=("wav",))
+            plan.check()
+        streams = len(jobs) if opts.reset_policy == "file" else 1
+        err(check_memory(m, min(opts.batch_size, streams), force))
+        run = _run(m, jobs, opts, out, states, ledger, json_out)
+    finally:
+        plan.cleanup()
 
     rows = []
     for r in run.results:
@@ -146,15 +145,68 @@ def infer_cmd(
         else:
             rows.append([r.job.stem, "FAILED", "", "", "", "", r.error])
     print_table(f"ttt infer: {run.mode}, model {run.model['id']}, TTT {'on' if run.ttt['enabled'] else 'off'}, "
-                f"outputs in {out_dir}", ["file", "status", "seconds", "steps", "ms/step", "RTF", "text / reason"],
+                f"outputs in {out}", ["file", "status", "seconds", "steps", "ms/step", "RTF", "text / reason"],
                 rows)
+    summary = (f"{len(ledger.failed)} of {len(jobs)} input(s) failed: "
+               + "; ".join(f"{r.path}: {r.reason}" for r in ledger.failed))
     if json_out:
-        objs = [result_json(r, run) for r in run.results]
-        print_json(objs[0] if len(objs) == 1 else objs)
-    if run.failed:
-        err(f"{len(run.failed)} of {len(run.results)} input(s) failed: "
-            + "; ".join(r.error or "" for r in run.failed))
+        print_json({"results": [result_json(r, run) for r in run.results], "inputs": ledger.to_dict(),
+                    "exit_code": ledger.exit_code, **inputs_error(ledger.exit_code, summary)})
+    if ledger.exit_code:
+        err(summary)
         raise typer.Exit(1)
+
+
+def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
+    """Streams the jobs, writing each result as it completes; accounts for every input in `ledger`.
+
+    A write failure (disk full, read-only, permission) or Ctrl-C stops the run: finished outputs
+    stay, the input being written is reported with the reason, the others as not run.
+    """
+    from ..errors import WriteError
+    from ..inference import infer, write_result
+    from ..progress import make_progress
+
+    def failed(res, default: str) -> None:
+        ledger.skip(res.job.index, res.error.removeprefix(f"{res.job.path}: ") if res.error else default)
+
+    with make_progress() as progress:
+        def on_result(res, run) -> None:
+            try:
+                write_result(res, run, out, states.get(res.job.index))
+            except KeyboardInterrupt:
+                failed(res, "interrupted (Ctrl-C) while its outputs were written; none of them is left")
+                raise
+            except BaseException:
+                failed(res, "its outputs could not be written")
+                raise
+            if res.ok:
+                ledger.done(res.job.index, res.info.warnings if res.info else ())
+            else:
+                failed(res, "failed")
+            if res.info is not None:
+                for w in res.info.warnings:
+                    warn(w)
+            if not res.ok:
+                progress.log(f"skipped: {res.error}")
+
+        try:
+            return infer(m, jobs, opts, progress, on_result=on_result)
+        except WriteError as e:
+            rest = ledger.not_run(f"the run stopped after a write failure ({getattr(e, 'detail', e)})")
+            fail(1, f"{e} {len(rest)} input(s) not run: {_names(rest)}.", e.hint, json_out,
+                 {"inputs": ledger.to_dict(), "exit_code": 1})
+        except KeyboardInterrupt:
+            ledger.not_run("interrupted (Ctrl-C)")
+            again = [r for r in ledger.skipped if r.reason.startswith(("not run", "interrupted"))]
+            fail(130, f"interrupted: {len(ledger.done_records)} file(s) finished with outputs in {out} (kept); run "
+                      f"again on the others: {_names(again)}.", "run the command again on the inputs not run",
+                 json_out, {"inputs": ledger.to_dict(), "exit_code": 130})
+
+
+def _names(records, n: int = 5) -> str:
+    names = [r.path for r in records]
+    return " ".join(names[:n]) + (" ..." if len(names) > n else "") if names else "none"
 
 
 def register(app: typer.Typer) -> None:

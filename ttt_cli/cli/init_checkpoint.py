@@ -46,6 +46,9 @@ def init_checkpoint_cmd(
     conv_padding: Annotated[tp.Optional[str], typer.Option("--conv-padding", help="right | center")] = None,
     target_source: Annotated[tp.Optional[str], typer.Option("--target-source", help="input | text")] = None,
     copy_base: Annotated[bool, typer.Option("--copy-base", help="Copy base weights instead of referencing them.")] = False,
+    yarn_scale: Annotated[tp.Optional[float], typer.Option("--yarn-scale", help="Extend the attention context with "
+                                                          "YaRN by this factor (writes `yarn_config`; context x S).")]
+    = None,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -59,6 +62,8 @@ def init_checkpoint_cmd(
       ttt init-checkpoint --preset tiny --variant linear-adapter --rank 8 --out ckpt/tiny-adapter
 
       ttt init-checkpoint --from kyutai/moshiko-pytorch-bf16 --layers every:6 --out ckpt/moshiko-ttt
+
+      ttt init-checkpoint --preset tiny --yarn-scale 4 --out ckpt/tiny-yarn
     """
     from ..errors import ConfigError
     from ..models.init_checkpoint import init_checkpoint
@@ -72,7 +77,7 @@ def init_checkpoint_cmd(
                                      targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                                      ).items() if v is not None}
     res = init_checkpoint(src, out, layers=layers, target_init=target_init.value, section=section,
-                          copy_base=copy_base, overwrite=overwrite)
+                          copy_base=copy_base, overwrite=overwrite, yarn_scale=yarn_scale)
     if json_out:
         print_json({"out": str(res.out), "source": res.model_id, "ttt": res.ttt, "files": res.files,
                     "target_init": res.target_init, "notes": res.notes})

@@ -8,15 +8,17 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err,
-                     handle_errors, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, SeedOpt,
-                     set_seed, TextStream, ttt_overrides, TTTChunkOpt, TTTLayersOpt, TTTLrOpt, TTTOpt)
+from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail,
+                     ForceOpt, ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
+                     print_table, say_model_notes, SeedOpt, set_seed, TextStream, ttt_overrides, TTTChunkOpt,
+                     TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
 
 
 def export_state_cmd(
     audio: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, mp3, ogg, ...).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Snapshot file (one snapshot) or directory (several).")],
     model: ModelOpt = None,
+    base: BaseOpt = None,
     at: Annotated[tp.Optional[list[str]], typer.Option("--at", help="Also snapshot at this time (1.5, 30s, 2m); repeatable.")] = None,
     flush_partial: Annotated[bool, typer.Option("--flush-partial", help="Apply the pending partial chunk's update in the written snapshots.")] = False,
     audio_stream: Annotated[AudioStream, typer.Option("--audio-stream", help="Stream the audio codes go on.")] = AudioStream.moshi,
@@ -30,10 +32,11 @@ def export_state_cmd(
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
-    force: Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit; "
-                                        "restore an --init-state whose lr or W0 differ.")] = False,
+    force: ForceOpt = False,
+    force_state: ForceStateOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -49,22 +52,47 @@ def export_state_cmd(
 
       ttt export-state talk.wav --model tiny --at 1.5 --at 3s --out states/ --flush-partial
     """
+    from ..errors import ConfigError
     from ..models.loader import load_model
     from ..units import parse_seconds
-    from ..export import export_states
+    from ..export import export_states, output_plan
     from ..progress import make_progress
 
-    at_sec = [parse_seconds(t) for t in at or []]
-    set_seed(seed)
-    m = load_model(model, device=device.value, dtype=dtype.value,
-                   ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
-    err(check_memory(m, 1, force))
-    with make_progress(quiet=False) as progress:
-        res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
-                            audio_stream=audio_stream.value, text_stream=text_stream.value, channel=channel,
-                            block_steps=block_steps, init_state=init_state, force=force, progress=progress)
+    at_sec = sorted(set(parse_seconds(t) for t in at or []))
+    if any(t < 0 for t in at_sec):
+        raise ConfigError(f"--at times must be >= 0, got {[t for t in at_sec if t < 0]}.")
+    guard = output_plan(list(audio), out, at_sec, overwrite, init_state, model)  # before any work
+    try:
+        set_seed(seed)
+        m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
+        say_model_notes(m)
+        err(check_memory(m, 1, force))
+        with make_progress(quiet=False) as progress:
+            res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
+                                audio_stream=audio_stream.value, text_stream=text_stream.value, channel=channel,
+                                block_steps=block_steps, init_state=init_state, force=force_state, progress=progress,
+                                guard=guard)
+    finally:
+        guard[2].cleanup()
+    for it in res.items:
+        for w in (it.audio or {}).get("warnings", []):
+            warn(w)
+    code = 1 if res.failed else 0
+    if res.interrupted:
+        done = [it.input for it in res.items if it.ok]
+        rest = [it.input for it in res.items if not it.ok]
+        fail(130, f"interrupted: {len(done)} input(s) finished, their snapshots are kept; run again on the others "
+                  f"({' '.join(rest[:5])}{' ...' if len(rest) > 5 else ''}).",
+             "run the command again on the inputs not run", json_out, {**res.to_dict(), "exit_code": 130})
+    if res.stopped:
+        n = sum(1 for it in res.items if it.error and "not run" in it.error)
+        fail(1, f"{res.stopped}. Snapshots already written stay; {n} input(s) not run.",
+             "free some space or write elsewhere, then run again on the inputs not run", json_out,
+             {**res.to_dict(), "exit_code": 1})
     if json_out:
-        print_json(res.to_dict())
+        print_json({**res.to_dict(), "exit_code": code, **inputs_error(code, "; ".join(
+            str(it.error) for it in res.failed))})
     else:
         rows = []
         for it in res.items:
@@ -83,19 +111,21 @@ def export_state_cmd(
     if res.failed:
         err(f"{len(res.failed)} of {len(res.items)} input(s) failed:")
         for it in res.failed:
-            err(f"  {it.input}: {it.error}")
-        raise typer.Exit(1)
+            err(f"  {it.error}")
+        raise typer.Exit(code)
 
 
 def inspect_state_cmd(
     state: Annotated[Path, typer.Argument(help="Snapshot file (.safetensors).", show_default=False)],
     model: Annotated[tp.Optional[str], typer.Option("--model", "-m", help="Check fit and measure drift against this model.")] = None,
+    base: BaseOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     ttt: TTTOpt = True,
     ttt_lr: TTTLrOpt = None,
     ttt_chunk_size: TTTChunkOpt = None,
     ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -117,11 +147,11 @@ def inspect_state_cmd(
     s = load_state(state)
     m = None
     if model is not None:
-        m = load_model(model, device=device.value, dtype=dtype.value,
-                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers))
+        m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+                       ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
     res = inspect_state(s, m)
     if json_out:
-        print_json({"path": str(state), "checked_model": model, **res.to_dict()})
+        print_json({"path": str(state), "checked_model": model, **res.to_dict(), **_fit_error(res, model)})
         _exit_unless_fits(res, model)
         return
     meta = s.meta
@@ -141,11 +171,21 @@ def inspect_state_cmd(
     _exit_unless_fits(res, model)
 
 
+def _fit_error(res, model: str | None) -> dict:
+    """The `error` entry when the snapshot does not fit the --model it was checked against, else {}."""
+    if res.fit is None or res.fit.fits:
+        return {}
+    how = "restorable with --force-state" if res.fit.forceable else "cannot be forced"
+    return {"error": {"code": 2, "message": f"the snapshot does not fit {model} ({how}): {res.fit.reason()}.",
+                      "hint": "use a snapshot taken with this model" + (", or pass --force-state to use it anyway"
+                                                                       if res.fit.forceable else "")}}
+
+
 def _exit_unless_fits(res, model: str | None) -> None:
     """inspect-state --model doubles as a fit check: exit 2 (after the report) when the snapshot does not fit."""
-    if res.fit is not None and not res.fit.fits:
-        how = "restorable with --force" if res.fit.forceable else "cannot be forced"
-        err(f"error: the snapshot does not fit {model} ({how}): {res.fit.reason()}.")
+    e = _fit_error(res, model)
+    if e:
+        err(f"error: {e['error']['message']}")
         raise typer.Exit(2)
 
 

@@ -113,7 +113,7 @@ class AdapterGroup(LearnerLayer):
     """The fast-weight layer of one transformer layer's adapters: one learner per target, in one state."""
 
     variant = "linear-adapter"
-    structural = frozenset({"variant", "layers", "chunk_size", "targets", "rank", "scale"})
+    structural = frozenset({"variant", "layers", *AdapterConfig.structural_keys})
     rate_key = "lr_scale"
     figure_suffix = "_adapter"
 

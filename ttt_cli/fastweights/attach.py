@@ -23,22 +23,34 @@ TTT_TENSORS = ("w_down", "target_generator.conv1d.conv.weight", "target_generato
 
 
 def _x0_source(lm: LMModel) -> X0Source:
+    """Hooks that give TTT layers the current call's token embeddings (SPEC §3.2).
+
+    `input` is the sum of the audio and text token embeddings *before* any condition is added (the
+    fork's `token_embeddings`), summed in moshi's order (audio codebooks in order, then text) so that
+    it equals moshi's transformer input bit for bit when there is no condition.
+    """
     src = getattr(lm, "_ttt_x0", None)
     if src is None:
         src = X0Source()
+        acc: list = [None]  # running sum of this call's audio embeddings
 
-        def grab_input(_mod, args, kwargs):
-            src.input = args[0] if args else kwargs["x"]
+        def grab_audio(index: int):
+            def hook(_mod, _args, out):
+                acc[0] = out if index == 0 or acc[0] is None else acc[0] + out
+            return hook
 
         def grab_text(_mod, _args, out):
             src.text = out
+            src.input = out if acc[0] is None else acc[0] + out
+            acc[0] = None
 
         def clear(_mod, _args, _out):
             src.input = src.text = None
+            acc[0] = None
 
-        src.handles = [lm.transformer.register_forward_pre_hook(grab_input, with_kwargs=True),
-                       lm.text_emb.register_forward_hook(grab_text),
-                       lm.transformer.register_forward_hook(clear)]
+        src.handles = [emb.register_forward_hook(grab_audio(i)) for i, emb in enumerate(lm.emb)]
+        src.handles += [lm.text_emb.register_forward_hook(grab_text),
+                        lm.transformer.register_forward_hook(clear)]
         lm._ttt_x0 = src
     return src
 

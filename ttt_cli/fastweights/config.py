@@ -10,6 +10,7 @@ from ..errors import ConfigError
 
 PADDINGS = ("right", "center")
 TARGET_SOURCES = ("input", "text")
+ACTIVATIONS = ("gelu", "silu")  # None: the layer's own gating activation (SPEC §3.1)
 TTT_FILE = "ttt.safetensors"
 ADAPTER_TARGETS = ("self_attn.in_projs.0", "self_attn.out_projs.0", "gating.linear_in", "gating.linear_out")
 
@@ -135,11 +136,13 @@ class TTTConfig(FastWeightConfig):
     conv_kernel_size: int = 2
     conv_padding: str = "right"
     target_source: str = "input"
+    activation: str | None = None
     delta_clip_fro_norm: float | None = None
     delta_clip_epsilon: float = 1e-12
 
     rate_key: tp.ClassVar[str] = "lr"
-    structural_keys: tp.ClassVar[tuple[str, ...]] = ("chunk_size", "conv_kernel_size", "conv_padding", "target_source")
+    structural_keys: tp.ClassVar[tuple[str, ...]] = ("chunk_size", "conv_kernel_size", "conv_padding", "target_source",
+                                                          "activation")
     hyper_keys: tp.ClassVar[tuple[str, ...]] = ("lr", "delta_clip_fro_norm", "delta_clip_epsilon")
 
     def validate_variant(self, bad) -> None:
@@ -150,6 +153,8 @@ class TTTConfig(FastWeightConfig):
             bad(f"conv_padding must be one of {PADDINGS}, got {self.conv_padding!r}.")
         if self.target_source not in TARGET_SOURCES:
             bad(f"target_source must be one of {TARGET_SOURCES}, got {self.target_source!r}.")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            bad(f"activation must be null (the layer's own) or one of {ACTIVATIONS}, got {self.activation!r}.")
         if self.delta_clip_fro_norm is not None:
             if not isinstance(self.delta_clip_fro_norm, (int, float)) or self.delta_clip_fro_norm <= 0:
                 bad(f"delta_clip_fro_norm must be a number > 0 or null, got {self.delta_clip_fro_norm!r}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import typing as tp
 import warnings
 from dataclasses import dataclass, field
@@ -10,7 +11,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moshi.modules.gating import gating_forward_kernel
 from moshi.modules.lora import LoRALinear
+from moshi.utils.compile import no_compile
 from moshi.modules.streaming import State
 
 from .config import TTTConfig
@@ -18,6 +21,8 @@ from ..errors import StateMismatchError
 from .interface import FastWeightLayer, LayerBench
 
 F32 = torch.float32
+# `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
+ACTIVATIONS: dict[str, tp.Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
 GRAPH_CAPTURE_ERROR = ("In-Place TTT decides chunk updates in Python: it cannot run under CUDA graph capture. "
                        "Wrap generation in moshi.utils.compile.no_cuda_graph().")
 
@@ -91,7 +96,7 @@ class TargetGenerator(nn.Module):
 class X0Source:
     """Per-LM holder of the current call's token embeddings, filled by forward hooks.
 
-    `input`: the tensor fed to `lm.transformer`; `text`: the output of `lm.text_emb`.
+    `input`: the sum of the token embeddings (audio and text, no condition); `text`: `lm.text_emb`'s output.
     """
 
     def __init__(self) -> None:
@@ -156,15 +161,15 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
     """
 
     variant = "inplace"
-    structural = frozenset({"variant", "layers", "chunk_size", "conv_kernel_size", "conv_padding",
-                            "target_source"})
+    structural = frozenset({"variant", "layers", *TTTConfig.structural_keys})
 
     def __init__(self, linear_in: nn.Module, linear_out: nn.Module, activation, cfg: TTTConfig,
                  x0: X0Source):
         super().__init__()
         self.linear_in = linear_in
         self.linear_out = linear_out
-        self.activation = activation
+        self.activation = ACTIVATIONS[cfg.activation] if cfg.activation is not None else activation
+        self.activation_name = cfg.activation
         w_out = linear_weight(linear_out)
         d, h = w_out.shape
         self.dim, self.hidden = d, h
@@ -178,6 +183,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         self.target_source = cfg.target_source
         self._x0 = x0
         self._warm_start: torch.Tensor | None = None  # [d, h] replaces W0 as the reset target
+        self._w_cast: tuple | None = None  # (reset target, its version/device/dtype, its model-dtype copy)
 
     # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
     def _apply(self, fn, recurse=True):
@@ -229,11 +235,31 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         hu = hu.view(B, T, 2, -1)
         return self.activation(hu[..., 0, :]) * hu[..., 1, :]  # [B, T, h]
 
+    def _frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reset target cast to the model dtype, cached until it changes (in place or replaced)."""
+        w = self._reset_target()
+        c = self._w_cast
+        if c is None or c[0] is not w or c[1] != (w._version, w.device, dtype):
+            c = self._w_cast = (w, (w._version, w.device, dtype), w.to(dtype))
+        return c[2]
+
+    def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """TTT off: moshi's gating computation in the model dtype with W0 as the down projection (SPEC
+        §3.4b). A plain `linear_in` goes through moshi's own gating kernel, compiled or not as moshi's
+        module would be, so that bf16 runs give what moshi's CLI gives, on CPU and GPU alike."""
+        w = self._frozen_weight(x.dtype)
+        if type(self.linear_in) is nn.Linear:
+            with contextlib.ExitStack() as stack:
+                if self.training:
+                    stack.enter_context(no_compile())
+                return gating_forward_kernel(self.linear_in.weight, w, self.activation, x)
+        return F.linear(self.hidden_activations(x), w)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        z = self.hidden_activations(x).to(F32)  # [B, T, h]
         if self.frozen:
-            return F.linear(z, self._reset_target()).to(x.dtype)
+            return self._frozen_forward(x)
+        z = self.hidden_activations(x).to(F32)  # [B, T, h]
         refuse_graph_capture(x)
         x0 = self._x0.get(self.target_source, B, T).to(F32)  # [B, T, d]
         state = self._streaming_state
@@ -377,7 +403,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         conv = self.target_generator.conv1d
         return {"variant": self.variant, "chunk_size": self.chunk_size, "lr": self.lr,
                 "conv_kernel_size": conv.kernel_size, "conv_padding": conv.padding,
-                "target_source": self.target_source, "delta_clip_fro_norm": self.clip,
+                "target_source": self.target_source, "activation": self.activation_name,
+                "delta_clip_fro_norm": self.clip,
                 "delta_clip_epsilon": self.clip_eps}
 
     def state_bytes_per_stream(self) -> int:

@@ -41,7 +41,7 @@ class HybridTTTBlock(LearnerLayer):
     """
 
     variant = "mlp"
-    structural = frozenset({"variant", "layers", "chunk_size", "num_heads"})
+    structural = frozenset({"variant", "layers", *MLPConfig.structural_keys})
     rate_key = "base_lr"
     figure_suffix = "_mlp"
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from .loader import _load_lm, load_model
 from .presets import PRESETS
 from .resolver import FILE_KEYS, Resolved, _file_ref, checkpoint_info, resolve
 from .writer import add_ttt_to_checkpoint
+from .yarn import YarnConfig
 
 
 @dataclass
@@ -28,9 +27,44 @@ class InitResult:
     notes: list[str]  # how the fast-weight tensors were initialised (e.g. a fresh `mlp` block is not neutral)
 
 
+def checkpoint_is_ours(path: Path) -> bool:
+    """A directory `ttt init-checkpoint` wrote: config.json with a `ttt` section, and only the files it writes
+    (config.json, the TTT tensors, base files it copied). Only such a directory is replaced by --overwrite."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        entries = [c.name for c in path.iterdir()]
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or not isinstance(config.get("ttt"), dict):
+        return False
+    allowed = {"config.json", str(config["ttt"].get("ttt_name") or TTT_FILE)}
+    allowed |= {str(config[k]) for k in FILE_KEYS if isinstance(config.get(k), str) and "/" not in config[k]}
+    return all(name in allowed for name in entries)
+
+
+def _output_plan(res: Resolved, out: Path, overwrite: bool):
+    """Refuses an --out that is, holds or lies inside the source, or is a directory ttt did not write (SPEC §7.1)."""
+    from ..outputs import OutputPlan
+
+    plan = OutputPlan(overwrite)
+    if res.directory is not None:
+        plan.read(res.directory, f"the source checkpoint {res.model_id}", tree=True)
+        for key in FILE_KEYS:  # files the source names outside its directory are inputs too
+            name = res.config.get(key)
+            if isinstance(name, str) and not name.startswith("hf://"):
+                plan.read(Path(_file_ref(res, name)), f"a file of the source checkpoint ({key})")
+    plan.replace_tree(out, "--out", "a checkpoint directory", checkpoint_is_ours)
+    return plan.check().prepare()
+
+
 def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | None = None, target_init: str = "ntp",
-                    section: dict | None = None, copy_base: bool = False, overwrite: bool = False) -> InitResult:
+                    section: dict | None = None, copy_base: bool = False, overwrite: bool = False,
+                    yarn_scale: float | None = None) -> InitResult:
     """Writes a loadable TTT checkpoint directory from a base checkpoint or preset, then loads it back.
+
+    The directory is built under a temporary name beside `out` and moved into place only when
+    complete; an existing `out` is replaced only with `overwrite` and only if this tool wrote it
+    (`checkpoint_is_ours`); an `out` that is, contains or lies inside the source is refused.
 
     Args:
         source: base checkpoint (preset, directory, hub id).
@@ -40,15 +74,22 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         section: further `ttt` keys (variant, chunk_size, lr, ...). A `variant` other than the source's
             keeps its layers and takes that variant's defaults; `lr` sets the variant's rate.
         copy_base: copy the base weights into `out` instead of referencing them.
-        overwrite: replace an existing non-empty `out`.
+        overwrite: replace an existing `out` that an earlier `ttt init-checkpoint` wrote.
+        yarn_scale: write a `yarn_config` with this scale (SPEC §4.3; the fork's other defaults,
+            `original_max_seq_len` = the config's `context`).
+    Raises:
+        OutputError: `out` may not be written (see above); ConfigError: unwritable parent; OSError: the
+            write failed (nothing of it is left).
     """
-    import torch
     from ..fastweights.attach import variant_of
+    from ..io import atomic_dir
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it.")
     res = resolve(source)
+    if res.fork is not None:
+        raise ConfigError(f"--from {source}: a fine-tuning fork checkpoint loads as it is (--model {source} "
+                          f"--base ...); init-checkpoint makes TTT checkpoints from base models.")
+    plan = _output_plan(res, out, overwrite)
     info = checkpoint_info(res)
     num_layers = int((info.lm_config or {}).get("num_layers", 32))
     base_cfg, _ = resolve_ttt_config(res.config, num_layers)
@@ -57,39 +98,56 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     if layers is not None:
         overrides["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
     overrides["ttt_name"] = TTT_FILE
-    sec = base_cfg.with_overrides(overrides, num_layers).to_dict()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
+    sec = base_cfg.with_overrides(overrides, num_layers).to_dict()  # checks the keys of the target variant
     try:
-        config = {k: v for k, v in res.config.items() if k not in ("ttt", "ttt_config")}
-        if not config:  # legacy hub repo without config.json: moshi's default file names
-            from moshi.models import loaders
-            config = {"moshi_name": loaders.MOSHI_NAME, "mimi_name": loaders.MIMI_NAME,
-                      "tokenizer_name": loaders.TEXT_TOKENIZER_NAME}
-        for key in [k for k in FILE_KEYS if config.get(k)]:
-            name = config[key]
-            ref = _file_ref(res, name)
-            if copy_base or res.directory is not None and res.model_id in PRESETS:
-                from moshi.models.loaders import hf_get
-                src = hf_get(ref) if ref.startswith("hf://") else Path(ref)
-                shutil.copy(src, tmp / Path(name).name)
-                config[key] = Path(name).name
-            else:
-                config[key] = ref
-        if info.lm_config is not None:
-            for k, v in info.lm_config.items():
-                config.setdefault(k, v)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        lm, _ = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32)
-        cfg = add_ttt_to_checkpoint(tmp, sec, lm, target_init)
-        notes = [variant_of(cfg).fresh_note(cfg, target_init)]
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+        with atomic_dir(out, replace=True) as tmp:
+            cfg = _write_checkpoint(res, info, tmp, sec, target_init, copy_base, yarn_scale)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        plan.cleanup()
     m = load_model(str(out), device="cpu", dtype="fp32")  # verify it loads before reporting success
     if m.ttt is None or m.ttt.layers != cfg.layers:
         raise CheckpointError(f"{out} was written but does not load back with TTT layers {cfg.layers}.")
+    notes = [variant_of(cfg).fresh_note(cfg, target_init)]
     return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init, notes)
+
+
+def yarn_config_for(scale: float, context: int | None) -> dict:
+    """A `yarn_config` section with the fork's defaults (beta 32/1, mscale 1/0) and the given scale."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 1:
+        raise ConfigError(f"--yarn-scale {scale}: YaRN extends the attention context; the scale must be >= 1.")
+    if not isinstance(context, int):
+        raise ConfigError("--yarn-scale: the base config has no integer `context` to extend.")
+    section = {"enabled": True, "scale": float(scale), "original_max_seq_len": context, "beta_fast": 32,
+               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.0}
+    YarnConfig.from_dict(section, context)
+    return section
+
+
+def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: str, copy_base: bool,
+                      yarn_scale: float | None = None) -> FastWeightConfig:
+    """Fills directory `tmp`: config.json (moshi's keys, file references or copies) and the TTT tensors."""
+    import torch
+
+    config = {k: v for k, v in res.config.items() if k not in ("ttt", "ttt_config")}
+    if not config:  # legacy hub repo without config.json: moshi's default file names
+        from moshi.models import loaders
+        config = {"moshi_name": loaders.MOSHI_NAME, "mimi_name": loaders.MIMI_NAME,
+                  "tokenizer_name": loaders.TEXT_TOKENIZER_NAME}
+    for key in [k for k in FILE_KEYS if config.get(k)]:
+        name = config[key]
+        ref = _file_ref(res, name)
+        if copy_base or res.directory is not None and res.model_id in PRESETS:
+            from moshi.models.loaders import hf_get
+            src = hf_get(ref) if ref.startswith("hf://") else Path(ref)
+            shutil.copyfile(src, tmp / Path(name).name)  # contents only: the user's umask, not the source's mode
+            config[key] = Path(name).name
+        else:
+            config[key] = ref
+    if info.lm_config is not None:
+        for k, v in info.lm_config.items():
+            config.setdefault(k, v)
+    if yarn_scale is not None:
+        config["yarn_config"] = yarn_config_for(yarn_scale, config.get("context"))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    lm = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32).lm
+    return add_ttt_to_checkpoint(tmp, sec, lm, target_init)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 PRESETS = ("tiny", "tiny-stt", "tiny-mlp", "tiny-adapter", "bench")
@@ -197,17 +195,14 @@ def ensure_preset(name: str) -> Path:
     final = preset_dir(name)
     if (final / "config.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+    from ..io import atomic_dir
     try:
-        build_preset(name, tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:  # the user's umask (mkdtemp would make it 0700)
+            build_preset(name, tmp)
+    except OSError:
+        if not (final / "config.json").exists():
+            raise
+        # another process won the race: its preset is the same
     return final
 
 

@@ -6,10 +6,11 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
+from .fork import ForkLayout, find_fork_layout, is_fork_config
 from .presets import PRESETS
 
 DEFAULT_MODEL = "kyutai/moshiko-pytorch-bf16"
@@ -27,24 +28,56 @@ class Resolved:
     directory: Path | None         # local directory (presets, local sources)
     hub_repo: str | None = None
     revision: str | None = None
+    fork: ForkLayout | None = None   # a checkpoint the fine-tuning fork's trainer wrote (SPEC §4.3)
+    base: "Resolved | None" = None   # where a fork checkpoint's other files come from (`--base`)
+    provenance: dict = field(default_factory=dict)  # files used and where from, filled by checkpoint_info
 
 
-def resolve(source: str | None) -> Resolved:
-    """Finds a checkpoint: a preset name, a local directory with config.json, or a hub id.
+def resolve(source: str | None, base: str | None = None) -> Resolved:
+    """Finds a checkpoint: a preset name, a local directory with config.json, a fine-tuning fork
+    checkpoint, or a hub id.
 
     Args:
         source: `tiny`, `tiny-stt`, `bench`, a directory, `org/name[@rev]` or `hf://org/name[@rev]`;
-            None means the default base Moshi.
+            a fork checkpoint's `consolidated/` folder, its `checkpoint_NNNNNN/` parent or its
+            `lora.safetensors` / `consolidated.safetensors` file. None means the default base Moshi.
+        base: for fork checkpoints, the base the other files come from (any source above but a fork
+            checkpoint; default kyutai/moshiko-pytorch-bf16). An error for other sources.
     """
-    source = source or DEFAULT_MODEL
+    res = _resolve(source or DEFAULT_MODEL)
+    if res.fork is not None:
+        try:
+            res.base = _resolve(base or DEFAULT_MODEL)
+        except CheckpointError as e:
+            raise CheckpointError(f"{res.model_id} is a fine-tuning fork checkpoint whose LM weights, Mimi or tokenizer "
+                                  f"come from its base (--base, default {DEFAULT_MODEL}), which could not be used: "
+                                  f"{e}") from None
+        if res.base.fork is not None:
+            raise ConfigError(f"--base {base}: a fine-tuning fork checkpoint cannot be a base; pass the model it was "
+                              f"trained from (default {DEFAULT_MODEL}).")
+    elif base is not None:
+        raise ConfigError(f"--base {base}: --base names the base model of a fine-tuning fork checkpoint "
+                          f"(moshi_in_place), and --model {source or DEFAULT_MODEL} is not one. Drop --base.")
+    return res
+
+
+def _resolve(source: str) -> Resolved:
     if source in PRESETS:
         from .presets import ensure_preset
         d = ensure_preset(source)
         return Resolved(source, _read_config(d / "config.json"), d)
     p = Path(source).expanduser()
     if p.exists():
+        layout = find_fork_layout(p)
+        if layout is not None:
+            cfg = _read_config(layout.folder / "config.json")
+            if is_fork_config(cfg):
+                return Resolved(str(layout.weights.resolve() if p.is_file() else layout.folder.resolve()), cfg,
+                                layout.folder.resolve(), fork=ForkLayout(layout.folder.resolve(),
+                                                                         layout.weights.resolve(), layout.step))
         if not p.is_dir():
-            raise CheckpointError(f"--model {source}: expected a checkpoint directory with config.json, got a file.")
+            raise CheckpointError(f"--model {source}: expected a checkpoint directory with config.json (or a "
+                                  f"fine-tuning fork's lora.safetensors / consolidated.safetensors), got a file.")
         cfg_path = p / "config.json"
         if not cfg_path.exists():
             raise CheckpointError(f"--model {source}: the directory has no config.json. A checkpoint directory "
@@ -109,22 +142,92 @@ def _file_ref(res: Resolved, name: str) -> str:
     return f"hf://{res.hub_repo}/{name}"
 
 
+def _local(ref: str) -> Path:
+    return Path(str(ref).removeprefix("file://"))
+
+
+NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config")
+
+
+def yarn_section(cfg: dict):
+    """The checkpoint's enabled `yarn_config` (ours or the fork's) as a `YarnConfig`; None when absent."""
+    from .yarn import YarnConfig  # imports torch: only when a checkpoint is read
+    return YarnConfig.from_dict(cfg.get("yarn_config"), cfg.get("context"))
+
+
+def moshi_config(cfg: dict) -> dict:
+    """The config moshi's loader sees: TTT and YaRN sections removed (moshi passes unknown keys to
+    `LMModel`), and `context` multiplied by an active YaRN scale (SPEC §4.3)."""
+    out = {k: v for k, v in cfg.items() if k not in NON_LM_KEYS}
+    yarn = yarn_section(cfg)
+    if yarn is not None and isinstance(out.get("context"), int):
+        out["context"] = yarn.context(out["context"])
+    return out
+
+
+def _base_files(base: Resolved) -> dict[str, str | None]:
+    """The base's LM weights, Mimi, tokenizer and Mimi config, as refs `hf_get` takes."""
+    from moshi.models import loaders
+    cfg = base.config
+    if base.directory is None and not cfg:  # legacy hub repo: moshi's default names
+        cfg = {}
+    names = {"moshi": cfg.get("moshi_name", loaders.MOSHI_NAME), "mimi": cfg.get("mimi_name", loaders.MIMI_NAME),
+             "tokenizer": cfg.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
+             "mimi_config": cfg.get("mimi_config_name")}
+    return {k: (_file_ref(base, v) if v else None) for k, v in names.items()}
+
+
+def _fork_files(res: Resolved) -> tuple[dict[str, str | None], dict[str, str]]:
+    """Files of a fork checkpoint: those its config names and its folder holds, the rest from the base.
+
+    Returns ({role: ref}, {role: "checkpoint" | "base <id>"}).
+    """
+    cfg, folder, base = res.config, res.fork.folder, res.base
+    from_base = _base_files(base)
+    keys = {"moshi": "moshi_name", "mimi": "mimi_name", "tokenizer": "tokenizer_name", "mimi_config": "mimi_config_name"}
+    files: dict[str, str | None] = {}
+    where: dict[str, str] = {}
+    for role, key in keys.items():
+        name = cfg.get(key)
+        local = _local(name) if name and (name.startswith("file://") or os.path.isabs(name)) else (
+            folder / Path(name).name if name else None)
+        if local is not None and local.is_file():
+            files[role], where[role] = str(local), ("checkpoint folder" if local.parent == folder
+                                                    else "the path config.json names")
+        else:
+            files[role], where[role] = from_base[role], f"base {base.model_id}"
+    if res.fork.kind == "consolidated":  # full fine-tuning: every LM weight is in consolidated.safetensors
+        files["moshi"], where["moshi"] = str(res.fork.weights), "checkpoint (consolidated.safetensors)"
+    return files, where
+
+
 def checkpoint_info(res: Resolved):
-    """moshi's `CheckpointInfo` for a resolved checkpoint, with the TTT sections removed."""
+    """moshi's `CheckpointInfo` for a resolved checkpoint, with the TTT and YaRN sections removed.
+
+    Fills `res.provenance` with the files used (and, for fork checkpoints, which came from `--base`).
+    """
     from moshi.models import loaders
 
     cfg = res.config
-    if res.directory is not None:
+    kw: dict = {}
+    if res.fork is not None:
+        files, where = _fork_files(res)
+        kw = dict(moshi_weights=files["moshi"], mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
+        if files["mimi_config"]:
+            kw["mimi_config_path"] = files["mimi_config"]
+        res.provenance = {"format": "moshi_in_place", "kind": res.fork.kind, "step": res.fork.step,
+                          "checkpoint": str(res.fork.folder), "weights": str(res.fork.weights),
+                          "base": res.base.model_id, "from": where}
+    elif res.directory is not None:
         missing = [f"{k}={cfg[k]}" for k in FILE_KEYS if k in cfg and not str(cfg[k]).startswith("hf://")
-                   and not Path(_file_ref(res, cfg[k])).exists()]
+                   and not _local(_file_ref(res, cfg[k])).exists()]
         if missing:
             raise CheckpointError(f"checkpoint {res.model_id} names files that do not exist: {', '.join(missing)}.")
         for k in ("moshi_name", "mimi_name", "tokenizer_name"):
             if k not in cfg:
                 raise CheckpointError(f"checkpoint {res.model_id}: config.json has no `{k}`; a local checkpoint must "
                                       f"name its weights, Mimi and tokenizer files.")
-    kw = {}
-    if res.directory is not None or res.config:
+    if res.fork is None and (res.directory is not None or res.config):
         kw = dict(moshi_weights=_file_ref(res, cfg.get("moshi_name", loaders.MOSHI_NAME)),
                   mimi_weights=_file_ref(res, cfg.get("mimi_name", loaders.MIMI_NAME)),
                   tokenizer=_file_ref(res, cfg.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME)))
@@ -135,16 +238,29 @@ def checkpoint_info(res: Resolved):
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = None
         if res.config:
-            base = {k: v for k, v in cfg.items() if k not in ("ttt", "ttt_config")}
+            base = moshi_config(cfg)
+            if res.fork is not None:  # files come from kw; moshi must not look them up itself
+                for k in FILE_KEYS:
+                    base.pop(k, None)
             cfg_path = Path(tmp) / "config.json"
             cfg_path.write_text(json.dumps(base))
+        hub = res.base if res.fork is not None else res  # only a base can be on the hub
         try:
-            info = loaders.CheckpointInfo.from_hf_repo(res.hub_repo or "local", config_path=cfg_path,
-                                                       revision=res.revision, **kw)
+            info = loaders.CheckpointInfo.from_hf_repo(hub.hub_repo or "local", config_path=cfg_path,
+                                                       revision=hub.revision, **kw)
         except Exception as e:
             raise CheckpointError(f"could not fetch the files of checkpoint {res.model_id} "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use "
                                   f"`--model tiny` or a local directory when offline.") from None
+    files = {"config": str(res.directory / "config.json") if res.directory is not None
+             else f"hf://{res.hub_repo}/config.json",
+             "lm_weights": str(info.moshi_weights), "mimi": str(info.mimi_weights), "tokenizer": str(info.tokenizer)}
+    if kw.get("mimi_config_path"):
+        files["mimi_config"] = str(kw["mimi_config_path"])
+    if info.lora_weights is not None:
+        files["lora"] = str(info.lora_weights)
+    if res.fork is not None and res.fork.kind == "adapters":
+        files["adapters"] = str(res.fork.weights)
+    res.provenance = {**({"format": "ttt" if "ttt" in cfg else "moshi"} if res.fork is None else res.provenance),
+                      "files": files}
     return info
-
-

@@ -40,3 +40,43 @@ def safetensors_keys(path) -> list[str]:
             return list(f.keys())
     except Exception as e:
         raise CheckpointError(f"cannot read weights file {path}: {e}") from None
+
+
+def expected_ttt_shape(name: str, dim: int, hidden: int, kernel: int) -> tuple | None:
+    """The shape a TTT tensor (name after `gating.`) must have; None for a LoRA factor (rank free)."""
+    if name in ("w_down", "w_down_pretrained"):
+        return (dim, hidden)
+    if name == "target_generator.conv1d.conv.weight":
+        return (dim, dim, kernel)
+    if name in ("target_generator.W_target.weight", "target_generator.W_target.frozen_W.weight"):
+        return (dim, dim)
+    return None
+
+
+def check_ttt_tensors(raw: dict, file, shapes: dict[int, tuple[int, int]], kernel: int) -> None:
+    """Refuses (CheckpointError naming file and key) a TTT tensor that is not floating point, has the
+    wrong shape for its layer, or holds NaN/Inf (SPEC §7.1).
+
+    Args:
+        raw: {key: tensor} as read from `file` (TTT keys only).
+        file: where they were read from (for the message).
+        shapes: {layer index: (d, h)} of the layers that take TTT tensors.
+        kernel: the config's conv kernel size.
+    """
+    import torch
+    for k, v in raw.items():
+        m = TTT_KEY.match(k)
+        i, name = int(m.group(1)), m.group(2)
+        if not v.dtype.is_floating_point:
+            raise CheckpointError(f"{file}: TTT tensor {k} has dtype {v.dtype}; a floating-point tensor is needed.")
+        if i in shapes:
+            d, h = shapes[i]
+            want = expected_ttt_shape(name, d, h, kernel)
+            lora = name.endswith(("lora_A.weight", "lora_B.weight"))
+            bad_lora = lora and (v.dim() != 2 or (v.shape[1] if name.endswith("lora_A.weight") else v.shape[0]) != d)
+            if (want is not None and tuple(v.shape) != want) or bad_lora:
+                need = want if want is not None else ("(r, d)" if name.endswith("lora_A.weight") else "(d, r)")
+                raise CheckpointError(f"{file}: TTT tensor {k} has shape {tuple(v.shape)}, layer {i} of the model "
+                                      f"needs {need} (d={d}, h={h}, kernel {kernel}): the tensors do not fit this base.")
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{file}: TTT tensor {k} holds non-finite values (NaN or Inf); refusing to load it.")

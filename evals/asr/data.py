@@ -1,0 +1,224 @@
+"""`ttt eval asr` inputs: audio files with same-stem .txt references, or a JSONL manifest (SPEC §5.7)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttt_cli.audio import AUDIO_EXTENSIONS
+from ttt_cli.errors import ConfigError
+
+from ..librilight import SkippedFile, natural_key, probe_seconds
+from .normalize import normalize_text
+
+REFERENCE_SUFFIX = ".txt"
+MANIFEST_SUFFIX = ".jsonl"
+# A reference that is only this marker is left out of scoring, as kyutai's evaluation (after the
+# open ASR leaderboard) does.
+IGNORE_MARKER = "ignore time segment in scoring"
+
+
+@dataclass
+class AsrItem:
+    """One recording to transcribe and score."""
+
+    key: str                       # unique: audio path relative to DATA, or as written in the manifest
+    audio: Path
+    reference: str                 # as read (UTF-8), before normalisation
+    reference_path: Path | None    # the .txt (directory form)
+    line: int | None               # 1-based line of the manifest (manifest form)
+    seconds: float | None          # from the audio header, when probed
+
+
+@dataclass
+class AsrDataset:
+    """What discovery found: the recordings to score, and every input left out with its reason."""
+
+    source: Path                   # DATA: the directory or the manifest file
+    kind: str                      # "directory" | "manifest"
+    items: list[AsrItem]
+    skipped: list[SkippedFile]
+
+
+def check_reference(text: str) -> str | None:
+    """Why a reference cannot be scored (None when it can): empty, or nothing left after normalisation."""
+    if not text.strip():
+        return "empty reference"
+    norm = normalize_text(text)
+    if not norm:
+        return f"the reference is empty after normalisation ({text.strip()[:60]!r})"
+    if norm == IGNORE_MARKER:
+        return f"the reference is {IGNORE_MARKER!r} (left out of scoring)"
+    return None
+
+
+def read_reference(path: Path) -> tuple[str | None, str | None]:
+    """(text, None), or (None, reason) for an unreadable, non-UTF-8 or unusable reference file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return None, f"cannot read the reference {path.name}: {e.strerror or e}"
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the transcript
+    except UnicodeDecodeError as e:
+        return None, f"the reference {path.name} is not UTF-8 (byte {e.start}); convert it to UTF-8"
+    why = check_reference(text)
+    return (None, f"{path.name}: {why}") if why else (text, None)
+
+
+def _probe(item: AsrItem, probe: bool) -> str | None:
+    if not probe:
+        return None
+    try:
+        item.seconds = probe_seconds(item.audio)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
+def _visible(rel: Path) -> bool:
+    return not any(part.startswith(".") for part in rel.parts)
+
+
+def discover_directory(root: Path, probe: bool = True) -> AsrDataset:
+    """Audio files (any depth, natural order of their paths) paired with `<same stem>.txt` beside them.
+
+    Args:
+        root: the directory.
+        probe: read each audio header (duration); an unreadable audio file is skipped with the reason.
+    """
+    groups: dict[tuple[Path, str], dict] = {}
+    for p in root.rglob("*"):
+        if not p.is_file() or not _visible(p.relative_to(root)):
+            continue
+        suffix = p.suffix.lower()
+        if suffix in AUDIO_EXTENSIONS:
+            groups.setdefault((p.parent, p.stem), {"audio": [], "txt": None})["audio"].append(p)
+        elif suffix == REFERENCE_SUFFIX:
+            groups.setdefault((p.parent, p.stem), {"audio": [], "txt": None})["txt"] = p
+    items: list[AsrItem] = []
+    skipped: list[SkippedFile] = []
+    for g in groups.values():
+        audio, txt = sorted(g["audio"], key=lambda p: natural_key(p.name)), g["txt"]
+        if not audio:
+            skipped.append(SkippedFile(str(txt), "reference without audio: no audio file with this stem beside it"))
+            continue
+        if txt is None:
+            skipped += [SkippedFile(str(a), f"no reference transcript: expected {a.stem}{REFERENCE_SUFFIX} "
+                                            f"beside it") for a in audio]
+            continue
+        if len(audio) > 1:
+            names = ", ".join(a.name for a in audio)
+            skipped += [SkippedFile(str(a), f"{len(audio)} audio files ({names}) share the reference "
+                                            f"{txt.name}; keep one") for a in audio]
+            continue
+        text, why = read_reference(txt)
+        if why is None:
+            item = AsrItem(audio[0].relative_to(root).as_posix(), audio[0], text, txt, None, None)
+            why = _probe(item, probe)
+            if why is None:
+                items.append(item)
+                continue
+        skipped.append(SkippedFile(str(audio[0]), why))
+    items.sort(key=lambda it: natural_key(it.key))
+    skipped.sort(key=lambda s: natural_key(s.path))
+    return AsrDataset(root, "directory", items, skipped)
+
+
+def _manifest_entry(raw: bytes, n: int, manifest: Path) -> tuple[str, Path, str] | SkippedFile:
+    """(key, audio path, text) of one manifest line, or why it cannot be used."""
+    where, base = f"{manifest}:{n}", manifest.parent
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return SkippedFile(where, f"line {n}: not UTF-8")
+    except json.JSONDecodeError as e:
+        return SkippedFile(where, f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return SkippedFile(where, f"line {n}: not a JSON object with \"audio\" and \"text\"")
+    audio, text = obj.get("audio"), obj.get("text")
+    if not isinstance(audio, str) or not audio.strip():
+        return SkippedFile(where, f"line {n}: no \"audio\" path (a non-empty string)")
+    path = Path(audio).expanduser()
+    path = path if path.is_absolute() else base / path
+    if not isinstance(text, str):
+        return SkippedFile(str(path), f"line {n}: no \"text\" transcript (a string)")
+    if path.suffix.lower() not in AUDIO_EXTENSIONS:
+        return SkippedFile(str(path), f"line {n}: not an audio file ({', '.join(AUDIO_EXTENSIONS)})")
+    if not path.is_file():
+        return SkippedFile(str(path), f"line {n}: audio file not found")
+    why = check_reference(text)
+    if why:
+        return SkippedFile(str(path), f"line {n}: {why}")
+    return audio, path, text
+
+
+def discover_manifest(manifest: Path, probe: bool = True) -> AsrDataset:
+    """One `{"audio": PATH, "text": REFERENCE}` object per line; relative paths are relative to the
+    manifest's directory; blank lines are ignored; a bad line is skipped with its line number.
+
+    Args:
+        manifest: the .jsonl file.
+        probe: read each audio header (duration); an unreadable audio file is skipped with the reason.
+    """
+    try:
+        lines = manifest.read_bytes().split(b"\n")
+    except OSError as e:
+        raise ConfigError(f"cannot read the manifest {manifest}: {e.strerror or e}.") from None
+    items: list[AsrItem] = []
+    skipped: list[SkippedFile] = []
+    seen: dict[Path, int] = {}
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        entry = _manifest_entry(raw, n, manifest)
+        if isinstance(entry, SkippedFile):
+            skipped.append(entry)
+            continue
+        key, path, text = entry
+        first = seen.setdefault(path.resolve(), n)
+        if first != n:
+            skipped.append(SkippedFile(str(path), f"line {n}: the same audio file as line {first}"))
+            continue
+        item = AsrItem(key, path, text, None, n, None)
+        why = _probe(item, probe)
+        if why is None:
+            items.append(item)
+        else:
+            skipped.append(SkippedFile(str(path), f"line {n}: {why}"))
+    return AsrDataset(manifest, "manifest", items, skipped)
+
+
+def discover_asr(data: Path | str, probe: bool = True) -> AsrDataset:
+    """Finds the recordings of DATA and their references (SPEC §5.7; docs/asr.md).
+
+    Args:
+        data: a directory (audio files with a same-stem .txt reference beside each, searched at
+            any depth) or a .jsonl manifest (`audio`, `text` per line).
+        probe: read each audio header for its duration (unreadable audio is skipped up front).
+    Raises:
+        ConfigError: DATA is missing or of another kind, or holds no usable recording (the message
+            gives the first reasons).
+    """
+    src = Path(data).expanduser()
+    if not src.exists():
+        raise ConfigError(f"DATA {src} does not exist.")
+    if src.is_dir():
+        ds = discover_directory(src, probe)
+    elif src.suffix.lower() == MANIFEST_SUFFIX:
+        ds = discover_manifest(src, probe)
+    else:
+        raise ConfigError(f"{src} is neither a directory nor a {MANIFEST_SUFFIX} manifest: DATA is a "
+                          f"directory of audio files each with a same-stem {REFERENCE_SUFFIX} reference, or "
+                          f"a JSONL file with one {{\"audio\": PATH, \"text\": REFERENCE}} per line.")
+    if not ds.items:
+        if not ds.skipped:
+            what = ("no audio file with a .txt reference" if ds.kind == "directory" else "no entry")
+            raise ConfigError(f"{what} found in {src}: expected audio files ({', '.join(AUDIO_EXTENSIONS)}) "
+                              f"each with a same-stem {REFERENCE_SUFFIX} reference, or a manifest line "
+                              f"{{\"audio\": PATH, \"text\": REFERENCE}}.")
+        more = f" (and {len(ds.skipped) - 3} more)" if len(ds.skipped) > 3 else ""
+        why = "; ".join(f"{s.path}: {s.reason}" for s in ds.skipped[:3])
+        raise ConfigError(f"no usable recording in {src}: {why}{more}.")
+    return ds

@@ -1,0 +1,56 @@
+"""Writers of `ttt eval asr`'s wer.csv and wer.png (SPEC §5.7), on evals/report.py's CSV and plot helpers."""
+
+from __future__ import annotations
+
+import typing as tp
+from pathlib import Path
+
+from ..report import csv_cell, write_position_png, write_table_csv
+from .metrics import WerBin
+
+WER_COLUMNS = ("policy", "bin_start_s", "bin_end_s", "wer", "errors", "ref_words")
+WER_CSV = "wer.csv"
+WER_PNG = "wer.png"
+
+Bins = tp.Sequence[tp.Union[WerBin, dict]]
+
+
+def _bin(b: WerBin | dict) -> dict:
+    return b.to_dict() if isinstance(b, WerBin) else b
+
+
+def wer_rows(policies: tp.Mapping[str, Bins]) -> list[list[str]]:
+    """Rows of wer.csv: one per policy and bin, in the policies' order (empty `wer`: no reference word)."""
+    rows = []
+    for name, bins in policies.items():
+        for b in map(_bin, bins):
+            rows.append([name, csv_cell(float(b["bin_start_s"])), csv_cell(float(b["bin_end_s"])),
+                         csv_cell(b["wer"]), str(b["errors"]), str(b["ref_words"])])
+    return rows
+
+
+def write_wer_csv(path: Path, policies: tp.Mapping[str, Bins]) -> Path:
+    """wer.csv, columns `WER_COLUMNS`, written atomically and read back.
+
+    Args:
+        path: where to write.
+        policies: policy name -> its corpus bins (`CorpusScore.bins`, or their `to_dict()` form as
+            in results.json).
+    """
+    return write_table_csv(path, WER_COLUMNS, wer_rows(policies))
+
+
+def write_wer_png(path: Path, policies: tp.Mapping[str, Bins], title: str,
+                  overall: tp.Mapping[str, float] | None = None) -> Path:
+    """wer.png: WER (%) vs position in the recording, one line per policy, written atomically and checked.
+
+    Args:
+        path: where to write.
+        policies: policy name -> its corpus bins.
+        title: the plot title (model, dataset).
+        overall: policy name -> its corpus WER, shown in the legend.
+    """
+    series = {name: [(b["bin_start_s"], b["bin_end_s"], None if b["wer"] is None else 100 * b["wer"])
+                     for b in map(_bin, bins)] for name, bins in policies.items()}
+    labels = {name: f"{name} (WER {100 * w:.1f}%)" for name, w in (overall or {}).items()}
+    return write_position_png(path, series, "WER (%)", title, labels, where="recording")

@@ -1,0 +1,219 @@
+"""Resume records of `ttt eval librilight`: what finished, verified before it is trusted (SPEC §6, §7.1).
+
+The record (`OUT/.ttt-eval/state.json`) holds the run's configuration, named by the options that
+set it, and per finished document its results, the paths and content hashes of its audio files
+and a checksum of the entry. `--resume` refuses a configuration that differs (naming the options),
+and recomputes, with a note, a document whose record is damaged or whose audio changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing as tp
+from pathlib import Path
+
+from ttt_cli.errors import ConfigError
+
+STATE_DIR = ".ttt-eval"        # resume state inside --out
+STATE_FILE = "state.json"
+STATE_VERSION = 2              # 2: configuration by option, per-document input hashes and checksums
+CARRY_PREFIX = "carry-"
+
+# What `--resume` must find unchanged, by the option (or input) that sets it. block_steps, the codes
+# cache and --save-token-nll do not change the numbers and may differ.
+PROTOCOL_FLAGS = {"policies": "-p/--policy", "max_seconds": "--max-seconds", "min_seconds": "--min-seconds",
+                  "limit_books": "--limit-books", "bin_seconds": "--bin-seconds", "audio_stream": "--audio-stream",
+                  "text_stream": "--text-stream", "init_state": "--init-state", "seed": "--seed", "data": "DATA"}
+MODEL_FLAGS = {"id": "--model", "fingerprint": "--model (its TTT weights)", "dtype": "--dtype"}
+TTT_FLAGS = {"lr": "--ttt-lr / --no-ttt", "layers": "--ttt-layers", "chunk_size": "--ttt-chunk-size",
+             "delta_clip_fro_norm": "--ttt-clip"}
+
+
+def state_dir(out: Path) -> Path:
+    return Path(out) / STATE_DIR
+
+
+def carry_path(out: Path, policy_dir: str) -> Path:
+    return state_dir(out) / f"{CARRY_PREFIX}{policy_dir}.safetensors"
+
+
+def state_dir_is_ours(sdir: Path) -> bool:
+    """The resume directory holds only what `ttt eval` writes there (so --overwrite may remove it)."""
+    from ttt_cli.outputs import is_temporary
+    try:
+        names = [p.name for p in sdir.iterdir()]
+    except OSError:
+        return False
+    return all(n == STATE_FILE or (n.startswith(CARRY_PREFIX) and n.endswith(".safetensors")) or is_temporary(n)
+               for n in names)
+
+
+def save_carry(path: Path, carry: dict, after: str) -> None:
+    """The fast weights a `never` policy carries into the next document, and the document they follow."""
+    from safetensors.torch import save_file
+    from ttt_cli.io import atomic_write
+
+    flat = {f"layers.{i}.{k}": v.contiguous() for i, t in carry.items() for k, v in t.items()}
+    atomic_write(path, lambda p: save_file(flat, str(p), metadata={"after": json.dumps(after)}))
+
+
+def load_carry(path: Path) -> tuple[dict, str | None]:
+    """(carried tensors by layer, the id of the document they follow), or ({}, None) if unreadable."""
+    from safetensors import safe_open
+
+    out: dict[int, dict] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            after = json.loads((f.metadata() or {}).get("after", "null"))
+            for k in f.keys():
+                _, i, name = k.split(".", 2)
+                out.setdefault(int(i), {})[name] = f.get_tensor(k)
+    except Exception:  # damaged: the caller recomputes
+        return {}, None
+    return out, after
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+def run_config(protocol: dict, model: dict) -> dict:
+    """The run's configuration as {option: value}, for the record and for naming differences."""
+    cfg: dict[str, tp.Any] = {}
+    for k, flag in PROTOCOL_FLAGS.items():
+        v = protocol.get(k)
+        if k == "policies":
+            v = sorted(v or [])
+        elif k == "init_state" and isinstance(v, dict):
+            v = v.get("sha256")  # the snapshot's content, wherever it lies
+        cfg[flag] = v
+    for k, flag in MODEL_FLAGS.items():
+        cfg[flag] = model.get(k)
+    ttt = model.get("ttt") or {}
+    for k, flag in TTT_FLAGS.items():
+        cfg[flag] = ttt.get(k)
+    cfg["TTT settings (other)"] = {k: v for k, v in sorted(ttt.items()) if k not in TTT_FLAGS}
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """`option: was X, now Y` for every option that differs."""
+    def fmt(v: tp.Any) -> str:
+        if isinstance(v, float):
+            return f"{v:g}"
+        if isinstance(v, list):
+            return ", ".join(map(str, v)) or "none"
+        if isinstance(v, str) and len(v) == 64:
+            return v[:12]  # a digest
+        return "none" if v is None else str(v)
+    return [f"{k}: was {fmt(old.get(k))}, now {fmt(new.get(k))}" for k in new if old.get(k) != new.get(k)] + \
+           [f"{k}: was {fmt(old[k])}, now not set" for k in old if k not in new]
+
+
+# -- per-document records ------------------------------------------------------------------------
+
+def _checksum(entry: dict) -> str:
+    body = {k: v for k, v in entry.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def document_inputs(doc, dc, root: Path, rel: tp.Callable[[tp.Any, Path], str]) -> dict:
+    """A finished document's inputs: every audio path of its book, and the content hash of each file read."""
+    from .codes_cache import file_digest
+
+    all_paths = doc.all_paths()
+    paths = [rel(p, root) for p in all_paths] + [rel(s.path, root) for s in doc.skipped]
+    known = {str(all_paths[e["index"]]): e["sha256"] for e in dc.inputs}  # hashed for the codes cache already
+    read = [f.path for f in dc.files] + [s.path for s in dc.skipped if s.failed]
+    digests = {rel(p, root): known.get(str(p)) or _digest(Path(p), file_digest) for p in read}
+    return {"paths": sorted(paths), "sha256": digests}
+
+
+def _digest(path: Path, file_digest) -> str | None:
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
+def with_document(state: dict, doc_id: str, entry: dict) -> dict:
+    """A copy of the state with one more finished document (its entry checksummed); the caller
+    keeps it once it is written, so the state in memory never claims more than the disk holds."""
+    entry = {**entry, "checksum": _checksum(entry)}
+    done = state["done"] + ([] if doc_id in state["done"] else [doc_id])
+    return {**state, "done": done, "docs": {**state["docs"], doc_id: entry}}
+
+
+def _inputs_changed(entry: dict, doc, root: Path, rel) -> str | None:
+    from .codes_cache import file_digest
+
+    rec = entry.get("inputs") or {}
+    now = sorted([rel(p, root) for p in doc.all_paths()] + [rel(s.path, root) for s in doc.skipped])
+    if rec.get("paths") != now:
+        added = sorted(set(now) - set(rec.get("paths") or []))
+        gone = sorted(set(rec.get("paths") or []) - set(now))
+        parts = [f"{what} {', '.join(names[:3])}" for what, names in (("added", added), ("removed", gone)) if names]
+        return f"its files changed ({'; '.join(parts)})"
+    changed = [r for r, d in (rec.get("sha256") or {}).items() if _digest(root / r, file_digest) != d]
+    if changed:
+        return f"its audio changed ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
+    return None
+
+
+def new_state(config: dict) -> dict:
+    return {"version": STATE_VERSION, "config": config, "done": [], "docs": {}}
+
+
+def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[dict, list[str]]:
+    """The resume state of the run in `out`, verified against `config` and the dataset.
+
+    Args:
+        out: --out.
+        config: this run's `run_config`.
+        dataset: the discovered dataset (its documents in order).
+        carrying: a policy carries fast weights across documents (`never`), so a document recomputed
+            in the middle invalidates every later one.
+        rel: maps a path to its dataset-relative form.
+    Returns:
+        (state, notes): finished documents that may be kept, and what was recomputed and why.
+    Raises:
+        ConfigError: the configuration differs (the message names the options).
+    """
+    path = state_dir(out) / STATE_FILE
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict) or old.get("version") != STATE_VERSION or not isinstance(old.get("docs"), dict):
+            raise ValueError(f"format {old.get('version') if isinstance(old, dict) else '?'}")
+    except (OSError, ValueError) as e:
+        return new_state(config), [f"--resume: the resume record {path} cannot be used ({e}); every document is "
+                                   f"computed again."]
+    diff = config_differences(old.get("config") or {}, config)
+    if diff:
+        raise ConfigError(f"--resume: the run in {out} was made with other options: {'; '.join(diff)}. Pass the "
+                          f"same options to continue it, or --overwrite to start again.",
+                          hint="pass the options of the interrupted run, or --overwrite")
+    docs = {d.id: d for d in dataset.documents}
+    state, notes = new_state(config), []
+    dropped = False
+    for doc_id in old.get("done", []):
+        entry = old["docs"].get(doc_id)
+        why = None
+        if not isinstance(entry, dict) or entry.get("checksum") != _checksum(entry):
+            why = "its resume record is damaged"
+        elif doc_id not in docs:
+            notes.append(f"--resume: {doc_id} is no longer part of the dataset; its results are dropped.")
+            dropped = True
+            continue
+        else:
+            why = _inputs_changed(entry, docs[doc_id], Path(dataset.root), rel)
+        if why:
+            notes.append(f"--resume: {doc_id}: {why}; computed again.")
+            dropped = True
+            continue
+        state["docs"][doc_id] = entry
+        state["done"].append(doc_id)
+    order = [d.id for d in dataset.documents]
+    if carrying and state["done"] and (dropped or state["done"] != order[:len(state["done"])]):
+        notes.append("--resume: a policy carries fast weights across documents (never) and the finished documents "
+                     "are no longer the first ones of the dataset in order; every document is computed again.")
+        state = new_state(config)
+    return state, notes
