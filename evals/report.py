@@ -96,6 +96,12 @@ def write_position_png(path: Path, series: dict[str, list[tuple[float, float, fl
     ax.grid(True, alpha=0.3)
     ax.legend(title="policy", fontsize=8)
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> Path:
+    """Saves a matplotlib figure atomically as a PNG, closes it, and checks the file is a PNG."""
+    from matplotlib import pyplot as plt
     try:
         atomic_write(path, lambda p: fig.savefig(p, format="png"))
     finally:

@@ -19,6 +19,7 @@ from moshi.modules.streaming import State
 from .config import TTTConfig
 from ..errors import StateMismatchError
 from .interface import FastWeightLayer, LayerBench
+from .recording import UpdateRecorder, squared_norms
 
 F32 = torch.float32
 # `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
@@ -128,6 +129,7 @@ class InPlaceState(State):
     resets: list[int] = field(default_factory=list)
     clip_events: list[int] = field(default_factory=list)
     nonfinite_events: list[int] = field(default_factory=list)
+    recorder: UpdateRecorder | None = None  # the update series (SPEC §3.7), when recording
 
     def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
         super().set_exec_mask(exec_mask)
@@ -145,6 +147,8 @@ class InPlaceState(State):
                 self.n_pending[b] = 0
                 self.tokens[b] = 0
                 self.resets[b] += 1
+        if self.recorder is not None:
+            self.recorder.record_reset(reset_mask)
         if self.w is not None and any(mask):
             self.w.copy_(torch.where(reset_mask.to(self.w.device)[:, None, None], self.w_reset, self.w))
 
@@ -225,6 +229,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             st.w = st.w_reset.expand(n, -1, -1).clone()
             st.pending_z = torch.zeros(n, self.chunk_size, self.hidden, device=dev, dtype=F32)
             st.pending_x0 = torch.zeros(n, self.chunk_size, self.dim, device=dev, dtype=F32)
+            st.recorder = self.new_recorder(n, dev)
         return st
 
     # -- forward -----------------------------------------------------------------------------
@@ -265,6 +270,9 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         state = self._streaming_state
         if state is None:  # plain forward (scoring): every call starts from W0
             state = self._init_streaming_state(B)
+            state.recorder = None
+        elif state.recorder is not None:
+            state.recorder.advance(0, state.exec_mask, T)
         return self._run(state, z, x0).to(x.dtype)
 
     def _run(self, st: InPlaceState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -280,7 +288,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             outs.append(torch.bmm(zs, st.w.transpose(1, 2)))  # [B, L, d] with each stream's W
             synced = len(live) == B and len({st.n_pending[b] for b in live}) == 1
             if synced and st.n_pending[0] == 0 and L == C:
-                self._update(st, list(range(B)), zs, xs)  # whole chunk in hand: no buffering
+                self._update(st, list(range(B)), zs, xs, T - t - L)  # whole chunk in hand: no buffering
             else:
                 if synced:
                     n = st.n_pending[0]
@@ -296,15 +304,17 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 done = [b for b in live if st.n_pending[b] == C]
                 if done:
                     ix = torch.tensor(done, device=z.device)
-                    self._update(st, done, st.pending_z[ix], st.pending_x0[ix])
+                    self._update(st, done, st.pending_z[ix], st.pending_x0[ix], T - t - L)
             for b in live:
                 st.tokens[b] += L
             t += L
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     @torch.no_grad()
-    def _update(self, st: InPlaceState, items: list[int], z: torch.Tensor, x0: torch.Tensor) -> None:
-        """W_b += lr · clip(V̂ᵀ Z) for the given streams, from their (possibly partial) chunk."""
+    def _update(self, st: InPlaceState, items: list[int], z: torch.Tensor, x0: torch.Tensor, back: int = 0) -> None:
+        """W_b += lr · clip(V̂ᵀ Z) for the given streams, from their (possibly partial) chunk.
+
+        `back`: positions of the current call after this chunk (where the update series places the row)."""
         v = self.target_generator(x0)  # [N, L, d]
         delta = torch.bmm(v.transpose(1, 2), z)  # [N, d, h]
         # The norm serves the clip and the non-finite guard: a non-finite (or overflowing) Δ norm
@@ -312,6 +322,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         norm = torch.linalg.vector_norm(delta, dim=(1, 2))  # [N]
         finite = torch.isfinite(norm)
         clipped = [False] * len(items)
+        scale = None
         if self.clip is not None:
             scale = (self.clip / (norm + self.clip_eps)).clamp(max=1.0)
             delta = delta * scale[:, None, None]
@@ -321,6 +332,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             bad = [b for b, good in zip(items, ok) if not good]
             warnings.warn(f"In-Place TTT: non-finite fast-weight update in stream(s) {bad}; reset to W0.")
             delta = torch.where(finite[:, None, None], delta, torch.zeros_like(delta))
+        rec = st.recorder if st.recorder is not None and not st.recorder.paused else None
+        before = (st.w if len(items) == st.batch_size else st.w[items]).clone() if rec is not None else None
         if len(items) == st.batch_size:
             st.w.add_(delta, alpha=self.lr)
         else:
@@ -330,6 +343,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             mask = torch.zeros(st.batch_size, dtype=torch.bool, device=st.w.device)
             mask[[b for b, good in zip(items, ok) if not good]] = True
             st.w.copy_(torch.where(mask[:, None, None], st.w_reset, st.w))
+        if rec is not None:
+            self._record_update(st, rec, items, before, norm, scale, finite, z.shape[1], back)
         for j, b in enumerate(items):
             st.n_pending[b] = 0
             if ok[j]:
@@ -337,6 +352,22 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 st.clip_events[b] += int(clipped[j])
             else:
                 st.nonfinite_events[b] += 1
+
+    def _record_update(self, st: InPlaceState, rec: UpdateRecorder, items: list[int], before: torch.Tensor,
+                       norm: torch.Tensor, scale: torch.Tensor | None, finite: torch.Tensor, tokens: int,
+                       back: int) -> None:
+        """The update series' rows of the streams `items` (device arithmetic, no host read)."""
+        B, dev = st.batch_size, st.w.device
+        ix = torch.tensor(items, device=dev)
+        after = st.w if len(items) == B else st.w[ix]  # [N, d, h]
+        sq = squared_norms({"w": after}, {"w": before}, {"w": self.w_down})
+
+        def full(v: torch.Tensor, fill: float = 0.0) -> torch.Tensor:  # [N] -> [B]
+            out = torch.full((B,), fill, dtype=v.dtype, device=dev)
+            return out.index_copy_(0, ix, v)
+        mask = full(torch.ones(len(items), dtype=torch.bool, device=dev), False)
+        rec.record(0, mask, back, tokens, *(full(v) for v in sq), delta_sq=full(norm.double().square()),
+                   clip_scale=1.0 if scale is None else full(scale, 1.0), nonfinite=full(~finite, False))
 
     # -- FastWeightLayer interface -------------------------------------------------------------
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
@@ -448,6 +479,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         if st.w is None:
             return
         items = range(st.batch_size) if batch_index is None else [batch_index]
+        if st.recorder is not None:
+            st.recorder.expect_flush()
         for b in items:
             n = st.n_pending[b]
             if n:

@@ -12,6 +12,8 @@ import torch
 
 from moshi.modules.streaming import State, StreamingModule
 
+from .recording import UpdateRecorder, UpdateRow
+
 StateT = tp.TypeVar("StateT", bound=State)
 
 
@@ -42,6 +44,7 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     structural: tp.ClassVar[frozenset[str]]
     rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
     figure_suffix: tp.ClassVar[str] = ""  # appended to `ttt bench` figure names (SPEC §5.5)
+    recording: bool = False  # streams started while True gather the update series (SPEC §3.7, `set_recording`)
 
     def _state(self) -> StateT:
         """The streaming state; a clear error outside `lm.streaming(B)`."""
@@ -106,6 +109,33 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     @abc.abstractmethod
     def layer_bench(self, tokens: int, device: str) -> LayerBench:
         """The layer-ratio measurement of SPEC §8.5 on `tokens` random tokens."""
+
+    # -- the update series (SPEC §3.7): one recording API for every variant ---------------------------
+    def set_recording(self, on: bool) -> None:
+        """Streams started from now on gather one row per update, reset and non-finite event (not while
+        streaming). A frozen layer (rate 0) records nothing: nothing moves."""
+        if self.is_streaming:
+            raise RuntimeError("cannot switch update recording on or off while the model is streaming.")
+        self.recording = bool(on)
+
+    def new_recorder(self, batch_size: int, device: torch.device | str, parts: int = 1) -> UpdateRecorder | None:
+        """The recorder a new streaming state holds, or None when this layer does not record."""
+        if not self.recording or self.get_rate() == 0.0:
+            return None
+        return UpdateRecorder(batch_size, device, self.chunk_size, parts)  # type: ignore[attr-defined]
+
+    def recorder(self) -> UpdateRecorder | None:
+        """The current stream set's recorder (None: not recording or not streaming)."""
+        st = self._streaming_state
+        return None if st is None else getattr(st, "recorder", None)
+
+    def take_updates(self, batch_index: int) -> list[UpdateRow]:
+        """Stream `batch_index`'s rows since the last call (its file): one device read, never per step."""
+        rec = self.recorder()
+        if rec is None:
+            return []
+        theta0_sq = sum(float(t.detach().double().square().sum()) for t in self.initial_tensors().values())
+        return rec.take(batch_index, theta0_sq)
 
     def structural_config(self) -> dict[str, tp.Any]:
         """The `structural` keys of `config_section()` (what the fingerprint covers of the config)."""

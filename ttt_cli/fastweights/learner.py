@@ -10,6 +10,7 @@ pending tokens of earlier calls: ttt-lm-pytorch's dual form, extended across cal
 
 from __future__ import annotations
 
+import typing as tp
 from dataclasses import dataclass
 
 import torch
@@ -168,10 +169,14 @@ class LearnerState:
         self.tokens.masked_fill_(mask, 0)
         self.resets.add_(mask.long())
 
-    def complete(self, done: torch.Tensor | None, chunk_size: int, start: dict[str, torch.Tensor]) -> None:
+    def complete(self, done: torch.Tensor | None, chunk_size: int, start: dict[str, torch.Tensor],
+                 tap: tp.Any = None, back: int = 0, tokens: tp.Any = None) -> None:
         """Mini-batch end for the streams in `done` (None: every stream): θ_start ← θ_start − S/C. A
         non-finite result resets the stream to `start` instead and is counted (SPEC §3.7); θ_start was
-        finite, so the result is non-finite exactly when the stream's pending sum is (or overflows)."""
+        finite, so the result is non-finite exactly when the stream's pending sum is (or overflows).
+        `tap` (a `recording.LearnerTap`) records the update series' rows: `back` positions of the call
+        follow the completion, `tokens` were in the mini-batch (default C)."""
+        before = {k: v.clone() for k, v in self.theta.items()} if tap is not None and tap.active else None
         finite = torch.stack([torch.isfinite(v.flatten(1).sum(1)) for v in self.sums.values()]).all(0)  # [B]
         ok, bad = (finite, ~finite) if done is None else (done & finite, done & ~finite)
         for k, th in self.theta.items():
@@ -189,6 +194,8 @@ class LearnerState:
             self.count.masked_fill_(done, 0)
         self.updates.add_(ok.long())
         self.nonfinite.add_(bad.long())
+        if before is not None:
+            tap.completed(before, self.theta, ok, bad, back, chunk_size if tokens is None else tokens)
 
 
 # -- the learner over a call of T tokens ----------------------------------------------------------
@@ -232,7 +239,7 @@ def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | N
 
 def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
           gamma: torch.Tensor, beta: torch.Tensor, chunk_size: int, live: torch.Tensor,
-          start: dict[str, torch.Tensor]) -> torch.Tensor:
+          start: dict[str, torch.Tensor], tap: tp.Any = None) -> torch.Tensor:
     """Reads and learns T tokens of every stream (apply, then update at each mini-batch end).
 
     A one-token call (`LMGen.step`) is pure tensor arithmetic: the mini-batch end is a masked update,
@@ -245,6 +252,7 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         eta: η_s [B,H,T] float32.
         live: [B] bool, the streams this call may change (moshi's exec mask).
         start: θ a reset or a non-finite update goes back to ({name: [H, ...]}).
+        tap: a `recording.LearnerTap` that records each completion (the update series), or None.
     Returns:
         o [B,H,T,p] float32.
     """
@@ -260,7 +268,7 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         # Graph-safe: a masked completion every step. On the CPU outside compilation a host read is
         # free, so the completion is skipped when no stream completes (same result, fewer ops).
         if q.is_cuda or torch.compiler.is_compiling() or bool(done.any()):
-            st.complete(done, C, start)
+            st.complete(done, C, start, tap)
         return o
     counts, alive = st.count.tolist(), live.tolist()  # one host read per multi-token call
     segments, final = _segments(counts, alive, T, C)
@@ -272,21 +280,23 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         _add_sums(st, grads, eta[:, :, a:b], None if all(alive) else live)
         done = [alive[j] and c0[j] + (b - a) == C for j in range(B)]
         if all(done):
-            st.complete(None, C, start)
+            st.complete(None, C, start, tap, T - b)
         elif any(done):
-            st.complete(torch.tensor(done, device=q.device), C, start)
+            st.complete(torch.tensor(done, device=q.device), C, start, tap, T - b)
     st.count.copy_(torch.tensor(final, device=q.device))
     st.tokens.add_(live.long() * T)
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
 
-def flush(st: LearnerState, chunk_size: int, streams: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
+def flush(st: LearnerState, chunk_size: int, streams: torch.Tensor, start: dict[str, torch.Tensor],
+          tap: tp.Any = None) -> None:
     """Applies the pending partial mini-batch of `streams` now: θ_start ← θ_start − S/n (θ of its last
     token), and chunk counting restarts."""
     n = st.count.clamp_min(1).to(F32)  # [B]
     has = streams & (st.count > 0)
+    tokens = st.count.clone()
     for k in st.theta:
         shape = (-1, *([1] * (st.theta[k].dim() - 1)))
         # complete() divides by C: scale S so that S'/C = S/n for the flushed streams.
         st.sums[k].mul_(torch.where(has, chunk_size / n, torch.ones_like(n)).view(shape))
-    st.complete(has, chunk_size, start)
+    st.complete(has, chunk_size, start, tap, 0, tokens)

@@ -16,6 +16,7 @@ from moshi.modules.streaming import State
 from ..errors import CheckpointError, StateMismatchError
 from .interface import FastWeightLayer
 from .learner import F32, LearnerState, flush, frozen_outputs, learn
+from .recording import LearnerTap, UpdateRecorder
 
 PENDING_SUM = "pending_sum."
 PENDING_COUNT = "pending_count"
@@ -52,11 +53,14 @@ class LearnerLayerState(State):
     learners: dict[str, LearnerState] = field(default_factory=dict)
     start: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # what a reset restores
     frozen: bool = False  # rate 0: θ stays at `start`, the learners hold counters only
+    recorder: UpdateRecorder | None = None  # the update series (SPEC §3.7), when recording
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
         for name, st in self.learners.items():
             st.reset(reset_mask, self.start[name])
+        if self.recorder is not None:
+            self.recorder.record_reset(reset_mask)
 
 
 def _prefix(name: str) -> str:
@@ -109,7 +113,15 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         for name in self.learners():
             st.start[name] = self.start_theta(name)
             st.learners[name] = LearnerState.fresh({} if st.frozen else st.start[name], batch_size, st.device)
+        st.recorder = self.new_recorder(batch_size, st.device, parts=len(st.learners))
         return st
+
+    def _tap(self, st: LearnerLayerState, name: str) -> LearnerTap | None:
+        """Learner `name`'s part of the layer's update series (None when not recording)."""
+        if st.recorder is None:
+            return None
+        names = list(st.learners)
+        return LearnerTap(st.recorder, names.index(name), self.learners()[name].theta0)
 
     def run_learner(self, name: str, q: torch.Tensor,
                     keys: tp.Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -123,13 +135,17 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         st = self._streaming_state
         if st is None:
             st = self._init_streaming_state(q.shape[0])
+            st.recorder = None
         lst = st.learners[name]
+        tap = self._tap(st, name)
+        if tap is not None:
+            tap.recorder.advance(tap.part, st.exec_mask, q.shape[2])
         if st.frozen:
             lst.tokens.add_(st.exec_mask.long() * q.shape[2])
             return frozen_outputs(lrn.inner, st.start[name], q, lrn.gamma, lrn.beta)
         k, y, eta = keys()
         return learn(lst, lrn.inner, q, k, y, eta, lrn.gamma, lrn.beta, self.chunk_size, st.exec_mask,
-                     st.start[name])
+                     st.start[name], tap)
 
     # -- snapshots ---------------------------------------------------------------------------------
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
@@ -213,8 +229,10 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         streams = torch.ones(st.batch_size, dtype=torch.bool, device=st.device)
         if batch_index is not None:
             streams = torch.arange(st.batch_size, device=st.device) == batch_index
+        if st.recorder is not None:
+            st.recorder.expect_flush()
         for name, lst in st.learners.items():
-            flush(lst, self.chunk_size, streams, st.start[name])
+            flush(lst, self.chunk_size, streams, st.start[name], self._tap(st, name))
 
 
 # -- helpers for the variants' attach code and bench ---------------------------------------------------
