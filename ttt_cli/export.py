@@ -41,6 +41,7 @@ class ExportItem:
     steps: int = 0
     snapshots: list[SnapshotInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    telemetry: dict | None = None  # {"csv", "png"}: the update series (`--telemetry`)
 
 
 @dataclass
@@ -95,8 +96,14 @@ def plan_outputs(inputs: list[Path], out: Path, at_seconds: list[float]) -> tupl
     return "directory", [{lab: out / f"{stem}.{lab}{SUFFIX}" for lab in labels} for stem in unique_stems(inputs)]
 
 
+def telemetry_paths(inputs: list[Path], telemetry: Path | None) -> list[dict[str, Path] | None]:
+    """Per input, the update series' CSV and PNG in `telemetry` (named like the snapshots), or None."""
+    from .telemetry import series_paths
+    return [None if telemetry is None else series_paths(telemetry, stem) for stem in unique_stems(inputs)]
+
+
 def output_plan(inputs: list[Path], out: Path, at_seconds: list[float], overwrite: bool = False,
-                init_state: Path | None = None, model: str | None = None):
+                init_state: Path | None = None, model: str | None = None, telemetry: Path | None = None):
     """The checked `OutputPlan` of an export (SPEC §7.1): refuses outputs that are inputs or foreign files.
 
     Returns:
@@ -116,6 +123,11 @@ def output_plan(inputs: list[Path], out: Path, at_seconds: list[float], overwrit
     for src, per in zip(inputs, plans):
         for label, dest in per.items():
             plan.write(dest, "--out", f"the {label} snapshot of {src.name}", ours)
+    if telemetry is not None:
+        from .telemetry import FLAG, plan_series
+        plan.write_into(telemetry, FLAG)
+        for src, paths in zip(inputs, telemetry_paths(inputs, telemetry)):
+            plan_series(plan, paths, src.name)
     return layout, plans, plan.check().prepare()
 
 
@@ -123,7 +135,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
                   flush_partial: bool = False, overwrite: bool = False, audio_stream: str = "moshi",
                   text_stream: str = "zero", channel: int | None = None, block_steps: int = DEFAULT_BLOCK_STEPS,
                   init_state: str | Path | None = None, force: bool = False, progress=None,
-                  guard=None) -> ExportResult:
+                  guard=None, telemetry: str | Path | None = None) -> ExportResult:
     """Streams each input through the model (teacher forcing, SPEC §6 layout) and writes snapshots.
 
     Each input is its own stream (batch 1) starting from the model's initial fast weights. A snapshot
@@ -147,6 +159,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         progress: a progress hook (see `ttt_cli.progress`).
         guard: the `(layout, plans, OutputPlan)` of `output_plan`, when the caller checked it before
             loading the model (None: checked here).
+        telemetry: a directory for each input's update series (`<stem>.updates.csv` and `.png`, SPEC §3.7).
     Returns:
         ExportResult; inputs that could not be read are reported in it, not raised. A write failure
         (disk full, read-only) stops the run: snapshots already written stay, the input being
@@ -169,8 +182,10 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
     lm = model.lm
     _layers(lm)  # refuses a model without TTT layers before anything is written
     out = Path(out)
+    telemetry = None if telemetry is None else Path(telemetry)
     layout, plans, oplan = guard if guard is not None else output_plan(
-        paths, out, at_sec, overwrite, None if init_state is None else Path(init_state), None)
+        paths, out, at_sec, overwrite, None if init_state is None else Path(init_state), None, telemetry)
+    series = telemetry_paths(paths, telemetry)
     cfg = model_config(lm)
     fp = fingerprint(lm)
     init = None
@@ -181,12 +196,12 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
     ledger = InputLedger(paths)
     stopped, interrupted = None, False
     try:
-        for n, (path, plan) in enumerate(zip(paths, plans)):
+        for n, (path, plan, tpaths) in enumerate(zip(paths, plans, series)):
             item = ExportItem(str(path), ok=False)
             items.append(item)
             try:
                 _export_one(model, item, path, plan, at_sec, flush_partial, audio_stream, text_stream, channel,
-                            block_steps, init, init_state, force, fp, progress)
+                            block_steps, init, init_state, force, fp, progress, tpaths)
             except InputError as e:
                 item.error = str(e)
                 ledger.skip(n, str(e).removeprefix(f"{path}: "))
@@ -221,13 +236,14 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
 
 def _export_one(model, item: ExportItem, path: Path, plan: dict[str, Path], at_sec: list[float],
                 flush_partial: bool, audio_stream: str, text_stream: str, channel: int | None, block_steps: int,
-                init, init_state, force: bool, fp: str, progress) -> None:
+                init, init_state, force: bool, fp: str, progress, telemetry: dict[str, Path] | None = None) -> None:
     """Streams one input and writes its snapshots (see `export_states`); raises InputError or OSError."""
     import torch
     from .audio import iter_audio
     from .codes import encode_audio, lm_input_codes, transformer_input
     from .state import _layers, capture, check_fits, load_state, restore, restore_layers, save_state
     from .streaming import block_streaming
+    from .telemetry import paused, recording, take_rows, write_series
 
     lm = model.lm
     layers = _layers(lm)
@@ -251,7 +267,7 @@ def _export_one(model, item: ExportItem, path: Path, plan: dict[str, Path], at_s
     key = f"export:{path}"
     progress.start(key, f"export-state {path.name}", T / FRAME_RATE)
     pos = 0
-    with torch.no_grad(), block_streaming(lm, 1, block_steps):
+    with torch.no_grad(), recording(lm, telemetry is not None), block_streaming(lm, 1, block_steps):
         if init is not None:
             restore(lm, init, 0, force=force)
         for stop in sorted(cuts):
@@ -263,8 +279,9 @@ def _export_one(model, item: ExportItem, path: Path, plan: dict[str, Path], at_s
             for label, req in cuts[stop]:
                 if flush_partial:
                     before = {i: layer.capture(0) for i, layer in layers.items()}
-                    for layer in layers.values():
-                        layer.flush_partial(0)
+                    with paused(lm):  # the written copy is flushed, the stream (and its series) goes on as it was
+                        for layer in layers.values():
+                            layer.flush_partial(0)
                     snap = capture(model, 0)
                     restore_layers(lm, before, 0)  # the stream goes on as it was
                 else:
@@ -286,5 +303,7 @@ def _export_one(model, item: ExportItem, path: Path, plan: dict[str, Path], at_s
                     {k: int(v) for k, v in back.meta["pending_tokens"].items()},
                     {k: float(v.get("relative_drift", float("nan"))) for k, v in tel.items()},
                     flush_partial, True))
+        if telemetry is not None:
+            item.telemetry = write_series(telemetry, take_rows(lm, 0), 0, f"{model.model_id}: {path.name}")
     progress.finish(key, steps=T, snapshots=len(item.snapshots))
     item.ok = True

@@ -9,6 +9,7 @@ import os
 import sys
 import typing as tp
 import warnings
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -79,6 +80,10 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier ttt run (never inputs, "
                                             "never files ttt did not write).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit.")]
+TelemetryOpt = Annotated[tp.Optional[Path], typer.Option(
+    "--telemetry", help="Write the fast-weight update series here: per file a <name>.updates.csv (one row per "
+    "update, reset and non-finite event per stream and layer) and a <name>.updates.png (drift and step norm vs "
+    "time, one line per layer).")]
 ForceStateOpt = Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip differ "
                                              "from the model's (never one whose fingerprint differs).")]
 

@@ -10,7 +10,7 @@ import typer
 
 from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail,
                      ForceOpt, ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
-                     print_table, say_model_notes, SeedOpt, set_seed, TextStream, ttt_overrides, TTTChunkOpt,
+                     print_table, say_model_notes, SeedOpt, set_seed, TelemetryOpt, TextStream, ttt_overrides, TTTChunkOpt,
                      TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
 
 
@@ -26,6 +26,7 @@ def export_state_cmd(
     channel: Annotated[tp.Optional[int], typer.Option("--channel", help="Take this channel instead of mixing down.")] = None,
     block_steps: Annotated[int, typer.Option("--block-steps", help="LM steps per streaming call.")] = 250,
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this snapshot.")] = None,
+    telemetry: TelemetryOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     ttt: TTTOpt = True,
@@ -51,6 +52,8 @@ def export_state_cmd(
       ttt export-state examples/hello.wav --model tiny --out hello.safetensors
 
       ttt export-state talk.wav --model tiny --at 1.5 --at 3s --out states/ --flush-partial
+
+      ttt export-state talk.wav --model tiny --out talk.safetensors --telemetry series/
     """
     from ..errors import ConfigError
     from ..models.loader import load_model
@@ -61,7 +64,7 @@ def export_state_cmd(
     at_sec = sorted(set(parse_seconds(t) for t in at or []))
     if any(t < 0 for t in at_sec):
         raise ConfigError(f"--at times must be >= 0, got {[t for t in at_sec if t < 0]}.")
-    guard = output_plan(list(audio), out, at_sec, overwrite, init_state, model)  # before any work
+    guard = output_plan(list(audio), out, at_sec, overwrite, init_state, model, telemetry)  # before any work
     try:
         set_seed(seed)
         m = load_model(model, device=device.value, dtype=dtype.value, base=base,
@@ -72,7 +75,7 @@ def export_state_cmd(
             res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
                                 audio_stream=audio_stream.value, text_stream=text_stream.value, channel=channel,
                                 block_steps=block_steps, init_state=init_state, force=force_state, progress=progress,
-                                guard=guard)
+                                guard=guard, telemetry=telemetry)
     finally:
         guard[2].cleanup()
     for it in res.items:
