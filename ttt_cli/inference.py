@@ -50,6 +50,7 @@ class InferOptions:
         save_state: where to write each stream's fast weights at its end (a file for one stream,
             else a directory of `<stem>.end.safetensors`).
         force: restore an `init_state` despite forceable differences (another lr or clip).
+        telemetry: a directory for each file's update series (`<stem>.updates.csv`/`.png`, SPEC §3.7).
     """
 
     mode: str = "auto"
@@ -65,6 +66,7 @@ class InferOptions:
     init_state: Path | None = None
     save_state: Path | None = None
     force: bool = False
+    telemetry: Path | None = None
 
 
 @dataclass
@@ -111,6 +113,8 @@ class FileResult:
     steps: int = 0                          # LMGen steps that fed this file's frames
     wall_seconds: float = 0.0
     telemetry: dict[int, dict] = field(default_factory=dict)
+    updates: dict | None = None             # the update series of this file ({layer: [UpdateRow]}, --telemetry)
+    slot: int = 0                           # the batch item (stream) that played it
     stream: dict = field(default_factory=dict)
     state: tp.Any = None                    # FastWeightState captured at the stream's end (--save-state)
     outputs: dict[str, str] = field(default_factory=dict)
@@ -142,6 +146,7 @@ class InferRun:
     reset_policy: str
     init_state: str | None
     results: list[FileResult]
+    telemetry: str | None = None   # --telemetry directory
 
     @property
     def failed(self) -> list[FileResult]:
@@ -177,11 +182,14 @@ def plan_jobs(paths: tp.Sequence[str | Path]) -> list[Job]:
     return out
 
 
-def output_paths(out_dir: Path, job: Job, mode: str) -> dict[str, Path]:
-    """The files one input writes."""
+def output_paths(out_dir: Path, job: Job, mode: str, telemetry: Path | None = None) -> dict[str, Path]:
+    """The files one input writes (with `telemetry`, its update series `updates_csv`, `updates_png` there)."""
     d = {"txt": out_dir / f"{job.stem}.txt", "json": out_dir / f"{job.stem}.json"}
     if mode == "dialog":
         d["wav"] = out_dir / f"{job.stem}.wav"
+    if telemetry is not None:
+        from .telemetry import series_paths
+        d.update({f"updates_{k}": p for k, p in series_paths(telemetry, job.stem).items()})
     return d
 
 
@@ -456,7 +464,8 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
     B = min(opts.batch_size, len(streams))
     run = InferRun(mode=mode, model=_model_facts(model), ttt=ttt, sampling=sampling, seed=opts.seed,
                    batch_size=B, reset_policy=opts.reset_policy,
-                   init_state=str(opts.init_state) if opts.init_state else None, results=[])
+                   init_state=str(opts.init_state) if opts.init_state else None, results=[],
+                   telemetry=str(opts.telemetry) if opts.telemetry is not None else None)
     results: dict[int, FileResult] = {}
 
     def deliver(res: FileResult) -> None:
@@ -567,6 +576,9 @@ class _Runner:
         if self.init_state is not None:
             from .state import restore
             restore(self.lm, self.init_state, batch_index=b, force=self.opts.force)
+        if self.opts.telemetry is not None:
+            from .telemetry import take_rows
+            take_rows(self.lm, b)  # the slot's earlier stream and this start: the new file's series starts here
         self.slots[b] = stream
         stream.baseline = self._telemetry(b)
 
@@ -621,8 +633,10 @@ class _Runner:
     def run(self, streams: list[list[Job]]) -> None:
         import torch
 
+        from .telemetry import recording
+
         queue = deque(_Stream(s, self.mode, self.opts.channel, self.pads) for s in streams)
-        with self.lm_gen.streaming(self.B):
+        with recording(self.lm, self.opts.telemetry is not None), self.lm_gen.streaming(self.B):
             while True:
                 frames: list[np.ndarray | None] = [None] * self.B
                 new = [False] * self.B
@@ -714,6 +728,10 @@ class _Runner:
             if cur.fed == cur.n_frames and not cur.telemetry_taken:
                 cur.telemetry_taken = True
                 cur.result.telemetry = self._telemetry(b, stream.baseline)
+                cur.result.slot = b
+                if self.opts.telemetry is not None:  # one device read per file
+                    from .telemetry import take_rows
+                    cur.result.updates = take_rows(self.lm, b)
             if self.ticks % PROGRESS_EVERY == 0 or cur.fed == cur.n_frames:
                 r = cur.result
                 done = min(cur.fed * FRAME_SIZE / SAMPLE_RATE, r.info.seconds)  # STT padding not counted
@@ -786,7 +804,7 @@ def output_recognisers(out_dir: Path, job: Job, mode: str) -> dict[str, tp.Calla
 
 
 def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states: dict[int, Path],
-                 kinds: tp.Collection[str] = ("txt", "json", "wav")) -> None:
+                 kinds: tp.Collection[str] = ("txt", "json", "wav", "updates"), telemetry: Path | None = None) -> None:
     """Declares the outputs of an infer run on an `OutputPlan` (mode None: not known yet, no .wav).
 
     Args:
@@ -796,8 +814,14 @@ def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states:
         mode: the resolved mode, or None before the model is loaded.
         states: --save-state paths by job index.
         kinds: which per-input outputs to declare (e.g. only "wav" once the mode is known).
+        telemetry: the --telemetry directory (the update series of each input).
     """
     from .outputs import safetensors_with_metadata
+    if telemetry is not None and "updates" in kinds:
+        from .telemetry import FLAG, plan_series, series_paths
+        plan.write_into(telemetry, FLAG)
+        for j in jobs:
+            plan_series(plan, series_paths(telemetry, j.stem), j.path.name)
     for j in jobs:
         rec = output_recognisers(out_dir, j, mode or "transcribe")
         for k, p in output_paths(out_dir, j, mode or "transcribe").items():
@@ -823,6 +847,10 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
     if not res.ok:
         return
     paths = output_paths(out_dir, res.job, run.mode)
+    series = None
+    if run.telemetry is not None:
+        from .telemetry import series_paths
+        series = series_paths(Path(run.telemetry), res.job.stem)
     written: list[Path] = []
     current: Path | None = None
     try:
@@ -851,6 +879,12 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
             save_state(res.state, state_path, metadata=meta, overwrite=True)  # the plan checked it is ours
             written.append(state_path)
             res.outputs["state"] = str(state_path)
+        if series is not None:
+            from .telemetry import write_series
+            current = series["csv"]
+            written += list(series.values())  # removed again (if there) should a later file fail
+            names = write_series(series, res.updates or {}, res.slot, f"{run.model['id']}: {res.job.path.name}")
+            res.outputs.update({f"updates_{k}": v for k, v in names.items()})
         current = paths["json"]
         res.outputs["json"] = str(paths["json"])
         obj = result_json(res, run)

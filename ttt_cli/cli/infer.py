@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import (SEED_MAX, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, ForceStateOpt,
-                     JsonOpt, ModelOpt, OverwriteOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt,
+                     JsonOpt, ModelOpt, OverwriteOpt, TelemetryOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt,
                      check_memory, err, fail, handle_errors, inputs_error, print_json, print_table, say_model_notes,
                      ttt_overrides, warn)
 
@@ -73,6 +73,7 @@ def infer_cmd(
                                                           "of the stream: this file for one stream (inside it "
                                                           "if it is a directory), else a directory of "
                                                           "<stem>.end.safetensors.")] = None,
+    telemetry: TelemetryOpt = None,
     json_out: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
@@ -95,6 +96,8 @@ def infer_cmd(
       ttt infer meeting.mp3 --model kyutai/stt-1b-en_fr --mode stt --channel 0
 
       ttt infer part1.wav part2.wav --reset-policy carry --save-state state.safetensors
+
+      ttt infer talk.wav --model tiny --telemetry series/   (series/talk.updates.csv and .png)
     """
     from ..models.loader import load_model
     from ..errors import ConfigError
@@ -103,7 +106,8 @@ def infer_cmd(
 
     opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
                         temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy,
-                        seed=seed, init_state=init_state, save_state=save_state, force=force_state)
+                        seed=seed, init_state=init_state, save_state=save_state, force=force_state,
+                        telemetry=telemetry)
     validate_options(opts, len(audio))
     jobs = plan_jobs(audio)
     states = state_paths(save_state, jobs, opts.reset_policy)
@@ -119,7 +123,7 @@ def infer_cmd(
     plan.write_into(out)
     if save_state is not None and (len(set(states.values())) > 1 or save_state.is_dir()):
         plan.write_into(save_state, "--save-state")
-    plan_outputs(plan, out, jobs, mode.value if mode.value != "auto" else None, states)
+    plan_outputs(plan, out, jobs, mode.value if mode.value != "auto" else None, states, telemetry=telemetry)
     plan.check().prepare()
     ledger = InputLedger([j.path for j in jobs])
     try:
