@@ -55,6 +55,7 @@ class EvalOptions:
     ttt: dict | None = None           # overrides of the `ttt` section
     base: str | None = None           # --base of a fine-tuning fork checkpoint (SPEC §4.3)
     seed: int = 0
+    telemetry: Path | None = None     # --telemetry: the update series per policy and document (SPEC §3.7)
 
 
 @dataclass
@@ -294,7 +295,13 @@ def _outputs(out: Path) -> list[Path]:
     return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, resume.state_dir(out)]
 
 
-def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | None):
+def _series_paths(o: EvalOptions, policy: Policy, doc_id: str) -> dict[str, Path]:
+    """`--telemetry` files of one policy and document: `DIR/<policy dir>/<document id, / as _>.updates.*`."""
+    from ttt_cli.telemetry import eval_series_name, series_paths
+    return series_paths(Path(o.telemetry), eval_series_name(policy.dir_name, doc_id))
+
+
+def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | None, policies: list[Policy]):
     """Checks where the run writes before any work (SPEC §7.1); returns (plan, store codes?, notes).
 
     --out and --codes-cache must lie outside DATA; results.json, curve.csv and curve.png are
@@ -314,6 +321,14 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     plan.write(out / report.RESULTS, "--out", "results of ttt eval", record)
     for name in (report.CURVE_CSV, report.CURVE_PNG):
         plan.write(out / name, "--out", f"{name} of ttt eval", beside(out / report.RESULTS, record))
+    series = []
+    if o.telemetry is not None:
+        from ttt_cli.telemetry import FLAG, plan_series
+        plan.write_into(o.telemetry, FLAG)
+        for doc in dataset.documents:
+            for p in policies:
+                series.append(_series_paths(o, p, doc.id))
+                plan_series(plan, series[-1], f"{doc.id} under policy {p.name}")
     plan.check()
     if cache_dir is not None:
         root, c = real(dataset.root), real(cache_dir)
@@ -329,7 +344,8 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
             raise ConfigError(f"--resume: {out} has results but no resume state ({resume.STATE_DIR}/"
                               f"{resume.STATE_FILE}); pass --overwrite to run again.")
     elif not o.overwrite:
-        existing = [p.name for p in _outputs(out) if p.exists()]
+        existing = [p.name for p in _outputs(out) if p.exists()] + [
+            str(f) for s in series for f in s.values() if f.exists()][:3]
         if existing:
             raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
                               f"continue it, or --overwrite to replace it.",
@@ -441,6 +457,7 @@ class _Run:
     state: dict = field(default_factory=dict)
     carries: dict = field(default_factory=dict)
     written_nll: list = field(default_factory=list)
+    written_series: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     scored_steps: float = 0.0
     enc_seconds: float = 0.0
@@ -475,7 +492,7 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
     if o.use_codes_cache:
         from .codes_cache import default_cache_dir
         cache_dir = Path(o.codes_cache) if o.codes_cache else default_cache_dir()
-    plan, store, notes = _output_plan(o, dataset, out, cache_dir)
+    plan, store, notes = _output_plan(o, dataset, out, cache_dir, policies)
     try:
         return _evaluate(o, policies, dataset, out, cache_dir, store, notes, progress, model)
     finally:
@@ -648,7 +665,8 @@ def _score_document(run: _Run, doc: Document, label: str, t_loop: float) -> dict
 
         with policy_settings(lm, p.ttt_on, run.lr, run.warm):
             sc = score_document(lm, codes, resets, o.block_steps, carry=run.carries[p.name],
-                                keep_carry=p.carries_across_documents, on_block=on_block)
+                                keep_carry=p.carries_across_documents, on_block=on_block,
+                                record=o.telemetry is not None)
         run.scored_steps += dc.steps
         acc = Accum()
         acc.add(sc.nll, sc.text_nll, run.bin_steps, sc.seconds)
@@ -656,6 +674,12 @@ def _score_document(run: _Run, doc: Document, label: str, t_loop: float) -> dict
         entry["telemetry"][p.name] = {str(i): t for i, t in sc.telemetry.items()}
         if p.carries_across_documents:
             run.carries[p.name] = sc.carry
+        if o.telemetry is not None:
+            from ttt_cli.telemetry import write_series
+            files = write_series(_series_paths(o, p, doc.id), sc.updates or {}, 0,
+                                 f"{m.model_id}: {doc.id}, policy {p.name}")
+            entry.setdefault("update_series", {})[p.name] = files
+            run.written_series += list(files.values())
         if o.save_token_nll:
             path = report.token_nll_path(run.out, p.dir_name, doc.id)
             report.write_token_nll(path, sc.nll, codes, {
@@ -672,6 +696,7 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
     policies, dataset, state = run.policies, run.dataset, run.state
     accs = {p.name: Accum() for p in policies}
     tele: dict[str, dict] = {p.name: {} for p in policies}
+    series: dict[str, dict] = {p.name: {} for p in policies}
     documents, skipped_docs = [], []
     failed = [f"{_rel(s.path, dataset.root)}: {s.reason}" for s in dataset.failed_files]
     total_enc = 0.0
@@ -690,6 +715,8 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
             if p.name in e["policies"]:
                 accs[p.name].merge(Accum.from_dict(e["policies"][p.name]))
                 _telemetry_add(tele[p.name], {int(i): t for i, t in e["telemetry"][p.name].items()})
+            if p.name in e.get("update_series", {}):
+                series[p.name][doc_id] = e["update_series"][p.name]
     sections = {p.name: _policy_section(p, accs[p.name], run.bin_steps, tele[p.name], run.lr, run.warm is not None)
                 for p in policies}
     excluded = sum(1 for d in documents for s in d["skipped"] if not s.get("failed", True)) + sum(
@@ -716,6 +743,7 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
         "codes_cache": {"dir": str(run.cache_dir) if run.cache_dir else None, "hits": run.hits,
                         "misses": run.misses, "read_only": run.cache_dir is not None and not run.store},
         "fast_weight_bytes_per_stream": _fw_bytes(run.m.lm),
+        "update_series": {"dir": None if run.o.telemetry is None else str(run.o.telemetry), "files": series},
         "environment": environment(run.m),
         "warnings": warnings,
         "documents": documents,
@@ -724,7 +752,8 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
     summaries = [PolicySummary(p.name, s["nll"], s["perplexity"], s["nll_semantic"], s["nll_acoustic"],
                                s["nll_text"], s["tokens"]["all"], s["timing"]["steps_per_second"])
                  for p, s in zip(policies, sections.values())]
-    return EvalResult(run.out, results, summaries, files + run.written_nll, failed, warnings, interrupted,
+    return EvalResult(run.out, results, summaries, files + run.written_nll + run.written_series, failed, warnings,
+                      interrupted,
                       len(state["done"]), len(dataset.documents))
 
 

@@ -30,6 +30,7 @@ class DocumentScore:
     seconds: float           # wall time of scoring
     carry: Carry | None = None                                      # fast-weight state at the end
     telemetry: dict[int, dict] = field(default_factory=dict)        # per TTT layer, at the end
+    updates: dict | None = None     # the update series {layer: [UpdateRow]} (`record`)
 
     @property
     def steps(self) -> int:
@@ -47,7 +48,7 @@ def _token_nll(logits: torch.Tensor, target: torch.Tensor, card: int) -> torch.T
 @torch.no_grad()
 def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block_steps: int = DEFAULT_BLOCK_STEPS,
                    carry: Carry | None = None, keep_carry: bool = False, step_by_step: bool = False,
-                   on_block: tp.Callable[[int], None] | None = None) -> DocumentScore:
+                   on_block: tp.Callable[[int], None] | None = None, record: bool = False) -> DocumentScore:
     """Scores LM codes [K, T] (before delays) with teacher forcing, in one fresh stream.
 
     The stream starts with fresh attention (a document start). Position s of the transformer input
@@ -67,7 +68,10 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
         step_by_step: one `forward_text` call per step in plain `lm.streaming` (the reference path
             whose cache holds exactly `context` keys, like `LMGen`), depformer per step too.
         on_block: called with the number of steps scored so far.
+        record: gather the update series (SPEC §3.7) into `.updates`; a reset's step is its position s.
     """
+    from ttt_cli.telemetry import recording, take_rows
+
     if block_steps < 1:
         raise ValueError(f"block_steps must be >= 1, got {block_steps}")
     if lm.is_streaming:
@@ -90,7 +94,7 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
     one = torch.ones(1, dtype=torch.bool, device=dev)
     t0 = time.perf_counter()
     ctx = lm.streaming(1) if step_by_step else block_streaming(lm, 1, block)
-    with ctx:
+    with recording(lm, record), ctx:
         if carry is not None:
             for i, layer in layers.items():
                 layer.restore(carry[i], 0)
@@ -123,7 +127,8 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
                 on_block(b)
         out_carry = {i: layer.capture(0) for i, layer in layers.items()} if keep_carry else None
         telemetry = {i: layer.telemetry(0) for i, layer in layers.items()}
-    return DocumentScore(nll, text_nll, resets, time.perf_counter() - t0, out_carry, telemetry)
+        updates = take_rows(lm, 0) if record else None
+    return DocumentScore(nll, text_nll, resets, time.perf_counter() - t0, out_carry, telemetry, updates)
 
 
 @contextlib.contextmanager

@@ -16,9 +16,10 @@ SPEC_TARGETS = {
     "step_overhead_b1": (1.10, "<="), "step_overhead_b8": (1.15, "<="), "eval_block_speedup": (10.0, ">="),
     "eval_nll_max_abs_diff": (1e-4, "<="), "eval_memory_ratio": (1.10, "<="), "eval_cache_encode_seconds": (0.5, "<="),
     "ttt_layer_ratio": (2.0, "<="), "infer_memory_ratio": (1.10, "<="), "step_overhead_b8_floor": (None, "<="),
-    "step_ms_p99_b1": (None, "<="),
+    "step_ms_p99_b1": (None, "<="), "telemetry_overhead_b1": (1.02, "<="),
 }
-QUICK = ["step_overhead_b1", "step_ms_p99_b1", "ttt_layer_ratio", "eval_block_speedup", "eval_nll_max_abs_diff"]
+QUICK = ["step_overhead_b1", "step_ms_p99_b1", "ttt_layer_ratio", "eval_block_speedup", "eval_nll_max_abs_diff",
+         "telemetry_overhead_b1"]
 
 
 def bench(*args):
@@ -72,6 +73,7 @@ def test_quick_bench_on_tiny(tmp_path):
     assert by["eval_nll_max_abs_diff"]["value"] < 1e-4  # block and step-by-step scoring agree on tiny
     assert by["step_overhead_b1"]["on"]["steps"] == by["step_overhead_b1"]["off"]["steps"] == 16
     assert by["ttt_layer_ratio"]["T"] == 4096
+    assert by["telemetry_overhead_b1"]["with_telemetry"]["steps"] == by["telemetry_overhead_b1"]["without"]["steps"]
 
 
 def test_missed_target_exits_1_and_is_named(tmp_path):

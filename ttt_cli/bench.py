@@ -32,6 +32,7 @@ GROUPS = {
     "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
     "memory": ("eval_memory_ratio",),
     "cache": ("eval_cache_encode_seconds",),
+    "telemetry": ("telemetry_overhead_b1",),
 }
 VARIANT_GROUPS = ("step", "layer", "state")
 # A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
@@ -321,6 +322,8 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         values.update(score_figures(own, opts, progress))
     if need & {"memory", "cache"}:
         values.update(eval_run_figures(own, opts, "memory" in need, "cache" in need, progress))
+    if "telemetry" in need:
+        values.update(telemetry_figures(own, opts, progress))
     measured = {n: f.value for n, f in values.items()}
     figs = []
     for name in wanted:
@@ -417,6 +420,25 @@ def step_figures(on, opts: BenchOptions, want: set[str], variant: str, progress)
         out["step_overhead_b8"].detail["floor"] = floor
     del off
     return {k: v for k, v in out.items() if k in want or k == "step_overhead_b8_floor" and b8}
+
+
+def telemetry_figures(own, opts: BenchOptions, progress) -> dict[str, Figure]:
+    """LMGen.step of the model with the update series recorded / not recorded, batch 1, interleaved (SPEC §5.5)."""
+    from .models.loader import load_model
+    from .telemetry import recording
+
+    steps = opts.steps or (320 if opts.quick else 1024)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rec = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt={"variant": own.ttt.variant})
+    progress.start("telemetry", f"{own.ttt.variant}: LMGen.step with / without --telemetry, batch 1", None)
+    with recording(rec.lm):
+        stats, _ = step_overhead(rec, own, 1, steps, opts.rounds, own.device, opts.seed)
+    ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
+    progress.finish("telemetry", ratio=ratio)
+    del rec
+    return {"telemetry_overhead_b1": Figure("telemetry_overhead_b1", ratio, detail={
+        "variant": own.ttt.variant, "with_telemetry": stats["on"], "without": stats["off"]})}
 
 
 # -- eval figures ------------------------------------------------------------------------------

@@ -20,9 +20,13 @@ Rows = dict  # {layer index: [UpdateRow, ...]} of one stream
 
 @contextlib.contextmanager
 def recording(lm, on: bool = True) -> tp.Iterator[None]:
-    """Streams started inside gather the update series of every fast-weight layer (then as before)."""
+    """Streams started inside gather the update series of every fast-weight layer (then as before);
+    `on=False` changes nothing."""
     from .fastweights.attach import ttt_layers
 
+    if not on:
+        yield
+        return
     layers = ttt_layers(lm)
     before = {i: layer.recording for i, layer in layers.items()}
     try:

@@ -10,7 +10,7 @@ import typer
 
 from .common import (AudioStream, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
                      ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
-                     print_table, SeedOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
+                     print_table, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
@@ -52,6 +52,7 @@ def librilight_cmd(
     init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
                                                           "(ttt export-state); resets go back to it.")] = None,
     force_state: ForceStateOpt = False,
+    telemetry: TelemetryOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
     ttt: TTTOpt = True,
@@ -77,6 +78,8 @@ def librilight_cmd(
       ttt eval librilight DATA -p document -p file -p every:30s -p never -p off --max-seconds 30m
 
       ttt eval librilight DATA --out results/run1 --resume
+
+      ttt eval librilight DATA --model tiny -p every:2s --telemetry results/series   (per policy and document)
     """
     from ..units import parse_seconds
     from ..progress import make_progress
@@ -90,7 +93,8 @@ def librilight_cmd(
         text_stream=text_stream.value, codes_cache=codes_cache, use_codes_cache=not no_codes_cache,
         save_token_nll=save_token_nll, resume=resume, overwrite=overwrite, init_state=init_state,
         force_state=force_state, device=device.value, dtype=dtype.value,
-        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base)
+        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base,
+        telemetry=telemetry)
 
     def load():
         from ..models.loader import load_model
