@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import typing as tp
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,10 +98,17 @@ class UpdateRecorder:
         self._extra += extra
 
     def advance(self, part: int, live: torch.Tensor, tokens: int) -> None:
-        """At the start of a call of `tokens` positions: the streams in `live` [B] bool consume them."""
-        if part == 0:
-            self._reserve(tokens=tokens)
+        """At the start of a call of `tokens` positions: the streams in `live` [B] bool consume them.
+
+        Inside a compiled or captured step the host half (the row bound, a possible read) cannot run: the
+        caller that replays the step calls `host_advance(tokens)` per step outside it instead."""
+        if part == 0 and not torch.compiler.is_compiling():
+            self.host_advance(tokens)
         self.pos[part].add_(live.long() * tokens)
+
+    def host_advance(self, tokens: int) -> None:
+        """The host half of `advance`: `tokens` more positions may complete mini-batches (reads if needed)."""
+        self._reserve(tokens=tokens)
 
     def _write(self, mask: torch.Tensor, row: torch.Tensor) -> None:
         """Row [B, 9] goes to each stream's write position; the position advances where `mask` [B] is true."""
@@ -150,6 +158,10 @@ class UpdateRecorder:
     def drain(self) -> None:
         """Moves the rows gathered so far to the host (one device read); the buffer starts over."""
         counts = self.ptr.tolist()
+        if max(counts, default=0) > self.capacity:  # a compiled/graphed caller skipped `host_advance`
+            warnings.warn(f"update series: {max(counts) - self.capacity} row(s) of a stream were lost (the buffer "
+                          f"of {self.capacity} rows was not read in time); the series has gaps.")
+            counts = [min(c, self.capacity) for c in counts]
         n = max(counts) if counts else 0
         if n:
             rows = self.buf[:, :n].cpu()
