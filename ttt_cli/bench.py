@@ -162,16 +162,22 @@ def _gen_steps(gen, B: int, n: int, device: str, g: torch.Generator) -> list[flo
     return times
 
 
-def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int) -> tuple[dict, dict]:
-    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries."""
-    from moshi.models.lm import LMGen
+def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int,
+                  cuda_graphs: bool = False) -> tuple[dict, dict]:
+    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries.
+
+    `on`/`off` are models (`.lm`); with `cuda_graphs` both run moshi's CUDA graphs (TTT on through
+    `TTTLMGen`'s per-phase graphs), else both run eagerly."""
+    import contextlib
     from moshi.utils.compile import no_cuda_graph
+    from .fastweights.graphs import TTTLMGen
 
     g = torch.Generator().manual_seed(seed)
-    gens = {"on": LMGen(on.lm, use_sampling=False), "off": LMGen(off.lm, use_sampling=False)}
+    gens = {"on": TTTLMGen(on.lm, use_sampling=False), "off": TTTLMGen(off.lm, use_sampling=False)}
     times: dict[str, list[float]] = {"on": [], "off": []}
     per = max(1, steps // rounds)
-    with torch.no_grad(), no_cuda_graph(), gens["on"].streaming(B), gens["off"].streaming(B):
+    graphs = contextlib.nullcontext() if cuda_graphs else no_cuda_graph()
+    with torch.no_grad(), graphs, gens["on"].streaming(B), gens["off"].streaming(B):
         for name in gens:  # warm-up
             _gen_steps(gens[name], B, 4, device, g)
         for _ in range(rounds):

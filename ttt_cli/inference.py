@@ -465,8 +465,7 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
             on_result(res, run)
 
     set_seed(opts.seed)
-    ctx = _no_cuda_graph_if(model, ttt["enabled"])
-    with torch.no_grad(), ctx:
+    with torch.no_grad():
         _Runner(model, mode, opts, sampling, B, progress, deliver, init_state).run(streams)
     run.results = [results[j.index] for j in jobs]
     return run
@@ -479,29 +478,20 @@ def _model_facts(model) -> dict:
             "provenance": model.config.get("provenance")}
 
 
-def _no_cuda_graph_if(model, ttt_on: bool):
-    import contextlib
-    # LMGen replays forward_text as a CUDA graph; the TTT layer decides chunk updates in Python,
-    # which a graph would freeze (pitfall 9): generation with TTT on runs without CUDA graphs.
-    if ttt_on and str(model.device).startswith("cuda"):
-        from moshi.utils.compile import no_cuda_graph
-        return no_cuda_graph()
-    return contextlib.nullcontext()
-
-
 class _Runner:
     """The batched streaming loop: one tick encodes one frame per live slot and steps LMGen."""
 
     def __init__(self, model, mode: str, opts: InferOptions, sampling: dict, B: int, progress: Progress,
                  deliver: tp.Callable[[FileResult], None], init_state):
-        from moshi.models import LMGen
+        from .fastweights.graphs import TTTLMGen
 
         self.m, self.mode, self.opts, self.B = model, mode, opts, B
         self.progress, self.deliver, self.init_state = progress, deliver, init_state
         self.lm = model.lm
         self.mimi = model.mimi
         self.device = self.lm.device
-        self.lm_gen = LMGen(self.lm, support_out_of_sync=True, **sampling)
+        # moshi's LMGen with one CUDA graph per step phase: graphs stay on with TTT on (SPEC §8.6).
+        self.lm_gen = TTTLMGen(self.lm, support_out_of_sync=True, **sampling)
         self.max_delay = max(self.lm.delays)
         self.dep_q = self.lm.dep_q
         self.moshi_delays = list(self.lm.delays[1:1 + self.dep_q])
