@@ -106,6 +106,7 @@ class BenchResult:
     figures: list[Figure]
     date: str
     seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. GPU figures skipped without CUDA
 
     @property
     def missed(self) -> list[Figure]:
@@ -261,15 +262,16 @@ def selected(only: list[str] | None, variants: list[str]) -> list[str]:
     """
     if not only:
         return measured_names(variants)
+    from .bench_gpu import GPU_FIGURES
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     for n in names:
         spec(n)  # unknown names: the registry's message
-        if n not in MEASURED:
+        if n not in MEASURED and n not in GPU_FIGURES:
             raise ConfigError(f"--only {n}: `ttt bench` does not measure this figure yet. It measures: "
                               f"{', '.join(MEASURED)}.")
     if not names:
         raise ConfigError("--only: give at least one figure name.")
-    order = measured_names(variants + [v for v in SUFFIXES if v not in variants])
+    order = measured_names(variants + [v for v in SUFFIXES if v not in variants]) + list(GPU_FIGURES)
     return [n for n in order if n in names]
 
 
@@ -301,13 +303,17 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
     """
     from .models.loader import load_model
 
+    from .bench_gpu import GPU_FIGURES, SKIP_NOTE, gpu_figures
+
     progress = progress or NullProgress()
     if opts.steps is not None and opts.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {opts.steps}.")
     variants = _variant_order(opts)
     wanted = selected(opts.only, variants)
+    gpu = [n for n in wanted if n in GPU_FIGURES] if opts.only else list(GPU_FIGURES)
+    wanted = [n for n in wanted if n not in GPU_FIGURES]
     for name in opts.targets:
-        if name not in wanted:
+        if name not in wanted + gpu:
             raise ConfigError(f"--target {name}: that figure is not measured in this run.")
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
@@ -327,6 +333,12 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         values.update(score_figures(own, opts, progress))
     if need & {"memory", "cache"}:
         values.update(eval_run_figures(own, opts, "memory" in need, "cache" in need, progress))
+    notes = []
+    if gpu and torch.device(own.device).type == "cuda":
+        values.update(gpu_figures(own, opts, gpu, progress))
+        wanted += gpu
+    elif gpu:
+        notes.append(SKIP_NOTE.format(names=", ".join(gpu), device=opts.device))
     measured = {n: f.value for n, f in values.items()}
     figs = []
     for name in wanted:
@@ -337,7 +349,7 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         figs.append(f)
     return BenchResult(device_name(own.device), versions(), own.model_id, own.config.get("ttt") or {}, figs,
                        _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, notes)
 
 
 def _require_ttt(m) -> None:

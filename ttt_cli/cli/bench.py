@@ -97,6 +97,8 @@ def bench_cmd(
                 for f in res.figures]
         print_table(f"ttt bench on {res.device} ({res.model}, {res.seconds:.0f} s)",
                     ["figure", "value", "target", "met", "compared with"], rows)
+    for note in res.notes:
+        err(note)
     if res.missed:
         err("targets missed: " + "; ".join(
             f"{f.name} = {f.value:.4g} (target {spec(f.name).direction} {f.target:g}{', ' + f.error if f.error else ''})"
