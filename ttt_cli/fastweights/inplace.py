@@ -281,16 +281,18 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         return self._run(state, z, x0).to(x.dtype)
 
     def _step_one(self, st: InPlaceState, z: torch.Tensor, x0: torch.Tensor, completes: bool) -> torch.Tensor:
-        """One token of every stream as tensor arithmetic only (SPEC §8.6): apply W, write the pending row of
-        the live streams, and, when the host clock says a live stream's chunk completes (`completes`), the
+        """One token of every stream as tensor arithmetic only (SPEC §8.6): apply W, write the token's pending
+        row, count the live streams, and, when the host clock says a live stream's chunk completes (`completes`), the
         masked update of the streams whose count reached C. Nothing is read back to the host."""
         B, C = st.batch_size, self.chunk_size
         out = torch.bmm(z, st.w.transpose(1, 2))  # [B, 1, d] with each stream's W
         live = st.exec_mask  # [B] bool
-        rows = st.rows + st.count  # [B]: the row of the pending buffers this token goes to
-        for buf, new in ((st.pending_z, z[:, 0]), (st.pending_x0, x0[:, 0])):
-            flat = buf.view(B * C, -1)
-            flat.index_copy_(0, rows, torch.where(live[:, None], new, flat.index_select(0, rows)))
+        # Each stream's token goes to its first free pending row. A frozen stream (exec mask false) writes
+        # there too, but its count does not move, so the row stays free and its pending chunk (rows
+        # < count) is untouched: no read-modify-write of the buffers is needed.
+        rows = st.rows + st.count  # [B]
+        st.pending_z.view(B * C, -1).index_copy_(0, rows, z[:, 0])
+        st.pending_x0.view(B * C, -1).index_copy_(0, rows, x0[:, 0])
         st.count.add_(live.long())
         st.tokens.add_(live.long())
         if completes:
