@@ -18,20 +18,11 @@ from moshi.modules.streaming import State
 
 from .config import TTTConfig
 from ..errors import StateMismatchError
-from .interface import FastWeightLayer, HostClock, LayerBench
+from .interface import FastWeightLayer, HostClock, LayerBench, refuse_graph_capture
 
 F32 = torch.float32
 # `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
 ACTIVATIONS: dict[str, tp.Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
-GRAPH_CAPTURE_ERROR = ("In-Place TTT is captured in a CUDA graph without a step plan: the graph would freeze "
-                       "whether chunks update. Generate with ttt_cli.fastweights.graphs.TTTLMGen (one graph per "
-                       "step phase), or wrap generation in moshi.utils.compile.no_cuda_graph().")
-
-
-def refuse_graph_capture(t: torch.Tensor, planned: bool = False) -> None:
-    """Under CUDA graph capture only a planned one-token step is safe (pitfall 9): fail loudly otherwise."""
-    if t.is_cuda and not planned and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(GRAPH_CAPTURE_ERROR)
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
@@ -314,7 +305,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             outs.append(torch.bmm(zs, st.w.transpose(1, 2)))  # [B, L, d] with each stream's W
             synced = len(live) == B and len({st.n_pending[b] for b in live}) == 1
             if synced and st.n_pending[0] == 0 and L == C:
-                self._update(st, None, zs, xs)  # whole chunk in hand: no buffering
+                self._update(st, None, zs, xs, host=True)  # whole chunk in hand: no buffering
             else:
                 if synced:
                     n = st.n_pending[0]
@@ -330,7 +321,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 done = [b for b in live if st.n_pending[b] == C]
                 if done:
                     ix = torch.tensor(done, device=z.device)
-                    self._update(st, ix, st.pending_z[ix], st.pending_x0[ix])
+                    self._update(st, ix, st.pending_z[ix], st.pending_x0[ix], host=True)
                 for b in done:
                     st.n_pending[b] = 0
             t += L
@@ -340,10 +331,12 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
 
     @torch.no_grad()
     def _update(self, st: InPlaceState, items: torch.Tensor | None, z: torch.Tensor, x0: torch.Tensor,
-                done: torch.Tensor | None = None) -> None:
+                done: torch.Tensor | None = None, host: bool = False) -> None:
         """W_b += lr · clip(V̂ᵀ Z) for the streams `items` (None: all) from their (possibly partial) chunk,
-        restricted to `done` [N] when given. Tensor arithmetic only: a non-finite Δ resets its stream to
-        the run's initial weight and is counted; the warning comes when telemetry is read (SPEC §3.7)."""
+        restricted to `done` [N] when given. A non-finite Δ resets its stream to the run's initial weight and is
+        counted; the warning comes when telemetry is read (SPEC §3.7). The one-token step path is tensor
+        arithmetic only; `host` (multi-token calls, which may read the device) skips the masking passes over
+        the [N, d, h] Δ when every Δ is finite, the common case."""
         v = self.target_generator(x0)  # [N, L, d]
         delta = torch.bmm(v.transpose(1, 2), z)  # [N, d, h]
         # The norm serves the clip and the non-finite guard: a non-finite (or overflowing) Δ norm
@@ -355,16 +348,19 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         clipped = torch.zeros_like(apply)
         if self.clip is not None:
             scale = (self.clip / (norm + self.clip_eps)).clamp(max=1.0)
-            delta = delta * scale[:, None, None]
+            delta.mul_(scale[:, None, None])
             clipped = apply & (scale < 1.0)
-        delta = torch.where(apply[:, None, None], delta, 0.0)
+        masked = not (host and done is None and bool(finite.all()))  # one read per chunk, off the step path
+        if masked:
+            delta.masked_fill_(~apply[:, None, None], 0.0)
         if items is None:
             st.w.add_(delta, alpha=self.lr)
             bad_all = bad
         else:
             st.w.index_add_(0, items, delta, alpha=self.lr)
             bad_all = torch.zeros(st.batch_size, dtype=torch.bool, device=bad.device).index_copy(0, items, bad)
-        st.w.copy_(torch.where(bad_all[:, None, None], st.w_reset, st.w))
+        if masked:
+            torch.where(bad_all[:, None, None], st.w_reset, st.w, out=st.w)
         for counter, events in ((st.updates, apply), (st.clip_events, clipped), (st.nonfinite_events, bad)):
             if items is None:
                 counter.add_(events.long())
@@ -496,6 +492,6 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
             n = st.n_pending[b]
             if n:
                 ix = torch.tensor([b], device=st.w.device)
-                self._update(st, ix, st.pending_z[b:b + 1, :n], st.pending_x0[b:b + 1, :n])
+                self._update(st, ix, st.pending_z[b:b + 1, :n], st.pending_x0[b:b + 1, :n], host=True)
                 st.n_pending[b] = 0
                 st.count[b] = 0

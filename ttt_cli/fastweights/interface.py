@@ -27,6 +27,17 @@ class LayerBench:
     what: str                       # which module is compared
 
 
+GRAPH_CAPTURE_ERROR = ("a TTT layer is captured in a CUDA graph without a step plan: the graph would freeze "
+                       "whether chunks update. Generate with ttt_cli.fastweights.graphs.TTTLMGen (one graph per "
+                       "step phase), or wrap generation in moshi.utils.compile.no_cuda_graph().")
+
+
+def refuse_graph_capture(t: torch.Tensor, planned: bool = False) -> None:
+    """Under CUDA graph capture only a planned one-token step is safe (pitfall 9): fail loudly otherwise."""
+    if t.is_cuda and not planned and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(GRAPH_CAPTURE_ERROR)
+
+
 @dataclass
 class HostClock:
     """Host-owned mirror of one learner's per-stream pending counts (SPEC §8.6).

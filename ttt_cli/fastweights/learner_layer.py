@@ -14,7 +14,7 @@ from torch import nn
 from moshi.modules.streaming import State
 
 from ..errors import CheckpointError, StateMismatchError
-from .interface import FastWeightLayer, HostClock
+from .interface import FastWeightLayer, HostClock, refuse_graph_capture
 from .learner import F32, LearnerState, flush, frozen_outputs, learn
 
 PENDING_SUM = "pending_sum."
@@ -137,9 +137,11 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         if st.frozen:
             lst.tokens.add_(st.exec_mask.long() * q.shape[2])
             return frozen_outputs(lrn.inner, st.start[name], q, lrn.gamma, lrn.beta)
+        clock = st.clocks[name]
+        refuse_graph_capture(q, planned=q.shape[2] == 1 and clock.planned is not None)
         k, y, eta = keys()
         return learn(lst, lrn.inner, q, k, y, eta, lrn.gamma, lrn.beta, self.chunk_size, st.exec_mask,
-                     st.start[name], st.clocks[name])
+                     st.start[name], clock)
 
     # -- snapshots ---------------------------------------------------------------------------------
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
