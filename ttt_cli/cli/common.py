@@ -54,7 +54,8 @@ def _model_value(value: tp.Optional[str]) -> tp.Optional[str]:
 
 
 ModelOpt = Annotated[tp.Optional[str], typer.Option("--model", "-m", callback=_model_value,
-                                                    help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | "
+                                                    help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | moshi-7b-random | "
+                                                    "moshi-7b-layer | "
                                                     "a checkpoint directory | "
                                                     "a hub id org/name[@rev]. Default: kyutai/moshiko-pytorch-bf16.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available.")]
