@@ -73,6 +73,10 @@ def infer_cmd(
                                                           "of the stream: this file for one stream (inside it "
                                                           "if it is a directory), else a directory of "
                                                           "<stem>.end.safetensors.")] = None,
+    whole_file_seconds: Annotated[str, typer.Option("--whole-file-seconds", help="Files up to this long are decoded "
+                                                    "whole, exactly as moshi.run_inference does; longer ones in "
+                                                    "bounded pieces (memory flat in their length): 600, 10m, 1h.")]
+    = "600",
     json_out: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
@@ -100,10 +104,12 @@ def infer_cmd(
     from ..errors import ConfigError
     from ..inference import InferOptions, plan_jobs, plan_outputs, preflight, result_json, state_paths, validate_options
     from ..outputs import InputLedger, OutputPlan
+    from ..units import parse_seconds
 
     opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
                         temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy,
-                        seed=seed, init_state=init_state, save_state=save_state, force=force_state)
+                        seed=seed, init_state=init_state, save_state=save_state, force=force_state,
+                        whole_file_seconds=parse_seconds(whole_file_seconds))
     validate_options(opts, len(audio))
     jobs = plan_jobs(audio)
     states = state_paths(save_state, jobs, opts.reset_policy)
@@ -163,8 +169,9 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
     A write failure (disk full, read-only, permission) or Ctrl-C stops the run: finished outputs
     stay, the input being written is reported with the reason, the others as not run.
     """
+    from ..audio import WavStream
     from ..errors import WriteError
-    from ..inference import infer, write_result
+    from ..inference import infer, output_paths, write_result
     from ..progress import make_progress
 
     def failed(res, default: str) -> None:
@@ -190,8 +197,18 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
             if not res.ok:
                 progress.log(f"skipped: {res.error}")
 
+        def audio_out(job):  # dialog: Moshi's voice goes to <stem>.wav (a temporary name) as it is produced
+            path = output_paths(out, job, "dialog")["wav"]
+            try:
+                return WavStream(path)
+            except OSError as e:
+                from ..io import describe_os_error
+                we = WriteError(f"{describe_os_error(e, path)}.")
+                we.detail = describe_os_error(e, path)  # type: ignore[attr-defined]
+                raise we from None
+
         try:
-            return infer(m, jobs, opts, progress, on_result=on_result)
+            return infer(m, jobs, opts, progress, on_result=on_result, audio_out=audio_out)
         except WriteError as e:
             rest = ledger.not_run(f"the run stopped after a write failure ({getattr(e, 'detail', e)})")
             fail(1, f"{e} {len(rest)} input(s) not run: {_names(rest)}.", e.hint, json_out,
