@@ -201,11 +201,12 @@ def _policy_section(p: Policy, acc: Accum, bin_steps: int, telemetry: dict, lr: 
 
 # -- provenance ----------------------------------------------------------------------------------
 
-def environment(m) -> dict:
+def environment(m, packages: tp.Sequence[str] = ()) -> dict:
     """Versions, device and date of a run.
 
     Args:
         m: the loaded TTTModel (its device and dtype).
+        packages: further packages whose versions the figures depend on (recorded under their names, `-` as `_`).
     """
     import importlib.metadata as md
     import torch
@@ -224,7 +225,8 @@ def environment(m) -> dict:
             "torch": torch.__version__, "moshi": ver("moshi"), "numpy": ver("numpy"), "sphn": ver("sphn"),
             "device": dev, "device_name": name, "dtype": str(m.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **{p.replace("-", "_"): ver(p) for p in packages}}
 
 
 def _ttt_fingerprint(m) -> str | None:
@@ -320,20 +322,7 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
         if c == root or c.startswith(root.rstrip("/") + "/"):
             raise OutputError(f"--codes-cache {cache_dir} is inside the dataset {dataset.root}: cache files would mix "
                               f"with the books. Choose a directory outside it.")
-    sdir = resume.state_dir(out)
-    if sdir.exists() and not (sdir.is_dir() and resume.state_dir_is_ours(sdir)):
-        raise OutputError(f"{sdir} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
-                          f"choose another --out.")
-    if o.resume:
-        if not (sdir / resume.STATE_FILE).is_file() and (out / report.RESULTS).exists():
-            raise ConfigError(f"--resume: {out} has results but no resume state ({resume.STATE_DIR}/"
-                              f"{resume.STATE_FILE}); pass --overwrite to run again.")
-    elif not o.overwrite:
-        existing = [p.name for p in _outputs(out) if p.exists()]
-        if existing:
-            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
-                              f"continue it, or --overwrite to replace it.",
-                              hint="pass --resume or --overwrite, or choose another --out")
+    resume.check_earlier_run(out, o.resume, o.overwrite, _outputs(out))
     plan.prepare()
     store, notes = cache_dir is not None, []
     if cache_dir is not None:
@@ -487,12 +476,7 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
     from .codes_cache import mimi_fingerprint
 
     t_start = time.perf_counter()
-    if model is None:
-        from ttt_cli import load_model
-        model = load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt, base=o.base)
-    elif callable(model):
-        model = model()
-    m = model
+    m = obtain_model(o, model)
     _check_layout(m.lm, o)
     lr = float(m.ttt.lr) if m.ttt is not None else 0.0
     warm, init_rec = None, None
@@ -516,6 +500,15 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
     _open_resume(run, resume.run_config(protocol, model_rec))
     interrupted = _score_all(run)
     return _finish(run, protocol, model_rec, interrupted, t_start, fp_seconds)
+
+
+def obtain_model(o, model):
+    """The run's model: `model` itself, what it returns when it is a function, or (None) `o.model` loaded with
+    the options' device, dtype, TTT overrides and base."""
+    if model is None:
+        from ttt_cli import load_model
+        return load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt, base=o.base)
+    return model() if callable(model) else model
 
 
 def _open_resume(run: _Run, config: dict) -> None:
@@ -556,19 +549,34 @@ def _open_resume(run: _Run, config: dict) -> None:
 
 
 def _stop_on_write_error(run: _Run, e: BaseException) -> tp.NoReturn:
+    stop_on_write_error(run.out, run.state, [d.id for d in run.dataset.documents], e)
+
+
+def stop_on_write_error(out: Path, state: dict, ids: list[str], e: BaseException,
+                        noun: str = "document") -> tp.NoReturn:
+    """Raises the WriteError of a run that could not write (disk full, permission...): what is kept, what was
+    not run, how to resume (finished items stay in the resume record; an empty record is removed).
+
+    Args:
+        out: --out.
+        state: the resume state (its `done` items are kept).
+        ids: every item of the run, in order.
+        e: the error met.
+        noun: what an item is called (`document`, `recording`).
+    """
     from ttt_cli.errors import WriteError
     from ttt_cli.io import as_os_error, describe_os_error
 
     ose = as_os_error(e) or OSError(str(e))
-    done = len(run.state.get("done", []))
-    left = [d.id for d in run.dataset.documents if d.id not in set(run.state.get("done", []))]
+    done = list(state.get("done", []))
+    left = [i for i in ids if i not in set(done)]
     if not done:
-        _remove_empty_state(run.out)
-    err = WriteError(f"{describe_os_error(ose, ose.filename)}. {done} finished document(s) are kept"
-                     + (f" in {resume.state_dir(run.out)}" if done else "")
-                     + f"; {len(left)} document(s) not run. Free some space (or fix the path) and run the same "
+        _remove_empty_state(out)
+    err = WriteError(f"{describe_os_error(ose, ose.filename)}. {len(done)} finished {noun}(s) are kept"
+                     + (f" in {resume.state_dir(out)}" if done else "")
+                     + f"; {len(left)} {noun}(s) not run. Free some space (or fix the path) and run the same "
                        f"command with --resume.", hint="free some space, then run the same command with --resume")
-    err.payload = {"documents_done": run.state.get("done", []), "documents_not_run": left}  # type: ignore[attr-defined]
+    err.payload = {f"{noun}s_done": done, f"{noun}s_not_run": left}  # type: ignore[attr-defined]
     raise err from None
 
 
@@ -731,25 +739,43 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
 def _write_outputs(run: _Run, results: dict, sections: dict, n_docs: int) -> list[str]:
     """results.json, curve.csv, curve.png, each atomic; Ctrl-C or a write failure here keeps the record."""
     out = run.out
+    writers = [lambda: report.write_results(out / report.RESULTS, results),
+               lambda: report.write_curve_csv(out / report.CURVE_CSV, sections),
+               lambda: report.write_curve_png(out / report.CURVE_PNG, sections,
+                                              f"{run.m.model_id}: NLL vs position ({n_docs} document(s), "
+                                              f"{run.o.bin_seconds:g} s bins)")]
+    return write_results_or_stop(out, run.state, [d.id for d in run.dataset.documents], writers,
+                                 "results.json, curve.csv and curve.png")
+
+
+def write_results_or_stop(out: Path, state: dict, ids: list[str], writers: list[tp.Callable[[], Path]],
+                          names: str, noun: str = "document") -> list[str]:
+    """Runs `writers` (each writes one output atomically, returning its path); Ctrl-C raises EvalStopped (exit
+    130) and a write failure `stop_on_write_error`'s WriteError, the resume record kept either way.
+
+    Args:
+        out: --out.
+        state: the resume state.
+        ids: every item of the run, in order.
+        writers: the output writers.
+        names: the outputs, as the message names them.
+        noun: what an item is called (`document`, `recording`).
+    """
     try:
-        return [str(report.write_results(out / report.RESULTS, results)),
-                str(report.write_curve_csv(out / report.CURVE_CSV, sections)),
-                str(report.write_curve_png(out / report.CURVE_PNG, sections,
-                                           f"{run.m.model_id}: NLL vs position ({n_docs} document(s), "
-                                           f"{run.o.bin_seconds:g} s bins)"))]
+        return [str(w()) for w in writers]
     except KeyboardInterrupt:
-        done = len(run.state["done"])
-        e = EvalStopped(f"interrupted while writing the results: the {done} finished document(s) are kept in "
-                        f"{resume.state_dir(out)}. Run the same command with --resume to write results.json, "
-                        f"curve.csv and curve.png.", hint="run the same command with --resume")
+        done = len(state["done"])
+        e = EvalStopped(f"interrupted while writing the results: the {done} finished {noun}(s) are kept in "
+                        f"{resume.state_dir(out)}. Run the same command with --resume to write {names}.",
+                        hint="run the same command with --resume")
         e.exit_code = 130
-        e.payload = {"documents_done": run.state["done"]}  # type: ignore[attr-defined]
+        e.payload = {f"{noun}s_done": state["done"]}  # type: ignore[attr-defined]
         raise e from None
     except Exception as e:
         from ttt_cli.io import as_os_error
         if as_os_error(e) is None:
             raise
-        _stop_on_write_error(run, e)
+        stop_on_write_error(out, state, ids, e, noun)
 
 
 def _fw_bytes(lm) -> int:

@@ -1,8 +1,8 @@
-"""Resume records of `ttt eval librilight`: what finished, verified before it is trusted (SPEC §6, §7.1).
+"""Resume records of `ttt eval` (librilight, asr): what finished, verified before it is trusted (SPEC §6, §7.1).
 
 The record (`OUT/.ttt-eval/state.json`) holds the run's configuration, named by the options that
-set it, and per finished document its results, the paths and content hashes of its audio files
-and a checksum of the entry. `--resume` refuses a configuration that differs (naming the options),
+set it, and per finished document (eval asr: recording) its results, the paths and content hashes
+of its audio files and a checksum of the entry. `--resume` refuses a configuration that differs (naming the options),
 and recomputes, with a note, a document whose record is damaged or whose audio changed.
 """
 
@@ -76,10 +76,16 @@ def load_carry(path: Path) -> tuple[dict, str | None]:
 
 # -- configuration -------------------------------------------------------------------------------
 
-def run_config(protocol: dict, model: dict) -> dict:
-    """The run's configuration as {option: value}, for the record and for naming differences."""
+def run_config(protocol: dict, model: dict, flags: tp.Mapping[str, str] = PROTOCOL_FLAGS) -> dict:
+    """The run's configuration as {option: value}, for the record and for naming differences.
+
+    Args:
+        protocol: the protocol section of results.json.
+        model: the model section.
+        flags: {protocol key: the option that sets it} of what must not change (default: eval librilight's).
+    """
     cfg: dict[str, tp.Any] = {}
-    for k, flag in PROTOCOL_FLAGS.items():
+    for k, flag in flags.items():
         v = protocol.get(k)
         if k == "policies":
             v = sorted(v or [])
@@ -163,7 +169,8 @@ def new_state(config: dict) -> dict:
     return {"version": STATE_VERSION, "config": config, "done": [], "docs": {}}
 
 
-def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[dict, list[str]]:
+def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
+               changed: tp.Callable[[dict, tp.Any], str | None] | None = None) -> tuple[dict, list[str]]:
     """The resume state of the run in `out`, verified against `config` and the dataset.
 
     Args:
@@ -173,6 +180,8 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[d
         carrying: a policy carries fast weights across documents (`never`), so a document recomputed
             in the middle invalidates every later one.
         rel: maps a path to its dataset-relative form.
+        changed: (entry, document) -> why a finished document must be computed again, or None
+            (default: its audio files or their content changed).
     Returns:
         (state, notes): finished documents that may be kept, and what was recomputed and why.
     Raises:
@@ -204,7 +213,8 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[d
             dropped = True
             continue
         else:
-            why = _inputs_changed(entry, docs[doc_id], Path(dataset.root), rel)
+            why = (changed(entry, docs[doc_id]) if changed is not None
+                   else _inputs_changed(entry, docs[doc_id], Path(dataset.root), rel))
         if why:
             notes.append(f"--resume: {doc_id}: {why}; computed again.")
             dropped = True
@@ -217,3 +227,36 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[d
                      "are no longer the first ones of the dataset in order; every document is computed again.")
         state = new_state(config)
     return state, notes
+
+
+def check_earlier_run(out: Path, resuming: bool, overwrite: bool, outputs: list[Path]) -> None:
+    """What an earlier run left in `out` allows this one (SPEC §6, §7.1): a resume record that is not ttt's is
+    never replaced; `--resume` needs a record where results exist; otherwise a run's outputs are replaced
+    only with `--overwrite`.
+
+    Args:
+        out: --out.
+        resuming: --resume given.
+        overwrite: --overwrite given.
+        outputs: what a run leaves in `out` (named in the message when some exist).
+    Raises:
+        OutputError: the record's folder was not written by ttt.
+        ConfigError: --resume without a record, or earlier outputs without --resume / --overwrite.
+    """
+    from ttt_cli.errors import OutputError
+    from .report import RESULTS
+
+    sdir = state_dir(out)
+    if sdir.exists() and not (sdir.is_dir() and state_dir_is_ours(sdir)):
+        raise OutputError(f"{sdir} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
+                          f"choose another --out.")
+    if resuming:
+        if not (sdir / STATE_FILE).is_file() and (out / RESULTS).exists():
+            raise ConfigError(f"--resume: {out} has results but no resume state ({STATE_DIR}/{STATE_FILE}); pass "
+                              f"--overwrite to run again.")
+    elif not overwrite:
+        existing = [p.name for p in outputs if p.exists()]
+        if existing:
+            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
+                              f"continue it, or --overwrite to replace it.",
+                              hint="pass --resume or --overwrite, or choose another --out")

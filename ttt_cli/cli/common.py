@@ -9,6 +9,7 @@ import os
 import sys
 import typing as tp
 import warnings
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -72,6 +73,9 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even if the fast-weight memory estimate does not fit.")]
 ForceStateOpt = Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip differ "
                                              "from the model's (never one whose fingerprint differs).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+WarmStartOpt = Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
+                                                         "(ttt export-state); resets go back to it.")]
 
 
 def parse_clip(value: str) -> float | None:
