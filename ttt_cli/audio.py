@@ -427,7 +427,7 @@ def _framed(pieces: tp.Iterable[np.ndarray], before: int, after: int) -> tp.Iter
 
 
 def open_frames(path: str | Path, channel: int | None = None, pads: tuple[int, int] = (0, 0),
-                whole_file_seconds: float = WHOLE_FILE_SECONDS, chunk_seconds: float = CHUNK_SECONDS) -> FrameSource:
+                whole_file_seconds: float = WHOLE_FILE_SECONDS, chunk_seconds: float | None = None) -> FrameSource:
     """Opens `path` for streaming: frames of 1920 samples at 24 kHz, with `pads` samples of silence around it.
 
     A file up to `whole_file_seconds` long is decoded whole exactly as `moshi.run_inference` decodes
@@ -440,11 +440,11 @@ def open_frames(path: str | Path, channel: int | None = None, pads: tuple[int, i
         channel: take this channel instead of mixing down.
         pads: samples of silence (before, after) the file.
         whole_file_seconds: the longest file read whole (seconds at 24 kHz).
-        chunk_seconds: native audio per piece when reading in pieces.
+        chunk_seconds: native audio per piece when reading in pieces (None: `CHUNK_SECONDS`).
     Raises:
         InputError: as `iter_audio` (non-finite samples of a long file only when the frames reach them).
     """
-    info, pieces = iter_audio(path, channel, chunk_seconds)
+    info, pieces = iter_audio(path, channel, chunk_seconds or CHUNK_SECONDS)
     whole = info.seconds <= whole_file_seconds
     if whole:
         wav, info = load_audio(path, channel, moshi_compat=True)

@@ -10,10 +10,12 @@ import typer
 
 from .common import (AudioStream, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
                      ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
-                     print_table, SeedOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
+                     print_table, ResumeOpt, SeedOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt,
+                     TTTOpt, warn, WarmStartOpt)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                       help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
+                       help="Evaluations: long-context perplexity on LibriLight-style audiobooks (librilight); "
+                            "long-form transcription WER (asr).")
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:
@@ -47,10 +49,9 @@ def librilight_cmd(
     no_codes_cache: Annotated[bool, typer.Option("--no-codes-cache", help="Encode again, store nothing.")] = False,
     save_token_nll: Annotated[bool, typer.Option("--save-token-nll", help="Write token_nll/<policy>/<speaker>/"
                                                  "<book>.safetensors (nll \\[dep_q, T], codes \\[K, T]).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
-                                                          "(ttt export-state); resets go back to it.")] = None,
+    init_state: WarmStartOpt = None,
     force_state: ForceStateOpt = False,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
@@ -134,5 +135,7 @@ def librilight_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    from .eval_asr import asr_cmd
     eval_app.command("librilight")(handle_errors(librilight_cmd))
+    eval_app.command("asr")(handle_errors(asr_cmd))
     app.add_typer(eval_app, name="eval")
