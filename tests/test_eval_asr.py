@@ -89,16 +89,29 @@ def text_of(m, ids):
 
 # -- the whole command on the bundled examples ----------------------------------------------------------------
 
+MANIFEST = ROOT / "tests" / "data" / "asr" / "manifest.jsonl"
+
+
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    out = tmp_path_factory.mktemp("asr") / "out"
-    r = cli("eval", "asr", EXAMPLES, "--model", "tiny-stt", "-p", "off", "-p", "every:2s", "--bin-seconds", "4",
-            "--out", out, "--json")
-    return r, out
+    """Two bundled recordings, listed in a JSONL manifest (library.wav first: manifest order is kept), with the
+    bundled manifest's references."""
+    import shutil
+    root = tmp_path_factory.mktemp("asr")
+    refs = {Path(e["audio"]).name: e["text"] for e in map(json.loads, MANIFEST.read_text().splitlines())}
+    lines = []
+    for name in ("library.wav", "launch.flac"):
+        shutil.copy(EXAMPLES / name, root / name)
+        lines.append(json.dumps({"audio": name, "text": refs[name], "speaker": "espeak-ng"}))
+    (root / "set.jsonl").write_text("\n".join(lines) + "\n")
+    out = root / "out"
+    r = cli("eval", "asr", root / "set.jsonl", "--model", "tiny-stt", "-p", "off", "-p", "every:2s",
+            "--bin-seconds", "4", "--out", out, "--json")
+    return r, out, refs
 
 
 def test_results_match_metrics_recomputed_from_the_hypotheses(full):
-    r, out = full
+    r, out, refs = full
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
     assert json.loads(r.stdout) == {**res, "out": str(out), "files": [str(out / n) for n in
@@ -110,8 +123,8 @@ def test_results_match_metrics_recomputed_from_the_hypotheses(full):
     import importlib.metadata as md
     assert (res["environment"]["jiwer"], res["environment"]["whisper_normalizer"]) == (
         md.version("jiwer"), md.version("whisper-normalizer"))
-    refs = {p.name: p.with_suffix(".txt").read_text() for p in EXAMPLES.iterdir() if p.suffix in (".flac", ".wav")}
-    assert [f["path"] for f in res["policies"]["off"]["files"]] == ["directions.flac", "launch.flac", "library.wav"]
+    assert res["dataset"]["kind"] == "manifest" and res["dataset"]["recordings"] == 2
+    assert [f["path"] for f in res["policies"]["off"]["files"]] == ["library.wav", "launch.flac"]
     for name, pol in res["policies"].items():
         errors = words = 0
         for f, rec in zip(pol["files"], res["recordings"]):
@@ -157,7 +170,7 @@ def test_off_is_plain_moshi_and_every_resets_on_schedule(full):
     """`off` transcribes as a plain moshi STT loop with kyutai's padding; `every:2s` resets fast weights
     before steps 25, 50, ... of each stream (round(25.0)), so with tiny-stt's chunk of 16 each 25-step stretch
     applies one update, and a last stretch of 16 or more one more: counted by the layers' telemetry."""
-    r, out = full
+    r, out, _ = full
     res = json.loads((out / "results.json").read_text())
     plain = load_model("tiny-stt", device="cpu", dtype="fp32", ttt=False)
     rec = next(x for x in res["recordings"] if x["key"] == "library.wav")
