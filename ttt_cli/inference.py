@@ -142,6 +142,7 @@ class InferRun:
     reset_policy: str
     init_state: str | None
     results: list[FileResult]
+    distributed: dict | None = None   # world size, backend, shares (SPEC §5.6), set by the command
 
     @property
     def failed(self) -> list[FileResult]:
@@ -768,6 +769,8 @@ def result_json(res: FileResult, run: InferRun) -> dict:
         "reset_policy": run.reset_policy,
         "outputs": dict(res.outputs),
     }
+    if run.distributed is not None:
+        d["distributed"] = run.distributed
     if run.reset_policy == "carry":
         d["stream"] = {"start_step": res.stream.get("start_step", 0),
                        "start_seconds": res.stream.get("start_step", 0) / FRAME_RATE}

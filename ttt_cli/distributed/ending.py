@@ -53,11 +53,19 @@ def agree_exit(link: Link, code: int, delivered: bool, message: str | None, labe
         final = max(code, 1)
     if agreed:
         _barrier(label)
+    _ignore_sigterm()  # past the barrier: torchrun's SIGTERM (after a rank's exit 1) must not cut this exit
     return final
 
 
+def _ignore_sigterm() -> None:
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collect_exits(link: Link, code: int, label: str) -> int:
-    codes, lost = {0: code}, []
+    codes, lost = {0: code}, [p for p in set(link.lost) if p]  # already reported lost: not waited for again
     while len(codes) + len(lost) < link.world_size:
         for p in range(1, link.world_size):
             if p in codes or p in lost:
