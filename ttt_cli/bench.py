@@ -28,6 +28,7 @@ GROUPS = {
     "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
     "memory": ("eval_memory_ratio",),
     "cache": ("eval_cache_encode_seconds",),
+    "scaleout": ("scaleout_speedup_2",),
 }
 MEASURED = tuple(n for names in GROUPS.values() for n in names)
 
@@ -258,6 +259,9 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         values.update(score_figures(on, opts, progress))
     if need & {"memory", "cache"}:
         values.update(eval_run_figures(on, opts, "memory" in need, "cache" in need, progress))
+    if "scaleout" in need:
+        from .bench_scaleout import scaleout_figure
+        values["scaleout_speedup_2"] = scaleout_figure(on, opts, progress)
     measured = {n: f.value for n, f in values.items()}
     figs = []
     for name in wanted:
