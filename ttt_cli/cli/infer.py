@@ -96,6 +96,8 @@ def infer_cmd(
       ttt infer meeting.mp3 --model kyutai/stt-1b-en_fr --mode stt --channel 0
 
       ttt infer part1.wav part2.wav --reset-policy carry --save-state state.safetensors
+
+      torchrun --nproc-per-node 8 -m ttt_cli infer talks/*.wav --greedy --out out/talks   (one rank per GPU)
     """
     from .. import distributed
     from ..models.loader import load_model

@@ -54,7 +54,11 @@ class Link:
         self.lost: list[int] = []
         self._seen: dict[int, tuple[int, float]] = {}  # peer -> (heartbeat count, monotonic time it last changed)
         self._last_check = 0.0
-        self._beat = self._heartbeat(store.clone(), max(0.01, min(2.0, timeout / 8)))
+        try:
+            beat_store = store.clone()  # its own connection: a beat never waits behind a long get
+        except Exception:               # a store type without clone(): share the connection
+            beat_store = store
+        self._beat = self._heartbeat(beat_store, max(0.01, min(2.0, timeout / 8)))
 
     # -- heartbeat and liveness ----------------------------------------------------------------------
     def _heartbeat(self, store, every: float) -> threading.Event:
