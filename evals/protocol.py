@@ -500,7 +500,7 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
         model = model()
     m = model
     _check_layout(m.lm, o)
-    lr = float(m.ttt.lr) if m.ttt is not None else 0.0
+    lr = float(m.ttt.rate) if m.ttt is not None else 0.0  # the variant's rate (lr, base_lr or lr_scale)
     warm, init_rec = None, None
     run_notes = list(m.warnings) + notes
     if o.init_state is not None:

@@ -50,6 +50,8 @@ FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
                "measured bandwidth / batch-8 step time"),
     FigureSpec("step_ms_p99_b1", None, "<=", "ms", "p99 of the TTT-on batch-1 step (chunk completions spike)"),
     FigureSpec("ttt_layer_ratio", 2.0, "<=", "x", "one TTT layer forward on T = 4096 tokens / moshi's gating"),
+    FigureSpec("memory_per_stream_error", 0.10, "<=", "x", "|bytes one more stream adds to the fast-weight state "
+               "(B=2 minus B=1) - the layer's memory estimate| / estimate"),
     FigureSpec("eval_block_speedup", 10.0, ">=", "x", "eval scoring tokens/s, blocks of 250 / one step per call"),
     FigureSpec("eval_nll_max_abs_diff", 1e-4, "<=", "nats", "max |NLL| difference, block vs step-by-step scoring"),
     FigureSpec("eval_memory_ratio", 1.10, "<=", "x", "peak RSS of ttt eval, 30-min / 5-min document (own processes)"),

@@ -245,7 +245,7 @@ def sampling_settings(model, opts: InferOptions) -> dict:
 def ttt_summary(model) -> dict:
     """The TTT config the run uses, for outputs."""
     cfg = model.ttt
-    on = cfg is not None and bool(cfg.layers) and cfg.lr > 0
+    on = cfg is not None and bool(cfg.layers) and cfg.rate > 0
     return {"enabled": on, "config": cfg.to_dict() if cfg is not None else None,
             "origin": model.config.get("ttt_origin")}
 

@@ -32,6 +32,13 @@ class TextStream(str, enum.Enum):
     pad = "pad"
 
 
+class Variant(str, enum.Enum):
+    """Fast-weight designs (SPEC §3.9)."""
+    inplace = "inplace"
+    mlp = "mlp"
+    linear_adapter = "linear-adapter"
+
+
 class DType(str, enum.Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -47,12 +54,14 @@ def _model_value(value: tp.Optional[str]) -> tp.Optional[str]:
 
 
 ModelOpt = Annotated[tp.Optional[str], typer.Option("--model", "-m", callback=_model_value,
-                                                    help="tiny | tiny-stt | bench | a checkpoint directory | "
+                                                    help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | "
+                                                    "a checkpoint directory | "
                                                     "a hub id org/name[@rev]. Default: kyutai/moshiko-pytorch-bf16.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available.")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto = bf16 on cuda, fp32 on cpu.")]
 TTTOpt = Annotated[bool, typer.Option("--ttt/--no-ttt", help="--no-ttt freezes fast weights at W0 (the baseline).")]
-TTTLrOpt = Annotated[tp.Optional[float], typer.Option("--ttt-lr", help="Override the fast-weight learning rate.")]
+TTTLrOpt = Annotated[tp.Optional[float], typer.Option("--ttt-lr", help="Override the fast-weight rate: lr (inplace), "
+                                                     "base_lr (mlp) or lr_scale (linear-adapter).")]
 TTTChunkOpt = Annotated[tp.Optional[int], typer.Option("--ttt-chunk-size", min=1,
                                                        help="Override the chunk size (steps).")]
 TTTLayersOpt = Annotated[tp.Optional[str], typer.Option("--ttt-layers", help="0,6,12 | every:6 | every:6@3 | none.")]
@@ -267,13 +276,13 @@ def check_memory(m, streams: int, force: bool) -> str:
     layers = ttt_layers(m.lm)
     per = sum(l.state_bytes_per_stream() for l in layers.values())
     need = per * streams
-    parts = " + ".join(f"{l.dim}x{l.hidden}x4" for l in layers.values()) or "0"
+    parts = " + ".join(l.memory_formula() for l in layers.values()) or "0"
     if m.device.startswith("cuda"):
         import torch
         free, _ = torch.cuda.mem_get_info()
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    msg = (f"fast-weight memory: {per / 2**20:.1f} MiB per stream (Σ layers d·h·4 bytes + pending chunk: {parts} ...) "
+    msg = (f"fast-weight memory: {per / 2**20:.1f} MiB per stream (Σ layers: {parts} bytes) "
            f"x {streams} stream(s) = {need / 2**20:.1f} MiB; {free / 2**20:.0f} MiB free on {m.device}.")
     if need > free and not force:
         raise ConfigError(msg + " That does not fit: lower --batch-size, use fewer TTT layers, or pass --force.")

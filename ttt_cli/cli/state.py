@@ -153,6 +153,7 @@ def inspect_state_cmd(
 
       ttt inspect-state hello.safetensors --model tiny --json
     """
+    from ..fastweights.config import config_class
     from ..models.loader import load_model
     from ..state import inspect_state, load_state
 
@@ -167,8 +168,9 @@ def inspect_state_cmd(
         _exit_unless_fits(res, model)
         return
     meta = s.meta
+    rate_key = config_class(s.variant).rate_key
     err(f"{state}: {s.variant} fast weights of {meta.get('model') or 'unknown model'}, layers {s.layers}, "
-        f"chunk {meta['chunk_size']}, lr {meta['lr']}, {meta.get('steps')} steps "
+        f"chunk {meta['chunk_size']}, {rate_key} {meta[rate_key]}, {meta.get('steps')} steps "
         f"({float(meta.get('seconds') or 0):.2f} s) of {', '.join(meta.get('source_files') or []) or 'unknown input'}"
         f"{', flushed' if meta.get('flushed') else ''}{', with attention state' if s.has_attention else ''}; "
         f"fingerprint {s.fingerprint[:12]}, created {meta.get('created')}.")
