@@ -15,6 +15,7 @@ from pathlib import Path
 from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE
 from ttt_cli.units import FRAME_RATE, seconds_to_steps
 from ttt_cli.errors import ConfigError, TTTError
+from ttt_cli.distributed import current
 from ttt_cli.progress import NullProgress
 
 from . import report, resume
@@ -293,7 +294,8 @@ class EvalStopped(TTTError):
 
 
 def _outputs(out: Path) -> list[Path]:
-    return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, resume.state_dir(out)]
+    return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, resume.state_dir(out),
+            resume.ranks_dir(out)]
 
 
 def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | None):
@@ -458,6 +460,8 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
     o = options
     _validate(o)
     policies = parse_policies(o.policies)
+    from .sharded import refuse_carrying
+    refuse_carrying(policies)
     dataset: Dataset = discover(o.data, o.max_seconds, o.min_seconds, o.limit_books)
     out = Path(o.out)
     cache_dir = None
@@ -465,6 +469,7 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
         from .codes_cache import default_cache_dir
         cache_dir = Path(o.codes_cache) if o.codes_cache else default_cache_dir()
     plan, store, notes = _output_plan(o, dataset, out, cache_dir)
+    current().sync("eval-checked")  # under torchrun: no rank writes before every rank checked --out
     try:
         return _evaluate(o, policies, dataset, out, cache_dir, store, notes, progress, model)
     finally:
@@ -478,7 +483,7 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
     t_start = time.perf_counter()
     m = obtain_model(o, model)
     _check_layout(m.lm, o)
-    lr = float(m.ttt.lr) if m.ttt is not None else 0.0
+    lr = float(m.ttt.rate) if m.ttt is not None else 0.0  # the variant's rate (lr, base_lr or lr_scale)
     warm, init_rec = None, None
     run_notes = list(m.warnings) + notes
     if o.init_state is not None:
@@ -497,8 +502,15 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
     model_rec = _model_section(m, _ttt_fingerprint(m), mimi_fp)
     run = _Run(o, policies, dataset, out, m, cache_dir, store, warm, lr, mimi_fp, bin_steps, progress,
                warnings=run_notes)
-    _open_resume(run, resume.run_config(protocol, model_rec))
-    interrupted = _score_all(run)
+    config = resume.run_config(protocol, model_rec)
+    if current().active:
+        from .sharded import score_shared
+        interrupted = score_shared(run, config, _open_resume, _score_all, _write_state)
+        if not current().is_main:  # rank 0 writes the outputs
+            return _rank_result(run, interrupted)
+    else:
+        _open_resume(run, config)
+        interrupted = _score_all(run)
     return _finish(run, protocol, model_rec, interrupted, t_start, fp_seconds)
 
 
@@ -517,7 +529,7 @@ def _open_resume(run: _Run, config: dict) -> None:
     o, out, progress = run.o, run.out, run.progress
     sdir = resume.state_dir(out)
     carrying = any(p.carries_across_documents for p in run.policies)
-    if o.resume and (sdir / resume.STATE_FILE).is_file():
+    if o.resume and ((sdir / resume.STATE_FILE).is_file() or resume.ranks_dir(out).is_dir()):
         run.state, notes = resume.open_state(out, config, run.dataset, carrying, _rel)
         run.warnings += notes  # printed once, as warnings, with the results
         progress.log(f"resuming: {len(run.state['done'])} of {len(run.dataset.documents)} documents already done.")
@@ -526,6 +538,7 @@ def _open_resume(run: _Run, config: dict) -> None:
             progress.log(f"--resume: nothing to resume in {out}; starting a new run.")
         if sdir.exists():
             shutil.rmtree(sdir)  # checked to hold only ttt's own resume files (--overwrite)
+        resume.remove_ranks(out)  # the same for the records of an earlier run under torchrun
         run.state = resume.new_state(config)
     run.carries = {p.name: None for p in run.policies}
     scored_before = any(run.state["docs"][d]["record"]["steps"] for d in run.state["done"])
@@ -544,6 +557,7 @@ def _open_resume(run: _Run, config: dict) -> None:
     try:
         sdir.mkdir(parents=True, exist_ok=True)
         _write_state(sdir, run.state)
+        resume.remove_ranks(out)  # their documents are in the state file now (checked to be ours)
     except OSError as e:
         _stop_on_write_error(run, e)
 
@@ -590,32 +604,43 @@ def _remove_empty_state(out: Path) -> None:
         pass
 
 
-def _score_all(run: _Run) -> bool:
-    """Scores every document not done yet, committing each to the resume record; True when Ctrl-C stopped it."""
+def _commit(run: _Run, doc: Document, entry: dict) -> None:
+    """Commits one finished document to the resume record: carries first (they name it), then the record;
+    it counts once written."""
+    for p in run.policies:
+        if p.carries_across_documents and run.carries[p.name] is not None:
+            resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
+    state = resume.with_document(run.state, doc.id, entry)
+    _write_state(resume.state_dir(run.out), state)
+    run.state = state
+
+
+def _estimated_steps(run: _Run, docs: list[Document]) -> float:
+    return sum(min(d.seconds, run.o.max_seconds) for d in docs) * FRAME_RATE * len(run.policies)
+
+
+def _score_all(run: _Run, todo: list[Document] | None = None, commit=_commit) -> bool:
+    """Scores the documents `todo` (default: every one not done yet), handing each finished one to
+    `commit(run, doc, entry)`; True when Ctrl-C stopped it."""
     docs = run.dataset.documents
     done = set(run.state["done"])
-    todo = [d for d in docs if d.id not in done]
-    est_steps = sum(min(d.seconds, run.o.max_seconds) for d in todo) * FRAME_RATE * len(run.policies)
+    first, of = (len(done) + 1, len(docs)) if todo is None else (1, len(todo))  # torchrun: this rank's share
+    todo = [d for d in docs if d.id not in done] if todo is None else todo
+    est_steps = _estimated_steps(run, todo)
     run.progress.log(f"scoring {len(todo)} of {len(docs)} document(s) x {len(run.policies)} policy(ies): "
                      f"{', '.join(p.name for p in run.policies)}")
     run.progress.start("eval", "scoring", est_steps)
     t_loop = time.perf_counter()
     interrupted = False
     try:
-        for n_doc, doc in enumerate(todo, start=len(run.state["done"]) + 1):
-            entry = _score_document(run, doc, f"{n_doc}/{len(docs)}", t_loop)
-            # Commit this document: carries first (they name it), then the record; it counts once written.
-            for p in run.policies:
-                if p.carries_across_documents and run.carries[p.name] is not None:
-                    resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
-            state = resume.with_document(run.state, doc.id, entry)
-            _write_state(resume.state_dir(run.out), state)
-            run.state = state
+        for n_doc, doc in enumerate(todo, start=first):
+            entry = _score_document(run, doc, f"{n_doc}/{of}", t_loop)
+            commit(run, doc, entry)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:
         from ttt_cli.io import as_os_error
-        if as_os_error(e) is None:
+        if isinstance(e, TTTError) or as_os_error(e) is None:
             raise
         _stop_on_write_error(run, e)
     run.progress.finish("eval", documents=len(run.state["done"]), steps_scored=int(run.scored_steps))
@@ -726,6 +751,7 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
         "fast_weight_bytes_per_stream": _fw_bytes(run.m.lm),
         "environment": environment(run.m),
         "warnings": warnings,
+        "distributed": _distributed_record(state["done"]),
         "documents": documents,
     }
     files = _write_outputs(run, results, sections, len(documents))
@@ -734,6 +760,20 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
                  for p, s in zip(policies, sections.values())]
     return EvalResult(run.out, results, summaries, files + run.written_nll, failed, warnings, interrupted,
                       len(state["done"]), len(dataset.documents))
+
+
+def _distributed_record(done: list[str]) -> dict:
+    """SPEC §5.6 provenance: world size, backend and each rank's documents (one share without torchrun)."""
+    s = current()
+    return s.record() if s.active else {"world_size": 1, "backend": None, "shares": {"0": list(done)}}
+
+
+def _rank_result(run: _Run, interrupted: bool) -> EvalResult:
+    """What a rank other than 0 reports (its own share; rank 0 writes and reports the job's results)."""
+    failed = [f"{s['path']}: {s['reason']}" for d in run.state["done"] for s in run.state["docs"][d]["record"]["skipped"]
+              if s.get("failed", True)]
+    return EvalResult(run.out, {}, [], [], failed, run.warnings, interrupted, len(run.state["done"]),
+                      len(run.dataset.documents))
 
 
 def _write_outputs(run: _Run, results: dict, sections: dict, n_docs: int) -> list[str]:

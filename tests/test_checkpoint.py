@@ -224,7 +224,7 @@ def test_ttt_config_validation(key, value, message):
 def test_ttt_section_shape_and_layer_syntax_errors():
     with pytest.raises(ConfigError, match="must be a JSON object"):
         TTTConfig.from_dict([1, 3])
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) in the `ttt` config section: chunk\. Valid keys"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in the `ttt` config section of variant .inplace.: chunk\. Valid keys"):
         TTTConfig.from_dict({"chunk": 3})
     for spec, msg in (("every:0", "the step must be >= 1"), ("one,two", "expected e.g."), ("every:2", "needs the model")):
         with pytest.raises(ConfigError, match=msg):

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing as tp
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,15 +24,37 @@ from .progress import NullProgress
 
 LAYER_T = 4096
 # Measurement groups: the figures each one produces (a run measures only the groups it needs).
+# The first three are measured per fast-weight variant, their names carrying the variant's suffix.
 GROUPS = {
     "step": ("step_overhead_b1", "step_overhead_b8", "step_overhead_b8_floor", "step_ms_p99_b1"),
     "layer": ("ttt_layer_ratio",),
+    "state": ("memory_per_stream_error",),
     "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
     "memory": ("eval_memory_ratio",),
     "cache": ("eval_cache_encode_seconds",),
     "infer_memory": ("infer_memory_ratio",),
+    "scaleout": ("scaleout_speedup_2",),
 }
-MEASURED = tuple(n for names in GROUPS.values() for n in names)
+VARIANT_GROUPS = ("step", "layer", "state")
+# A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
+SUFFIXES = {"inplace": "", "mlp": "_mlp", "linear-adapter": "_adapter"}
+
+
+PER_VARIANT = tuple(n for g in VARIANT_GROUPS for n in GROUPS[g])
+
+
+def variant_names(variant: str) -> list[str]:
+    """The per-variant figures of one variant, with its suffix."""
+    return [n + SUFFIXES[variant] for n in PER_VARIANT]
+
+
+def measured_names(variants: tp.Sequence[str] = tuple(SUFFIXES)) -> list[str]:
+    """Every figure `ttt bench` measures for these variants, in run order (variants first, then eval)."""
+    return [n for v in variants for n in variant_names(v)] + \
+        [n for g, names in GROUPS.items() if g not in VARIANT_GROUPS for n in names]
+
+
+MEASURED = tuple(measured_names())
 
 
 @dataclass
@@ -57,8 +81,10 @@ class BenchOptions:
             the eval figures); None = 1024 / 1500 (320 / 500 with `quick`).
         rounds: interleaved A/B rounds.
         seed: random seed of the synthetic inputs.
-        only: figure names to measure (None = every figure `ttt bench` measures).
+        only: figure names to measure (None = every figure `ttt bench` measures for `variants`).
         targets: overrides of registry targets ({name: target}, `--target NAME=VALUE`).
+        variants: fast-weight variants to attach to the model's base and measure (None = all three,
+            the model's own first); `only` may name any variant's figures instead.
     """
 
     model: str = "bench"
@@ -70,6 +96,7 @@ class BenchOptions:
     seed: int = 0
     only: list[str] | None = None
     targets: dict[str, float] = field(default_factory=dict)
+    variants: list[str] | None = None
 
 
 @dataclass
@@ -171,48 +198,65 @@ def memory_bandwidth(device: str, mib: int = 256) -> float:
     return x.numel() * 4 / best
 
 
-def layer_ratio(m, device: str, T: int = LAYER_T, reps: int = 5) -> dict:
-    """TTT layer forward on T tokens vs moshi's plain gating with the same slow weights."""
-    from moshi.modules.gating import ActivationGating
-    from .fastweights.attach import ttt_layers
-
-    i, layer = next(iter(ttt_layers(m.lm).items()))
-    plain = ActivationGating(layer.dim, 4 * layer.dim, layer.activation)
-    plain.linear_in, plain.linear_out = layer.linear_in, layer.linear_out
-    dt = next(layer.linear_in.parameters()).dtype
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, T, layer.dim, generator=g).to(device, dt)
-    x0 = torch.randn(1, T, layer.dim, generator=g).to(device, dt)
+def layer_ratio(layer, device: str, T: int = LAYER_T, reps: int = 5) -> dict:
+    """A fast-weight layer's forward on T tokens vs the plain layer it extends (the layer's `layer_bench`)."""
+    lb = layer.layer_bench(T, device)
     ta, tb = [], []
     with torch.no_grad():
         for r in range(reps + 1):
-            layer._x0.input = x0
-            _sync(device)
-            t = time.perf_counter()
-            layer(x)
-            _sync(device)
-            a = time.perf_counter() - t
-            _sync(device)
-            t = time.perf_counter()
-            plain(x)
-            _sync(device)
-            b = time.perf_counter() - t
-            if r:  # first round is warm-up
-                ta.append(a)
-                tb.append(b)
-        layer._x0.input = None
-    d, h = layer.dim, layer.hidden
-    k = layer.target_generator.conv1d.kernel_size
-    # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
-    floor = (4 * h * d + (k + 1) * d * d) / (3 * h * d)
+            for fn, acc in ((lb.ttt, ta), (lb.plain, tb)):
+                _sync(device)
+                t = time.perf_counter()
+                fn()
+                _sync(device)
+                if r:  # first round is warm-up
+                    acc.append(time.perf_counter() - t)
     return {"ttt_ms": 1e3 * statistics.median(ta), "plain_ms": 1e3 * statistics.median(tb),
-            "ratio": statistics.median(ta) / statistics.median(tb), "flop_floor": floor, "layer": i, "T": T}
+            "ratio": statistics.median(ta) / statistics.median(tb), "flop_floor": lb.flop_floor,
+            "flop_floor_formula": lb.formula, "compared": lb.what, "T": T}
 
 
-def selected(only: list[str] | None) -> list[str]:
-    """The figures to measure, in registry order; ConfigError for names `ttt bench` cannot measure."""
+def _tensor_bytes(obj, seen: set[int]) -> int:
+    """Bytes of the distinct tensors reachable from a streaming state (dataclass fields, dicts, lists)."""
+    import dataclasses
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_tensor_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def measured_bytes_per_stream(layer) -> int:
+    """Bytes one more stream adds to a layer's streaming state (B = 2 minus B = 1: shared tensors cancel)."""
+    sizes = []
+    saved = layer._streaming_state
+    layer._streaming_state = None
+    try:
+        for B in (1, 2):
+            with layer.streaming(B):
+                sizes.append(_tensor_bytes(layer._streaming_state, set()))
+    finally:
+        layer._streaming_state = saved
+    return sizes[1] - sizes[0]
+
+
+
+def selected(only: list[str] | None, variants: list[str]) -> list[str]:
+    """The figures to measure, in run order; ConfigError for names `ttt bench` cannot measure.
+
+    Without `only`: every figure of `variants` and the eval figures. With it: exactly the names given
+    (a variant's figures may be named whatever `variants` says).
+    """
     if not only:
-        return list(MEASURED)
+        return measured_names(variants)
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     for n in names:
         spec(n)  # unknown names: the registry's message
@@ -221,46 +265,69 @@ def selected(only: list[str] | None) -> list[str]:
                               f"{', '.join(MEASURED)}.")
     if not names:
         raise ConfigError("--only: give at least one figure name.")
-    return [n for n in MEASURED if n in names]
+    order = measured_names(variants + [v for v in SUFFIXES if v not in variants])
+    return [n for n in order if n in names]
+
+
+def _variant_order(opts: BenchOptions) -> list[str]:
+    """The variants to measure: `opts.variants`, or all of them with the model's own first."""
+    from .models.config import resolve_ttt_config
+    from .models.resolver import resolve
+
+    if opts.variants:
+        unknown = [v for v in opts.variants if v not in SUFFIXES]
+        if unknown:
+            raise ConfigError(f"--variant {', '.join(unknown)}: choose among {', '.join(SUFFIXES)}.")
+        return list(dict.fromkeys(opts.variants))
+    res = resolve(opts.model)
+    own, _ = resolve_ttt_config(res.config, int(res.config.get("num_layers", 32)))
+    first = own.variant if own is not None else "inplace"
+    return [first] + [v for v in SUFFIXES if v != first]
 
 
 def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
     """Measures the selected §8 figures on one device and judges them against the registry's targets.
 
+    Every variant asked for is attached to the same base model and measured in turn with its suffix
+    (SPEC §5.5); the eval figures are the model's own (as loaded, first variant measured).
+
     Args:
-        opts: model, device, dtype, quick mode, steps, rounds, figure selection and target overrides.
+        opts: model, device, dtype, quick mode, steps, rounds, figure and variant selection, target overrides.
         progress: a `Progress` hook (ttt_cli.progress).
     """
     from .models.loader import load_model
 
     progress = progress or NullProgress()
-    wanted = selected(opts.only)
+    if opts.steps is not None and opts.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {opts.steps}.")
+    variants = _variant_order(opts)
+    wanted = selected(opts.only, variants)
     for name in opts.targets:
         if name not in wanted:
             raise ConfigError(f"--target {name}: that figure is not measured in this run.")
-    if opts.steps is not None and opts.steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {opts.steps}.")
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
-    on = load_model(opts.model, device=opts.device, dtype=opts.dtype)
-    if not on.ttt or not on.ttt.layers:
-        raise ConfigError(f"{on.model_id} has no TTT layers: nothing to measure (pass --ttt-layers to a base model).")
-    dev = on.device
-    need = {g for g, names in GROUPS.items() if set(names) & set(wanted)}
     values: dict[str, Figure] = {}
-    if "step" in need:
-        values.update(step_figures(on, opts, wanted, progress))
-    if "layer" in need:
-        progress.start("layer", f"TTT layer vs plain gating, T={LAYER_T}", None)
-        lr = layer_ratio(on, dev)
-        progress.finish("layer", ratio=lr["ratio"])
-        values["ttt_layer_ratio"] = Figure("ttt_layer_ratio", lr["ratio"], detail=lr)
+    own = None  # the model the eval figures and the provenance are taken from: the first variant's
+    for v in variants + [v for v in SUFFIXES if v not in variants]:
+        if set(variant_names(v)) & set(wanted):
+            vf, on = variant_figures(opts, v, wanted, progress)
+            values.update(vf)
+            own = own or on
+            del on
+    need = {g for g, names in GROUPS.items() if g not in VARIANT_GROUPS and set(names) & set(wanted)}
+    if own is None:
+        own = load_model(opts.model, device=opts.device, dtype=opts.dtype)
+        _require_ttt(own)
     if "score" in need:
-        values.update(score_figures(on, opts, progress))
+        values.update(score_figures(own, opts, progress))
     if need & {"memory", "cache"}:
-        values.update(eval_run_figures(on, opts, "memory" in need, "cache" in need, progress))
+        values.update(eval_run_figures(own, opts, "memory" in need, "cache" in need, progress))
     if "infer_memory" in need:
-        values.update(infer_memory_figures(on, opts, progress))
+        values.update(infer_memory_figures(own, opts, progress))
+    if "scaleout" in need:
+        from .bench_scaleout import scaleout_figure
+        values["scaleout_speedup_2"] = scaleout_figure(own, opts, progress)
     measured = {n: f.value for n, f in values.items()}
     figs = []
     for name in wanted:
@@ -269,43 +336,94 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         if f.error and f.passed is not None:
             f.passed = False
         figs.append(f)
-    return BenchResult(device_name(dev), versions(), on.model_id, on.config.get("ttt") or {}, figs,
+    return BenchResult(device_name(own.device), versions(), own.model_id, own.config.get("ttt") or {}, figs,
                        _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        time.perf_counter() - t_start)
 
 
-def step_figures(on, opts: BenchOptions, wanted: list[str], progress) -> dict[str, Figure]:
-    """LMGen.step TTT on / off (plain moshi, `ttt=False`) at batch 1 and/or 8, and the batch-8 floor."""
+def _require_ttt(m) -> None:
+    if not m.ttt or not m.ttt.layers:
+        raise ConfigError(f"{m.model_id} has no TTT layers: nothing to measure (pass --ttt-layers to a base model).")
+
+
+def variant_figures(opts: BenchOptions, variant: str, wanted: list[str], progress) -> tuple[dict[str, Figure], tp.Any]:
+    """Step overhead (b1, b8, floor, p99), layer ratio and memory per stream of one variant on `opts.model`.
+
+    TTT off: the same model with its fast weights frozen (rate 0, SPEC §5.5; In-Place's frozen layer is
+    moshi's gating kernel on W0), so every variant's overhead is the price of learning.
+    Returns the figures (suffixed names) and the TTT-on model.
+    """
+    from .models.loader import load_model
+    from .fastweights.attach import ttt_layers
+
+    sfx = SUFFIXES[variant]
+    want = {n for n in PER_VARIANT if n + sfx in wanted}
+    overrides = {"variant": variant}
+    with warnings.catch_warnings():  # a variant the checkpoint has no tensors for: its fresh init is expected
+        warnings.simplefilter("ignore", UserWarning)
+        on = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=overrides)
+    _require_ttt(on)
+    layers = ttt_layers(on.lm)
+    out: dict[str, Figure] = {}
+    if want & set(GROUPS["step"]):
+        for name, f in step_figures(on, opts, want, variant, progress).items():
+            f.name = name + sfx
+            f.detail["variant"] = variant
+            out[f.name] = f
+    if "ttt_layer_ratio" in want:
+        progress.start(f"layer{sfx}", f"{variant}: TTT layer vs plain layer, T={LAYER_T}", None)
+        first_i, first = next(iter(layers.items()))
+        lr = layer_ratio(first, on.device)
+        progress.finish(f"layer{sfx}", ratio=lr["ratio"])
+        out["ttt_layer_ratio" + sfx] = Figure("ttt_layer_ratio" + sfx, lr["ratio"],
+                                              detail={"variant": variant, "layer": first_i, **lr})
+    if "memory_per_stream_error" in want:
+        predicted = sum(l.state_bytes_per_stream() for l in layers.values())
+        measured = sum(measured_bytes_per_stream(l) for l in layers.values())
+        err = abs(measured - predicted) / max(predicted, 1)
+        out["memory_per_stream_error" + sfx] = Figure("memory_per_stream_error" + sfx, err, detail={
+            "variant": variant, "predicted_bytes": predicted, "measured_bytes": measured,
+            "formula": " + ".join(l.memory_formula() for l in layers.values()),
+            "measured_as": "bytes of the per-stream state tensors (B=2 minus B=1)"})
+    return out, on
+
+
+def step_figures(on, opts: BenchOptions, want: set[str], variant: str, progress) -> dict[str, Figure]:
+    """LMGen.step TTT on / off at batch 1 and/or 8, and the batch-8 memory floor (unsuffixed names)."""
     from .models.loader import load_model
     from .fastweights.attach import ttt_layers
 
     steps = opts.steps or (320 if opts.quick else 1024)  # > chunk_size 256: updates included
-    off = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        off = load_model(opts.model, device=opts.device, dtype=opts.dtype,
+                         ttt={"variant": variant, "lr": 0.0})
     dev = on.device
-    b8 = bool({"step_overhead_b8", "step_overhead_b8_floor"} & set(wanted))
-    sizes = [B for B, want in ((1, bool({"step_overhead_b1", "step_ms_p99_b1"} & set(wanted))), (8, b8)) if want]
+    b8 = bool({"step_overhead_b8", "step_overhead_b8_floor"} & want)
+    sizes = [B for B, w in ((1, bool({"step_overhead_b1", "step_ms_p99_b1"} & want)), (8, b8)) if w]
     out: dict[str, Figure] = {}
     stats_b: dict[int, dict] = {}
     for B in sizes:
-        progress.start(f"step{B}", f"LMGen.step TTT on/off, batch {B}", None)
+        key = f"step{B}{SUFFIXES[variant]}"
+        progress.start(key, f"{variant}: LMGen.step TTT on/off, batch {B}", None)
         stats, _ = step_overhead(on, off, B, steps, opts.rounds, dev, opts.seed)
         stats_b[B] = stats
         ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
-        progress.finish(f"step{B}", ratio=ratio)
+        progress.finish(key, ratio=ratio)
         out[f"step_overhead_b{B}"] = Figure(f"step_overhead_b{B}", ratio, detail={"on": stats["on"], "off": stats["off"]})
     if 1 in stats_b:
         st = stats_b[1]["on"]
         out["step_ms_p99_b1"] = Figure("step_ms_p99_b1", st["p99_ms"], detail={"median_ms": st["median_ms"],
                                                                                "max_ms": st["max_ms"]})
-    if b8:  # batch-8 memory floor: reading 8 streams' fp32 fast weights each step, at the measured bandwidth
+    if b8:  # batch-8 memory floor: reading 8 streams' fp32 fast state each step, at the measured bandwidth
         bw = memory_bandwidth(dev)
-        extra = sum(8 * l.dim * l.hidden * 4 for l in ttt_layers(on.lm).values())
+        extra = sum(8 * l.bytes_read_per_step() for l in ttt_layers(on.lm).values())
         floor = 1 + (extra / bw) / (stats_b[8]["off"]["median_ms"] / 1e3)
         out["step_overhead_b8_floor"] = Figure("step_overhead_b8_floor", floor, detail={
             "extra_bytes_per_step": extra, "bandwidth_gb_s": bw / 1e9})
         out["step_overhead_b8"].detail["floor"] = floor
     del off
-    return out
+    return {k: v for k, v in out.items() if k in want or k == "step_overhead_b8_floor" and b8}
 
 
 # -- eval figures ------------------------------------------------------------------------------

@@ -155,6 +155,7 @@ class InferRun:
     reset_policy: str
     init_state: str | None
     results: list[FileResult]
+    distributed: dict | None = None   # world size, backend, shares (SPEC §5.6), set by the command
 
     @property
     def failed(self) -> list[FileResult]:
@@ -257,7 +258,7 @@ def sampling_settings(model, opts: InferOptions) -> dict:
 def ttt_summary(model) -> dict:
     """The TTT config the run uses, for outputs."""
     cfg = model.ttt
-    on = cfg is not None and bool(cfg.layers) and cfg.lr > 0
+    on = cfg is not None and bool(cfg.layers) and cfg.rate > 0
     return {"enabled": on, "config": cfg.to_dict() if cfg is not None else None,
             "origin": model.config.get("ttt_origin")}
 
@@ -876,6 +877,8 @@ def result_json(res: FileResult, run: InferRun) -> dict:
         "reset_policy": run.reset_policy,
         "outputs": dict(res.outputs),
     }
+    if run.distributed is not None:
+        d["distributed"] = run.distributed
     if run.reset_policy == "carry":
         d["stream"] = {"start_step": res.stream.get("start_step", 0),
                        "start_seconds": res.stream.get("start_step", 0) / FRAME_RATE}

@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .fastweights.attach import ttt_layers
 from .units import FRAME_RATE
-from .fastweights.config import TTTConfig
+from .fastweights.config import FastWeightConfig, all_config_keys, config_class
 from .errors import ConfigError, StateMismatchError
 from .fastweights.interface import FastWeightLayer
 
@@ -25,14 +25,18 @@ FORMAT = "ttt-fast-weight-state"
 FORMAT_VERSION = 1
 FINGERPRINT_VERSION = 2  # 2: fingerprint_tensors + structural keys (1 hashed W0 and lr/clip)
 META_KEY = "ttt_state"  # the safetensors header key holding the metadata JSON
-LAYER_KEY = re.compile(r"^layers\.(\d+)\.([A-Za-z0-9_]+)$")
+LAYER_KEY = re.compile(r"^layers\.(\d+)\.([A-Za-z0-9_.]+)$")  # names may hold dots (adapter targets)
 ATTN_PREFIX = "attention."
-# TTT config keys whose difference makes the stored tensors mean something else: never forced.
-STRUCTURAL_KEYS = ("variant", "chunk_size", "conv_kernel_size", "conv_padding", "target_source")
-# Update-rule hyperparameters: the snapshot still continues a well-defined stream (`force` allowed).
-HYPER_KEYS = ("lr", "delta_clip_fro_norm", "delta_clip_epsilon")
-CONFIG_KEYS = ("variant", "layers", "chunk_size", "lr", "conv_kernel_size", "conv_padding", "target_source",
-               "delta_clip_fro_norm", "delta_clip_epsilon")
+# Which TTT config keys a snapshot records, and which differences are structural (never forced) or
+# update-rule rates (forceable), is each variant's config class's business (`structural_keys`,
+# `hyper_keys`); `ttt_name` is never recorded.
+
+
+def config_keys(variant: str) -> list[str]:
+    """The `ttt` keys a snapshot of `variant` records in its metadata."""
+    return [k for k in config_class(variant).valid_keys() if k != "ttt_name"]
+# Keys added to a variant's section after snapshots of format 1 were written: absent means their default (null).
+LATER_KEYS = ("activation",)
 INVALID_HINT = "not a valid snapshot: write a new one with `ttt export-state`"
 # moshi State fields that are not stream content.
 SKIP_FIELDS = ("batch_size", "device", "exec_mask")
@@ -75,8 +79,8 @@ class FastWeightState:
         return int(self.meta.get("pending_tokens", {}).get(str(layer), 0))
 
     def config(self) -> dict[str, tp.Any]:
-        """The TTT config the snapshot was taken with (keys of the `ttt` section)."""
-        return {k: self.meta.get(k) for k in CONFIG_KEYS}
+        """The TTT config the snapshot was taken with (keys of its variant's `ttt` section)."""
+        return {k: self.meta.get(k) for k in config_keys(self.variant)}
 
 
 @dataclass
@@ -149,7 +153,7 @@ def _layer_section(layer: FastWeightLayer) -> dict[str, tp.Any]:
     return dict(layer.config_section())
 
 
-def model_config(model_or_lm) -> TTTConfig:
+def model_config(model_or_lm) -> FastWeightConfig:
     """The TTT config a model runs with now (its layers' settings, e.g. after `set_ttt_lr`).
 
     Args:
@@ -158,8 +162,8 @@ def model_config(model_or_lm) -> TTTConfig:
     layers = _layers(_lm(model_or_lm))
     sec = _layer_section(next(iter(layers.values())))
     sec.pop("ttt_name", None)
-    sec.pop("layers", None)
-    return TTTConfig(layers=sorted(layers), **sec)
+    sec["layers"] = sorted(layers)
+    return FastWeightConfig.from_dict(sec)
 
 
 def _hash(layers: dict[int, FastWeightLayer], initial_only: bool) -> str:
@@ -260,16 +264,17 @@ def check_fits(model_or_lm, s: FastWeightState) -> FitReport:
             msgs = _shape_problems(i, s.layer_tensors(i), _fresh_capture(layers[i]))
             shapes_ok &= not msgs
             problems += [FitProblem("shape", m, False) for m in msgs]
-    snap_cfg = s.config()
     model_cfg = cfg.to_dict()
-    for k in STRUCTURAL_KEYS[1:]:
-        if snap_cfg.get(k) != model_cfg[k]:
-            problems.append(FitProblem("config", f"TTT {k} differs: snapshot {_fmt(snap_cfg.get(k))}, model "
-                                       f"{_fmt(model_cfg[k])}", False))
-    for k in HYPER_KEYS:
-        a, b = snap_cfg.get(k), model_cfg[k]
-        if a != b:
-            problems.append(FitProblem("hyper", f"TTT {k} differs: snapshot {_fmt(a)}, model {_fmt(b)}", True))
+    if s.variant == cfg.variant:
+        snap_cfg = s.config()
+        for k in cfg.structural_keys:
+            if snap_cfg.get(k) != model_cfg[k]:
+                problems.append(FitProblem("config", f"TTT {k} differs: snapshot {_fmt(snap_cfg.get(k))}, model "
+                                           f"{_fmt(model_cfg[k])}", False))
+        for k in cfg.hyper_keys:
+            a, b = snap_cfg.get(k), model_cfg[k]
+            if a != b:
+                problems.append(FitProblem("hyper", f"TTT {k} differs: snapshot {_fmt(a)}, model {_fmt(b)}", True))
     model_fp, w0 = fingerprints(lm)
     # Another W0 or other target tensors: the fingerprint differs, which is never forced (SPEC §7.1).
     if shapes_ok and s.layers == cfg.layers and s.variant == cfg.variant:
@@ -296,8 +301,9 @@ def _norm(tensors: tp.Iterable[torch.Tensor]) -> float:
 
 
 def weight_names(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """A layer's fast-weight tensors in a snapshot: every captured tensor but the pending chunk."""
-    return sorted(n for n in tensors if not n.startswith("pending"))
+    """A layer's fast-weight tensors in a snapshot: every captured tensor but the pending chunk / sums / count
+    (a name any of whose dotted parts starts with `pending`)."""
+    return sorted(n for n in tensors if not any(part.startswith("pending") for part in n.split(".")))
 
 
 def weight_norm(s: FastWeightState, layer: int) -> float:
@@ -386,7 +392,8 @@ def capture(lm, batch_index: int = 0, attention: bool = False) -> FastWeightStat
     steps = int(next(iter(telemetry.values())).get("tokens", 0))
     model_fp, w0_fp = fingerprints(lm)
     meta: dict[str, tp.Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, **{k: v for k, v in cfg.to_dict().items() if k in CONFIG_KEYS},
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        **{k: v for k, v in cfg.to_dict().items() if k in config_keys(cfg.variant)},
         "model": getattr(model, "model_id", None), "model_fingerprint": model_fp,
         "fingerprint_version": FINGERPRINT_VERSION, "w0_fingerprint": w0_fp, "batch_index": batch_index, "steps": steps,
         "seconds": steps / FRAME_RATE, "source_files": [], "reset_policy": None,
@@ -602,7 +609,12 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
     ver = meta.get("format_version")
     if not isinstance(ver, int) or ver > FORMAT_VERSION:
         bad(f"format version {ver!r}; this ttt ({__version__}) reads versions up to {FORMAT_VERSION}.")
-    missing = [k for k in CONFIG_KEYS + ("model_fingerprint", "w0_fingerprint") if k not in meta]
+    try:
+        variant_keys = config_keys(meta.get("variant"))
+    except ConfigError as e:
+        bad(str(e).removeprefix("invalid `ttt` config: "))
+    missing = [k for k in variant_keys + ["model_fingerprint", "w0_fingerprint"]
+               if k not in meta and k not in LATER_KEYS]
     if missing:
         bad(f"metadata lacks {', '.join(missing)}.")
     layers = meta["layers"]
@@ -798,7 +810,7 @@ class DiffResult:
         return dataclasses.asdict(self)
 
 
-DIFF_META_KEYS = CONFIG_KEYS + ("model", "model_fingerprint", "w0_fingerprint", "steps", "seconds", "source_files",
+DIFF_META_KEYS = tuple(k for k in all_config_keys() if k != "ttt_name") + ("model", "model_fingerprint", "w0_fingerprint", "steps", "seconds", "source_files",
                                 "reset_policy", "flushed", "attention")
 
 

@@ -8,13 +8,27 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, DeviceOpt, Device, DType, DTypeOpt, JsonOpt, OverwriteOpt, err, handle_errors, \
-    print_json, print_table
+from .common import DebugOpt, DeviceOpt, Device, DType, DTypeOpt, JsonOpt, OverwriteOpt, Variant, err, \
+    handle_errors, print_json, print_table
+
+
+def _note(detail: dict) -> str:
+    """What a figure is compared with, for the table: FLOP floors, memory floors, predicted bytes."""
+    if "flop_floor" in detail:
+        return f"FLOP floor {detail['flop_floor']:.3g}"
+    if "predicted_bytes" in detail:
+        return f"measured {detail['measured_bytes']} B, predicted {detail['predicted_bytes']} B"
+    if "floor" in detail:
+        return f"memory floor {detail['floor']:.3g}"
+    return ""
 
 
 def bench_cmd(
     model: Annotated[str, typer.Option("--model", "-m", "--preset", help="Model to measure (default: the `bench` "
                                        "preset; `tiny` for a quick check).")] = "bench",
+    variant: Annotated[tp.Optional[list[Variant]], typer.Option(
+        "--variant", help="Fast-weight variant(s) to measure on the model's base, repeatable (default: all three, "
+                          "the model's own first). Figures of mlp / linear-adapter carry _mlp / _adapter.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer steps and shorter documents (< 3 min on 2 CPU cores).")] = False,
     steps: Annotated[tp.Optional[int], typer.Option("--steps", help="Steps per measurement: LMGen steps per variant "
                                                     "and batch size, positions scored by the eval figures.")] = None,
@@ -32,14 +46,17 @@ def bench_cmd(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Measure TTT overheads side by side (variants interleaved A B A B, medians after warm-up).
+    """Measure TTT overheads side by side (TTT on/off interleaved A B A B, medians after warm-up), for each
+    fast-weight variant attached to the same base model (In-Place names; `_mlp`, `_adapter` suffixes).
 
-    Figures, targets and directions come from one registry (ttt_cli/bench_figures.py):
-    step_overhead_b1/b8 (LMGen.step TTT on / off), step_overhead_b8_floor, step_ms_p99_b1,
-    eval_block_speedup and eval_nll_max_abs_diff (block vs step-by-step scoring), eval_memory_ratio
-    (peak RSS, 30-min vs 5-min document, separate processes), eval_cache_encode_seconds (second run
-    on cached codes), ttt_layer_ratio (TTT layer vs plain gating, T = 4096), infer_memory_ratio (peak
-    RSS of ttt infer on the tiny model, 60-min vs 5-min file, separate processes; --quick: 12 vs 1 min).
+    Figures, targets and directions come from one registry (ttt_cli/bench_figures.py). Per variant:
+    step_overhead_b1/b8 (LMGen.step TTT on / the same model with rate 0), step_overhead_b8_floor,
+    step_ms_p99_b1, ttt_layer_ratio (T = 4096, with the variant's FLOP floor), memory_per_stream_error
+    (the memory estimate vs the bytes of the per-stream state). Then eval_block_speedup and
+    eval_nll_max_abs_diff (block vs step-by-step scoring), eval_memory_ratio (peak RSS, 30-min vs
+    5-min document, separate processes), eval_cache_encode_seconds (second run on cached codes),
+    infer_memory_ratio (peak RSS of ttt infer on the tiny model, 60-min vs 5-min file, separate
+    processes; --quick: 12 vs 1 min), scaleout_speedup_2 (eval tokens/s, 2 torchrun processes / 1).
 
     Exit code: 0 when every measured target is met, 1 when one is missed (named in the table and
     on stderr), 2 on usage errors.
@@ -67,7 +84,8 @@ def bench_cmd(
     try:
         with make_progress(quiet=json_out) as progress:
             res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
-                                         steps=steps, seed=seed, only=only, targets=targets), progress)
+                                         steps=steps, seed=seed, only=only, targets=targets,
+                                         variants=[v.value for v in variant] if variant else None), progress)
         d = res.to_dict()
         if out is not None:
             write_json(out, d)
@@ -77,9 +95,10 @@ def bench_cmd(
         print_json(d)
     else:
         rows = [[f.name, f.value, "" if f.target is None else f"{spec(f.name).direction} {f.target:g}",
-                 "-" if f.passed is None else ("pass" if f.passed else "MISSED")] for f in res.figures]
+                 "-" if f.passed is None else ("pass" if f.passed else "MISSED"), _note(f.detail)]
+                for f in res.figures]
         print_table(f"ttt bench on {res.device} ({res.model}, {res.seconds:.0f} s)",
-                    ["figure", "value", "target", "met"], rows)
+                    ["figure", "value", "target", "met", "compared with"], rows)
     if res.missed:
         err("targets missed: " + "; ".join(
             f"{f.name} = {f.value:.4g} (target {spec(f.name).direction} {f.target:g}{', ' + f.error if f.error else ''})"

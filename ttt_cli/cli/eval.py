@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
+from .common import (AudioStream, BaseOpt, DebugOpt, Device, DistTimeoutOpt, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
                      ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
                      print_table, ResumeOpt, SeedOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt,
                      TTTOpt, warn, WarmStartOpt)
@@ -62,6 +62,7 @@ def librilight_cmd(
     ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
+    dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -78,19 +79,23 @@ def librilight_cmd(
       ttt eval librilight DATA -p document -p file -p every:30s -p never -p off --max-seconds 30m
 
       ttt eval librilight DATA --out results/run1 --resume
+
+      torchrun --nproc-per-node 8 -m ttt_cli eval librilight DATA --out results/run1   (one rank per GPU)
     """
+    from .. import distributed
     from ..units import parse_seconds
-    from ..progress import make_progress
     from evals.protocol import EvalOptions, evaluate_librilight
     from .common import check_memory, set_seed, ttt_overrides
 
+    session = distributed.start(dist_timeout, device.value, "finished documents are kept: run the same command "
+                                "with --resume (any number of processes) to continue")
     opts = EvalOptions(
         data=data, out=out, model=model, policies=list(policy or ["document"]),
         max_seconds=parse_seconds(max_seconds), min_seconds=parse_seconds(min_seconds), limit_books=limit_books,
         block_steps=block_steps, bin_seconds=parse_seconds(bin_seconds), audio_stream=audio_stream.value,
         text_stream=text_stream.value, codes_cache=codes_cache, use_codes_cache=not no_codes_cache,
         save_token_nll=save_token_nll, resume=resume, overwrite=overwrite, init_state=init_state,
-        force_state=force_state, device=device.value, dtype=dtype.value,
+        force_state=force_state, device=session.device(device.value), dtype=dtype.value,
         ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base)
 
     def load():
@@ -104,8 +109,10 @@ def librilight_cmd(
         err(check_memory(m, 1, force))
         return m
 
-    with make_progress(quiet=json_out) as progress:
+    with distributed.progress(quiet=json_out) as progress:
         res = evaluate_librilight(opts, progress, model=load)
+    if distributed.quiet():  # rank 0 reports for the job; this rank's exit code counts in the agreed one
+        raise typer.Exit(res.exit_code)
     for w in res.warnings:
         warn(w)
     if res.interrupted:

@@ -85,10 +85,17 @@ def asr_cmd(
 
       ttt eval asr rev16/ --out results/rev16 --resume
     """
+    import os
+    from ..errors import ConfigError
     from ..progress import make_progress
     from ..units import parse_seconds
     from evals.asr.protocol import AsrOptions, evaluate_asr
     from .common import check_memory, say_model_notes, set_seed, ttt_overrides
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would transcribe everything into one --out
+        raise ConfigError("ttt eval asr does not run under torchrun yet (SPEC §5.6 covers eval librilight, infer "
+                          "and export-state); run it in one process, or split the manifest and give each part "
+                          "its own --out.")
 
     opts = AsrOptions(
         data=data, out=out, model=model, policies=list(policy or ["document"]), mode=mode.value,

@@ -1,6 +1,9 @@
-"""Attaching TTT layers to a moshi `LMModel` in place of the chosen layers' gating modules."""
+"""Attaching fast-weight layers to a moshi `LMModel`: one registry of variants, `ttt_layers`, `set_ttt_lr`."""
 
 from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -9,10 +12,11 @@ from moshi.models.lm import LMModel
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from .config import TTTConfig
+from . import adapter, mlp
+from .config import FastWeightConfig, TTTConfig
 from ..errors import CheckpointError
 from .interface import FastWeightLayer
-from .inplace import InPlaceTTTGating, X0Source
+from .inplace import InPlaceTTTGating, TargetGenerator, X0Source, linear_weight
 
 PREFIX = "transformer.layers.{i}.gating."
 TTT_TENSORS = ("w_down", "target_generator.conv1d.conv.weight", "target_generator.W_target.weight")
@@ -59,22 +63,10 @@ def _forget_streaming_children(lm: nn.Module) -> None:
             m._cached_children = None
 
 
-def attach_ttt(lm: LMModel, cfg: TTTConfig, tensors: dict[str, torch.Tensor] | None = None,
-               target_init: str = "ntp") -> dict[int, FastWeightLayer]:
-    """Replaces `lm.transformer.layers[i].gating` for every i in `cfg.layers`.
-
-    Args:
-        lm: a moshi LMModel with its weights loaded.
-        cfg: the validated `ttt` section.
-        tensors: TTT tensors with moshi key names (`transformer.layers.{i}.gating.w_down`, ...);
-            missing ones follow `target_init` (SPEC §3.6).
-        target_init: `ntp` or `zero`, for target generators the tensors do not provide.
-    Returns:
-        {layer index: TTT layer}.
-    """
-    tensors = tensors or {}
+def _attach_inplace(lm: LMModel, cfg: TTTConfig, tensors: dict[str, torch.Tensor],
+                    target_init: str = "ntp") -> dict[int, FastWeightLayer]:
+    """Replaces `lm.transformer.layers[i].gating` with In-Place TTT for every i in `cfg.layers`."""
     layers = lm.transformer.layers
-    cfg.validate(len(layers))
     src = _x0_source(lm)
     out: dict[int, FastWeightLayer] = {}
     for i in cfg.layers:
@@ -103,6 +95,68 @@ def attach_ttt(lm: LMModel, cfg: TTTConfig, tensors: dict[str, torch.Tensor] | N
                     dst.copy_(val.to(dst.device, torch.float32))
         layers[i].gating = layer
         out[i] = layer
+    return out
+
+
+def _inplace_tensor_names(cfg: TTTConfig) -> list[str]:
+    return [PREFIX.format(i=i) + n for i in cfg.layers for n in TTT_TENSORS]
+
+
+def _inplace_fresh_tensors(lm: LMModel, cfg: TTTConfig, target_init: str = "ntp") -> dict[str, torch.Tensor]:
+    """SPEC §3.6: w_down <- linear_out (float32), target generator `ntp` or `zero`."""
+    out = {}
+    for i in cfg.layers:
+        g = lm.transformer.layers[i].gating
+        w = linear_weight(g.linear_out).detach().to("cpu", torch.float32).contiguous()
+        tg = TargetGenerator(w.shape[0], cfg.conv_kernel_size, cfg.conv_padding)
+        tg.init_zero() if target_init == "zero" else tg.init_ntp()
+        pre = PREFIX.format(i=i)
+        out[pre + "w_down"] = w.clone()
+        out[pre + "target_generator.conv1d.conv.weight"] = tg.conv1d.conv.weight.detach().contiguous()
+        out[pre + "target_generator.W_target.weight"] = tg.W_target.weight.detach().contiguous()
+    return out
+
+
+def _inplace_fresh_note(cfg: TTTConfig, target_init: str = "ntp") -> str:
+    return f"initialised by SPEC §3.6 (w_down <- linear_out, target {target_init})"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What loading and writing checkpoints need from a variant (the only place variants are listed)."""
+
+    attach: tp.Callable[..., dict[int, FastWeightLayer]]          # (lm, cfg, tensors, target_init)
+    tensor_names: tp.Callable[[tp.Any], list[str]]                # checkpoint tensors of a config
+    fresh_tensors: tp.Callable[..., dict[str, torch.Tensor]]      # (lm, cfg, target_init): documented fresh init
+    fresh_note: tp.Callable[..., str]                             # (cfg, target_init): how missing tensors are made
+
+
+VARIANTS: dict[str, Variant] = {
+    "inplace": Variant(_attach_inplace, _inplace_tensor_names, _inplace_fresh_tensors, _inplace_fresh_note),
+    "mlp": Variant(mlp.attach, mlp.tensor_names, mlp.fresh_tensors, mlp.fresh_note),
+    "linear-adapter": Variant(adapter.attach, adapter.tensor_names, adapter.fresh_tensors, adapter.fresh_note),
+}
+
+
+def variant_of(cfg: FastWeightConfig) -> Variant:
+    return VARIANTS[cfg.variant]
+
+
+def attach_ttt(lm: LMModel, cfg: FastWeightConfig, tensors: dict[str, torch.Tensor] | None = None,
+               target_init: str = "ntp") -> dict[int, FastWeightLayer]:
+    """Attaches the fast-weight layers of `cfg` (any variant) to the layers it names.
+
+    Args:
+        lm: a moshi LMModel with its weights loaded.
+        cfg: the validated `ttt` section.
+        tensors: TTT tensors with checkpoint key names (In-Place `transformer.layers.{i}.gating.w_down`, ...;
+            SPEC §3.10/§3.11 for the variants); missing ones get the variant's documented fresh init.
+        target_init: In-Place: `ntp` or `zero`, for target generators the tensors do not provide.
+    Returns:
+        {layer index: fast-weight layer}.
+    """
+    cfg.validate(len(lm.transformer.layers))
+    out = variant_of(cfg).attach(lm, cfg, tensors or {}, target_init)
     _forget_streaming_children(lm)
     return out
 
@@ -112,12 +166,15 @@ def ttt_layers(lm: nn.Module) -> dict[int, FastWeightLayer]:
     tr = getattr(lm, "transformer", None)
     if tr is None:
         return {}
-    return {i: l.gating for i, l in enumerate(tr.layers) if isinstance(l.gating, FastWeightLayer)}
+    out = {}
+    for i, layer in enumerate(tr.layers):
+        for child in layer.children():
+            if isinstance(child, FastWeightLayer):
+                out[i] = child
+    return out
 
 
 def set_ttt_lr(lm: nn.Module, lr: float) -> None:
-    """Changes every TTT layer's learning rate (0 freezes fast weights at W0); not while streaming."""
+    """Sets every fast-weight layer's rate (`lr`, `base_lr` or `lr_scale`; 0 freezes them); not while streaming."""
     for layer in ttt_layers(lm).values():
-        if layer.is_streaming:
-            raise RuntimeError("cannot change the TTT learning rate of a streaming model.")
-        layer.lr = float(lr)
+        layer.set_rate(lr)

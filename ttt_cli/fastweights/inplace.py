@@ -18,7 +18,7 @@ from moshi.modules.streaming import State
 
 from .config import TTTConfig
 from ..errors import StateMismatchError
-from .interface import FastWeightLayer
+from .interface import FastWeightLayer, LayerBench
 
 F32 = torch.float32
 # `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
@@ -161,9 +161,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
     """
 
     variant = "inplace"
-    # `activation` enters once the config section carries it (SPEC §3.1); lr and clip never do.
-    structural = frozenset({"variant", "layers", "chunk_size", "conv_kernel_size", "conv_padding",
-                            "target_source", "activation"})
+    structural = frozenset({"variant", "layers", *TTTConfig.structural_keys})
 
     def __init__(self, linear_in: nn.Module, linear_out: nn.Module, activation, cfg: TTTConfig,
                  x0: X0Source):
@@ -341,12 +339,6 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 st.nonfinite_events[b] += 1
 
     # -- FastWeightLayer interface -------------------------------------------------------------
-    def _state(self) -> InPlaceState:
-        st = self._streaming_state
-        if st is None:
-            raise RuntimeError("the TTT layer is not streaming: enter `lm.streaming(B)` first.")
-        return st
-
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
         st = self._state()
         n = st.n_pending[batch_index]
@@ -386,9 +378,16 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         return {"w_down": self.w_down}
 
     def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        tg = self.target_generator
-        return {"w_down": self.w_down, "target_generator.conv1d.conv.weight": tg.conv1d.conv.weight,
-                "target_generator.W_target.weight": tg.W_target.weight}
+        return {"w_down": self.w_down, "target_generator.conv1d.conv.weight": self.target_generator.conv1d.conv.weight,
+                "target_generator.W_target.weight": self.target_generator.W_target.weight}
+
+    def get_rate(self) -> float:
+        return float(self.lr)
+
+    def set_rate(self, rate: float) -> None:
+        if self.is_streaming:
+            raise RuntimeError("cannot change the TTT learning rate of a streaming model.")
+        self.lr = float(rate)
 
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
         st = self._state()
@@ -412,6 +411,36 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         if self.frozen:
             return 0
         return 4 * (self.dim * self.hidden + self.chunk_size * (self.dim + self.hidden))
+
+    def bytes_read_per_step(self) -> int:
+        return 0 if self.frozen else 4 * self.dim * self.hidden  # W; the pending chunk is written, not read
+
+    def memory_formula(self) -> str:
+        if self.frozen:
+            return "0 (frozen)"
+        return f"({self.dim}x{self.hidden} + {self.chunk_size}x({self.hidden}+{self.dim}))x4"
+
+    def layer_bench(self, tokens: int, device: str) -> LayerBench:
+        """This layer vs moshi's `ActivationGating` with the same slow weights, on `tokens` tokens."""
+        from moshi.modules.gating import ActivationGating
+        plain = ActivationGating(self.dim, 4 * self.dim, self.activation)
+        plain.linear_in, plain.linear_out = self.linear_in, self.linear_out
+        dt = next(self.linear_in.parameters()).dtype
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, tokens, self.dim, generator=g).to(device, dt)
+        x0 = torch.randn(1, tokens, self.dim, generator=g).to(device, dt)
+
+        def ttt():
+            self._x0.input = x0
+            try:
+                return self(x)
+            finally:
+                self._x0.input = None
+        d, h, k = self.dim, self.hidden, self.target_generator.conv1d.kernel_size
+        # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
+        return LayerBench(ttt, lambda: plain(x), (4 * h * d + (k + 1) * d * d) / (3 * h * d),
+                          f"(4hd + (K+1)d²) / 3hd (d={d}, h={h}, K={k})",
+                          "In-Place TTT gating vs moshi ActivationGating")
 
     @torch.no_grad()
     def flush_partial(self, batch_index: int | None = None) -> None:

@@ -6,6 +6,7 @@ import abc
 import hashlib
 import json
 import typing as tp
+from dataclasses import dataclass
 
 import torch
 
@@ -14,19 +15,40 @@ from moshi.modules.streaming import State, StreamingModule
 StateT = tp.TypeVar("StateT", bound=State)
 
 
+@dataclass
+class LayerBench:
+    """What `ttt bench` times for a variant's layer ratio (SPEC §8.5): the layer with TTT and the
+    plain layer it extends, on the same input, and the ratio of their multiply-accumulates."""
+
+    ttt: tp.Callable[[], tp.Any]    # forward with TTT, T tokens
+    plain: tp.Callable[[], tp.Any]  # the same layer without TTT, same input
+    flop_floor: float               # MACs(ttt) / MACs(plain)
+    formula: str                    # how flop_floor is computed, in words
+    what: str                       # which module is compared
+
+
 class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     """A moshi `StreamingModule` whose streaming state holds per-stream fast weights.
 
     What commands need from a variant (SPEC §3.9): `capture`/`restore` of one stream's tensors,
-    `reset_streaming(mask)` (inherited), a fingerprint of what it computes, telemetry, memory
-    arithmetic and `config_section()` (with a `variant` key). Tensor names in `capture()` are
-    the snapshot's per-layer keys (`layers.{i}.<name>`).
+    `reset_streaming(mask)` (inherited), `fingerprint_tensors()`, telemetry, memory arithmetic,
+    its rate (`--ttt-lr`) and `config_section()` (with a `variant` key). Tensor names in
+    `capture()` are the snapshot's per-layer keys (`layers.{i}.<name>`).
     """
 
     variant: tp.ClassVar[str]
     # Config keys (of `config_section()`, plus the model-level `layers`) that change what the layer
     # computes: they enter the fingerprint. Update-rule hyperparameters (lr, clip) and file names do not.
     structural: tp.ClassVar[frozenset[str]]
+    rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
+    figure_suffix: tp.ClassVar[str] = ""  # appended to `ttt bench` figure names (SPEC §5.5)
+
+    def _state(self) -> StateT:
+        """The streaming state; a clear error outside `lm.streaming(B)`."""
+        st = self._streaming_state
+        if st is None:
+            raise RuntimeError("the TTT layer is not streaming: enter `lm.streaming(B)` first.")
+        return st
 
     @abc.abstractmethod
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
@@ -43,11 +65,11 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
 
     @abc.abstractmethod
     def initial_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors a reset goes back to (θ0), used for drift and the W0-only fingerprint."""
+        """The tensors a reset goes back to (θ0, In-Place's W0), used for drift and the θ0 fingerprint."""
 
     @abc.abstractmethod
     def fingerprint_tensors(self) -> dict[str, torch.Tensor]:
-        """θ0 and every other tensor that defines what the layer computes (In-Place: W0, conv, W_target)."""
+        """θ0 and every other tensor that defines what the layer computes (SPEC §3.9), by name."""
 
     @abc.abstractmethod
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
@@ -55,7 +77,15 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
 
     @abc.abstractmethod
     def state_bytes_per_stream(self) -> int:
-        """Bytes of fast-weight state one stream needs on the device."""
+        """Bytes of fast-weight state one stream needs on the device (SPEC §5's estimate)."""
+
+    def bytes_read_per_step(self) -> int:
+        """Fast-weight bytes one stream's step must read (the memory-bound floor of `ttt bench`)."""
+        return self.state_bytes_per_stream()
+
+    @abc.abstractmethod
+    def memory_formula(self) -> str:
+        """`state_bytes_per_stream` as arithmetic with this layer's numbers, for messages."""
 
     @abc.abstractmethod
     def config_section(self) -> dict[str, tp.Any]:
@@ -64,6 +94,18 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     @abc.abstractmethod
     def flush_partial(self, batch_index: int | None = None) -> None:
         """Applies the pending partial chunk's update now (chunk counting restarts)."""
+
+    @abc.abstractmethod
+    def get_rate(self) -> float:
+        """The layer's learning rate (`rate_key`)."""
+
+    @abc.abstractmethod
+    def set_rate(self, rate: float) -> None:
+        """Sets the learning rate (0 freezes the fast weights at their initial value); not while streaming."""
+
+    @abc.abstractmethod
+    def layer_bench(self, tokens: int, device: str) -> LayerBench:
+        """The layer-ratio measurement of SPEC §8.5 on `tokens` random tokens."""
 
     def structural_config(self) -> dict[str, tp.Any]:
         """The `structural` keys of `config_section()` (what the fingerprint covers of the config)."""
@@ -78,4 +120,3 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         if not initial_only:
             h.update(json.dumps(self.structural_config(), sort_keys=True, separators=(",", ":")).encode())
-

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..fastweights.config import TTT_FILE, TTTConfig
+from ..fastweights.config import TTT_FILE, FastWeightConfig
 from .config import default_ttt_section, parse_layers, resolve_ttt_config
 from .loader import _load_lm, load_model
 from .presets import PRESETS
@@ -24,6 +24,7 @@ class InitResult:
     ttt: dict
     files: list[str]
     target_init: str
+    notes: list[str]  # how the fast-weight tensors were initialised (e.g. a fresh `mlp` block is not neutral)
 
 
 def checkpoint_is_ours(path: Path) -> bool:
@@ -69,8 +70,9 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         source: base checkpoint (preset, directory, hub id).
         out: directory to write.
         layers: TTT layers, as a list or `--ttt-layers` syntax (default: every 6th from 0, or the preset's).
-        target_init: `ntp` or `zero` (SPEC §3.6).
-        section: further `ttt` keys (chunk_size, lr, ...).
+        target_init: In-Place: `ntp` or `zero` (SPEC §3.6).
+        section: further `ttt` keys (variant, chunk_size, lr, ...). A `variant` other than the source's
+            keeps its layers and takes that variant's defaults; `lr` sets the variant's rate.
         copy_base: copy the base weights into `out` instead of referencing them.
         overwrite: replace an existing `out` that an earlier `ttt init-checkpoint` wrote.
         yarn_scale: write a `yarn_config` with this scale (SPEC §4.3; the fork's other defaults,
@@ -79,6 +81,7 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         OutputError: `out` may not be written (see above); ConfigError: unwritable parent; OSError: the
             write failed (nothing of it is left).
     """
+    from ..fastweights.attach import variant_of
     from ..io import atomic_dir
 
     out = Path(out)
@@ -90,12 +93,12 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     info = checkpoint_info(res)
     num_layers = int((info.lm_config or {}).get("num_layers", 32))
     base_cfg, _ = resolve_ttt_config(res.config, num_layers)
-    sec = (base_cfg.to_dict() if base_cfg else default_ttt_section(num_layers))
-    sec.update(section or {})
+    base_cfg = base_cfg or FastWeightConfig.from_dict(default_ttt_section(num_layers), num_layers)
+    overrides = dict(section or {})
     if layers is not None:
-        sec["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
-    sec["ttt_name"] = TTT_FILE
-    TTTConfig.from_dict(sec, num_layers)
+        overrides["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
+    overrides["ttt_name"] = TTT_FILE
+    sec = base_cfg.with_overrides(overrides, num_layers).to_dict()  # checks the keys of the target variant
     try:
         with atomic_dir(out, replace=True) as tmp:
             cfg = _write_checkpoint(res, info, tmp, sec, target_init, copy_base, yarn_scale)
@@ -104,7 +107,8 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     m = load_model(str(out), device="cpu", dtype="fp32")  # verify it loads before reporting success
     if m.ttt is None or m.ttt.layers != cfg.layers:
         raise CheckpointError(f"{out} was written but does not load back with TTT layers {cfg.layers}.")
-    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init)
+    notes = [variant_of(cfg).fresh_note(cfg, target_init)]
+    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init, notes)
 
 
 def yarn_config_for(scale: float, context: int | None) -> dict:
@@ -120,7 +124,7 @@ def yarn_config_for(scale: float, context: int | None) -> dict:
 
 
 def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: str, copy_base: bool,
-                      yarn_scale: float | None = None) -> TTTConfig:
+                      yarn_scale: float | None = None) -> FastWeightConfig:
     """Fills directory `tmp`: config.json (moshi's keys, file references or copies) and the TTT tensors."""
     import torch
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, LoadWarning
-from ..fastweights.config import TTT_FILE, TTTConfig
+from ..fastweights.config import TTT_FILE, FastWeightConfig, TTTConfig
 from .config import apply_overrides, resolve_ttt_config
 from .fork import CLIP_WARNING, ForkLayout, from_fork_config, normalise_ttt_tensors
 from .resolver import Resolved, _file_ref, checkpoint_info, resolve, yarn_section
-from .tensors import check_ttt_tensors, safetensors_keys, split_ttt, ttt_key
+from .tensors import any_ttt_key, check_ttt_tensors, safetensors_keys, split_ttt, ttt_key
 
 TARGET_TENSORS = ("target_generator.conv1d.conv.weight", "target_generator.W_target.weight")
 
@@ -30,7 +30,7 @@ class TTTModel:
     info: tp.Any
     device: tp.Any
     dtype: tp.Any
-    ttt: TTTConfig | None
+    ttt: FastWeightConfig | None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the user should know, not a problem (stderr)
 
@@ -267,12 +267,15 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
         lm = loaded.lm
         prov.update(loaded.notes)
         if cfg is not None and cfg.layers:
-            _attach(lm, res, cfg, origin, loaded, target_init, mapping, notes, prov)
+            if cfg.variant == "inplace":
+                _attach(lm, res, cfg, origin, loaded, target_init, mapping, notes, prov)
+            else:
+                _attach_variant(lm, res, cfg, origin, target_init, notes, prov)
         yarn = yarn_section(res.config)
         if yarn is not None:
             from .yarn import apply_yarn
             prov["yarn"] = apply_yarn(lm, yarn)
-    if mapping is not None and mapping.config is not None and cfg is not None and cfg.layers and cfg.lr > 0 \
+    if mapping is not None and mapping.config is not None and cfg is not None and cfg.layers and cfg.rate > 0 \
             and mapping.clip_defaulted and "delta_clip_fro_norm" not in (overrides or {}):
         notes.warn(CLIP_WARNING.format(id=res.model_id))
     mimi = info.get_mimi(device=dev)
@@ -359,6 +362,28 @@ def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, tar
                            "delta_clip_fro_norm": cfg.delta_clip_fro_norm}
 
 
+def _attach_variant(lm, res: Resolved, cfg: FastWeightConfig, origin: str, target_init: str | None,
+                    notes: _Notes, prov: dict) -> None:
+    """TTT-MLP and TTT-Linear (SPEC §3.10, §3.11): their tensors live in the checkpoint's `ttt_name`
+    file only; missing ones get the variant's documented fresh init, said once."""
+    from ..fastweights.attach import attach_ttt, variant_of
+
+    tensors: dict = {}
+    if origin == "ttt" and res.config["ttt"].get("ttt_name", TTT_FILE):
+        raw, path = _read_ttt_file(res, cfg.ttt_name, inplace=False)
+        tensors = {k: v.float() for k, v in raw.items()}
+        prov.setdefault("files", {})["ttt"] = str(path)
+    init = target_init or "ntp"
+    variant = variant_of(cfg)
+    missing = [k for k in variant.tensor_names(cfg) if k not in tensors]
+    if missing and origin != "default":
+        notes.warn(f"checkpoint {res.model_id} lacks TTT tensors {', '.join(missing[:6])}"
+                   f"{' ...' if len(missing) > 6 else ''}: {variant.fresh_note(cfg, init)}.")
+    attach_ttt(lm, cfg, tensors, target_init=init)
+    prov["ttt_tensors"] = {"variant": cfg.variant, "fresh": len(missing), "from_checkpoint":
+                           len(variant.tensor_names(cfg)) - len(missing)}
+
+
 def _frozen_linear_out(gating):
     """The down projection's weight without any LoRA delta (a TTT layer's W0 fallback)."""
     from moshi.modules.lora import LoRALinear
@@ -366,7 +391,8 @@ def _frozen_linear_out(gating):
     return m.frozen_W.weight if isinstance(m, LoRALinear) else m.weight
 
 
-def _read_ttt_file(res: Resolved, name: str) -> tuple[dict, Path]:
+def _read_ttt_file(res: Resolved, name: str, inplace: bool = True) -> tuple[dict, Path]:
+    """The checkpoint's own TTT tensors file (`ttt_name`): In-Place keys only, or any variant's."""
     if res.directory is not None:
         path = Path(_file_ref(res, name))
         if not path.exists():
@@ -378,7 +404,8 @@ def _read_ttt_file(res: Resolved, name: str) -> tuple[dict, Path]:
         except Exception as e:
             raise CheckpointError(f"could not download {name} of {res.model_id}: {e}") from None
     raw = _read_weights(path)
-    bad = [k for k in raw if not ttt_key(k)]
+    own_key = ttt_key if inplace else any_ttt_key
+    bad = [k for k in raw if not own_key(k)]
     if bad:
         raise CheckpointError(f"{path} holds keys that are not TTT tensors: {bad[:5]}")
     return raw, Path(path)

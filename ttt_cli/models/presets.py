@@ -1,4 +1,5 @@
-"""Built-in offline checkpoints (`tiny`, `tiny-stt`, `bench`): deterministic moshi files made on first use."""
+"""Built-in offline checkpoints (`tiny`, `tiny-stt`, `tiny-mlp`, `tiny-adapter`, `bench`): deterministic moshi files
+made on first use."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-PRESETS = ("tiny", "tiny-stt", "bench")
+PRESETS = ("tiny", "tiny-stt", "tiny-mlp", "tiny-adapter", "bench")
 PRESET_VERSION = 3  # bump when a preset's files change, so caches are rebuilt
 SEED = 1234
 
@@ -51,10 +52,25 @@ LM_CONFIGS = {
               "depformer_num_layers": 2},
 }
 
+# Presets that share another's base model files (same LM, Mimi, tokenizer) with another TTT variant.
+BASES = {"tiny-mlp": "tiny", "tiny-adapter": "tiny"}
+
 TTT_SECTIONS = {
     "tiny": {"layers": [1, 3], "chunk_size": 16, "lr": 0.05},
+    # Variants (SPEC §4.1): random fast-weight tensors large enough that TTT visibly changes the text
+    # logits on a few mini-batches (see VARIANT_TENSOR_STD).
+    "tiny-mlp": {"variant": "mlp", "layers": [1, 3], "chunk_size": 8, "base_lr": 4.0},
+    "tiny-adapter": {"variant": "linear-adapter", "layers": [1, 3], "chunk_size": 8, "rank": 16, "lr_scale": 4.0},
     "tiny-stt": {"layers": [1, 3], "chunk_size": 16, "lr": 0.05},
     "bench": {"layers": [2, 5], "chunk_size": 256, "lr": 1e-3},
+}
+
+# Tensors of the variant presets redrawn ~ normal(0, std) (by name suffix) after the documented fresh init,
+# so that the random tiny model shows TTT: a fresh `mlp` block is nearly silent (α = 0.05) and a fresh
+# adapter exactly silent (Wo = 0).
+VARIANT_TENSOR_STD = {
+    "tiny-mlp": {"W1": 0.3, "W2": 0.3, "wo.weight": 0.1, "gating_alpha": 0.5},
+    "tiny-adapter": {"ttt_adapter.wo": 0.1, "ttt_adapter.W1": 0.3},
 }
 
 STT_CONFIG = {"audio_silence_prefix_seconds": 0.5, "audio_delay_seconds": 0.5}
@@ -123,7 +139,7 @@ def _write_base(name: str, out: Path):
     from safetensors.torch import save_file
     from moshi.models.loaders import get_mimi, get_moshi_lm
 
-    cfg = LM_CONFIGS[name]
+    cfg = LM_CONFIGS[BASES.get(name, name)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         mimi = get_mimi(None, TINY_MIMI_CONFIG, device="cpu", num_codebooks=8)
@@ -143,13 +159,33 @@ def _write_base(name: str, out: Path):
     return lm
 
 
+def _variant_tensors(name: str, lm, section: dict) -> dict | None:
+    """The TTT tensors of a variant preset: the fresh init with VARIANT_TENSOR_STD's tensors redrawn."""
+    import torch
+    from ..fastweights.config import FastWeightConfig
+    from .writer import ttt_tensors_for
+
+    stds = VARIANT_TENSOR_STD.get(name)
+    if stds is None:
+        return None
+    cfg = FastWeightConfig.from_dict(section)
+    tensors = ttt_tensors_for(lm, cfg, "ntp")
+    g = torch.Generator().manual_seed(SEED)
+    for key in sorted(tensors):
+        std = next((v for suffix, v in stds.items() if key.endswith("." + suffix)), None)
+        if std is not None:
+            tensors[key] = torch.empty(tensors[key].shape).normal_(0.0, std, generator=g)
+    return tensors
+
+
 def build_preset(name: str, out: Path) -> None:
     """Writes preset `name` (moshi files + `ttt` section + ttt.safetensors) into directory `out`."""
     from .writer import add_ttt_to_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     lm = _write_base(name, out)
-    add_ttt_to_checkpoint(out, TTT_SECTIONS[name], lm, target_init="ntp")
+    section = TTT_SECTIONS[name]
+    add_ttt_to_checkpoint(out, section, lm, target_init="ntp", tensors=_variant_tensors(name, lm, section))
 
 
 def ensure_preset(name: str) -> Path:

@@ -10,9 +10,18 @@ from ..errors import CheckpointError
 TTT_KEY = re.compile(r"^(?:.*\.)?transformer\.layers\.(\d+)\.gating\.(w_down|w_down_pretrained|target_generator\..+)$")
 
 
+# The variants' tensors (SPEC §3.10 `...layers.{i}.ttt.*`, §3.11 `...layers.{i}.{target}.ttt_adapter.*`): ttt.safetensors only.
+VARIANT_KEY = re.compile(r"^transformer\.layers\.(\d+)\.(?:ttt|[\w.]+\.ttt_adapter)\.[\w.]+$")
+
+
 def ttt_key(k: str) -> bool:
-    """True for a key that names a TTT tensor."""
+    """True for a key that names an In-Place TTT tensor (ours or the fork's)."""
     return bool(TTT_KEY.match(k))
+
+
+def any_ttt_key(k: str) -> bool:
+    """True for a key that names a TTT tensor of any variant."""
+    return bool(TTT_KEY.match(k) or VARIANT_KEY.match(k))
 
 
 def split_ttt(state: dict) -> tuple[dict, dict]:

@@ -1,0 +1,292 @@
+"""The causal mini-batch learner of ttt-lm (SPEC §3.9): inner model, closed-form gradients, dual form, streaming state.
+
+Per head, token t (the i-th of its mini-batch) is read with θ_t = θ_start − (1/i)·Σ_{s≤t} η_s ∇ℓ_s(θ_start)
+and the output is o_t = q_t + LN(f_θt(q_t)); when the mini-batch completes θ_start moves to θ of its
+last token. Every gradient is taken at θ_start, so for an inner layer z = h·W + b the update is a sum
+of outer products a_sᵀ g_s (a_s: the layer input for key s, g_s = ∂ℓ_s/∂z) and the query side is
+h_t·W − (1/i)·[h_t·S_W + S_b + Σ_{s≤t} η_s (h_t·a_s + 1) g_s] with (S_W, S_b) the running sums of the
+pending tokens of earlier calls: ttt-lm-pytorch's dual form, extended across calls. All math float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+F32 = torch.float32
+LN_EPS = 1e-6
+INNER_MODELS = ("linear", "mlp")
+
+
+def theta_shapes(inner: str, heads: int, p: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of θ per head: linear W1 [H,p,p], b1 [H,p]; mlp W1 [H,p,4p], b1 [H,4p], W2 [H,4p,p], b2 [H,p]."""
+    if inner == "linear":
+        return {"W1": (heads, p, p), "b1": (heads, p)}
+    if inner == "mlp":
+        return {"W1": (heads, p, 4 * p), "b1": (heads, 4 * p), "W2": (heads, 4 * p, p), "b2": (heads, p)}
+    raise ValueError(f"inner model {inner!r}: expected one of {INNER_MODELS}")
+
+
+def n_sublayers(inner: str) -> int:
+    return 1 if inner == "linear" else 2
+
+
+# -- closed-form pieces ---------------------------------------------------------------------------
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None, :]  # [H, p] -> [H, 1, p], against [B, H, L, p]
+
+
+def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """LN_h(z) = γ_h ⊙ (z − mean) / sqrt(var + 1e-6) + β_h over the last dim (population variance)."""
+    return F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * _bcast(gamma) + _bcast(beta)
+
+
+def ln_l2_grad(z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """∂/∂z of ½‖LN(z) − y‖² in closed form: ∂ℓ/∂x̂ = γ ⊙ (LN(z) − y), then the LayerNorm backward
+    rstd·(g − mean g − x̂·mean(g ⊙ x̂)) (ttt-lm's `ln_fused_l2_bwd`), here ATen's LayerNorm kernels."""
+    p = z.shape[-1:]
+    xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, p, None, None, LN_EPS)
+    g = _bcast(gamma)
+    gx = (g * xhat + _bcast(beta) - y) * g
+    return torch.ops.aten.native_layer_norm_backward(gx, z, p, mean, rstd, None, None, [True, False, False])[0]
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def key_gradients(inner: str, theta: dict[str, torch.Tensor], k: torch.Tensor, y: torch.Tensor,
+                  gamma: torch.Tensor, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per inner layer j, (a_s, g_s) for every key: ∇_{Wj} ℓ_s = a_sᵀ g_s and ∇_{bj} ℓ_s = g_s, at θ (= θ_start).
+
+    Args:
+        theta: W1 [B,H,p,n1], b1 [B,H,n1] (and W2, b2 for mlp).
+        k, y: keys and targets [B,H,L,p].
+    """
+    z1 = k @ theta["W1"] + theta["b1"][:, :, None]  # [B,H,L,n1]
+    if inner == "linear":
+        return [(k, ln_l2_grad(z1, y, gamma, beta))]
+    x2 = gelu_tanh(z1)
+    z2 = x2 @ theta["W2"] + theta["b2"][:, :, None]  # [B,H,L,p]
+    g2 = ln_l2_grad(z2, y, gamma, beta)
+    # g1 = (g2 W2ᵀ) ⊙ gelu_tanh'(z1), with ATen's closed-form gelu backward
+    g1 = torch.ops.aten.gelu_backward(g2 @ theta["W2"].transpose(-1, -2), z1, approximate="tanh")  # [B,H,L,4p]
+    return [(k, g1), (x2, g2)]
+
+
+_LOWER: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _lower(L: int, device: torch.device) -> torch.Tensor:
+    """[L, L] float mask of s ≤ t (cached: torch.tril on tiny tensors is slow under CPU contention)."""
+    key = (L, torch.device(device))
+    if key not in _LOWER:
+        _LOWER[key] = torch.ones(L, L, dtype=F32).tril().to(device)
+    return _LOWER[key]
+
+
+def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None, q: torch.Tensor,
+                  grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor, idx: torch.Tensor,
+                  gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """o_t = q_t + LN(f_θt(q_t)) in dual form for a segment of one mini-batch.
+
+    Args:
+        sums: running sums of the mini-batch's earlier tokens (None: there are none).
+        grads: `key_gradients` of the segment's tokens.
+        eta: η_s [B,H,L].
+        idx: i, the 1-based position of each token in its mini-batch, [B,L] float.
+    """
+    inv_i = (1.0 / idx)[:, None, :, None]  # [B,1,L,1]
+    causal = eta[:, :, None, :] * _lower(q.shape[2], q.device)  # [B,H,L,L]: η_s where s ≤ t
+    h = q
+    z = q
+    n = len(grads)
+    for j, (a, g) in enumerate(grads, 1):
+        z = h @ theta[f"W{j}"] + theta[f"b{j}"][:, :, None]
+        corr = ((h @ a.transpose(-1, -2) + 1.0) * causal) @ g  # Σ_{s≤t} η_s (h_t·a_s + 1) g_s
+        if sums is not None:
+            corr = corr + h @ sums[f"W{j}"] + sums[f"b{j}"][:, :, None]
+        z = z - corr * inv_i
+        if j < n:
+            h = gelu_tanh(z)
+    return q + layer_norm(z, gamma, beta)
+
+
+def gradient_sums(grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ_s η_s ∇ℓ_s over a segment: {Wj: Σ η a_sᵀ g_s [B,H,n_in,n_out], bj: Σ η g_s [B,H,n_out]}."""
+    out = {}
+    e = eta[..., None]  # [B,H,L,1]
+    for j, (a, g) in enumerate(grads, 1):
+        out[f"W{j}"] = (e * a).transpose(-1, -2) @ g
+        out[f"b{j}"] = (e * g).sum(-2)
+    return out
+
+
+def frozen_outputs(inner: str, theta: dict[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor,
+                   beta: torch.Tensor) -> torch.Tensor:
+    """o = q + LN(f_θ(q)) with θ shared by every stream ([H, ...]): the learner with η = 0."""
+    z = q @ theta["W1"] + theta["b1"][:, None]
+    if inner == "mlp":
+        z = gelu_tanh(z) @ theta["W2"] + theta["b2"][:, None]
+    return q + layer_norm(z, gamma, beta)
+
+
+# -- per-stream state -----------------------------------------------------------------------------
+
+@dataclass
+class LearnerState:
+    """One learner's per-stream tensors: θ_start, the pending tokens' gradient sums and counters.
+
+    Counters are tensors, so that a one-token step never reads device data on the host.
+    """
+
+    theta: dict[str, torch.Tensor]   # θ_start [B, H, ...]
+    sums: dict[str, torch.Tensor]    # Σ η_s ∇ℓ_s(θ_start) of the pending tokens [B, H, ...]
+    count: torch.Tensor              # [B] long: pending tokens
+    tokens: torch.Tensor             # [B] long: tokens since the last reset
+    updates: torch.Tensor            # [B] long
+    resets: torch.Tensor             # [B] long
+    nonfinite: torch.Tensor          # [B] long
+
+    @classmethod
+    def fresh(cls, start: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> "LearnerState":
+        """Every stream at `start` ({name: [H, ...]}; empty for a frozen learner: counters only)."""
+        theta = {k: v.detach().to(device, F32).expand(batch_size, *v.shape).clone() for k, v in start.items()}
+        z = lambda: torch.zeros(batch_size, dtype=torch.long, device=device)  # noqa: E731
+        return cls(theta, {k: torch.zeros_like(v) for k, v in theta.items()}, z(), z(), z(), z(), z())
+
+    def reset(self, mask: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
+        """Streams in `mask` go back to `start` with nothing pending (masked arithmetic, no host sync)."""
+        for k, th in self.theta.items():
+            shape = (-1, *([1] * (th.dim() - 1)))
+            torch.where(mask.view(shape), start[k], th, out=th)
+            self.sums[k].masked_fill_(mask.view(shape), 0.0)
+        self.count.masked_fill_(mask, 0)
+        self.tokens.masked_fill_(mask, 0)
+        self.resets.add_(mask.long())
+
+    def complete(self, done: torch.Tensor | None, chunk_size: int, start: dict[str, torch.Tensor]) -> None:
+        """Mini-batch end for the streams in `done` (None: every stream): θ_start ← θ_start − S/C. A
+        non-finite result resets the stream to `start` instead and is counted (SPEC §3.7); θ_start was
+        finite, so the result is non-finite exactly when the stream's pending sum is (or overflows)."""
+        finite = torch.stack([torch.isfinite(v.flatten(1).sum(1)) for v in self.sums.values()]).all(0)  # [B]
+        ok, bad = (finite, ~finite) if done is None else (done & finite, done & ~finite)
+        for k, th in self.theta.items():
+            shape = (-1, *([1] * (th.dim() - 1)))
+            if done is None:
+                th.sub_(self.sums[k], alpha=1.0 / chunk_size)
+                self.sums[k].zero_()
+            else:
+                th.sub_(torch.where(done.view(shape), self.sums[k], 0.0), alpha=1.0 / chunk_size)
+                self.sums[k].masked_fill_(done.view(shape), 0.0)
+            torch.where(bad.view(shape), start[k], th, out=th)
+        if done is None:
+            self.count.zero_()
+        else:
+            self.count.masked_fill_(done, 0)
+        self.updates.add_(ok.long())
+        self.nonfinite.add_(bad.long())
+
+
+# -- the learner over a call of T tokens ----------------------------------------------------------
+
+def _segments(counts: list[int], live: list[bool], T: int, C: int) -> tuple[list[tuple[int, int, list[int]]], list[int]]:
+    """Cuts [0, T) where some live stream's mini-batch completes: ([(start, end, counts at start)], final counts)."""
+    out = []
+    t = 0
+    counts = list(counts)
+    while t < T:
+        L = min([T - t] + [C - counts[b] for b in range(len(counts)) if live[b]])
+        out.append((t, t + L, list(counts)))
+        for b in range(len(counts)):
+            if live[b]:
+                counts[b] = (counts[b] + L) % C
+        t += L
+    return out, counts
+
+
+_POSITIONS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _positions(c0: list[int], L: int, device: torch.device) -> torch.Tensor:
+    """i of each token of a segment: [B, L] (or [1, L] when every stream is in the same phase), float."""
+    if len(set(c0)) == 1:
+        key = (c0[0], L, torch.device(device))
+        if key not in _POSITIONS:
+            _POSITIONS[key] = torch.arange(c0[0] + 1, c0[0] + L + 1, dtype=F32, device=device)[None]
+        return _POSITIONS[key]
+    return (torch.tensor(c0, device=device)[:, None] + torch.arange(1, L + 1, device=device)).to(F32)
+
+
+def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | None) -> None:
+    """S += Σ η_s ∇ℓ_s of a segment, for the live streams (None: all)."""
+    for name, v in gradient_sums(grads, eta).items():
+        if live is None:
+            st.sums[name].add_(v)
+        else:
+            st.sums[name].add_(torch.where(live.view(-1, *([1] * (v.dim() - 1))), v, 0.0))
+
+
+def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
+          gamma: torch.Tensor, beta: torch.Tensor, chunk_size: int, live: torch.Tensor,
+          start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Reads and learns T tokens of every stream (apply, then update at each mini-batch end).
+
+    A one-token call (`LMGen.step`) is pure tensor arithmetic: the mini-batch end is a masked update,
+    so no device value is read on the host. A longer call reads the pending counts once and cuts the
+    call where a live stream's mini-batch completes (a per-mini-batch scan; the dual form inside).
+
+    Args:
+        st: the learner's per-stream state (updated in place).
+        q, k, y: queries, keys, targets [B,H,T,p] float32.
+        eta: η_s [B,H,T] float32.
+        live: [B] bool, the streams this call may change (moshi's exec mask).
+        start: θ a reset or a non-finite update goes back to ({name: [H, ...]}).
+    Returns:
+        o [B,H,T,p] float32.
+    """
+    B, _, T, _ = q.shape
+    C = chunk_size
+    if T == 1:
+        grads = key_gradients(inner, st.theta, k, y, gamma, beta)
+        o = query_outputs(st.theta, st.sums, q, grads, eta, (st.count + 1).to(F32)[:, None], gamma, beta)
+        _add_sums(st, grads, eta, live)
+        st.count.add_(live.long())
+        st.tokens.add_(live.long())
+        done = live & (st.count == C)
+        # Graph-safe: a masked completion every step. On the CPU outside compilation a host read is
+        # free, so the completion is skipped when no stream completes (same result, fewer ops).
+        if q.is_cuda or torch.compiler.is_compiling() or bool(done.any()):
+            st.complete(done, C, start)
+        return o
+    counts, alive = st.count.tolist(), live.tolist()  # one host read per multi-token call
+    segments, final = _segments(counts, alive, T, C)
+    outs = []
+    for a, b, c0 in segments:
+        grads = key_gradients(inner, st.theta, k[:, :, a:b], y[:, :, a:b], gamma, beta)
+        outs.append(query_outputs(st.theta, st.sums if any(c0) else None, q[:, :, a:b], grads, eta[:, :, a:b],
+                                  _positions(c0, b - a, q.device), gamma, beta))
+        _add_sums(st, grads, eta[:, :, a:b], None if all(alive) else live)
+        done = [alive[j] and c0[j] + (b - a) == C for j in range(B)]
+        if all(done):
+            st.complete(None, C, start)
+        elif any(done):
+            st.complete(torch.tensor(done, device=q.device), C, start)
+    st.count.copy_(torch.tensor(final, device=q.device))
+    st.tokens.add_(live.long() * T)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def flush(st: LearnerState, chunk_size: int, streams: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
+    """Applies the pending partial mini-batch of `streams` now: θ_start ← θ_start − S/n (θ of its last
+    token), and chunk counting restarts."""
+    n = st.count.clamp_min(1).to(F32)  # [B]
+    has = streams & (st.count > 0)
+    for k in st.theta:
+        shape = (-1, *([1] * (st.theta[k].dim() - 1)))
+        # complete() divides by C: scale S so that S'/C = S/n for the flushed streams.
+        st.sums[k].mul_(torch.where(has, chunk_size / n, torch.ones_like(n)).view(shape))
+    st.complete(has, chunk_size, start)
