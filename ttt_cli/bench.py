@@ -32,6 +32,8 @@ GROUPS = {
     "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
     "memory": ("eval_memory_ratio",),
     "cache": ("eval_cache_encode_seconds",),
+    "infer_memory": ("infer_memory_ratio",),
+    "scaleout": ("scaleout_speedup_2",),
 }
 VARIANT_GROUPS = ("step", "layer", "state")
 # A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
@@ -333,6 +335,11 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         values.update(score_figures(own, opts, progress))
     if need & {"memory", "cache"}:
         values.update(eval_run_figures(own, opts, "memory" in need, "cache" in need, progress))
+    if "infer_memory" in need:
+        values.update(infer_memory_figures(own, opts, progress))
+    if "scaleout" in need:
+        from .bench_scaleout import scaleout_figure
+        values["scaleout_speedup_2"] = scaleout_figure(own, opts, progress)
     notes = []
     if gpu and torch.device(own.device).type == "cuda":
         values.update(gpu_figures(own, opts, gpu, progress))
@@ -553,3 +560,28 @@ def eval_run_figures(m, opts: BenchOptions, memory: bool, cache: bool, progress)
             out["eval_cache_encode_seconds"] = Figure("eval_cache_encode_seconds", enc, detail={"cache_hits": hits},
                                                       error=None if hits >= 1 else "no codes cache hit")
     return out
+
+
+def infer_memory_figures(m, opts: BenchOptions, progress) -> dict[str, Figure]:
+    """Peak RSS of `ttt infer` (tiny model, dialog: reads the file, writes Moshi's voice) on a long vs a short
+    file, each in its own process (SPEC §5.1: memory flat in the recording's length)."""
+    # Full: the SPEC pair (60 vs 5 minutes); --quick keeps the 12:1 ratio on 12 vs 1 minutes. 16 kHz input,
+    # so the long file goes through the piecewise resampler and the short one through moshi's whole read.
+    long_s, short_s = (720.0, 60.0) if opts.quick else (3600.0, 300.0)
+    rss, wall = {}, {}
+    with tempfile.TemporaryDirectory(prefix="ttt-bench-infer-") as tmp:
+        root = Path(tmp)
+        for name, secs in (("short", short_s), ("long", long_s)):
+            wav = root / f"{name}.wav"
+            _write_wav_chunked(wav, secs, seed=2, sr=16000)
+            progress.start(f"infer-{name}", f"ttt infer on a {secs / 60:.0f}-minute file (own process)", None)
+            t = time.perf_counter()
+            rss[name] = _peak_rss_of(["infer", str(wav), "--model", "tiny", "--out", str(root / f"out-{name}"),
+                                      "--device", m.device, "--dtype", opts.dtype, "--greedy"])
+            wall[name] = time.perf_counter() - t
+            progress.finish(f"infer-{name}", peak_rss_mib=rss[name] / 2**20, seconds=wall[name])
+            wav.unlink()
+    return {"infer_memory_ratio": Figure("infer_memory_ratio", rss["long"] / rss["short"], detail={
+        "peak_rss_long_mib": rss["long"] / 2**20, "peak_rss_short_mib": rss["short"] / 2**20,
+        "long_seconds": long_s, "short_seconds": short_s, "wall_seconds_long": wall["long"],
+        "wall_seconds_short": wall["short"], "model": "tiny", "mode": "dialog"})}

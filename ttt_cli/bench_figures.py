@@ -60,7 +60,8 @@ FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
     # SPEC §5.1, §5.5, §8.6-8.8: named by the SPEC, measured once their commands exist
     FigureSpec("infer_memory_ratio", 1.10, "<=", "x", "peak RSS of ttt infer, 60-min / 5-min file, tiny model"),
     FigureSpec("telemetry_overhead_b1", None, "<=", "x", "LMGen.step with --telemetry / without, batch 1"),
-    FigureSpec("scaleout_speedup_2", None, ">=", "x", "ttt eval wall time, 1 process / 2 processes (torchrun)"),
+    FigureSpec("scaleout_speedup_2", None, ">=", "x", "ttt eval tokens/s, 2 torchrun processes / 1 (CPU, gloo; "
+               "launch and load included); parallel efficiency = value / 2"),
     FigureSpec("gpu_rtf_b1", None, ">=", "x", "audio seconds per wall second, TTT on, bf16, batch 1, graphed"),
     FigureSpec("gpu_rtf_b8", None, ">=", "x", "audio seconds per wall second per stream, TTT on, bf16, batch 8"),
     FigureSpec("gpu_rtf_ratio_b1", None, ">=", "x", "real-time factor TTT on / plain moshi LMGen, batch 1"),
