@@ -83,7 +83,6 @@ def test_missed_target_exits_1_and_is_named(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--only", "nonsense"], "unknown bench figure"),
-    (["--only", "gpu_rtf_b1"], "does not measure"),
     (["--target", "ttt_layer_ratio"], "NAME=NUMBER"),
     (["--only", "ttt_layer_ratio", "--target", "eval_block_speedup=3"], "not measured in this run"),
     (["--steps", "0", "--only", "ttt_layer_ratio"], "--steps"),
