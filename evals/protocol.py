@@ -15,6 +15,7 @@ from pathlib import Path
 from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE
 from ttt_cli.units import FRAME_RATE, seconds_to_steps
 from ttt_cli.errors import ConfigError, TTTError
+from ttt_cli.distributed import current
 from ttt_cli.progress import NullProgress
 
 from . import report, resume
@@ -202,11 +203,12 @@ def _policy_section(p: Policy, acc: Accum, bin_steps: int, telemetry: dict, lr: 
 
 # -- provenance ----------------------------------------------------------------------------------
 
-def environment(m) -> dict:
+def environment(m, packages: tp.Sequence[str] = ()) -> dict:
     """Versions, device and date of a run.
 
     Args:
         m: the loaded TTTModel (its device and dtype).
+        packages: further packages whose versions the figures depend on (recorded under their names, `-` as `_`).
     """
     import importlib.metadata as md
     import torch
@@ -225,7 +227,8 @@ def environment(m) -> dict:
             "torch": torch.__version__, "moshi": ver("moshi"), "numpy": ver("numpy"), "sphn": ver("sphn"),
             "device": dev, "device_name": name, "dtype": str(m.dtype).removeprefix("torch."),
             "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **{p.replace("-", "_"): ver(p) for p in packages}}
 
 
 def _ttt_fingerprint(m) -> str | None:
@@ -292,7 +295,8 @@ class EvalStopped(TTTError):
 
 
 def _outputs(out: Path) -> list[Path]:
-    return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, resume.state_dir(out)]
+    return [out / report.RESULTS, out / report.CURVE_CSV, out / report.CURVE_PNG, resume.state_dir(out),
+            resume.ranks_dir(out)]
 
 
 def _series_paths(o: EvalOptions, policy: Policy, doc_id: str) -> dict[str, Path]:
@@ -335,21 +339,7 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
         if c == root or c.startswith(root.rstrip("/") + "/"):
             raise OutputError(f"--codes-cache {cache_dir} is inside the dataset {dataset.root}: cache files would mix "
                               f"with the books. Choose a directory outside it.")
-    sdir = resume.state_dir(out)
-    if sdir.exists() and not (sdir.is_dir() and resume.state_dir_is_ours(sdir)):
-        raise OutputError(f"{sdir} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
-                          f"choose another --out.")
-    if o.resume:
-        if not (sdir / resume.STATE_FILE).is_file() and (out / report.RESULTS).exists():
-            raise ConfigError(f"--resume: {out} has results but no resume state ({resume.STATE_DIR}/"
-                              f"{resume.STATE_FILE}); pass --overwrite to run again.")
-    elif not o.overwrite:
-        existing = [p.name for p in _outputs(out) if p.exists()] + [
-            str(f) for s in series for f in s.values() if f.exists()][:3]
-        if existing:
-            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
-                              f"continue it, or --overwrite to replace it.",
-                              hint="pass --resume or --overwrite, or choose another --out")
+    resume.check_earlier_run(out, o.resume, o.overwrite, _outputs(out) + [f for s in series for f in s.values()])
     plan.prepare()
     store, notes = cache_dir is not None, []
     if cache_dir is not None:
@@ -486,6 +476,8 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
     o = options
     _validate(o)
     policies = parse_policies(o.policies)
+    from .sharded import refuse_carrying
+    refuse_carrying(policies)
     dataset: Dataset = discover(o.data, o.max_seconds, o.min_seconds, o.limit_books)
     out = Path(o.out)
     cache_dir = None
@@ -493,6 +485,7 @@ def evaluate_librilight(options: EvalOptions, progress=None, model=None) -> Eval
         from .codes_cache import default_cache_dir
         cache_dir = Path(o.codes_cache) if o.codes_cache else default_cache_dir()
     plan, store, notes = _output_plan(o, dataset, out, cache_dir, policies)
+    current().sync("eval-checked")  # under torchrun: no rank writes before every rank checked --out
     try:
         return _evaluate(o, policies, dataset, out, cache_dir, store, notes, progress, model)
     finally:
@@ -504,12 +497,7 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
     from .codes_cache import mimi_fingerprint
 
     t_start = time.perf_counter()
-    if model is None:
-        from ttt_cli import load_model
-        model = load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt, base=o.base)
-    elif callable(model):
-        model = model()
-    m = model
+    m = obtain_model(o, model)
     _check_layout(m.lm, o)
     lr = float(m.ttt.rate) if m.ttt is not None else 0.0  # the variant's rate (lr, base_lr or lr_scale)
     warm, init_rec = None, None
@@ -530,9 +518,25 @@ def _evaluate(o: EvalOptions, policies: list[Policy], dataset: Dataset, out: Pat
     model_rec = _model_section(m, _ttt_fingerprint(m), mimi_fp)
     run = _Run(o, policies, dataset, out, m, cache_dir, store, warm, lr, mimi_fp, bin_steps, progress,
                warnings=run_notes)
-    _open_resume(run, resume.run_config(protocol, model_rec))
-    interrupted = _score_all(run)
+    config = resume.run_config(protocol, model_rec)
+    if current().active:
+        from .sharded import score_shared
+        interrupted = score_shared(run, config, _open_resume, _score_all, _write_state)
+        if not current().is_main:  # rank 0 writes the outputs
+            return _rank_result(run, interrupted)
+    else:
+        _open_resume(run, config)
+        interrupted = _score_all(run)
     return _finish(run, protocol, model_rec, interrupted, t_start, fp_seconds)
+
+
+def obtain_model(o, model):
+    """The run's model: `model` itself, what it returns when it is a function, or (None) `o.model` loaded with
+    the options' device, dtype, TTT overrides and base."""
+    if model is None:
+        from ttt_cli import load_model
+        return load_model(o.model, device=o.device, dtype=o.dtype, ttt=o.ttt, base=o.base)
+    return model() if callable(model) else model
 
 
 def _open_resume(run: _Run, config: dict) -> None:
@@ -541,7 +545,7 @@ def _open_resume(run: _Run, config: dict) -> None:
     o, out, progress = run.o, run.out, run.progress
     sdir = resume.state_dir(out)
     carrying = any(p.carries_across_documents for p in run.policies)
-    if o.resume and (sdir / resume.STATE_FILE).is_file():
+    if o.resume and ((sdir / resume.STATE_FILE).is_file() or resume.ranks_dir(out).is_dir()):
         run.state, notes = resume.open_state(out, config, run.dataset, carrying, _rel)
         run.warnings += notes  # printed once, as warnings, with the results
         progress.log(f"resuming: {len(run.state['done'])} of {len(run.dataset.documents)} documents already done.")
@@ -550,6 +554,7 @@ def _open_resume(run: _Run, config: dict) -> None:
             progress.log(f"--resume: nothing to resume in {out}; starting a new run.")
         if sdir.exists():
             shutil.rmtree(sdir)  # checked to hold only ttt's own resume files (--overwrite)
+        resume.remove_ranks(out)  # the same for the records of an earlier run under torchrun
         run.state = resume.new_state(config)
     run.carries = {p.name: None for p in run.policies}
     scored_before = any(run.state["docs"][d]["record"]["steps"] for d in run.state["done"])
@@ -568,24 +573,40 @@ def _open_resume(run: _Run, config: dict) -> None:
     try:
         sdir.mkdir(parents=True, exist_ok=True)
         _write_state(sdir, run.state)
+        resume.remove_ranks(out)  # their documents are in the state file now (checked to be ours)
     except OSError as e:
         _stop_on_write_error(run, e)
 
 
 def _stop_on_write_error(run: _Run, e: BaseException) -> tp.NoReturn:
+    stop_on_write_error(run.out, run.state, [d.id for d in run.dataset.documents], e)
+
+
+def stop_on_write_error(out: Path, state: dict, ids: list[str], e: BaseException,
+                        noun: str = "document") -> tp.NoReturn:
+    """Raises the WriteError of a run that could not write (disk full, permission...): what is kept, what was
+    not run, how to resume (finished items stay in the resume record; an empty record is removed).
+
+    Args:
+        out: --out.
+        state: the resume state (its `done` items are kept).
+        ids: every item of the run, in order.
+        e: the error met.
+        noun: what an item is called (`document`, `recording`).
+    """
     from ttt_cli.errors import WriteError
     from ttt_cli.io import as_os_error, describe_os_error
 
     ose = as_os_error(e) or OSError(str(e))
-    done = len(run.state.get("done", []))
-    left = [d.id for d in run.dataset.documents if d.id not in set(run.state.get("done", []))]
+    done = list(state.get("done", []))
+    left = [i for i in ids if i not in set(done)]
     if not done:
-        _remove_empty_state(run.out)
-    err = WriteError(f"{describe_os_error(ose, ose.filename)}. {done} finished document(s) are kept"
-                     + (f" in {resume.state_dir(run.out)}" if done else "")
-                     + f"; {len(left)} document(s) not run. Free some space (or fix the path) and run the same "
+        _remove_empty_state(out)
+    err = WriteError(f"{describe_os_error(ose, ose.filename)}. {len(done)} finished {noun}(s) are kept"
+                     + (f" in {resume.state_dir(out)}" if done else "")
+                     + f"; {len(left)} {noun}(s) not run. Free some space (or fix the path) and run the same "
                        f"command with --resume.", hint="free some space, then run the same command with --resume")
-    err.payload = {"documents_done": run.state.get("done", []), "documents_not_run": left}  # type: ignore[attr-defined]
+    err.payload = {f"{noun}s_done": done, f"{noun}s_not_run": left}  # type: ignore[attr-defined]
     raise err from None
 
 
@@ -599,32 +620,43 @@ def _remove_empty_state(out: Path) -> None:
         pass
 
 
-def _score_all(run: _Run) -> bool:
-    """Scores every document not done yet, committing each to the resume record; True when Ctrl-C stopped it."""
+def _commit(run: _Run, doc: Document, entry: dict) -> None:
+    """Commits one finished document to the resume record: carries first (they name it), then the record;
+    it counts once written."""
+    for p in run.policies:
+        if p.carries_across_documents and run.carries[p.name] is not None:
+            resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
+    state = resume.with_document(run.state, doc.id, entry)
+    _write_state(resume.state_dir(run.out), state)
+    run.state = state
+
+
+def _estimated_steps(run: _Run, docs: list[Document]) -> float:
+    return sum(min(d.seconds, run.o.max_seconds) for d in docs) * FRAME_RATE * len(run.policies)
+
+
+def _score_all(run: _Run, todo: list[Document] | None = None, commit=_commit) -> bool:
+    """Scores the documents `todo` (default: every one not done yet), handing each finished one to
+    `commit(run, doc, entry)`; True when Ctrl-C stopped it."""
     docs = run.dataset.documents
     done = set(run.state["done"])
-    todo = [d for d in docs if d.id not in done]
-    est_steps = sum(min(d.seconds, run.o.max_seconds) for d in todo) * FRAME_RATE * len(run.policies)
+    first, of = (len(done) + 1, len(docs)) if todo is None else (1, len(todo))  # torchrun: this rank's share
+    todo = [d for d in docs if d.id not in done] if todo is None else todo
+    est_steps = _estimated_steps(run, todo)
     run.progress.log(f"scoring {len(todo)} of {len(docs)} document(s) x {len(run.policies)} policy(ies): "
                      f"{', '.join(p.name for p in run.policies)}")
     run.progress.start("eval", "scoring", est_steps)
     t_loop = time.perf_counter()
     interrupted = False
     try:
-        for n_doc, doc in enumerate(todo, start=len(run.state["done"]) + 1):
-            entry = _score_document(run, doc, f"{n_doc}/{len(docs)}", t_loop)
-            # Commit this document: carries first (they name it), then the record; it counts once written.
-            for p in run.policies:
-                if p.carries_across_documents and run.carries[p.name] is not None:
-                    resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
-            state = resume.with_document(run.state, doc.id, entry)
-            _write_state(resume.state_dir(run.out), state)
-            run.state = state
+        for n_doc, doc in enumerate(todo, start=first):
+            entry = _score_document(run, doc, f"{n_doc}/{of}", t_loop)
+            commit(run, doc, entry)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:
         from ttt_cli.io import as_os_error
-        if as_os_error(e) is None:
+        if isinstance(e, TTTError) or as_os_error(e) is None:
             raise
         _stop_on_write_error(run, e)
     run.progress.finish("eval", documents=len(run.state["done"]), steps_scored=int(run.scored_steps))
@@ -746,6 +778,7 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
         "update_series": {"dir": None if run.o.telemetry is None else str(run.o.telemetry), "files": series},
         "environment": environment(run.m),
         "warnings": warnings,
+        "distributed": _distributed_record(state["done"]),
         "documents": documents,
     }
     files = _write_outputs(run, results, sections, len(documents))
@@ -757,28 +790,60 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
                       len(state["done"]), len(dataset.documents))
 
 
+def _distributed_record(done: list[str]) -> dict:
+    """SPEC §5.6 provenance: world size, backend and each rank's documents (one share without torchrun)."""
+    s = current()
+    return s.record() if s.active else {"world_size": 1, "backend": None, "shares": {"0": list(done)}}
+
+
+def _rank_result(run: _Run, interrupted: bool) -> EvalResult:
+    """What a rank other than 0 reports (its own share; rank 0 writes and reports the job's results)."""
+    failed = [f"{s['path']}: {s['reason']}" for d in run.state["done"] for s in run.state["docs"][d]["record"]["skipped"]
+              if s.get("failed", True)]
+    return EvalResult(run.out, {}, [], [], failed, run.warnings, interrupted, len(run.state["done"]),
+                      len(run.dataset.documents))
+
+
 def _write_outputs(run: _Run, results: dict, sections: dict, n_docs: int) -> list[str]:
     """results.json, curve.csv, curve.png, each atomic; Ctrl-C or a write failure here keeps the record."""
     out = run.out
+    writers = [lambda: report.write_results(out / report.RESULTS, results),
+               lambda: report.write_curve_csv(out / report.CURVE_CSV, sections),
+               lambda: report.write_curve_png(out / report.CURVE_PNG, sections,
+                                              f"{run.m.model_id}: NLL vs position ({n_docs} document(s), "
+                                              f"{run.o.bin_seconds:g} s bins)")]
+    return write_results_or_stop(out, run.state, [d.id for d in run.dataset.documents], writers,
+                                 "results.json, curve.csv and curve.png")
+
+
+def write_results_or_stop(out: Path, state: dict, ids: list[str], writers: list[tp.Callable[[], Path]],
+                          names: str, noun: str = "document") -> list[str]:
+    """Runs `writers` (each writes one output atomically, returning its path); Ctrl-C raises EvalStopped (exit
+    130) and a write failure `stop_on_write_error`'s WriteError, the resume record kept either way.
+
+    Args:
+        out: --out.
+        state: the resume state.
+        ids: every item of the run, in order.
+        writers: the output writers.
+        names: the outputs, as the message names them.
+        noun: what an item is called (`document`, `recording`).
+    """
     try:
-        return [str(report.write_results(out / report.RESULTS, results)),
-                str(report.write_curve_csv(out / report.CURVE_CSV, sections)),
-                str(report.write_curve_png(out / report.CURVE_PNG, sections,
-                                           f"{run.m.model_id}: NLL vs position ({n_docs} document(s), "
-                                           f"{run.o.bin_seconds:g} s bins)"))]
+        return [str(w()) for w in writers]
     except KeyboardInterrupt:
-        done = len(run.state["done"])
-        e = EvalStopped(f"interrupted while writing the results: the {done} finished document(s) are kept in "
-                        f"{resume.state_dir(out)}. Run the same command with --resume to write results.json, "
-                        f"curve.csv and curve.png.", hint="run the same command with --resume")
+        done = len(state["done"])
+        e = EvalStopped(f"interrupted while writing the results: the {done} finished {noun}(s) are kept in "
+                        f"{resume.state_dir(out)}. Run the same command with --resume to write {names}.",
+                        hint="run the same command with --resume")
         e.exit_code = 130
-        e.payload = {"documents_done": run.state["done"]}  # type: ignore[attr-defined]
+        e.payload = {f"{noun}s_done": state["done"]}  # type: ignore[attr-defined]
         raise e from None
     except Exception as e:
         from ttt_cli.io import as_os_error
         if as_os_error(e) is None:
             raise
-        _stop_on_write_error(run, e)
+        stop_on_write_error(out, state, ids, e, noun)
 
 
 def _fw_bytes(lm) -> int:

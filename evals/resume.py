@@ -1,8 +1,8 @@
-"""Resume records of `ttt eval librilight`: what finished, verified before it is trusted (SPEC §6, §7.1).
+"""Resume records of `ttt eval` (librilight, asr): what finished, verified before it is trusted (SPEC §6, §7.1).
 
 The record (`OUT/.ttt-eval/state.json`) holds the run's configuration, named by the options that
-set it, and per finished document its results, the paths and content hashes of its audio files
-and a checksum of the entry. `--resume` refuses a configuration that differs (naming the options),
+set it, and per finished document (eval asr: recording) its results, the paths and content hashes
+of its audio files and a checksum of the entry. `--resume` refuses a configuration that differs (naming the options),
 and recomputes, with a note, a document whose record is damaged or whose audio changed.
 """
 
@@ -19,6 +19,7 @@ STATE_DIR = ".ttt-eval"        # resume state inside --out
 STATE_FILE = "state.json"
 STATE_VERSION = 2              # 2: configuration by option, per-document input hashes and checksums
 CARRY_PREFIX = "carry-"
+RANK_RECORD_PREFIX = "eval-"   # OUT/.ranks/<rank>/eval-<hash of the id>.json: one finished document (torchrun)
 
 # What `--resume` must find unchanged, by the option (or input) that sets it. block_steps, the codes
 # cache and --save-token-nll do not change the numbers and may differ.
@@ -74,12 +75,108 @@ def load_carry(path: Path) -> tuple[dict, str | None]:
     return out, after
 
 
+# -- per-rank records (scale-out, SPEC §5.6) -------------------------------------------------------
+
+def ranks_dir(out: Path) -> Path:
+    from ttt_cli.distributed import RANKS_DIR
+    return Path(out) / RANKS_DIR
+
+
+def rank_record_path(out: Path, rank: int, doc_id: str) -> Path:
+    """Where rank `rank` records one finished document (a name from the id's hash: ids hold slashes)."""
+    h = hashlib.sha256(doc_id.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return ranks_dir(out) / str(rank) / f"{RANK_RECORD_PREFIX}{h}.json"
+
+
+def write_rank_record(out: Path, rank: int, doc_id: str, entry: dict, config: dict) -> Path:
+    """Writes one finished document of a rank atomically: the run's config and the checksummed entry."""
+    from ttt_cli.io import write_text
+    rec = {"version": STATE_VERSION, "config": config, "doc_id": doc_id,
+           "entry": {**entry, "checksum": _checksum(entry)}}
+    path = rank_record_path(out, rank, doc_id)
+    # ASCII escapes keep file names that are not UTF-8 exact, as in the state file.
+    write_text(path, json.dumps(rec, indent=1, ensure_ascii=True) + "\n")
+    return path
+
+
+def read_rank_records(out: Path) -> tuple[list[dict], list[str]]:
+    """Every rank's records under `OUT/.ranks/` (whatever the world size that wrote them), and notes on
+    the ones that cannot be read (their documents are computed again)."""
+    from ttt_cli.outputs import is_temporary
+    root, records, notes = ranks_dir(out), [], []
+    if not root.is_dir():
+        return [], []
+    for d in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
+        for f in sorted(d.iterdir(), key=lambda p: p.name):
+            if is_temporary(f.name):
+                continue
+            try:
+                rec = json.loads(f.read_text(encoding="utf-8"))
+                if not (isinstance(rec, dict) and rec.get("version") == STATE_VERSION and isinstance(rec.get("entry"),
+                        dict) and isinstance(rec.get("doc_id"), str)):
+                    raise ValueError("not a record of this ttt")
+            except (OSError, ValueError) as e:
+                notes.append(f"--resume: the record {f} cannot be used ({e}); its document is computed again.")
+                continue
+            records.append(rec)
+    return records, notes
+
+
+def ranks_dir_is_ours(root: Path) -> bool:
+    """`OUT/.ranks` holds only what ranks of `ttt eval` write there (so it may be merged and removed)."""
+    from ttt_cli.outputs import is_temporary
+    try:
+        for d in root.iterdir():
+            if not (d.is_dir() and d.name.isdigit()):
+                return False
+            if not all((f.name.startswith(RANK_RECORD_PREFIX) and f.name.endswith(".json")) or is_temporary(f.name)
+                       for f in d.iterdir()):
+                return False
+    except OSError:
+        return False
+    return True
+
+
+def remove_ranks(out: Path) -> None:
+    """Removes `OUT/.ranks` once its records are in the state file (checked to be ours by the caller)."""
+    import shutil
+    root = ranks_dir(out)
+    if root.is_dir():
+        shutil.rmtree(root)
+
+
+def merge_records(state: dict, records: list[dict], order: list[str]) -> tuple[dict, list[str]]:
+    """The state with the document of every record made with the state's config added, and the ids of
+    records left out because their checksum fails (damaged: computed again). Finished documents are
+    put in dataset order, the order in which a single process sums them."""
+    docs, done, damaged = dict(state["docs"]), list(state["done"]), []
+    for rec in records:
+        entry = rec["entry"]
+        if rec.get("config") != state.get("config"):
+            continue
+        if entry.get("checksum") != _checksum(entry):
+            damaged.append(rec["doc_id"])
+            continue
+        docs[rec["doc_id"]] = entry
+        if rec["doc_id"] not in done:
+            done.append(rec["doc_id"])
+    rank = {d: i for i, d in enumerate(order)}
+    done.sort(key=lambda d: rank.get(d, len(order)))
+    return {**state, "done": done, "docs": docs}, damaged
+
+
 # -- configuration -------------------------------------------------------------------------------
 
-def run_config(protocol: dict, model: dict) -> dict:
-    """The run's configuration as {option: value}, for the record and for naming differences."""
+def run_config(protocol: dict, model: dict, flags: tp.Mapping[str, str] = PROTOCOL_FLAGS) -> dict:
+    """The run's configuration as {option: value}, for the record and for naming differences.
+
+    Args:
+        protocol: the protocol section of results.json.
+        model: the model section.
+        flags: {protocol key: the option that sets it} of what must not change (default: eval librilight's).
+    """
     cfg: dict[str, tp.Any] = {}
-    for k, flag in PROTOCOL_FLAGS.items():
+    for k, flag in flags.items():
         v = protocol.get(k)
         if k == "policies":
             v = sorted(v or [])
@@ -163,8 +260,12 @@ def new_state(config: dict) -> dict:
     return {"version": STATE_VERSION, "config": config, "done": [], "docs": {}}
 
 
-def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[dict, list[str]]:
+def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
+               changed: tp.Callable[[dict, tp.Any], str | None] | None = None) -> tuple[dict, list[str]]:
     """The resume state of the run in `out`, verified against `config` and the dataset.
+
+    Finished documents are those of the state file and of every rank's records under
+    `OUT/.ranks/` (a run under torchrun, with any number of processes).
 
     Args:
         out: --out.
@@ -173,26 +274,39 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[d
         carrying: a policy carries fast weights across documents (`never`), so a document recomputed
             in the middle invalidates every later one.
         rel: maps a path to its dataset-relative form.
+        changed: (entry, document) -> why a finished document must be computed again, or None
+            (default: its audio files or their content changed).
     Returns:
         (state, notes): finished documents that may be kept, and what was recomputed and why.
     Raises:
         ConfigError: the configuration differs (the message names the options).
     """
     path = state_dir(out) / STATE_FILE
+    records, notes = read_rank_records(out)
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file() and records:  # the state file is written first; records alone: rebuild from them
+            old = {"version": STATE_VERSION, "config": records[0]["config"], "done": [], "docs": {}}
+        else:
+            old = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(old, dict) or old.get("version") != STATE_VERSION or not isinstance(old.get("docs"), dict):
             raise ValueError(f"format {old.get('version') if isinstance(old, dict) else '?'}")
     except (OSError, ValueError) as e:
-        return new_state(config), [f"--resume: the resume record {path} cannot be used ({e}); every document is "
-                                   f"computed again."]
+        return new_state(config), notes + [f"--resume: the resume record {path} cannot be used ({e}); every "
+                                           f"document is computed again."]
+    foreign = [r["doc_id"] for r in records if r.get("config") != old.get("config")]
+    if foreign:
+        notes.append(f"--resume: {len(foreign)} record(s) under {ranks_dir(out)} were made with other options "
+                     f"({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}); computed again.")
+    old, damaged = merge_records({**old, "done": list(old.get("done", []))}, records,
+                                 [d.id for d in dataset.documents])
+    notes += [f"--resume: {d}: its record under {ranks_dir(out)} is damaged; computed again." for d in damaged]
     diff = config_differences(old.get("config") or {}, config)
     if diff:
         raise ConfigError(f"--resume: the run in {out} was made with other options: {'; '.join(diff)}. Pass the "
                           f"same options to continue it, or --overwrite to start again.",
                           hint="pass the options of the interrupted run, or --overwrite")
     docs = {d.id: d for d in dataset.documents}
-    state, notes = new_state(config), []
+    state = new_state(config)
     dropped = False
     for doc_id in old.get("done", []):
         entry = old["docs"].get(doc_id)
@@ -204,7 +318,8 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[d
             dropped = True
             continue
         else:
-            why = _inputs_changed(entry, docs[doc_id], Path(dataset.root), rel)
+            why = (changed(entry, docs[doc_id]) if changed is not None
+                   else _inputs_changed(entry, docs[doc_id], Path(dataset.root), rel))
         if why:
             notes.append(f"--resume: {doc_id}: {why}; computed again.")
             dropped = True
@@ -217,3 +332,37 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel) -> tuple[d
                      "are no longer the first ones of the dataset in order; every document is computed again.")
         state = new_state(config)
     return state, notes
+
+
+def check_earlier_run(out: Path, resuming: bool, overwrite: bool, outputs: list[Path]) -> None:
+    """What an earlier run left in `out` allows this one (SPEC §6, §7.1): a resume record that is not ttt's is
+    never replaced; `--resume` needs a record where results exist; otherwise a run's outputs are replaced
+    only with `--overwrite`.
+
+    Args:
+        out: --out.
+        resuming: --resume given.
+        overwrite: --overwrite given.
+        outputs: what a run leaves in `out` (named in the message when some exist).
+    Raises:
+        OutputError: the record's folder was not written by ttt.
+        ConfigError: --resume without a record, or earlier outputs without --resume / --overwrite.
+    """
+    from ttt_cli.errors import OutputError
+    from .report import RESULTS
+
+    sdir, rdir = state_dir(out), ranks_dir(out)
+    for d, ours in ((sdir, state_dir_is_ours), (rdir, ranks_dir_is_ours)):
+        if d.exists() and not (d.is_dir() and ours(d)):
+            raise OutputError(f"{d} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
+                              f"choose another --out.")
+    if resuming:
+        if not (sdir / STATE_FILE).is_file() and not rdir.is_dir() and (out / RESULTS).exists():
+            raise ConfigError(f"--resume: {out} has results but no resume state ({STATE_DIR}/{STATE_FILE}); pass "
+                              f"--overwrite to run again.")
+    elif not overwrite:
+        existing = [p.name for p in outputs if p.exists()]
+        if existing:
+            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
+                              f"continue it, or --overwrite to replace it.",
+                              hint="pass --resume or --overwrite, or choose another --out")

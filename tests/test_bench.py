@@ -85,7 +85,6 @@ def test_missed_target_exits_1_and_is_named(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--only", "nonsense"], "unknown bench figure"),
-    (["--only", "infer_memory_ratio"], "does not measure"),
     (["--target", "ttt_layer_ratio"], "NAME=NUMBER"),
     (["--only", "ttt_layer_ratio", "--target", "eval_block_speedup=3"], "not measured in this run"),
     (["--steps", "0", "--only", "ttt_layer_ratio"], "--steps"),
@@ -93,3 +92,25 @@ def test_missed_target_exits_1_and_is_named(tmp_path):
 def test_usage_errors_exit_2(args, message):
     r = bench(*args)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_gpu_figures_are_skipped_with_a_note_without_cuda():
+    """SPEC §5.5: the GPU figures are named and skipped (not failed) on a CPU run; the exit code stays 0."""
+    r = bench("--device", "cpu", "--only", "gpu_rtf_b1,gpu_memory_per_stream_error", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["figures"] == [] and d["exit_code"] == 0
+    assert d["notes"] == ["GPU figures (gpu_rtf_b1, gpu_memory_per_stream_error) skipped: no CUDA device in this "
+                          "run (--device cpu)."]
+    assert "skipped: no CUDA" in r.stderr
+
+
+def test_gpu_figure_arithmetic():
+    """The device-independent part of the GPU figures, against hand computations."""
+    from ttt_cli.bench_gpu import memory_error, realtime_factor
+
+    assert realtime_factor(40.0) == pytest.approx(2.0)  # an 80 ms frame in 40 ms: twice real time
+    assert realtime_factor(80.0) == pytest.approx(1.0)
+    # TTT model grows 1000 + 300 bytes per added stream, plain moshi 300: the fast weights are 1000 bytes
+    err, measured = memory_error((5000, 6300), (4000, 4300), 1050)
+    assert measured == 1000 and err == pytest.approx(50 / 1050)

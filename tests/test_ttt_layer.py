@@ -121,10 +121,18 @@ def test_causality_in_layer():
             assert not torch.allclose(out[:, p:], base[:, p:])
 
 
-def test_reset_exec_mask_and_isolation():
+@pytest.mark.parametrize("one_token", [False, True], ids=["blocks", "one-token-steps"])
+def test_reset_exec_mask_and_isolation(one_token):
+    """Resets, exec masks and batch isolation against per-stream naive references, in multi-token calls and in
+    one-token steps (the graph-safe step path, SPEC §8.6)."""
     layer, src = make_layer(C=4)
     B, T = 3, 6
     x, x0 = torch.randn(B, T, D), torch.randn(B, T, D)
+
+    def call(layer, src, x, x0):
+        if not one_token:
+            return globals()["call"](layer, src, x, x0)
+        return torch.cat([globals()["call"](layer, src, x[:, t:t + 1], x0[:, t:t + 1]) for t in range(x.shape[1])], 1)
     with torch.no_grad(), layer.streaming(B):
         call(layer, src, x, x0)
         st = layer._streaming_state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import typing as tp
 from dataclasses import asdict, dataclass, field
@@ -339,3 +340,114 @@ def load_audio(path: str | Path, channel: int | None = None,
         out[i:i + piece.shape[0]] = piece
         i += piece.shape[0]
     return out, info
+
+
+class WavStream:
+    """A 24 kHz mono 16-bit WAV written as samples come (memory flat in its length), atomically.
+
+    The format and the float -> int16 conversion are `sphn.write_wav`'s (clip to [-1, 1], times 32767,
+    truncated), so a file written piece by piece is byte for byte the file `sphn.write_wav` writes
+    from the concatenated samples. Samples go to a temporary name (`ttt_cli.io.PendingFile`);
+    `finish()` completes the header, `commit()` renames onto `path`, `discard()` removes it.
+
+    Args:
+        path: the destination .wav.
+    """
+
+    def __init__(self, path: Path | str):
+        import wave
+        from .io import PendingFile
+
+        self.file = PendingFile(path)
+        self.samples = 0
+        self._w: tp.Any = None
+        try:
+            self._w = wave.open(str(self.file.tmp), "wb")
+            self._w.setnchannels(1)
+            self._w.setsampwidth(2)
+            self._w.setframerate(SAMPLE_RATE)
+        except BaseException:
+            self.discard()
+            raise
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Appends float32 samples [n] in [-1, 1]."""
+        x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * np.float32(32767)
+        self._w.writeframesraw(x.astype("<i2").tobytes())
+        self.samples += int(x.shape[0])
+
+    def finish(self) -> None:
+        """Completes the header (the file stays under its temporary name until `commit`)."""
+        if self._w is not None:
+            w, self._w = self._w, None
+            w.close()
+
+    def commit(self) -> Path:
+        """Finishes the file and renames it onto `path`."""
+        self.finish()
+        return self.file.commit()
+
+    def discard(self) -> None:
+        """Removes the temporary file (never raises)."""
+        if self._w is not None:
+            w, self._w = self._w, None
+            try:
+                w.close()
+            except Exception:
+                pass
+        self.file.discard()
+
+
+WHOLE_FILE_SECONDS = 600.0  # `ttt infer` reads files up to this long whole, as moshi.run_inference does
+
+
+@dataclass
+class FrameSource:
+    """One file as consecutive 80 ms frames at 24 kHz, silence padding included (see `open_frames`)."""
+
+    info: AudioInfo
+    n_frames: int                  # whole frames of the padded signal (a partial last frame is dropped)
+    whole: bool                    # read whole (moshi.run_inference's decoding) rather than in pieces
+    frames: tp.Iterator[np.ndarray]  # [FRAME_SIZE] float32 each
+
+
+def _framed(pieces: tp.Iterable[np.ndarray], before: int, after: int) -> tp.Iterator[np.ndarray]:
+    """`before` zeros, the pieces, `after` zeros, cut into whole frames (the partial last one dropped)."""
+    buf = np.zeros(before, np.float32)
+    for piece in itertools.chain(pieces, [np.zeros(after, np.float32)]):
+        buf = np.concatenate([buf, piece]) if buf.shape[0] else piece
+        n = buf.shape[0] // FRAME_SIZE
+        for i in range(n):
+            yield buf[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]
+        buf = buf[n * FRAME_SIZE:]
+
+
+def open_frames(path: str | Path, channel: int | None = None, pads: tuple[int, int] = (0, 0),
+                whole_file_seconds: float = WHOLE_FILE_SECONDS, chunk_seconds: float | None = None) -> FrameSource:
+    """Opens `path` for streaming: frames of 1920 samples at 24 kHz, with `pads` samples of silence around it.
+
+    A file up to `whole_file_seconds` long is decoded whole exactly as `moshi.run_inference` decodes
+    it (`load_audio(..., moshi_compat=True)`), so `ttt infer` equals moshi's own run on it. A longer
+    one is decoded in pieces of `chunk_seconds` (`iter_audio`: time-exact resampling), so memory
+    stays flat in its length; for a 24 kHz file both give the same samples.
+
+    Args:
+        path: audio file.
+        channel: take this channel instead of mixing down.
+        pads: samples of silence (before, after) the file.
+        whole_file_seconds: the longest file read whole (seconds at 24 kHz).
+        chunk_seconds: native audio per piece when reading in pieces (None: `CHUNK_SECONDS`).
+    Raises:
+        InputError: as `iter_audio` (non-finite samples of a long file only when the frames reach them).
+    """
+    info, pieces = iter_audio(path, channel, chunk_seconds or CHUNK_SECONDS)
+    whole = info.seconds <= whole_file_seconds
+    if whole:
+        wav, info = load_audio(path, channel, moshi_compat=True)
+        pieces = iter([wav])
+    n_frames = (pads[0] + info.samples + pads[1]) // FRAME_SIZE
+    return FrameSource(info, n_frames, whole, _framed(pieces, pads[0], pads[1]))

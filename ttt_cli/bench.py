@@ -32,6 +32,8 @@ GROUPS = {
     "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
     "memory": ("eval_memory_ratio",),
     "cache": ("eval_cache_encode_seconds",),
+    "infer_memory": ("infer_memory_ratio",),
+    "scaleout": ("scaleout_speedup_2",),
     "telemetry": ("telemetry_overhead_b1",),
 }
 VARIANT_GROUPS = ("step", "layer", "state")
@@ -107,6 +109,7 @@ class BenchResult:
     figures: list[Figure]
     date: str
     seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. GPU figures skipped without CUDA
 
     @property
     def missed(self) -> list[Figure]:
@@ -163,16 +166,22 @@ def _gen_steps(gen, B: int, n: int, device: str, g: torch.Generator) -> list[flo
     return times
 
 
-def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int) -> tuple[dict, dict]:
-    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries."""
-    from moshi.models.lm import LMGen
+def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int,
+                  cuda_graphs: bool = False) -> tuple[dict, dict]:
+    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries.
+
+    `on`/`off` are models (`.lm`); with `cuda_graphs` both run moshi's CUDA graphs (TTT on through
+    `TTTLMGen`'s per-phase graphs), else both run eagerly."""
+    import contextlib
     from moshi.utils.compile import no_cuda_graph
+    from .fastweights.graphs import TTTLMGen
 
     g = torch.Generator().manual_seed(seed)
-    gens = {"on": LMGen(on.lm, use_sampling=False), "off": LMGen(off.lm, use_sampling=False)}
+    gens = {"on": TTTLMGen(on.lm, use_sampling=False), "off": TTTLMGen(off.lm, use_sampling=False)}
     times: dict[str, list[float]] = {"on": [], "off": []}
     per = max(1, steps // rounds)
-    with torch.no_grad(), no_cuda_graph(), gens["on"].streaming(B), gens["off"].streaming(B):
+    graphs = contextlib.nullcontext() if cuda_graphs else no_cuda_graph()
+    with torch.no_grad(), graphs, gens["on"].streaming(B), gens["off"].streaming(B):
         for name in gens:  # warm-up
             _gen_steps(gens[name], B, 4, device, g)
         for _ in range(rounds):
@@ -256,15 +265,16 @@ def selected(only: list[str] | None, variants: list[str]) -> list[str]:
     """
     if not only:
         return measured_names(variants)
+    from .bench_gpu import GPU_FIGURES
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     for n in names:
         spec(n)  # unknown names: the registry's message
-        if n not in MEASURED:
+        if n not in MEASURED and n not in GPU_FIGURES:
             raise ConfigError(f"--only {n}: `ttt bench` does not measure this figure yet. It measures: "
                               f"{', '.join(MEASURED)}.")
     if not names:
         raise ConfigError("--only: give at least one figure name.")
-    order = measured_names(variants + [v for v in SUFFIXES if v not in variants])
+    order = measured_names(variants + [v for v in SUFFIXES if v not in variants]) + list(GPU_FIGURES)
     return [n for n in order if n in names]
 
 
@@ -296,13 +306,17 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
     """
     from .models.loader import load_model
 
+    from .bench_gpu import GPU_FIGURES, SKIP_NOTE, gpu_figures
+
     progress = progress or NullProgress()
     if opts.steps is not None and opts.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {opts.steps}.")
     variants = _variant_order(opts)
     wanted = selected(opts.only, variants)
+    gpu = [n for n in wanted if n in GPU_FIGURES] if opts.only else list(GPU_FIGURES)
+    wanted = [n for n in wanted if n not in GPU_FIGURES]
     for name in opts.targets:
-        if name not in wanted:
+        if name not in wanted + gpu:
             raise ConfigError(f"--target {name}: that figure is not measured in this run.")
     t_start = time.perf_counter()
     torch.manual_seed(opts.seed)
@@ -322,8 +336,19 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         values.update(score_figures(own, opts, progress))
     if need & {"memory", "cache"}:
         values.update(eval_run_figures(own, opts, "memory" in need, "cache" in need, progress))
+    if "infer_memory" in need:
+        values.update(infer_memory_figures(own, opts, progress))
+    if "scaleout" in need:
+        from .bench_scaleout import scaleout_figure
+        values["scaleout_speedup_2"] = scaleout_figure(own, opts, progress)
     if "telemetry" in need:
         values.update(telemetry_figures(own, opts, progress))
+    notes = []
+    if gpu and torch.device(own.device).type == "cuda":
+        values.update(gpu_figures(own, opts, gpu, progress))
+        wanted += gpu
+    elif gpu:
+        notes.append(SKIP_NOTE.format(names=", ".join(gpu), device=opts.device))
     measured = {n: f.value for n, f in values.items()}
     figs = []
     for name in wanted:
@@ -334,7 +359,7 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         figs.append(f)
     return BenchResult(device_name(own.device), versions(), own.model_id, own.config.get("ttt") or {}, figs,
                        _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                       time.perf_counter() - t_start)
+                       time.perf_counter() - t_start, notes)
 
 
 def _require_ttt(m) -> None:
@@ -557,3 +582,28 @@ def eval_run_figures(m, opts: BenchOptions, memory: bool, cache: bool, progress)
             out["eval_cache_encode_seconds"] = Figure("eval_cache_encode_seconds", enc, detail={"cache_hits": hits},
                                                       error=None if hits >= 1 else "no codes cache hit")
     return out
+
+
+def infer_memory_figures(m, opts: BenchOptions, progress) -> dict[str, Figure]:
+    """Peak RSS of `ttt infer` (tiny model, dialog: reads the file, writes Moshi's voice) on a long vs a short
+    file, each in its own process (SPEC §5.1: memory flat in the recording's length)."""
+    # Full: the SPEC pair (60 vs 5 minutes); --quick keeps the 12:1 ratio on 12 vs 1 minutes. 16 kHz input,
+    # so the long file goes through the piecewise resampler and the short one through moshi's whole read.
+    long_s, short_s = (720.0, 60.0) if opts.quick else (3600.0, 300.0)
+    rss, wall = {}, {}
+    with tempfile.TemporaryDirectory(prefix="ttt-bench-infer-") as tmp:
+        root = Path(tmp)
+        for name, secs in (("short", short_s), ("long", long_s)):
+            wav = root / f"{name}.wav"
+            _write_wav_chunked(wav, secs, seed=2, sr=16000)
+            progress.start(f"infer-{name}", f"ttt infer on a {secs / 60:.0f}-minute file (own process)", None)
+            t = time.perf_counter()
+            rss[name] = _peak_rss_of(["infer", str(wav), "--model", "tiny", "--out", str(root / f"out-{name}"),
+                                      "--device", m.device, "--dtype", opts.dtype, "--greedy"])
+            wall[name] = time.perf_counter() - t
+            progress.finish(f"infer-{name}", peak_rss_mib=rss[name] / 2**20, seconds=wall[name])
+            wav.unlink()
+    return {"infer_memory_ratio": Figure("infer_memory_ratio", rss["long"] / rss["short"], detail={
+        "peak_rss_long_mib": rss["long"] / 2**20, "peak_rss_short_mib": rss["short"] / 2**20,
+        "long_seconds": long_s, "short_seconds": short_s, "wall_seconds_long": wall["long"],
+        "wall_seconds_short": wall["short"], "model": "tiny", "mode": "dialog"})}

@@ -61,7 +61,8 @@ FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
     FigureSpec("infer_memory_ratio", 1.10, "<=", "x", "peak RSS of ttt infer, 60-min / 5-min file, tiny model"),
     FigureSpec("telemetry_overhead_b1", 1.02, "<=", "x", "LMGen.step with --telemetry (update series recorded) / "
                "without, batch 1, medians (issue 15's target; the SPEC names the figure only)"),
-    FigureSpec("scaleout_speedup_2", None, ">=", "x", "ttt eval wall time, 1 process / 2 processes (torchrun)"),
+    FigureSpec("scaleout_speedup_2", None, ">=", "x", "ttt eval tokens/s, 2 torchrun processes / 1 (CPU, gloo; "
+               "launch and load included); parallel efficiency = value / 2"),
     FigureSpec("gpu_rtf_b1", None, ">=", "x", "audio seconds per wall second, TTT on, bf16, batch 1, graphed"),
     FigureSpec("gpu_rtf_b8", None, ">=", "x", "audio seconds per wall second per stream, TTT on, bf16, batch 8"),
     FigureSpec("gpu_rtf_ratio_b1", None, ">=", "x", "real-time factor TTT on / plain moshi LMGen, batch 1"),

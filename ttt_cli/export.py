@@ -61,6 +61,7 @@ class ExportResult:
     inputs: dict = field(default_factory=dict)   # the accounting of inputs (`InputLedger.to_dict()`)
     stopped: str | None = None                   # why the run stopped early (a write failure), if it did
     interrupted: bool = False                    # Ctrl-C stopped it (finished snapshots are kept)
+    distributed: dict | None = None              # world size, backend, shares (SPEC §5.6), set by the command
 
     @property
     def failed(self) -> list[ExportItem]:
@@ -135,7 +136,8 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
                   flush_partial: bool = False, overwrite: bool = False, audio_stream: str = "moshi",
                   text_stream: str = "zero", channel: int | None = None, block_steps: int = DEFAULT_BLOCK_STEPS,
                   init_state: str | Path | None = None, force: bool = False, progress=None,
-                  guard=None, telemetry: str | Path | None = None) -> ExportResult:
+                  guard=None, ledger=None, keys: list[int] | None = None,
+                  telemetry: str | Path | None = None, series: list | None = None) -> ExportResult:
     """Streams each input through the model (teacher forcing, SPEC §6 layout) and writes snapshots.
 
     Each input is its own stream (batch 1) starting from the model's initial fast weights. A snapshot
@@ -160,6 +162,11 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         guard: the `(layout, plans, OutputPlan)` of `output_plan`, when the caller checked it before
             loading the model (None: checked here).
         telemetry: a directory for each input's update series (`<stem>.updates.csv` and `.png`, SPEC §3.7).
+        series: per input, its series paths (a share of a larger run, named over all its inputs; default:
+            named over `inputs`).
+        ledger: the `InputLedger` to account the inputs in (None: a new one over `inputs`); with
+            `keys`, the key of each input in it (a share of a larger run under torchrun).
+        keys: see `ledger`.
     Returns:
         ExportResult; inputs that could not be read are reported in it, not raised. A write failure
         (disk full, read-only) stops the run: snapshots already written stay, the input being
@@ -185,7 +192,7 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
     telemetry = None if telemetry is None else Path(telemetry)
     layout, plans, oplan = guard if guard is not None else output_plan(
         paths, out, at_sec, overwrite, None if init_state is None else Path(init_state), None, telemetry)
-    series = telemetry_paths(paths, telemetry)
+    series = telemetry_paths(paths, telemetry) if series is None else series
     cfg = model_config(lm)
     fp = fingerprint(lm)
     init = None
@@ -193,7 +200,8 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
         init = load_state(init_state)
         check_fits(model, init).raise_unless_fits(force, flag="--force-state")  # refuse before anything is written
     items: list[ExportItem] = []
-    ledger = InputLedger(paths)
+    keys = list(range(len(paths))) if keys is None else list(keys)
+    ledger = InputLedger(paths, keys) if ledger is None else ledger
     stopped, interrupted = None, False
     try:
         for n, (path, plan, tpaths) in enumerate(zip(paths, plans, series)):
@@ -204,13 +212,13 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
                             block_steps, init, init_state, force, fp, progress, tpaths)
             except InputError as e:
                 item.error = str(e)
-                ledger.skip(n, str(e).removeprefix(f"{path}: "))
+                ledger.skip(keys[n], str(e).removeprefix(f"{path}: "))
                 progress.log(f"skipped {path}: {e}")
                 continue
             except KeyboardInterrupt:
                 interrupted = True
                 item.error = f"{path}: interrupted (Ctrl-C)"
-                ledger.skip(n, "interrupted (Ctrl-C)")
+                ledger.skip(keys[n], "interrupted (Ctrl-C)")
                 ledger.not_run("interrupted (Ctrl-C)")
                 items += [ExportItem(str(p), ok=False, error=f"{p}: not run (interrupted)") for p in paths[n + 1:]]
                 break
@@ -220,12 +228,12 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
                     raise
                 stopped = describe_os_error(ose, ose.filename)
                 item.error = f"{path}: {stopped}"
-                ledger.skip(n, stopped)
+                ledger.skip(keys[n], stopped)
                 ledger.not_run(f"the run stopped after a write failure ({stopped})")
                 items += [ExportItem(str(p), ok=False, error=f"{p}: not run (the run stopped after a write failure)")
                           for p in paths[n + 1:]]
                 break
-            ledger.done(n, (item.audio or {}).get("warnings", []))
+            ledger.done(keys[n], (item.audio or {}).get("warnings", []))
     finally:
         oplan.cleanup()
     return ExportResult(model.model_id, fp, {k: v for k, v in cfg.to_dict().items() if k != "ttt_name"},

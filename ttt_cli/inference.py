@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import bisect
 import errno
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import FRAME_SIZE, SAMPLE_RATE, AudioInfo, load_audio
+from .audio import FRAME_SIZE, SAMPLE_RATE, WHOLE_FILE_SECONDS, AudioInfo, FrameSource, WavStream, open_frames
 from .units import FRAME_RATE
 from .errors import ConfigError, InputError, TTTError, WriteError
 from .io import shown
@@ -51,6 +52,13 @@ class InferOptions:
             else a directory of `<stem>.end.safetensors`).
         force: restore an `init_state` despite forceable differences (another lr or clip).
         telemetry: a directory for each file's update series (`<stem>.updates.csv`/`.png`, SPEC §3.7).
+        whole_file_seconds: files up to this long are decoded whole as moshi.run_inference does;
+            longer ones in bounded pieces (`ttt_cli.audio.open_frames`).
+        pad_seconds: silence (before, after) each file, replacing the mode's own padding (None: STT's
+            `stt_config` padding in stt mode, none otherwise). Word times are counted from the end of
+            the silence before.
+        reset_every_steps: reset every stream's fast weights (not its attention) before its LMGen
+            steps N, 2N, ... (counted from the stream's first step; None: never inside a stream).
     """
 
     mode: str = "auto"
@@ -67,6 +75,9 @@ class InferOptions:
     save_state: Path | None = None
     force: bool = False
     telemetry: Path | None = None
+    whole_file_seconds: float = WHOLE_FILE_SECONDS
+    pad_seconds: tuple[float, float] | None = None
+    reset_every_steps: int | None = None
 
 
 @dataclass
@@ -109,7 +120,9 @@ class FileResult:
     first_step: int = 0                     # file-relative step of text_ids[0]
     text_ids: list[int] = field(default_factory=list)   # text token of every output step, pads included
     audio_codes: tp.Any = None              # [dep_q, n] int64 numpy: Moshi's audio tokens per output step
-    audio: tp.Any = None                    # [samples] float32 numpy: Moshi's voice (dialog mode)
+    audio: tp.Any = None                    # [samples] float32 numpy: Moshi's voice (dialog mode, kept in memory)
+    audio_stream: WavStream | None = None   # Moshi's voice written as produced (dialog mode with `audio_out`)
+    read_whole: bool = True                 # decoded whole (moshi.run_inference's way) or in pieces
     steps: int = 0                          # LMGen steps that fed this file's frames
     wall_seconds: float = 0.0
     telemetry: dict[int, dict] = field(default_factory=dict)
@@ -147,6 +160,7 @@ class InferRun:
     init_state: str | None
     results: list[FileResult]
     telemetry: str | None = None   # --telemetry directory
+    distributed: dict | None = None   # world size, backend, shares (SPEC §5.6), set by the command
 
     @property
     def failed(self) -> list[FileResult]:
@@ -267,6 +281,12 @@ def validate_options(opts: InferOptions, n_inputs: int) -> None:
                           "with --batch-size 1.")
     if opts.channel is not None and opts.channel < 0:
         raise ConfigError(f"--channel must be >= 0, got {opts.channel}.")
+    if not (opts.whole_file_seconds >= 0 and math.isfinite(opts.whole_file_seconds)):
+        raise ConfigError(f"--whole-file-seconds must be a number of seconds >= 0, got {opts.whole_file_seconds}.")
+    if opts.pad_seconds is not None and not all(v >= 0 and math.isfinite(v) for v in opts.pad_seconds):
+        raise ConfigError(f"padding must be seconds >= 0, got {opts.pad_seconds}.")
+    if opts.reset_every_steps is not None and opts.reset_every_steps < 1:
+        raise ConfigError(f"fast-weight resets every {opts.reset_every_steps} steps: the period must be >= 1 step.")
     if n_inputs < 1:
         raise ConfigError("give at least one audio file.")
 
@@ -290,30 +310,62 @@ def preflight(model, opts: InferOptions, n_inputs: int) -> tuple[str, dict]:
 # -- streaming core --------------------------------------------------------------------------------
 
 class _Segment:
-    """One input file inside a stream."""
+    """One input file inside a stream; what it produced is kept compactly (int64 arrays), and its
+    decoded voice goes to `sink` as it comes when one is given, so memory stays flat in its length."""
 
     def __init__(self, job: Job, mode: str):
         self.result = FileResult(job, mode)
-        self.wav: np.ndarray | None = None
+        self.source: FrameSource | None = None
+        self.sink: WavStream | None = None
         self.start_frame = 0      # stream frame index of its first frame
         self.n_frames = 0
         self.fed = 0
         self.finalized = False
         self.telemetry_taken = False
-        self.out_steps: list[int] = []       # stream steps of the outputs attributed to it
-        self.out_text: list[int] = []
-        self.out_audio: list[np.ndarray] = []
-        self.out_pcm: list[np.ndarray] = []
+        self.out_steps = array.array("q")    # stream steps of the outputs attributed to it
+        self.out_text = array.array("q")
+        self.out_audio = array.array("q")    # [n * dep_q] Moshi's audio tokens, step-major
+        self.out_pcm: list[np.ndarray] = []  # decoded voice when there is no sink
+
+    def add_pcm(self, pcm: np.ndarray) -> None:
+        if self.sink is None:
+            self.out_pcm.append(pcm)
+            return
+        try:
+            self.sink.write(pcm)
+        except Exception as e:
+            from .io import as_os_error, describe_os_error
+            ose = as_os_error(e, self.sink.path)
+            if ose is None:
+                raise
+            detail = describe_os_error(ose, self.sink.path)
+            self.result.error = f"{self.result.job.path}: {detail}"
+            we = WriteError(f"{detail}. The outputs of {self.result.job.path} were removed again; outputs already "
+                            f"finished stay.")
+            we.detail = detail  # type: ignore[attr-defined]
+            raise we from None
+
+    def fail(self, reason: str) -> None:
+        """The file cannot go on (found part-way through it): it ends here and counts as failed."""
+        self.result.error = reason
+        self.n_frames = self.fed
+        self.source = None
+        if self.sink is not None:
+            self.sink.discard()
 
 
 class _Stream:
     """Files played through one batch slot: one file (`--reset-policy file`) or all of them (`carry`)."""
 
-    def __init__(self, jobs: list[Job], mode: str, channel: int | None, pads: tuple[int, int]):
+    def __init__(self, jobs: list[Job], mode: str, channel: int | None, pads: tuple[int, int],
+                 whole_file_seconds: float = WHOLE_FILE_SECONDS,
+                 audio_out: tp.Callable[[Job], WavStream] | None = None):
         self.pending = deque(jobs)
         self.mode = mode
         self.channel = channel
         self.pads = pads
+        self.whole_file_seconds = whole_file_seconds
+        self.audio_out = audio_out if mode == "dialog" else None
         self.segments: list[_Segment] = []
         self.cur: _Segment | None = None
         self.frames = 0           # frames fed so far
@@ -327,30 +379,37 @@ class _Stream:
         while True:
             seg = self.cur
             if seg is not None and seg.fed < seg.n_frames:
-                a = seg.fed * FRAME_SIZE
+                try:  # a long file is decoded as it goes: a damaged part shows up only now
+                    frame = next(seg.source.frames, None)
+                    if frame is None:
+                        raise InputError(f"{seg.result.job.path}: decoded to fewer samples than its length "
+                                         f"({seg.fed} of {seg.n_frames} frames).")
+                except InputError as e:
+                    seg.fail(str(e))
+                    continue
                 seg.fed += 1
                 self.frames += 1
-                return seg.wav[a:a + FRAME_SIZE]
+                return frame
             if seg is not None:
-                seg.wav = None  # fully fed: free the samples
+                seg.source = None  # fully fed: free the reader
             if not self.pending:
                 return None
             job = self.pending.popleft()
             new = _Segment(job, self.mode)
             try:
-                wav, info = load_audio(job.path, self.channel, moshi_compat=True)
+                src = open_frames(job.path, self.channel, self.pads, self.whole_file_seconds)
             except InputError as e:
                 new.result.error = str(e)
                 self.failed.append(new.result)
                 continue
-            if any(self.pads):
-                wav = np.pad(wav, self.pads)
-            new.result.info = info
-            new.wav = wav
-            new.n_frames = wav.shape[0] // FRAME_SIZE  # the partial last frame is dropped, as moshi does
+            new.result.info, new.result.read_whole = src.info, src.whole
+            new.source = src
+            new.n_frames = src.n_frames  # the partial last frame is dropped, as moshi does
             new.start_frame = self.frames
             self.segments.append(new)
             self.cur = new
+            if self.audio_out is not None:
+                new.sink = self.audio_out(job)
 
     def segment_for(self, s: int) -> _Segment:
         """The file an output of stream step s belongs to: the one holding the last frame heard, s - 1."""
@@ -424,9 +483,12 @@ def text_words(model, steps: list[int], ids: list[int], offset: float, n_steps: 
 
 def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
           progress: Progress | None = None,
-          on_result: tp.Callable[[FileResult, InferRun], None] | None = None) -> InferRun:
+          on_result: tp.Callable[[FileResult, InferRun], None] | None = None,
+          audio_out: tp.Callable[[Job], WavStream] | None = None) -> InferRun:
     """Streams audio files through Mimi and moshi's LMGen, as moshi.run_inference does, with TTT.
 
+    Files up to `opts.whole_file_seconds` are decoded whole as moshi.run_inference decodes them,
+    longer ones in bounded pieces (`ttt_cli.audio.open_frames`).
     Conventions of moshi.run_inference: Mimi encodes frame by frame, one `LMGen.step` per frame,
     the first frame is fed twice (dialog, stt), the partial last frame is dropped, a run stops
     when its input ends, STT input is padded with `stt_config`'s silence prefix and
@@ -442,6 +504,10 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
         progress: progress hook (per file: seconds done/total, steps/s, real-time factor).
         on_result: called with each file's result (failures included) and the run's shared settings
             as soon as the file is complete, e.g. to write its outputs.
+        audio_out: dialog mode: gives the `WavStream` a file's generated voice is written to as it is
+            produced (memory flat in its length; `FileResult.audio_stream`, finished, for the caller to
+            commit: `write_result` does); None keeps it in memory (`FileResult.audio`). Unfinished
+            streams are discarded when the run fails or is interrupted.
     Returns:
         InferRun with one FileResult per input, in input order.
     """
@@ -474,9 +540,8 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
             on_result(res, run)
 
     set_seed(opts.seed)
-    ctx = _no_cuda_graph_if(model, ttt["enabled"])
-    with torch.no_grad(), ctx:
-        _Runner(model, mode, opts, sampling, B, progress, deliver, init_state).run(streams)
+    with torch.no_grad():
+        _Runner(model, mode, opts, sampling, B, progress, deliver, init_state, audio_out).run(streams)
     run.results = [results[j.index] for j in jobs]
     return run
 
@@ -488,38 +553,37 @@ def _model_facts(model) -> dict:
             "provenance": model.config.get("provenance")}
 
 
-def _no_cuda_graph_if(model, ttt_on: bool):
-    import contextlib
-    # LMGen replays forward_text as a CUDA graph; the TTT layer decides chunk updates in Python,
-    # which a graph would freeze (pitfall 9): generation with TTT on runs without CUDA graphs.
-    if ttt_on and str(model.device).startswith("cuda"):
-        from moshi.utils.compile import no_cuda_graph
-        return no_cuda_graph()
-    return contextlib.nullcontext()
-
-
 class _Runner:
     """The batched streaming loop: one tick encodes one frame per live slot and steps LMGen."""
 
     def __init__(self, model, mode: str, opts: InferOptions, sampling: dict, B: int, progress: Progress,
-                 deliver: tp.Callable[[FileResult], None], init_state):
-        from moshi.models import LMGen
+                 deliver: tp.Callable[[FileResult], None], init_state,
+                 audio_out: tp.Callable[[Job], WavStream] | None = None):
+        from .fastweights.graphs import TTTLMGen
 
         self.m, self.mode, self.opts, self.B = model, mode, opts, B
+        self.audio_out = audio_out
         self.progress, self.deliver, self.init_state = progress, deliver, init_state
         self.lm = model.lm
         self.mimi = model.mimi
         self.device = self.lm.device
-        self.lm_gen = LMGen(self.lm, support_out_of_sync=True, **sampling)
+        # moshi's LMGen with one CUDA graph per step phase: graphs stay on with TTT on (SPEC §8.6).
+        self.lm_gen = TTTLMGen(self.lm, support_out_of_sync=True, **sampling)
         self.max_delay = max(self.lm.delays)
         self.dep_q = self.lm.dep_q
         self.moshi_delays = list(self.lm.delays[1:1 + self.dep_q])
         self.double_feed = mode != "transcribe"
         stt = dict(getattr(model.info, "stt_config", None) or {}) if mode == "stt" else {}
-        self.stt_prefix = float(stt.get("audio_silence_prefix_seconds", 0.0))
-        self.stt_delay = float(stt.get("audio_delay_seconds", 0.0))
-        self.pads = (int(self.stt_prefix * SAMPLE_RATE), int((self.stt_delay + 1.0) * SAMPLE_RATE)) \
-            if mode == "stt" else (0, 0)
+        stt_delay = float(stt.get("audio_delay_seconds", 0.0))
+        if opts.pad_seconds is not None:
+            before, after = opts.pad_seconds
+        elif mode == "stt":  # moshi.run_inference's STT padding
+            before, after = float(stt.get("audio_silence_prefix_seconds", 0.0)), stt_delay + 1.0
+        else:
+            before, after = 0.0, 0.0
+        self.pads = (int(before * SAMPLE_RATE), int(after * SAMPLE_RATE))
+        # Word times: seconds from the end of the silence before; STT text lags its audio by the delay.
+        self.time_offset = before + stt_delay
         self.special = special_ids(model)
         self.slots: list[_Stream | None] = [None] * B
         self.ticks = 0
@@ -609,15 +673,22 @@ class _Runner:
         seg.finalized = True
         res = seg.result
         res.state = state
+        if res.error is not None:  # failed part-way (seg.fail): nothing of it is kept
+            self.deliver(res)
+            return
         res.first_step = (seg.out_steps[0] - seg.start_frame) if seg.out_steps else 0
-        res.text_ids = list(seg.out_text)
+        res.text_ids = seg.out_text.tolist()
         if self.dep_q and seg.out_audio:
-            res.audio_codes = np.stack(seg.out_audio, axis=1)  # [dep_q, n]
+            res.audio_codes = np.frombuffer(seg.out_audio, np.int64).reshape(-1, self.dep_q).T.copy()  # [dep_q, n]
         if self.mode == "dialog":
-            res.audio = np.concatenate(seg.out_pcm) if seg.out_pcm else np.zeros(0, np.float32)
-        ids = [i for i in seg.out_text if i not in self.special]
+            if seg.sink is not None:
+                seg.sink.finish()
+                res.audio_stream, seg.sink = seg.sink, None
+            else:
+                res.audio = np.concatenate(seg.out_pcm) if seg.out_pcm else np.zeros(0, np.float32)
+        ids = [i for i in res.text_ids if i not in self.special]
         res.text = self.m.tokenizer.decode(ids).strip() if ids else ""
-        res.tokens, res.words = text_words(self.m, seg.out_steps, seg.out_text, self.stt_prefix + self.stt_delay,
+        res.tokens, res.words = text_words(self.m, seg.out_steps, res.text_ids, self.time_offset,
                                            seg.n_frames, self.mode == "stt", seg.start_frame, self.special)
         res.stream = {"start_step": seg.start_frame, "paths": [str(s.result.job.path) for s in stream.segments]}
         self.progress.finish(str(res.job.index), steps=res.steps,
@@ -635,35 +706,47 @@ class _Runner:
 
         from .telemetry import recording
 
-        queue = deque(_Stream(s, self.mode, self.opts.channel, self.pads) for s in streams)
-        with recording(self.lm, self.opts.telemetry is not None), self.lm_gen.streaming(self.B):
-            while True:
-                frames: list[np.ndarray | None] = [None] * self.B
-                new = [False] * self.B
-                for b in range(self.B):
-                    while True:
-                        stream = self.slots[b]
-                        if stream is None:
-                            if not queue:
-                                break
-                            stream = queue.popleft()
-                            self._start(b, stream)
-                            new[b] = True
-                        frame = stream.next_frame()
-                        for res in stream.failed:
-                            self.deliver(res)
-                        stream.failed.clear()
-                        if frame is not None:
-                            frames[b] = frame
-                            if stream.cur is not None:
-                                self._begin_segment_progress(stream.cur)
+        queue = deque(_Stream(s, self.mode, self.opts.channel, self.pads, self.opts.whole_file_seconds,
+                              self.audio_out) for s in streams)
+        try:
+            with recording(self.lm, self.opts.telemetry is not None), self.lm_gen.streaming(self.B):
+                self._loop(queue, torch)
+        except BaseException:  # a failure or Ctrl-C: no generated audio of an unfinished file stays
+            for stream in self.slots:
+                for seg in (stream.segments if stream is not None else ()):
+                    if seg.sink is not None:
+                        seg.sink.discard()
+            raise
+
+    def _loop(self, queue: deque, torch) -> None:
+        """Ticks until every stream has ended: each tick takes one frame per live slot, refilling free slots."""
+        while True:
+            frames: list[np.ndarray | None] = [None] * self.B
+            new = [False] * self.B
+            for b in range(self.B):
+                while True:
+                    stream = self.slots[b]
+                    if stream is None:
+                        if not queue:
                             break
-                        self._end(b)  # input over: the stream stops, as in moshi.run_inference
-                        new[b] = False
-                live = [f is not None for f in frames]
-                if not any(live):
-                    break
-                self._tick(frames, live, new, torch)
+                        stream = queue.popleft()
+                        self._start(b, stream)
+                        new[b] = True
+                    frame = stream.next_frame()
+                    for res in stream.failed:
+                        self.deliver(res)
+                    stream.failed.clear()
+                    if frame is not None:
+                        frames[b] = frame
+                        if stream.cur is not None:
+                            self._begin_segment_progress(stream.cur)
+                        break
+                    self._end(b)  # input over: the stream stops, as in moshi.run_inference
+                    new[b] = False
+            live = [f is not None for f in frames]
+            if not any(live):
+                break
+            self._tick(frames, live, new, torch)
 
     def _tick(self, frames, live: list[bool], new: list[bool], torch) -> None:
         t0 = time.perf_counter()
@@ -685,11 +768,13 @@ class _Runner:
         if self.double_feed and any(n and l for n, l in zip(new, live)):
             # moshi.run_inference feeds the first frame twice, else the initial token hides it.
             self._set_lm_mask([n and l for n, l in zip(new, live)])
+            self._periodic_resets([n and l for n, l in zip(new, live)])
             self.lm_gen.step(user)
             for b in range(B):
                 if new[b] and live[b]:
                     self.slots[b].step += 1
         self._set_lm_mask(live)
+        self._periodic_resets(live)
         out = self.lm_gen.step(user, depformer_replace_tokens=replace)  # [B, 1 + dep_q, 1]
         out_cpu = out[:, :, 0].cpu()
         valid = [live[b] and bool((out_cpu[b] >= 0).all()) for b in range(B)]
@@ -716,9 +801,9 @@ class _Runner:
                 seg.out_steps.append(s)
                 seg.out_text.append(int(out_cpu[b, 0]))
                 if self.dep_q:
-                    seg.out_audio.append(out_cpu[b, 1:].numpy().astype(np.int64))
-                if b in pcm:
-                    seg.out_pcm.append(pcm[b])
+                    seg.out_audio.extend(out_cpu[b, 1:].tolist())
+                if b in pcm and seg.result.error is None:
+                    seg.add_pcm(pcm[b])
                 # outputs arrive in step order: files before `seg` have all theirs now
                 for older in stream.segments:
                     if older is seg:
@@ -738,6 +823,19 @@ class _Runner:
                 self.progress.update(str(r.job.index), done,
                                      steps_per_s=round(r.steps / r.wall_seconds, 1) if r.wall_seconds else 0.0,
                                      rtf=round(r.wall_seconds / max(done, 1e-9), 3))
+
+    def _periodic_resets(self, stepping: list[bool]) -> None:
+        """`reset_every_steps`: fast weights (not attention) of the streams about to take step N, 2N, ... reset."""
+        n = self.opts.reset_every_steps
+        if not n:
+            return
+        bits = [stepping[b] and self.slots[b] is not None and self.slots[b].step > 0 and self.slots[b].step % n == 0
+                for b in range(self.B)]
+        if any(bits):
+            from .fastweights.attach import ttt_layers
+            mask = self._mask(bits)
+            for layer in ttt_layers(self.lm).values():
+                layer.reset_streaming(mask)
 
     def _replace_tokens(self, codes, live: list[bool]):
         """Moshi-stream tokens in LMGen's delayed layout: at step t, codebook k carries frame t - delay_k."""
@@ -768,7 +866,8 @@ def result_json(res: FileResult, run: InferRun) -> dict:
     if not res.ok:
         return {"input": {"path": str(res.job.path)}, "error": res.error, "mode": run.mode}
     d: dict[str, tp.Any] = {
-        "input": res.info.to_dict() if res.info else {"path": str(res.job.path)},
+        "input": {**res.info.to_dict(), "read": "whole" if res.read_whole else "pieces"} if res.info
+        else {"path": str(res.job.path)},
         "model": run.model,
         "mode": run.mode,
         "text": res.text,
@@ -786,6 +885,8 @@ def result_json(res: FileResult, run: InferRun) -> dict:
         "reset_policy": run.reset_policy,
         "outputs": dict(res.outputs),
     }
+    if run.distributed is not None:
+        d["distributed"] = run.distributed
     if run.reset_policy == "carry":
         d["stream"] = {"start_step": res.stream.get("start_step", 0),
                        "start_seconds": res.stream.get("start_step", 0) / FRAME_RATE}
@@ -841,10 +942,11 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
     WriteError naming the path, which stops the run (the inputs not yet written are reported as not
     run); the outputs of earlier inputs stay.
     """
-    import sphn
-    from .io import as_os_error, atomic_write, describe_os_error, write_text
+    from .io import as_os_error, describe_os_error, write_text
 
     if not res.ok:
+        if res.audio_stream is not None:
+            res.audio_stream.discard()
         return
     paths = output_paths(out_dir, res.job, run.mode)
     series = None
@@ -862,13 +964,9 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
         res.outputs["txt"] = str(paths["txt"])
         if "wav" in paths:
             current = paths["wav"]
-            audio = np.asarray(res.audio, dtype=np.float32)
-            atomic_write(paths["wav"], lambda p: sphn.write_wav(str(p), audio, SAMPLE_RATE))
+            expected = _write_wav(res, paths["wav"])
             written.append(paths["wav"])
-            back, sr = sphn.read(str(paths["wav"]))
-            if sr != SAMPLE_RATE or back.shape[-1] != audio.shape[0]:
-                raise OSError(errno.EIO, f"does not read back ({back.shape[-1]} samples at {sr} Hz, expected "
-                                         f"{audio.shape[0]} at {SAMPLE_RATE})", str(paths["wav"]))
+            _check_wav(paths["wav"], expected)
             res.outputs["wav"] = str(paths["wav"])
         if state_path is not None and res.state is not None:
             from .state import save_state
@@ -900,6 +998,8 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
                 p.unlink(missing_ok=True)
             except OSError:
                 pass
+        if res.audio_stream is not None:
+            res.audio_stream.discard()
         res.outputs.clear()
         ose = as_os_error(e, current)
         if ose is not None and not isinstance(e, TTTError):
@@ -912,3 +1012,33 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
         raise
     finally:
         res.state = None  # a snapshot can be large: keep it no longer than needed
+        res.audio_stream = None
+
+
+def _write_wav(res: FileResult, path: Path) -> int:
+    """Puts the generated voice at `path`: commits the stream written during the run, or writes the
+    samples held in memory (atomically either way); returns the number of samples written."""
+    import sphn
+    from .io import atomic_write
+
+    if res.audio_stream is not None:
+        if Path(res.audio_stream.path) != Path(path):
+            raise RuntimeError(f"the generated audio was written for {res.audio_stream.path}, not {path}")
+        res.audio_stream.commit()
+        return res.audio_stream.samples
+    audio = np.asarray(res.audio, dtype=np.float32)
+    atomic_write(path, lambda p: sphn.write_wav(str(p), audio, SAMPLE_RATE))
+    return int(audio.shape[0])
+
+
+def _check_wav(path: Path, samples: int) -> None:
+    """The written .wav's header says 24 kHz mono with `samples` samples (read without loading the data)."""
+    import wave
+    try:
+        with wave.open(str(path), "rb") as w:
+            sr, n, ch = w.getframerate(), w.getnframes(), w.getnchannels()
+    except (wave.Error, EOFError) as e:
+        raise OSError(errno.EIO, f"does not read back as a WAV file ({e})", str(path)) from None
+    if (sr, n, ch) != (SAMPLE_RATE, samples, 1):
+        raise OSError(errno.EIO, f"does not read back ({n} samples at {sr} Hz, {ch} channel(s); expected {samples} "
+                                 f"at {SAMPLE_RATE}, mono)", str(path))

@@ -104,6 +104,42 @@ def atomic_path(path: Path | str) -> tp.Iterator[Path]:
         _remove(tmp)
 
 
+class PendingFile:
+    """A file written over a long run under a temporary name beside `path` (`atomic_path`'s long-lived form).
+
+    `commit()` renames it onto `path`; `discard()` removes it (idempotent, never raises). Used for
+    outputs produced as a run goes (a generated `.wav`), so that nothing partial is visible under
+    the final name while they grow, and nothing stays behind when the run fails.
+
+    Args:
+        path: the destination file (its parent directory is created if missing).
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        mkdirs(self.path.parent)
+        self.tmp = _tmp_name(self.path)
+        self.done = False
+
+    def commit(self) -> Path:
+        """Renames the temporary onto `path` (OSError naming `path` on failure; the temporary is removed)."""
+        if self.done:
+            raise RuntimeError(f"{self.path}: already committed or discarded")
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.discard()
+            e.filename = str(self.path)
+            raise
+        self.done = True
+        return self.path
+
+    def discard(self) -> None:
+        if not self.done:
+            self.done = True
+            _remove(self.tmp)
+
+
 def atomic_write(path: Path | str, write: tp.Callable[[Path], None]) -> Path:
     """Calls `write(tmp_path)` then renames onto `path`; nothing half-written is ever left (see `atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -11,7 +11,7 @@ class Progress(tp.Protocol):
     """What library code calls; the CLI picks the implementation."""
 
     def start(self, key: str, description: str, total: float | None) -> None: ...
-    def update(self, key: str, completed: float, **info: tp.Any) -> None: ...
+    def update(self, key: str, completed: float, **info: tp.Any) -> None: ...  # info `total=` moves the total
     def finish(self, key: str, **info: tp.Any) -> None: ...
     def log(self, message: str) -> None: ...
 
@@ -45,6 +45,8 @@ class PlainProgress:
         self._print(f"[start] {description}")
 
     def update(self, key, completed, **info):
+        if "total" in info:
+            self._total[key] = info.pop("total")
         now = time.monotonic()
         if now - self._last.get(key, 0.0) >= self.interval:
             self._last[key] = now
@@ -83,6 +85,10 @@ class RichProgress:
         self._tasks[key] = self._p.add_task(description, total=self._totals[key], info="")
 
     def update(self, key, completed, **info):
+        if "total" in info:
+            self._totals[key] = info.pop("total") or 1.0
+            if key in self._tasks:
+                self._p.update(self._tasks[key], total=self._totals[key])
         if key in self._tasks:
             self._p.update(self._tasks[key], completed=completed, info=_fmt(info))
 

@@ -30,6 +30,11 @@ class AsrItem:
     line: int | None               # 1-based line of the manifest (manifest form)
     seconds: float | None          # from the audio header, when probed
 
+    @property
+    def id(self) -> str:
+        """The key (what resume records name it by, as eval librilight's documents)."""
+        return self.key
+
 
 @dataclass
 class AsrDataset:
@@ -40,6 +45,24 @@ class AsrDataset:
     items: list[AsrItem]
     skipped: list[SkippedFile]
 
+    @property
+    def documents(self) -> list[AsrItem]:
+        """The recordings, as `evals.resume` reads a dataset's documents."""
+        return self.items
+
+    @property
+    def root(self) -> Path:
+        """Where relative paths start: DATA itself, or the manifest's folder."""
+        return self.source if self.kind == "directory" else self.source.parent
+
+
+IGNORED = f"the reference is {IGNORE_MARKER!r} (left out of scoring)"
+
+
+def _skipped(path: str, why: str) -> SkippedFile:
+    """A left-out input; one left out on purpose (the ignore marker) is not a failure (no exit 1)."""
+    return SkippedFile(path, why, failed=not why.endswith(IGNORED))
+
 
 def check_reference(text: str) -> str | None:
     """Why a reference cannot be scored (None when it can): empty, or nothing left after normalisation."""
@@ -49,7 +72,7 @@ def check_reference(text: str) -> str | None:
     if not norm:
         return f"the reference is empty after normalisation ({text.strip()[:60]!r})"
     if norm == IGNORE_MARKER:
-        return f"the reference is {IGNORE_MARKER!r} (left out of scoring)"
+        return IGNORED
     return None
 
 
@@ -120,7 +143,7 @@ def discover_directory(root: Path, probe: bool = True) -> AsrDataset:
             if why is None:
                 items.append(item)
                 continue
-        skipped.append(SkippedFile(str(audio[0]), why))
+        skipped.append(_skipped(str(audio[0]), why))
     items.sort(key=lambda it: natural_key(it.key))
     skipped.sort(key=lambda s: natural_key(s.path))
     return AsrDataset(root, "directory", items, skipped)
@@ -150,7 +173,7 @@ def _manifest_entry(raw: bytes, n: int, manifest: Path) -> tuple[str, Path, str]
         return SkippedFile(str(path), f"line {n}: audio file not found")
     why = check_reference(text)
     if why:
-        return SkippedFile(str(path), f"line {n}: {why}")
+        return _skipped(str(path), f"line {n}: {why}")
     return audio, path, text
 
 

@@ -54,7 +54,9 @@ def bench_cmd(
     step_ms_p99_b1, ttt_layer_ratio (T = 4096, with the variant's FLOP floor), memory_per_stream_error
     (the memory estimate vs the bytes of the per-stream state). Then eval_block_speedup and
     eval_nll_max_abs_diff (block vs step-by-step scoring), eval_memory_ratio (peak RSS, 30-min vs
-    5-min document, separate processes), eval_cache_encode_seconds (second run on cached codes).
+    5-min document, separate processes), eval_cache_encode_seconds (second run on cached codes),
+    infer_memory_ratio (peak RSS of ttt infer on the tiny model, 60-min vs 5-min file, separate
+    processes; --quick: 12 vs 1 min), scaleout_speedup_2 (eval tokens/s, 2 torchrun processes / 1).
 
     Exit code: 0 when every measured target is met, 1 when one is missed (named in the table and
     on stderr), 2 on usage errors.
@@ -97,6 +99,8 @@ def bench_cmd(
                 for f in res.figures]
         print_table(f"ttt bench on {res.device} ({res.model}, {res.seconds:.0f} s)",
                     ["figure", "value", "target", "met", "compared with"], rows)
+    for note in res.notes:
+        err(note)
     if res.missed:
         err("targets missed: " + "; ".join(
             f"{f.name} = {f.value:.4g} (target {spec(f.name).direction} {f.target:g}{', ' + f.error if f.error else ''})"

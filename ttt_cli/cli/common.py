@@ -55,7 +55,8 @@ def _model_value(value: tp.Optional[str]) -> tp.Optional[str]:
 
 
 ModelOpt = Annotated[tp.Optional[str], typer.Option("--model", "-m", callback=_model_value,
-                                                    help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | "
+                                                    help="tiny | tiny-stt | tiny-mlp | tiny-adapter | bench | moshi-7b-random | "
+                                                    "moshi-7b-layer | "
                                                     "a checkpoint directory | "
                                                     "a hub id org/name[@rev]. Default: kyutai/moshiko-pytorch-bf16.")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda if available.")]
@@ -86,6 +87,12 @@ TelemetryOpt = Annotated[tp.Optional[Path], typer.Option(
     "time, one line per layer).")]
 ForceStateOpt = Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip differ "
                                              "from the model's (never one whose fingerprint differs).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+WarmStartOpt = Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
+                                                         "(ttt export-state); resets go back to it.")]
+DistTimeoutOpt = Annotated[float, typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for a "
+                                               "silent peer (and bounds every collective) before it stops with a "
+                                               "message naming the rank.")]
 
 
 def parse_clip(value: str) -> float | None:
@@ -131,6 +138,25 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .. import distributed
+        _LAST_ERROR.clear()
+        try:
+            guarded(*args, **kwargs)
+        except typer.Exit as e:
+            code = e.exit_code
+        except SystemExit:
+            raise  # SIGTERM under torchrun: leave at once
+        except BaseException as e:  # --debug: the traceback, once the other ranks know
+            distributed.finish(130 if isinstance(e, KeyboardInterrupt) else 1, f"{type(e).__name__}: {e}")
+            raise
+        else:
+            code = 0
+        # Under torchrun every rank reaches this point and leaves with the code all agree on (SPEC §5.6).
+        final = distributed.finish(code, _LAST_ERROR[-1] if _LAST_ERROR else None)
+        if final:
+            raise typer.Exit(final)
+
+    def guarded(*args, **kwargs):
         from ..errors import TTTError
         debug = kwargs.get("debug", False)
         json_out = kwargs.get("json_out", False)
@@ -145,6 +171,9 @@ def handle_errors(fn):
             except TTTError as e:
                 if debug:
                     raise
+                if getattr(e, "silent", False):  # said by the rank it concerns (scale-out)
+                    _LAST_ERROR.append(str(e))
+                    raise typer.Exit(e.exit_code)
                 fail(e.exit_code, str(e), e.hint, json_out, getattr(e, "payload", None))
             except KeyboardInterrupt:
                 fail(130, "interrupted (Ctrl-C); outputs finished before it are kept.",
@@ -166,9 +195,11 @@ def handle_errors(fn):
 def fail(code: int, message: str, hint: str | None = None, json_out: bool = False,
          payload: dict | None = None) -> tp.NoReturn:
     """Prints an error (stderr; with --json also the error object on stdout) and exits with `code`."""
+    from ..distributed import current
     from ..outputs import shown
     message = shown(message)
-    err(f"error: {message}")
+    _LAST_ERROR.append(message)
+    err(f"{current().label}error: {message}", always=True)
     if json_out:
         print_json({"error": {"code": code, "message": message, "hint": hint or ""}, **(payload or {})})
     raise typer.Exit(code)
@@ -184,6 +215,7 @@ def inputs_error(code: int, message: str) -> dict:
 
 
 _WARNED: set[str] = set()
+_LAST_ERROR: list[str] = []  # the error this run printed (handed to the other ranks under torchrun)
 
 
 def warn(message: str) -> None:
@@ -198,10 +230,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     warn(str(message))
 
 
-def err(msg: str) -> None:
-    """A message on stderr (never stdout: --json owns stdout)."""
+def err(msg: str, always: bool = False) -> None:
+    """A message on stderr (never stdout: --json owns stdout); under torchrun only rank 0's, or `always`."""
     from rich.console import Console
+    from ..distributed import quiet
     from ..outputs import shown
+    if quiet() and not always:
+        return
     Console(stderr=True, highlight=False, soft_wrap=True).print(shown(msg), markup=False)
 
 
@@ -215,7 +250,10 @@ def say_model_notes(m) -> None:
 
 def print_json(obj: tp.Any) -> None:
     """The one JSON object of a command on stdout (paths with undecodable bytes shown with U+FFFD)."""
+    from ..distributed import quiet
     from ..outputs import shown
+    if quiet():  # under torchrun, rank 0 prints the job's one object
+        return
     sys.stdout.write(shown(json.dumps(obj, indent=2, ensure_ascii=False, default=str)) + "\n")
     sys.stdout.flush()
 
@@ -224,6 +262,9 @@ def print_table(title: str, columns: list[str], rows: list[list[tp.Any]]) -> Non
     """A rich table on stderr."""
     from rich.console import Console
     from rich.table import Table
+    from ..distributed import quiet
+    if quiet():
+        return
     t = Table(title=title)
     for c in columns:
         t.add_column(c)

@@ -8,12 +8,14 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
+from .common import (AudioStream, BaseOpt, DebugOpt, Device, DistTimeoutOpt, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
                      ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
-                     print_table, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
+                     print_table, ResumeOpt, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt,
+                     TTTLrOpt, TTTOpt, warn, WarmStartOpt)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                       help="Evaluations: long-context perplexity on LibriLight-style audiobooks.")
+                       help="Evaluations: long-context perplexity on LibriLight-style audiobooks (librilight); "
+                            "long-form transcription WER (asr).")
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:
@@ -47,10 +49,9 @@ def librilight_cmd(
     no_codes_cache: Annotated[bool, typer.Option("--no-codes-cache", help="Encode again, store nothing.")] = False,
     save_token_nll: Annotated[bool, typer.Option("--save-token-nll", help="Write token_nll/<policy>/<speaker>/"
                                                  "<book>.safetensors (nll \\[dep_q, T], codes \\[K, T]).")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
-                                                          "(ttt export-state); resets go back to it.")] = None,
+    init_state: WarmStartOpt = None,
     force_state: ForceStateOpt = False,
     telemetry: TelemetryOpt = None,
     device: DeviceOpt = Device.auto,
@@ -62,6 +63,7 @@ def librilight_cmd(
     ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
     force: ForceOpt = False,
+    dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -80,19 +82,23 @@ def librilight_cmd(
       ttt eval librilight DATA --out results/run1 --resume
 
       ttt eval librilight DATA --model tiny -p every:2s --telemetry results/series   (per policy and document)
+
+      torchrun --nproc-per-node 8 -m ttt_cli eval librilight DATA --out results/run1   (one rank per GPU)
     """
+    from .. import distributed
     from ..units import parse_seconds
-    from ..progress import make_progress
     from evals.protocol import EvalOptions, evaluate_librilight
     from .common import check_memory, set_seed, ttt_overrides
 
+    session = distributed.start(dist_timeout, device.value, "finished documents are kept: run the same command "
+                                "with --resume (any number of processes) to continue")
     opts = EvalOptions(
         data=data, out=out, model=model, policies=list(policy or ["document"]),
         max_seconds=parse_seconds(max_seconds), min_seconds=parse_seconds(min_seconds), limit_books=limit_books,
         block_steps=block_steps, bin_seconds=parse_seconds(bin_seconds), audio_stream=audio_stream.value,
         text_stream=text_stream.value, codes_cache=codes_cache, use_codes_cache=not no_codes_cache,
         save_token_nll=save_token_nll, resume=resume, overwrite=overwrite, init_state=init_state,
-        force_state=force_state, device=device.value, dtype=dtype.value,
+        force_state=force_state, device=session.device(device.value), dtype=dtype.value,
         ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base,
         telemetry=telemetry)
 
@@ -107,8 +113,10 @@ def librilight_cmd(
         err(check_memory(m, 1, force))
         return m
 
-    with make_progress(quiet=json_out) as progress:
+    with distributed.progress(quiet=json_out) as progress:
         res = evaluate_librilight(opts, progress, model=load)
+    if distributed.quiet():  # rank 0 reports for the job; this rank's exit code counts in the agreed one
+        raise typer.Exit(res.exit_code)
     for w in res.warnings:
         warn(w)
     if res.interrupted:
@@ -138,5 +146,7 @@ def librilight_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    from .eval_asr import asr_cmd
     eval_app.command("librilight")(handle_errors(librilight_cmd))
+    eval_app.command("asr")(handle_errors(asr_cmd))
     app.add_typer(eval_app, name="eval")

@@ -9,8 +9,9 @@ from typing import Annotated
 
 import typer
 
-from .common import (SEED_MAX, BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, ForceOpt, ForceStateOpt,
-                     JsonOpt, ModelOpt, OverwriteOpt, TelemetryOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt,
+from .common import (SEED_MAX, BaseOpt, DebugOpt, Device, DeviceOpt, DistTimeoutOpt, DType, DTypeOpt, ForceOpt,
+                     ForceStateOpt, JsonOpt, ModelOpt, OverwriteOpt, TelemetryOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt,
+                     TTTLrOpt, TTTOpt,
                      check_memory, err, fail, handle_errors, inputs_error, print_json, print_table, say_model_notes,
                      ttt_overrides, warn)
 
@@ -74,10 +75,15 @@ def infer_cmd(
                                                           "if it is a directory), else a directory of "
                                                           "<stem>.end.safetensors.")] = None,
     telemetry: TelemetryOpt = None,
+    whole_file_seconds: Annotated[str, typer.Option("--whole-file-seconds", help="Files up to this long are decoded "
+                                                    "whole, exactly as moshi.run_inference does; longer ones in "
+                                                    "bounded pieces (memory flat in their length): 600, 10m, 1h.")]
+    = "600",
     json_out: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
     force_state: ForceStateOpt = False,
+    dist_timeout: DistTimeoutOpt = 600.0,
     debug: DebugOpt = False,
 ) -> None:
     """Stream audio files through Mimi and Moshi (LMGen) with TTT fast weights, frame by frame as live.
@@ -98,17 +104,26 @@ def infer_cmd(
       ttt infer part1.wav part2.wav --reset-policy carry --save-state state.safetensors
 
       ttt infer talk.wav --model tiny --telemetry series/   (series/talk.updates.csv and .png)
+
+      torchrun --nproc-per-node 8 -m ttt_cli infer talks/*.wav --greedy --out out/talks   (one rank per GPU)
     """
+    from .. import distributed
     from ..models.loader import load_model
     from ..errors import ConfigError
-    from ..inference import InferOptions, plan_jobs, plan_outputs, preflight, result_json, state_paths, validate_options
+    from ..inference import InferOptions, plan_jobs, plan_outputs, preflight, state_paths, validate_options
     from ..outputs import InputLedger, OutputPlan
+    from ..units import parse_seconds
 
     opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
                         temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy,
                         seed=seed, init_state=init_state, save_state=save_state, force=force_state,
-                        telemetry=telemetry)
+                        telemetry=telemetry, whole_file_seconds=parse_seconds(whole_file_seconds))
     validate_options(opts, len(audio))
+    session = distributed.start(dist_timeout, device.value, "finished outputs are kept; run again on the inputs "
+                                "not done")
+    if session.active and opts.reset_policy == "carry":
+        raise ConfigError("--reset-policy carry plays the files as one stream, which cannot be shared among "
+                          "ranks; run it without torchrun.")
     jobs = plan_jobs(audio)
     states = state_paths(save_state, jobs, opts.reset_policy)
     if save_state is not None and len(set(states.values())) > 1 and save_state.exists() and not save_state.is_dir():
@@ -125,9 +140,11 @@ def infer_cmd(
         plan.write_into(save_state, "--save-state")
     plan_outputs(plan, out, jobs, mode.value if mode.value != "auto" else None, states, telemetry=telemetry)
     plan.check().prepare()
+    session.sync("infer-checked")  # under torchrun: no rank writes before every rank checked --out
     ledger = InputLedger([j.path for j in jobs])
+    mine = [jobs[i] for i in distributed.share_files([j.path for j in jobs])]
     try:
-        m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+        m = load_model(model, device=session.device(device.value), dtype=dtype.value, base=base,
                        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
         say_model_notes(m)
         run_mode, _ = preflight(m, opts, len(jobs))
@@ -136,29 +153,41 @@ def infer_cmd(
             plan.check()
         streams = len(jobs) if opts.reset_policy == "file" else 1
         err(check_memory(m, min(opts.batch_size, streams), force))
-        run = _run(m, jobs, opts, out, states, ledger, json_out)
+        run = _run(m, mine, opts, out, states, ledger, json_out) if mine else None
     finally:
         plan.cleanup()
 
-    rows = []
-    for r in run.results:
-        if r.ok:
-            preview = r.text if len(r.text) <= TEXT_PREVIEW else r.text[:TEXT_PREVIEW - 3] + "..."
-            rows.append([r.job.stem, "ok", f"{r.info.seconds:.2f}", r.steps, f"{r.ms_per_step:.1f}",
-                         f"{r.realtime_factor:.3f}", preview])
-        else:
-            rows.append([r.job.stem, "FAILED", "", "", "", "", r.error])
+    done = _report(run) if run is not None else {}
+    parts = distributed.gather_accounts(ledger, [j.index for j in mine], done)
+    if parts is None:  # a rank other than 0: rank 0 reports for the job
+        raise typer.Exit(1 if any(ledger.records[j.index].failed for j in mine) else 0)
+    rows = {int(k): v for p in parts for k, v in p.items()}
     print_table(f"ttt infer: {run.mode}, model {run.model['id']}, TTT {'on' if run.ttt['enabled'] else 'off'}, "
                 f"outputs in {out}", ["file", "status", "seconds", "steps", "ms/step", "RTF", "text / reason"],
-                rows)
+                [rows[j.index]["row"] for j in jobs])
     summary = (f"{len(ledger.failed)} of {len(jobs)} input(s) failed: "
                + "; ".join(f"{r.path}: {r.reason}" for r in ledger.failed))
     if json_out:
-        print_json({"results": [result_json(r, run) for r in run.results], "inputs": ledger.to_dict(),
+        print_json({"results": [rows[j.index]["json"] for j in jobs], "inputs": ledger.to_dict(),
                     "exit_code": ledger.exit_code, **inputs_error(ledger.exit_code, summary)})
     if ledger.exit_code:
         err(summary)
         raise typer.Exit(1)
+
+
+def _report(run) -> dict[str, dict]:
+    """{job index: its row of the summary table and its result object} (JSON-able: gathered under torchrun)."""
+    from ..inference import result_json
+    rows = {}
+    for r in run.results:
+        if r.ok:
+            preview = r.text if len(r.text) <= TEXT_PREVIEW else r.text[:TEXT_PREVIEW - 3] + "..."
+            row = [r.job.stem, "ok", f"{r.info.seconds:.2f}", r.steps, f"{r.ms_per_step:.1f}",
+                   f"{r.realtime_factor:.3f}", preview]
+        else:
+            row = [r.job.stem, "FAILED", "", "", "", "", r.error]
+        rows[str(r.job.index)] = {"row": row, "json": result_json(r, run)}
+    return rows
 
 
 def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
@@ -167,15 +196,17 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
     A write failure (disk full, read-only, permission) or Ctrl-C stops the run: finished outputs
     stay, the input being written is reported with the reason, the others as not run.
     """
+    from ..audio import WavStream
     from ..errors import WriteError
-    from ..inference import infer, write_result
-    from ..progress import make_progress
+    from .. import distributed
+    from ..inference import infer, output_paths, write_result
 
     def failed(res, default: str) -> None:
         ledger.skip(res.job.index, res.error.removeprefix(f"{res.job.path}: ") if res.error else default)
 
-    with make_progress() as progress:
+    with distributed.progress() as progress:
         def on_result(res, run) -> None:
+            run.distributed = distributed.current().record()  # SPEC §5.6 provenance in each <stem>.json
             try:
                 write_result(res, run, out, states.get(res.job.index))
             except KeyboardInterrupt:
@@ -194,8 +225,18 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
             if not res.ok:
                 progress.log(f"skipped: {res.error}")
 
+        def audio_out(job):  # dialog: Moshi's voice goes to <stem>.wav (a temporary name) as it is produced
+            path = output_paths(out, job, "dialog")["wav"]
+            try:
+                return WavStream(path)
+            except OSError as e:
+                from ..io import describe_os_error
+                we = WriteError(f"{describe_os_error(e, path)}.")
+                we.detail = describe_os_error(e, path)  # type: ignore[attr-defined]
+                raise we from None
+
         try:
-            return infer(m, jobs, opts, progress, on_result=on_result)
+            return infer(m, jobs, opts, progress, on_result=on_result, audio_out=audio_out)
         except WriteError as e:
             rest = ledger.not_run(f"the run stopped after a write failure ({getattr(e, 'detail', e)})")
             fail(1, f"{e} {len(rest)} input(s) not run: {_names(rest)}.", e.hint, json_out,

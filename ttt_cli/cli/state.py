@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail,
+from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, DeviceOpt, DistTimeoutOpt, DType, DTypeOpt, err, fail,
                      ForceOpt, ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
                      print_table, say_model_notes, SeedOpt, set_seed, TelemetryOpt, TextStream, ttt_overrides, TTTChunkOpt,
                      TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
@@ -38,6 +38,7 @@ def export_state_cmd(
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
     force_state: ForceStateOpt = False,
+    dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -54,30 +55,45 @@ def export_state_cmd(
       ttt export-state talk.wav --model tiny --at 1.5 --at 3s --out states/ --flush-partial
 
       ttt export-state talk.wav --model tiny --out talk.safetensors --telemetry series/
+
+      torchrun --nproc-per-node 4 -m ttt_cli export-state talks/*.wav --model tiny --out states/
     """
+    from .. import distributed
     from ..errors import ConfigError
     from ..models.loader import load_model
     from ..units import parse_seconds
-    from ..export import export_states, output_plan
-    from ..progress import make_progress
+    from ..export import export_states, output_plan, telemetry_paths
+    from ..outputs import InputLedger
 
     at_sec = sorted(set(parse_seconds(t) for t in at or []))
     if any(t < 0 for t in at_sec):
         raise ConfigError(f"--at times must be >= 0, got {[t for t in at_sec if t < 0]}.")
-    guard = output_plan(list(audio), out, at_sec, overwrite, init_state, model, telemetry)  # before any work
+    session = distributed.start(dist_timeout, device.value, "finished snapshots are kept; run again on the inputs "
+                                "not done")
+    layout, plans, oplan = output_plan(list(audio), out, at_sec, overwrite, init_state, model,
+                                       telemetry)  # before any work
+    session.sync("export-checked")  # under torchrun: no rank writes before every rank checked --out
+    ledger = InputLedger(audio)
+    mine = distributed.share_files(audio)
+    series = telemetry_paths(list(audio), telemetry)  # named over all inputs, like the snapshots
+    res = None
     try:
         set_seed(seed)
-        m = load_model(model, device=device.value, dtype=dtype.value, base=base,
+        m = load_model(model, device=session.device(device.value), dtype=dtype.value, base=base,
                        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
         say_model_notes(m)
         err(check_memory(m, 1, force))
-        with make_progress(quiet=False) as progress:
-            res = export_states(m, audio, out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
+        with distributed.progress() as progress:
+            res = export_states(m, [audio[i] for i in mine], out, at=at_sec, flush_partial=flush_partial, overwrite=overwrite,
                                 audio_stream=audio_stream.value, text_stream=text_stream.value, channel=channel,
                                 block_steps=block_steps, init_state=init_state, force=force_state, progress=progress,
-                                guard=guard, telemetry=telemetry)
+                                guard=(layout, [plans[i] for i in mine], oplan), ledger=ledger, keys=mine,
+                                telemetry=telemetry, series=[series[i] for i in mine]) if mine else None
     finally:
-        guard[2].cleanup()
+        oplan.cleanup()
+    res = _merge_shares(res, ledger, mine)
+    if res is None:  # a rank other than 0: rank 0 reports for the job
+        raise typer.Exit(1 if any(ledger.records[i].failed for i in mine) else 0)
     for it in res.items:
         for w in (it.audio or {}).get("warnings", []):
             warn(w)
@@ -224,6 +240,25 @@ def diff_state_cmd(
             err(f"{k}: A {va} | B {vb}")
     err(f"{'identical snapshots' if res.identical else 'snapshots differ'}; "
         f"{'same' if res.same_fingerprint else 'different'} model fingerprint.")
+
+
+def _merge_shares(res, ledger, mine: list[int]):
+    """Under torchrun: rank 0's result with every rank's items (input order) and accounts; None elsewhere.
+    Without torchrun: `res` as it is. Either way it records the `distributed` provenance (SPEC §5.6)."""
+    from .. import distributed
+    from ..export import ExportItem, SnapshotInfo
+    session = distributed.current()
+    if session.active:
+        mine_items = {str(i): d for i, d in zip(mine, res.to_dict()["items"])} if res is not None else {}
+        parts = distributed.gather_accounts(ledger, mine, mine_items)
+        if parts is None:
+            return None
+        merged = {int(k): d for p in parts for k, d in p.items()}
+        res.items = [ExportItem(**{**d, "snapshots": [SnapshotInfo(**sn) for sn in d["snapshots"]]})
+                     for _, d in sorted(merged.items())]
+        res.inputs = ledger.to_dict()
+    res.distributed = session.record()
+    return res
 
 
 def register(app: typer.Typer) -> None:

@@ -18,20 +18,12 @@ from moshi.modules.streaming import State
 
 from .config import TTTConfig
 from ..errors import StateMismatchError
-from .interface import FastWeightLayer, LayerBench
+from .interface import FastWeightLayer, HostClock, LayerBench, refuse_graph_capture
 from .recording import UpdateRecorder, squared_norms
 
 F32 = torch.float32
 # `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
 ACTIVATIONS: dict[str, tp.Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
-GRAPH_CAPTURE_ERROR = ("In-Place TTT decides chunk updates in Python: it cannot run under CUDA graph capture. "
-                       "Wrap generation in moshi.utils.compile.no_cuda_graph().")
-
-
-def refuse_graph_capture(t: torch.Tensor) -> None:
-    """A graph would freeze the layer's Python decisions (pitfall 9): fail loudly instead."""
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(GRAPH_CAPTURE_ERROR)
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
@@ -113,44 +105,51 @@ class X0Source:
         return x0
 
 
+def _counter(batch_size: int, device) -> torch.Tensor:
+    return torch.zeros(batch_size, dtype=torch.long, device=device)
+
+
 @dataclass
 class InPlaceState(State):
-    """Per-stream fast weight, pending chunk and counters. Python lists mirror what the
-    chunk logic branches on, so that a step needs no device->host sync."""
+    """Per-stream fast weight, pending chunk and counters, all tensors (the graph-safe step reads and
+    writes only these). The host clock mirrors the pending counts, so that no step reads the device."""
 
     w: torch.Tensor | None = None          # [B, d, h] f32; None when frozen (lr = 0)
     pending_z: torch.Tensor | None = None  # [B, C, h] f32
     pending_x0: torch.Tensor | None = None  # [B, C, d] f32
     w_reset: torch.Tensor | None = None    # [d, h] what a reset restores (W0 or a warm start)
-    n_pending: list[int] = field(default_factory=list)
-    active: list[bool] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    updates: list[int] = field(default_factory=list)
-    resets: list[int] = field(default_factory=list)
-    clip_events: list[int] = field(default_factory=list)
-    nonfinite_events: list[int] = field(default_factory=list)
+    clock: HostClock = field(default_factory=lambda: HostClock(1))
+    count: torch.Tensor | None = None      # [B] long: pending tokens (the device copy of clock.pending)
+    rows: torch.Tensor | None = None       # [B] long: b·C, the first pending row of stream b
+    tokens: torch.Tensor | None = None     # [B] long counters, read when telemetry is written
+    updates: torch.Tensor | None = None
+    resets: torch.Tensor | None = None
+    clip_events: torch.Tensor | None = None
+    nonfinite_events: torch.Tensor | None = None
     recorder: UpdateRecorder | None = None  # the update series (SPEC §3.7), when recording
+
+    @property
+    def n_pending(self) -> list[int]:
+        return self.clock.pending
 
     def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
         super().set_exec_mask(exec_mask)
-        if self.w is None:  # frozen (lr 0): nothing per stream to track, so CUDA graphs stay usable
+        if self.w is None:  # frozen (lr 0): nothing per stream to track
             return
-        refuse_graph_capture(exec_mask)  # moshi graphs set_exec_mask on CUDA unless no_cuda_graph()
-        self.active = [bool(v) for v in exec_mask.tolist()]
+        refuse_graph_capture(exec_mask)  # the host sets exec masks between steps, never inside a graph
+        self.clock.active = [bool(v) for v in exec_mask.tolist()]
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        mask = [bool(v) for v in reset_mask.tolist()]
-        for b, m in enumerate(mask):
-            if m:
-                self.active[b] = True
-                self.n_pending[b] = 0
-                self.tokens[b] = 0
-                self.resets[b] += 1
+        mask = reset_mask.to(self.tokens.device)
+        self.clock.reset([bool(v) for v in reset_mask.tolist()])
+        self.tokens.masked_fill_(mask, 0)
+        self.resets.add_(mask.long())
+        if self.w is not None:
+            self.count.masked_fill_(mask, 0)
+            self.w.copy_(torch.where(mask[:, None, None], self.w_reset, self.w))
         if self.recorder is not None:
             self.recorder.record_reset(reset_mask)
-        if self.w is not None and any(mask):
-            self.w.copy_(torch.where(reset_mask.to(self.w.device)[:, None, None], self.w_reset, self.w))
 
 
 class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
@@ -188,6 +187,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         self._x0 = x0
         self._warm_start: torch.Tensor | None = None  # [d, h] replaces W0 as the reset target
         self._w_cast: tuple | None = None  # (reset target, its version/device/dtype, its model-dtype copy)
+        self._nonfinite_warned = 0
 
     # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
     def _apply(self, fn, recurse=True):
@@ -220,10 +220,11 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
 
     def _init_streaming_state(self, batch_size: int) -> InPlaceState:
         dev = self.w_down.device
-        st = InPlaceState(batch_size, dev)
         n = batch_size
-        st.n_pending, st.active, st.tokens = [0] * n, [True] * n, [0] * n
-        st.updates, st.resets, st.clip_events, st.nonfinite_events = [0] * n, [0] * n, [0] * n, [0] * n
+        st = InPlaceState(batch_size, dev, clock=HostClock.fresh(self.chunk_size, n))
+        st.count, st.tokens, st.updates, st.resets = (_counter(n, dev) for _ in range(4))
+        st.clip_events, st.nonfinite_events = _counter(n, dev), _counter(n, dev)
+        st.rows = torch.arange(n, device=dev) * self.chunk_size
         st.w_reset = self._reset_target()
         if not self.frozen:
             st.w = st.w_reset.expand(n, -1, -1).clone()
@@ -265,15 +266,40 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         if self.frozen:
             return self._frozen_forward(x)
         z = self.hidden_activations(x).to(F32)  # [B, T, h]
-        refuse_graph_capture(x)
         x0 = self._x0.get(self.target_source, B, T).to(F32)  # [B, T, d]
         state = self._streaming_state
         if state is None:  # plain forward (scoring): every call starts from W0
             state = self._init_streaming_state(B)
             state.recorder = None
-        elif state.recorder is not None:
-            state.recorder.advance(0, state.exec_mask, T)
+        else:
+            if state.recorder is not None:  # the update series' positions (device side; host half outside graphs)
+                state.recorder.advance(0, state.exec_mask, T)
+            if T == 1:  # LMGen.step: the graph-safe one-token step
+                refuse_graph_capture(x, planned=state.clock.planned is not None)
+                return self._step_one(state, z, x0, state.clock.take()).to(x.dtype)
+        refuse_graph_capture(x)
         return self._run(state, z, x0).to(x.dtype)
+
+    def _step_one(self, st: InPlaceState, z: torch.Tensor, x0: torch.Tensor, completes: bool) -> torch.Tensor:
+        """One token of every stream as tensor arithmetic only (SPEC §8.6): apply W, write the token's pending
+        row, count the live streams, and, when the host clock says a live stream's chunk completes (`completes`), the
+        masked update of the streams whose count reached C. Nothing is read back to the host."""
+        B, C = st.batch_size, self.chunk_size
+        out = torch.bmm(z, st.w.transpose(1, 2))  # [B, 1, d] with each stream's W
+        live = st.exec_mask  # [B] bool
+        # Each stream's token goes to its first free pending row. A frozen stream (exec mask false) writes
+        # there too, but its count does not move, so the row stays free and its pending chunk (rows
+        # < count) is untouched: no read-modify-write of the buffers is needed.
+        rows = st.rows + st.count  # [B]
+        st.pending_z.view(B * C, -1).index_copy_(0, rows, z[:, 0])
+        st.pending_x0.view(B * C, -1).index_copy_(0, rows, x0[:, 0])
+        st.count.add_(live.long())
+        st.tokens.add_(live.long())
+        if completes:
+            done = live & (st.count == C)  # [B]
+            self._update(st, None, st.pending_z, st.pending_x0, done)
+            st.count.masked_fill_(done, 0)
+        return out
 
     def _run(self, st: InPlaceState, z: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Apply-then-update over T tokens, in segments that end where some stream's chunk ends."""
@@ -281,14 +307,14 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         C = self.chunk_size
         outs = []
         t = 0
-        live = [b for b in range(B) if st.active[b]]
+        live = [b for b in range(B) if st.clock.active[b]]
         while t < T:
             L = min([T - t] + [C - st.n_pending[b] for b in live])
             zs, xs = z[:, t:t + L], x0[:, t:t + L]
             outs.append(torch.bmm(zs, st.w.transpose(1, 2)))  # [B, L, d] with each stream's W
             synced = len(live) == B and len({st.n_pending[b] for b in live}) == 1
             if synced and st.n_pending[0] == 0 and L == C:
-                self._update(st, list(range(B)), zs, xs, T - t - L)  # whole chunk in hand: no buffering
+                self._update(st, None, zs, xs, host=True, back=T - t - L)  # whole chunk in hand: no buffering
             else:
                 if synced:
                     n = st.n_pending[0]
@@ -304,69 +330,73 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
                 done = [b for b in live if st.n_pending[b] == C]
                 if done:
                     ix = torch.tensor(done, device=z.device)
-                    self._update(st, done, st.pending_z[ix], st.pending_x0[ix], T - t - L)
-            for b in live:
-                st.tokens[b] += L
+                    self._update(st, ix, st.pending_z[ix], st.pending_x0[ix], host=True, back=T - t - L)
+                for b in done:
+                    st.n_pending[b] = 0
             t += L
+        st.tokens.add_(st.exec_mask.long() * T)
+        st.count.copy_(torch.tensor(st.n_pending))  # host to device: the clock is the truth
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     @torch.no_grad()
-    def _update(self, st: InPlaceState, items: list[int], z: torch.Tensor, x0: torch.Tensor, back: int = 0) -> None:
-        """W_b += lr · clip(V̂ᵀ Z) for the given streams, from their (possibly partial) chunk.
-
-        `back`: positions of the current call after this chunk (where the update series places the row)."""
+    def _update(self, st: InPlaceState, items: torch.Tensor | None, z: torch.Tensor, x0: torch.Tensor,
+                done: torch.Tensor | None = None, host: bool = False, back: int = 0) -> None:
+        """W_b += lr · clip(V̂ᵀ Z) for the streams `items` (None: all) from their (possibly partial) chunk,
+        restricted to `done` [N] when given. A non-finite Δ resets its stream to the run's initial weight and is
+        counted; the warning comes when telemetry is read (SPEC §3.7). The one-token step path is tensor
+        arithmetic only; `host` (multi-token calls, which may read the device) skips the masking passes over
+        the [N, d, h] Δ when every Δ is finite, the common case. `back`: positions of the current call after
+        this chunk (where the update series places its row)."""
         v = self.target_generator(x0)  # [N, L, d]
         delta = torch.bmm(v.transpose(1, 2), z)  # [N, d, h]
         # The norm serves the clip and the non-finite guard: a non-finite (or overflowing) Δ norm
         # is the only way W can become non-finite, so W itself is never re-scanned.
         norm = torch.linalg.vector_norm(delta, dim=(1, 2))  # [N]
         finite = torch.isfinite(norm)
-        clipped = [False] * len(items)
+        apply = finite if done is None else finite & done
+        bad = ~finite if done is None else done & ~finite
+        clipped = torch.zeros_like(apply)
         scale = None
         if self.clip is not None:
             scale = (self.clip / (norm + self.clip_eps)).clamp(max=1.0)
-            delta = delta * scale[:, None, None]
-            clipped = (scale < 1.0).tolist()
-        ok = finite.tolist()  # one sync per completed chunk, never per step
-        if not all(ok):
-            bad = [b for b, good in zip(items, ok) if not good]
-            warnings.warn(f"In-Place TTT: non-finite fast-weight update in stream(s) {bad}; reset to W0.")
-            delta = torch.where(finite[:, None, None], delta, torch.zeros_like(delta))
+            delta.mul_(scale[:, None, None])
+            clipped = apply & (scale < 1.0)
+        masked = not (host and done is None and bool(finite.all()))  # one read per chunk, off the step path
+        if masked:
+            delta.masked_fill_(~apply[:, None, None], 0.0)
         rec = st.recorder if st.recorder is not None and not st.recorder.paused else None
-        before = (st.w if len(items) == st.batch_size else st.w[items]).clone() if rec is not None else None
-        if len(items) == st.batch_size:
+        before = (st.w if items is None else st.w[items]).clone() if rec is not None else None
+        if items is None:
             st.w.add_(delta, alpha=self.lr)
+            bad_all = bad
         else:
-            ix = torch.tensor(items, device=delta.device)
-            st.w.index_add_(0, ix, delta, alpha=self.lr)
-        if not all(ok):
-            mask = torch.zeros(st.batch_size, dtype=torch.bool, device=st.w.device)
-            mask[[b for b, good in zip(items, ok) if not good]] = True
-            st.w.copy_(torch.where(mask[:, None, None], st.w_reset, st.w))
-        if rec is not None:
-            self._record_update(st, rec, items, before, norm, scale, finite, z.shape[1], back)
-        for j, b in enumerate(items):
-            st.n_pending[b] = 0
-            if ok[j]:
-                st.updates[b] += 1
-                st.clip_events[b] += int(clipped[j])
+            st.w.index_add_(0, items, delta, alpha=self.lr)
+            bad_all = torch.zeros(st.batch_size, dtype=torch.bool, device=bad.device).index_copy(0, items, bad)
+        if masked:
+            torch.where(bad_all[:, None, None], st.w_reset, st.w, out=st.w)
+        for counter, events in ((st.updates, apply), (st.clip_events, clipped), (st.nonfinite_events, bad)):
+            if items is None:
+                counter.add_(events.long())
             else:
-                st.nonfinite_events[b] += 1
+                counter.index_add_(0, items, events.long())
+        if rec is not None:
+            self._record_update(st, rec, items, done, before, norm, scale, finite, z.shape[1], back)
 
-    def _record_update(self, st: InPlaceState, rec: UpdateRecorder, items: list[int], before: torch.Tensor,
-                       norm: torch.Tensor, scale: torch.Tensor | None, finite: torch.Tensor, tokens: int,
-                       back: int) -> None:
-        """The update series' rows of the streams `items` (device arithmetic, no host read)."""
+    def _record_update(self, st: InPlaceState, rec: UpdateRecorder, items: torch.Tensor | None,
+                       done: torch.Tensor | None, before: torch.Tensor, norm: torch.Tensor,
+                       scale: torch.Tensor | None, finite: torch.Tensor, tokens: int, back: int) -> None:
+        """The update series' rows of the streams `items` (None: all) that completed (`done`, None: all):
+        device arithmetic only, no host read."""
         B, dev = st.batch_size, st.w.device
-        ix = torch.tensor(items, device=dev)
-        after = st.w if len(items) == B else st.w[ix]  # [N, d, h]
+        after = st.w if items is None else st.w[items]  # [N, d, h]
         sq = squared_norms({"w": after}, {"w": before}, {"w": self.w_down})
 
         def full(v: torch.Tensor, fill: float = 0.0) -> torch.Tensor:  # [N] -> [B]
-            out = torch.full((B,), fill, dtype=v.dtype, device=dev)
-            return out.index_copy_(0, ix, v)
-        mask = full(torch.ones(len(items), dtype=torch.bool, device=dev), False)
-        rec.record(0, mask, back, tokens, *(full(v) for v in sq), delta_sq=full(norm.double().square()),
+            if items is None:
+                return v
+            return torch.full((B,), fill, dtype=v.dtype, device=dev).index_copy_(0, items, v)
+        sel = torch.ones_like(finite) if done is None else done  # [N]
+        rec.record(0, full(sel, False), back, tokens, *(full(v) for v in sq), delta_sq=full(norm.double().square()),
                    clip_scale=1.0 if scale is None else full(scale, 1.0), nonfinite=full(~finite, False))
 
     # -- FastWeightLayer interface -------------------------------------------------------------
@@ -404,6 +434,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         st.pending_z[batch_index, :n] = pz.to(dev, F32)
         st.pending_x0[batch_index, :n] = px.to(dev, F32)
         st.n_pending[batch_index] = n
+        st.count[batch_index] = n
 
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         return {"w_down": self.w_down}
@@ -426,9 +457,19 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         w0 = self.w_down
         w = st.w[b] if st.w is not None else st.w_reset
         drift = (torch.linalg.vector_norm(w - w0) / torch.linalg.vector_norm(w0).clamp_min(1e-30)).item()
-        return {"tokens": st.tokens[b], "updates": st.updates[b], "resets": st.resets[b],
-                "clip_events": st.clip_events[b], "nonfinite_events": st.nonfinite_events[b],
+        total = int(st.nonfinite_events.sum())
+        if total > self._nonfinite_warned:  # the step never syncs: warn when telemetry is read (SPEC §3.7)
+            bad = [i for i, n in enumerate(st.nonfinite_events.tolist()) if n]
+            self._nonfinite_warned = total
+            warnings.warn(f"In-Place TTT: non-finite fast-weight update in stream(s) {bad}; reset to the "
+                          f"initial fast weights.")
+        return {"tokens": int(st.tokens[b]), "updates": int(st.updates[b]), "resets": int(st.resets[b]),
+                "clip_events": int(st.clip_events[b]), "nonfinite_events": int(st.nonfinite_events[b]),
                 "pending_tokens": st.n_pending[b], "relative_drift": drift}
+
+    def host_clocks(self) -> list[HostClock]:
+        st = self._streaming_state
+        return [] if st is None or st.w is None else [st.clock]
 
     def config_section(self) -> dict[str, tp.Any]:
         conv = self.target_generator.conv1d
@@ -484,4 +525,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         for b in items:
             n = st.n_pending[b]
             if n:
-                self._update(st, [b], st.pending_z[b:b + 1, :n], st.pending_x0[b:b + 1, :n])
+                ix = torch.tensor([b], device=st.w.device)
+                self._update(st, ix, st.pending_z[b:b + 1, :n], st.pending_x0[b:b + 1, :n], host=True)
+                st.n_pending[b] = 0
+                st.count[b] = 0

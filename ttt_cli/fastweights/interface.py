@@ -6,7 +6,7 @@ import abc
 import hashlib
 import json
 import typing as tp
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,64 @@ class LayerBench:
     flop_floor: float               # MACs(ttt) / MACs(plain)
     formula: str                    # how flop_floor is computed, in words
     what: str                       # which module is compared
+
+
+GRAPH_CAPTURE_ERROR = ("a TTT layer is captured in a CUDA graph without a step plan: the graph would freeze "
+                       "whether chunks update. Generate with ttt_cli.fastweights.graphs.TTTLMGen (one graph per "
+                       "step phase), or wrap generation in moshi.utils.compile.no_cuda_graph().")
+
+
+def refuse_graph_capture(t: torch.Tensor, planned: bool = False) -> None:
+    """Under CUDA graph capture only a planned one-token step is safe (pitfall 9): fail loudly otherwise."""
+    if t.is_cuda and not planned and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(GRAPH_CAPTURE_ERROR)
+
+
+@dataclass
+class HostClock:
+    """Host-owned mirror of one learner's per-stream pending counts (SPEC §8.6).
+
+    It moves only with what the host does: one-token steps (`plan`/`take`), the exec masks and resets it
+    issues, restores and flushes. From it the host knows, without reading the device, whether a
+    one-token step completes some live stream's chunk, so the step can pick its code path ("step" or
+    "step + update") outside a CUDA graph, and a graph replay needs no Python inside the layer.
+    """
+
+    chunk_size: int
+    pending: list[int] = field(default_factory=list)   # tokens pending per stream
+    active: list[bool] = field(default_factory=list)   # the exec mask the host set
+    planned: bool | None = None  # the decision `PhaseGraphs` took for the step being run
+
+    @classmethod
+    def fresh(cls, chunk_size: int, batch_size: int) -> "HostClock":
+        return cls(chunk_size, [0] * batch_size, [True] * batch_size)
+
+    def completes_next(self) -> bool:
+        """Whether the next one-token step completes a live stream's chunk."""
+        return any(a and n + 1 == self.chunk_size for n, a in zip(self.pending, self.active))
+
+    def advance(self, tokens: int = 1) -> None:
+        """`tokens` tokens read by every live stream, chunk counting wrapping at completion."""
+        self.pending = [(n + tokens) % self.chunk_size if a else n for n, a in zip(self.pending, self.active)]
+
+    def plan(self) -> bool:
+        """Decides the next one-token step before it runs (graphed or not) and advances the clock."""
+        self.planned = self.completes_next()
+        self.advance()
+        return self.planned
+
+    def take(self) -> bool:
+        """The completion decision of the one-token step being run: the plan made for it, else decided now."""
+        if self.planned is not None:
+            return self.planned
+        done = self.completes_next()
+        self.advance()
+        return done
+
+    def reset(self, mask: list[bool]) -> None:
+        for b, m in enumerate(mask):
+            if m:
+                self.pending[b], self.active[b] = 0, True
 
 
 class FastWeightLayer(StreamingModule[StateT], abc.ABC):
@@ -109,6 +167,10 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     @abc.abstractmethod
     def layer_bench(self, tokens: int, device: str) -> LayerBench:
         """The layer-ratio measurement of SPEC §8.5 on `tokens` random tokens."""
+
+    def host_clocks(self) -> list[HostClock]:
+        """The host clocks of the streaming state (one per learner); empty when frozen or not streaming."""
+        return []
 
     # -- the update series (SPEC §3.7): one recording API for every variant ---------------------------
     def set_recording(self, on: bool) -> None:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+if tp.TYPE_CHECKING:
+    from .interface import HostClock
+
 F32 = torch.float32
 LN_EPS = 1e-6
 INNER_MODELS = ("linear", "mlp")
@@ -239,12 +242,13 @@ def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | N
 
 def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
           gamma: torch.Tensor, beta: torch.Tensor, chunk_size: int, live: torch.Tensor,
-          start: dict[str, torch.Tensor], tap: tp.Any = None) -> torch.Tensor:
+          start: dict[str, torch.Tensor], clock: "HostClock | None" = None, tap: tp.Any = None) -> torch.Tensor:
     """Reads and learns T tokens of every stream (apply, then update at each mini-batch end).
 
-    A one-token call (`LMGen.step`) is pure tensor arithmetic: the mini-batch end is a masked update,
-    so no device value is read on the host. A longer call reads the pending counts once and cuts the
-    call where a live stream's mini-batch completes (a per-mini-batch scan; the dual form inside).
+    A one-token call (`LMGen.step`) is pure tensor arithmetic (SPEC §8.6): the host clock says whether a
+    live stream's mini-batch completes on this token, and only then is the masked completion part of
+    the step; no device value is read on the host. A longer call cuts itself where a live stream's
+    mini-batch completes, from the clock too (a per-mini-batch scan; the dual form inside).
 
     Args:
         st: the learner's per-stream state (updated in place).
@@ -252,25 +256,27 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         eta: η_s [B,H,T] float32.
         live: [B] bool, the streams this call may change (moshi's exec mask).
         start: θ a reset or a non-finite update goes back to ({name: [H, ...]}).
+        clock: the host-side mirror of the pending counts (advanced here unless a step plan was made);
+            None: made from the device counts (one host read; for calls outside a streaming layer).
         tap: a `recording.LearnerTap` that records each completion (the update series), or None.
     Returns:
         o [B,H,T,p] float32.
     """
     B, _, T, _ = q.shape
     C = chunk_size
+    if clock is None:
+        from .interface import HostClock
+        clock = HostClock(C, st.count.tolist(), [bool(v) for v in live.tolist()])
     if T == 1:
         grads = key_gradients(inner, st.theta, k, y, gamma, beta)
         o = query_outputs(st.theta, st.sums, q, grads, eta, (st.count + 1).to(F32)[:, None], gamma, beta)
         _add_sums(st, grads, eta, live)
         st.count.add_(live.long())
         st.tokens.add_(live.long())
-        done = live & (st.count == C)
-        # Graph-safe: a masked completion every step. On the CPU outside compilation a host read is
-        # free, so the completion is skipped when no stream completes (same result, fewer ops).
-        if q.is_cuda or torch.compiler.is_compiling() or bool(done.any()):
-            st.complete(done, C, start, tap)
+        if clock.take():  # "step + update": decided on the host, never by reading the device
+            st.complete(live & (st.count == C), C, start, tap)
         return o
-    counts, alive = st.count.tolist(), live.tolist()  # one host read per multi-token call
+    counts, alive = list(clock.pending), list(clock.active)
     segments, final = _segments(counts, alive, T, C)
     outs = []
     for a, b, c0 in segments:
@@ -283,7 +289,8 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
             st.complete(None, C, start, tap, T - b)
         elif any(done):
             st.complete(torch.tensor(done, device=q.device), C, start, tap, T - b)
-    st.count.copy_(torch.tensor(final, device=q.device))
+    st.count.copy_(torch.tensor(final))  # host to device: the clock is the truth
+    clock.pending = final
     st.tokens.add_(live.long() * T)
     return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 

@@ -14,7 +14,7 @@ from torch import nn
 from moshi.modules.streaming import State
 
 from ..errors import CheckpointError, StateMismatchError
-from .interface import FastWeightLayer
+from .interface import FastWeightLayer, HostClock, refuse_graph_capture
 from .learner import F32, LearnerState, flush, frozen_outputs, learn
 from .recording import LearnerTap, UpdateRecorder
 
@@ -52,15 +52,24 @@ class LearnerLayerState(State):
 
     learners: dict[str, LearnerState] = field(default_factory=dict)
     start: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # what a reset restores
+    clocks: dict[str, HostClock] = field(default_factory=dict)  # host mirrors of the pending counts
     frozen: bool = False  # rate 0: θ stays at `start`, the learners hold counters only
     recorder: UpdateRecorder | None = None  # the update series (SPEC §3.7), when recording
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
+        mask = [bool(v) for v in reset_mask.tolist()]  # the host issued it: reading it back is no step sync
         for name, st in self.learners.items():
             st.reset(reset_mask, self.start[name])
+            self.clocks[name].reset(mask)
         if self.recorder is not None:
             self.recorder.record_reset(reset_mask)
+
+    def set_exec_mask(self, exec_mask: torch.Tensor) -> None:
+        super().set_exec_mask(exec_mask)
+        active = [bool(v) for v in exec_mask.tolist()]
+        for clock in self.clocks.values():
+            clock.active = list(active)
 
 
 def _prefix(name: str) -> str:
@@ -113,6 +122,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         for name in self.learners():
             st.start[name] = self.start_theta(name)
             st.learners[name] = LearnerState.fresh({} if st.frozen else st.start[name], batch_size, st.device)
+            st.clocks[name] = HostClock.fresh(self.chunk_size, batch_size)
         st.recorder = self.new_recorder(batch_size, st.device, parts=len(st.learners))
         return st
 
@@ -143,9 +153,11 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         if st.frozen:
             lst.tokens.add_(st.exec_mask.long() * q.shape[2])
             return frozen_outputs(lrn.inner, st.start[name], q, lrn.gamma, lrn.beta)
+        clock = st.clocks[name]
+        refuse_graph_capture(q, planned=q.shape[2] == 1 and clock.planned is not None)
         k, y, eta = keys()
         return learn(lst, lrn.inner, q, k, y, eta, lrn.gamma, lrn.beta, self.chunk_size, st.exec_mask,
-                     st.start[name], tap)
+                     st.start[name], clock, tap)
 
     # -- snapshots ---------------------------------------------------------------------------------
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:
@@ -178,6 +190,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
                 lst.theta[k][batch_index] = own[k].to(lst.theta[k])
                 lst.sums[k][batch_index] = own[PENDING_SUM + k].to(lst.sums[k])
             lst.count[batch_index] = int(float(own[PENDING_COUNT]))
+            st.clocks[name].pending[batch_index] = int(float(own[PENDING_COUNT]))
 
     def set_warm_start(self, tensors: dict[str, torch.Tensor] | None) -> None:
         """Resets (and new streams) start from a snapshot's θ (its pending sums are not replayed)."""
@@ -206,6 +219,10 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
                 "clip_events": 0, "nonfinite_events": nonfinite, "pending_tokens": int(first.count[b]),
                 "relative_drift": relative_drift(st, self.learners(), b)}
 
+    def host_clocks(self) -> list[HostClock]:
+        st = self._streaming_state
+        return [] if st is None or st.frozen else list(st.clocks.values())
+
     def _theta_numel(self) -> int:
         return sum(v.numel() for lrn in self.learners().values() for v in lrn.theta0.values())
 
@@ -233,6 +250,8 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
             st.recorder.expect_flush()
         for name, lst in st.learners.items():
             flush(lst, self.chunk_size, streams, st.start[name], self._tap(st, name))
+            clock = st.clocks[name]
+            clock.pending = [0 if batch_index in (None, b) else n for b, n in enumerate(clock.pending)]
 
 
 # -- helpers for the variants' attach code and bench ---------------------------------------------------

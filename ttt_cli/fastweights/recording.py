@@ -13,7 +13,6 @@ group's learners are parts), so that the host adds them over every fast tensor o
 from __future__ import annotations
 
 import math
-import typing as tp
 import warnings
 from dataclasses import dataclass
 
@@ -79,6 +78,7 @@ class UpdateRecorder:
         self.pos = torch.zeros(parts, batch_size, dtype=torch.long, device=device)   # positions consumed
         self._rows = torch.arange(batch_size, device=device)
         self.paused = False
+        self.host_driven = False  # a graphed caller calls `host_advance` per step itself (fastweights.graphs)
         # host side
         self._fed = 0        # tokens fed (max over streams) since the last drain
         self._extra = 0      # resets and flushes since the last drain (rows they may add)
@@ -102,7 +102,7 @@ class UpdateRecorder:
 
         Inside a compiled or captured step the host half (the row bound, a possible read) cannot run: the
         caller that replays the step calls `host_advance(tokens)` per step outside it instead."""
-        if part == 0 and not torch.compiler.is_compiling():
+        if part == 0 and not self.host_driven and not torch.compiler.is_compiling():
             self.host_advance(tokens)
         self.pos[part].add_(live.long() * tokens)
 

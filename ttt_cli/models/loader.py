@@ -91,6 +91,35 @@ def _lora_settings(lm_cfg: dict) -> tuple[bool, int, float]:
     return bool(lm_cfg.pop("lora", False)), int(lm_cfg.pop("lora_rank", 128)), float(lm_cfg.pop("lora_scaling", 2.0))
 
 
+def _random_lm(res: Resolved, info, device, dtype, force: bool) -> _Loaded:
+    """A real-shape preset's LM (SPEC §8.7): moshi's own init drawn on `device` from a fixed seed, built only
+    where the memory estimate fits the device (else refused with the arithmetic)."""
+    import torch
+    from moshi.models.loaders import get_moshi_lm
+    from ..fastweights.config import FastWeightConfig
+    from .presets import device_memory, memory_estimate
+
+    lm_cfg = dict(info.lm_config or {})
+    meta = get_moshi_lm(None, lm_kwargs=lm_cfg, device="meta", dtype=dtype)
+    section = res.config.get("ttt")
+    layers = {}
+    if section:
+        from ..fastweights.attach import attach_ttt
+        layers = attach_ttt(meta, FastWeightConfig.from_dict({k: v for k, v in section.items()}))
+    need, words = memory_estimate(meta, dtype, layers)
+    have = device_memory(device)
+    if need > have and not force:
+        raise ConfigError(f"{res.model_id} does not fit {device}: {words} > {have / 2**30:.1f} GiB of device memory. "
+                          f"Use --dtype bf16, a larger device, or moshi-7b-layer on a CPU (--force runs anyway).")
+    seed = int(res.config["random_weights"].get("seed", 0))
+    devs = [torch.device(device)] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devs):
+        torch.manual_seed(seed)
+        lm = get_moshi_lm(None, lm_kwargs=lm_cfg, device=device, dtype=dtype)
+    lm.eval()
+    return _Loaded(lm)
+
+
 def _load_lm(info, device, dtype) -> _Loaded:
     """Builds moshi's LM for our layout and moshi's. TTT tensors in the weights files are split out
     before moshi's strict load; without any, moshi's own loader runs unchanged."""
@@ -221,7 +250,7 @@ class _Notes:
 
 def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: str | None = "auto",
                ttt: dict | bool | None = None, target_init: str | None = None,
-               base: str | None = None) -> TTTModel:
+               base: str | None = None, force: bool = False) -> TTTModel:
     """Loads a checkpoint with TTT attached.
 
     Args:
@@ -235,6 +264,7 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
             (default: `zero` for fork checkpoints, `ntp` otherwise).
         base: for fork checkpoints, where the files the checkpoint lacks come from (any §4.1 source;
             default kyutai/moshiko-pytorch-bf16).
+        force: build a random-weights preset (moshi-7b-*) even where its memory estimate does not fit.
     """
     import torch
 
@@ -262,6 +292,8 @@ def load_model(source: str | None = "tiny", device: str | None = "auto", dtype: 
         if res.fork is not None:
             fork_layers = mapping.config.layers if mapping.config is not None else []
             loaded = _load_fork_lm(info, res.fork, fork_layers, dev, torch_dtype)
+        elif "random_weights" in res.config:
+            loaded = _random_lm(res, info, dev, torch_dtype, force)
         else:
             loaded = _load_lm(info, dev, torch_dtype)
         lm = loaded.lm
@@ -313,7 +345,7 @@ def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, tar
 
     raw = dict(loaded.ttt)
     files = dict(loaded.ttt_files)
-    if origin == "ttt" and res.config["ttt"].get("ttt_name", TTT_FILE):
+    if origin == "ttt" and _has_ttt_file(res):
         own, path = _read_ttt_file(res, cfg.ttt_name)
         raw.update(own)
         files.update({k: str(path) for k in own})
@@ -369,7 +401,7 @@ def _attach_variant(lm, res: Resolved, cfg: FastWeightConfig, origin: str, targe
     from ..fastweights.attach import attach_ttt, variant_of
 
     tensors: dict = {}
-    if origin == "ttt" and res.config["ttt"].get("ttt_name", TTT_FILE):
+    if origin == "ttt" and _has_ttt_file(res):
         raw, path = _read_ttt_file(res, cfg.ttt_name, inplace=False)
         tensors = {k: v.float() for k, v in raw.items()}
         prov.setdefault("files", {})["ttt"] = str(path)
@@ -382,6 +414,11 @@ def _attach_variant(lm, res: Resolved, cfg: FastWeightConfig, origin: str, targe
     attach_ttt(lm, cfg, tensors, target_init=init)
     prov["ttt_tensors"] = {"variant": cfg.variant, "fresh": len(missing), "from_checkpoint":
                            len(variant.tensor_names(cfg)) - len(missing)}
+
+
+def _has_ttt_file(res: Resolved) -> bool:
+    """Whether the checkpoint names a TTT tensors file (random-weights presets have none: §3.6 init)."""
+    return bool(res.config["ttt"].get("ttt_name", TTT_FILE)) and "random_weights" not in res.config
 
 
 def _frozen_linear_out(gating):

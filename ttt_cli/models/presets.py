@@ -1,5 +1,5 @@
 """Built-in offline checkpoints (`tiny`, `tiny-stt`, `tiny-mlp`, `tiny-adapter`, `bench`): deterministic moshi files
-made on first use."""
+made on first use; `moshi-7b-random`, `moshi-7b-layer`: Moshi 7B's shapes, random LM weights built in memory."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import json
 import os
 from pathlib import Path
 
-PRESETS = ("tiny", "tiny-stt", "tiny-mlp", "tiny-adapter", "bench")
+PRESETS = ("tiny", "tiny-stt", "tiny-mlp", "tiny-adapter", "bench", "moshi-7b-random", "moshi-7b-layer")
+# Real-shape presets (SPEC §8.7): moshi 7B's own config (moshi's `loaders._lm_kwargs`), LM weights drawn at load
+# time on the target device (never written: 15-30 GB), Mimi and tokenizer files borrowed from `tiny` (small).
+RANDOM_PRESETS = {"moshi-7b-random": {}, "moshi-7b-layer": {"num_layers": 1}}
+HEADROOM = 1.2  # the estimate's margin: activations, caches, allocator
 PRESET_VERSION = 3  # bump when a preset's files change, so caches are rebuilt
 SEED = 1234
 
@@ -63,6 +67,9 @@ TTT_SECTIONS = {
     "tiny-adapter": {"variant": "linear-adapter", "layers": [1, 3], "chunk_size": 8, "rank": 16, "lr_scale": 4.0},
     "tiny-stt": {"layers": [1, 3], "chunk_size": 16, "lr": 0.05},
     "bench": {"layers": [2, 5], "chunk_size": 256, "lr": 1e-3},
+    # SPEC §4.1's default for Moshi 7B: every 6th layer from 0, chunk 512; §3.6 init (no ttt file).
+    "moshi-7b-random": {"layers": [0, 6, 12, 18, 24, 30], "chunk_size": 512, "lr": 1e-3},
+    "moshi-7b-layer": {"layers": [0], "chunk_size": 512, "lr": 1e-3},
 }
 
 # Tensors of the variant presets redrawn ~ normal(0, std) (by name suffix) after the documented fresh init,
@@ -178,11 +185,71 @@ def _variant_tensors(name: str, lm, section: dict) -> dict | None:
     return tensors
 
 
+def random_lm_config(name: str) -> dict:
+    """The LMModel config of a real-shape preset: moshi 7B's `_lm_kwargs` with the preset's changes."""
+    from moshi.models.loaders import _lm_kwargs
+    return {**_lm_kwargs, **RANDOM_PRESETS[name]}
+
+
+def _write_random_preset(name: str, out: Path) -> None:
+    """config.json (moshi 7B + `ttt` + `random_weights`) and tiny's Mimi and tokenizer; no LM weights file."""
+    import shutil
+    tiny = ensure_preset("tiny")
+    for f in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
+        shutil.copyfile(tiny / f, out / f)
+    config = {**random_lm_config(name), "mimi_name": "mimi.safetensors", "tokenizer_name": "tokenizer.model",
+              "mimi_config_name": "mimi_config.json", "model_type": "moshi",
+              "random_weights": {"seed": SEED, "note": "LM weights are drawn at load time (moshi's init), never stored; "
+                                 "Mimi and tokenizer are tiny's: for benchmarks, not for listening"},
+              "ttt": TTT_SECTIONS[name]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def memory_estimate(lm_meta, dtype, ttt_layers: dict, streams: int = 1) -> tuple[int, str]:
+    """Bytes a random-weights model needs (SPEC §8.7): LM weights in the run dtype + TTT tensors (float32) +
+    `streams` streams' fast-weight state, times HEADROOM; and that arithmetic in words.
+
+    Args:
+        lm_meta: the LM with TTT attached, on the meta device.
+        dtype: the run's torch dtype.
+        ttt_layers: {index: fast-weight layer} of `lm_meta`.
+    """
+    import torch
+    ttt_ids = {id(t) for layer in ttt_layers.values() for t in list(layer.parameters()) + list(layer.buffers())
+               if t.dtype == torch.float32 and not any(t is p for p in _base_params(layer))}
+    base = sum(p.numel() for p in lm_meta.parameters() if id(p) not in ttt_ids)
+    fp32 = sum(t.numel() for layer in ttt_layers.values() for t in list(layer.parameters()) + list(layer.buffers())
+               if id(t) in ttt_ids)
+    item = torch.tensor([], dtype=dtype).element_size()
+    state = streams * sum(layer.state_bytes_per_stream() for layer in ttt_layers.values())
+    total = int(HEADROOM * (base * item + fp32 * 4 + state))
+    words = (f"({base / 1e9:.2f}e9 LM weights x {item} B ({str(dtype).replace('torch.', '')}) + {fp32 / 1e6:.0f}e6 "
+             f"TTT tensors x 4 B + {streams} stream(s) x {state / streams / 2**30:.2f} GiB fast-weight state) x "
+             f"{HEADROOM} headroom = {total / 2**30:.1f} GiB")
+    return total, words
+
+
+def _base_params(layer) -> list:
+    """The moshi parameters a fast-weight layer reuses (In-Place keeps moshi's linears as children)."""
+    return [p for name in ("linear_in", "linear_out") if hasattr(layer, name)
+            for p in getattr(layer, name).parameters()]
+
+
+def device_memory(device: str) -> int:
+    """Total memory of `device` in bytes (a CUDA device's, else the machine's RAM)."""
+    import torch
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def build_preset(name: str, out: Path) -> None:
     """Writes preset `name` (moshi files + `ttt` section + ttt.safetensors) into directory `out`."""
     from .writer import add_ttt_to_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
+    if name in RANDOM_PRESETS:
+        return _write_random_preset(name, out)
     lm = _write_base(name, out)
     section = TTT_SECTIONS[name]
     add_ttt_to_checkpoint(out, section, lm, target_init="ntp", tensors=_variant_tensors(name, lm, section))

@@ -146,7 +146,7 @@ def _local(ref: str) -> Path:
     return Path(str(ref).removeprefix("file://"))
 
 
-NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config")
+NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config", "random_weights")
 
 
 def yarn_section(cfg: dict):
@@ -224,7 +224,7 @@ def checkpoint_info(res: Resolved):
         if missing:
             raise CheckpointError(f"checkpoint {res.model_id} names files that do not exist: {', '.join(missing)}.")
         for k in ("moshi_name", "mimi_name", "tokenizer_name"):
-            if k not in cfg:
+            if k not in cfg and not (k == "moshi_name" and "random_weights" in cfg):
                 raise CheckpointError(f"checkpoint {res.model_id}: config.json has no `{k}`; a local checkpoint must "
                                       f"name its weights, Mimi and tokenizer files.")
     if res.fork is None and (res.directory is not None or res.config):
@@ -261,6 +261,8 @@ def checkpoint_info(res: Resolved):
         files["lora"] = str(info.lora_weights)
     if res.fork is not None and res.fork.kind == "adapters":
         files["adapters"] = str(res.fork.weights)
+    if "random_weights" in cfg and res.fork is None:
+        files["lm_weights"] = f"random (moshi's init, seed {cfg['random_weights'].get('seed')}; never stored)"
     res.provenance = {**({"format": "ttt" if "ttt" in cfg else "moshi"} if res.fork is None else res.provenance),
                       "files": files}
     return info

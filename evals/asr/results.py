@@ -1,0 +1,170 @@
+"""results.json of `ttt eval asr` from the committed recordings, and its writers (SPEC §5.7, docs/asr.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+import typing as tp
+from pathlib import Path
+
+from ..policies import Policy
+from .metrics import FileScore, score_corpus, score_file
+
+RESULTS_VERSION = 1
+COUNTS = ("substitutions", "deletions", "insertions", "hits", "words", "chars", "char_errors")
+RATES = ("wer", "wer_mean", "cer", "cer_mean", "longest_deletion_run", "longest_gap_s", "repetition_rate")
+
+
+def describe(p: Policy) -> str:
+    """What a policy does to a recording's stream."""
+    if p.kind == "document":
+        return "fast weights reset at each recording's start (each recording is its own stream)"
+    if p.kind == "every":
+        return (f"fast weights reset at each recording's start and before every {p.interval_steps}th step of its "
+                f"stream (attention carries on)")
+    return p.describe()
+
+
+def _corpus(scores: list[FileScore]) -> dict:
+    """A policy's corpus figures; counts 0 and rates None when no recording was scored."""
+    if scores:
+        d = score_corpus(scores).to_dict()
+    else:
+        d = {**{k: 0 for k in COUNTS}, **{k: None for k in RATES}, "files": 0, "bins": []}
+    d["recordings"] = d.pop("files")  # `files` is the per-file list (SPEC §5.7)
+    return d
+
+
+class _PolicyAcc:
+    """One policy's scores, per-file entries, timing and telemetry, over the committed recordings."""
+
+    def __init__(self):
+        self.scores: list[FileScore] = []
+        self.files: list[dict] = []
+        self.wall = self.audio = 0.0
+        self.steps = 0
+        self.telemetry: dict = {}
+
+    def add(self, key: str, reference: str, hyp: dict, score: FileScore, entry: dict) -> None:
+        from ..protocol import _telemetry_add
+
+        self.scores.append(score)
+        self.files.append({"path": key, "reference": reference, "hypothesis": hyp["text"], **score.to_dict()})
+        self.wall += float(entry["wall_seconds"])
+        self.audio += float(entry["seconds"])
+        self.steps += int(entry["steps"])
+        _telemetry_add(self.telemetry, {int(i): t for i, t in entry["telemetry"].items()})
+
+    def section(self, p: Policy, lr: float, warm: bool) -> dict:
+        return {"policy": p.name, "description": describe(p),
+                "ttt": {"on": p.ttt_on and lr > 0, "lr": lr if p.ttt_on else 0.0, "warm_start": warm and p.ttt_on,
+                        "reset_every_steps": p.interval_steps if p.kind == "every" else None},
+                **_corpus(self.scores),
+                "timing": {"wall_seconds": self.wall, "audio_seconds": self.audio, "steps": self.steps,
+                           "realtime_factor": self.wall / self.audio if self.audio else None,
+                           "ms_per_step": 1000 * self.wall / self.steps if self.steps else None},
+                "telemetry": self.telemetry, "files": self.files}
+
+
+def _read_hypothesis(out: Path, rel: str) -> dict:
+    obj = json.loads((out / rel).read_text(encoding="utf-8"))
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not isinstance(obj.get("words"), list):
+        raise OSError(f"{out / rel} is not a hypothesis record of ttt eval asr (no text or words).")
+    return obj
+
+
+def _recording(run, item, e: dict) -> dict:
+    return {"key": item.key, "audio": str(item.audio),
+            "reference_path": str(item.reference_path) if item.reference_path else None,
+            "manifest_line": item.line, "seconds": e["info"]["seconds"], "input": e["info"],
+            "hypotheses": {name: {"txt": pe["txt"], "json": pe["json"]} for name, pe in e["policies"].items()},
+            "warnings": e.get("warnings", [])}
+
+
+def build_results(run, interrupted: bool) -> tuple[dict, tp.Any, list]:
+    """(results.json content, the InputLedger of every input, the policies' table lines) of a run.
+
+    Every committed recording is scored again from its hypothesis files against its reference as read
+    now, with this run's --bin-seconds, so that resumed and new recordings are scored alike.
+    """
+    from ttt_cli.outputs import InputLedger
+    from ..protocol import _fw_bytes, _rel
+    from .protocol import PolicyWer
+
+    ds, o = run.dataset, run.o
+    ledger = InputLedger()
+    for it in ds.items:
+        ledger.add(it.key, it.key)
+    for s in ds.skipped:
+        ledger.add(("skipped", s.path), _rel(s.path, ds.root))
+        ledger.skip(("skipped", s.path), s.reason, s.failed)
+    accs = {p.name: _PolicyAcc() for p in run.policies}
+    recordings, warnings = [], list(run.warnings)
+    done = set(run.state["done"])
+    for it in ds.items:
+        e = run.state["docs"].get(it.key) if it.key in done else None
+        if e is None:
+            continue
+        if e.get("error"):
+            ledger.skip(it.key, e["error"])
+            continue
+        ledger.done(it.key, e.get("warnings", []))
+        warnings += [w for w in e.get("warnings", []) if w not in warnings]
+        recordings.append(_recording(run, it, e))
+        for p in run.policies:
+            pe = e["policies"][p.name]
+            hyp = _read_hypothesis(run.out, pe["json"])
+            score = score_file(it.reference, hyp["text"], hyp["words"], e["info"]["seconds"], o.bin_seconds)
+            accs[p.name].add(it.key, it.reference, hyp, score, pe)
+    if interrupted:
+        ledger.not_run("interrupted (Ctrl-C)")
+    sections = {p.name: accs[p.name].section(p, run.lr, run.warm is not None) for p in run.policies}
+    results = {
+        "format_version": RESULTS_VERSION, "kind": "asr",
+        "status": "interrupted" if interrupted else "complete",
+        "model": run.model_rec,
+        "dataset": {"path": str(Path(ds.source).resolve()), "kind": ds.kind, "recordings": len(recordings),
+                    "recordings_total": len(ds.items), "seconds": sum(r["seconds"] for r in recordings),
+                    "skipped": [{"path": r.path, "reason": r.reason, "failed": r.failed} for r in ledger.skipped]},
+        "protocol": run.protocol,
+        "policies": sections,
+        "recordings": recordings,
+        "timing": {"wall_seconds": time.perf_counter() - run.t_start,
+                   "transcribe_seconds": sum(a.wall for a in accs.values())},
+        "fast_weight_bytes_per_stream": _fw_bytes(run.m.lm),
+        "environment": environment(run.m),
+        "warnings": warnings,
+        "inputs": ledger.to_dict(),
+    }
+    return results, ledger, [_summary(name, s, PolicyWer) for name, s in sections.items()]
+
+
+def _summary(name: str, s: dict, cls) -> tp.Any:
+    return cls(name, s["wer"], s["wer_mean"], s["cer"], s["substitutions"], s["deletions"], s["insertions"],
+               s["words"], s["longest_deletion_run"], s["longest_gap_s"], s["repetition_rate"],
+               s["timing"]["realtime_factor"])
+
+
+def environment(m) -> dict:
+    """eval librilight's environment record plus the scoring packages' versions (WERs depend on them)."""
+    from ..protocol import environment as base
+    return base(m, ("jiwer", "whisper-normalizer"))
+
+
+def write_outputs(run, results: dict) -> list[str]:
+    """results.json, wer.csv and wer.png, each atomic and read back; Ctrl-C or a write failure here keeps the
+    resume record (eval librilight's `write_results_or_stop`)."""
+    from .. import report
+    from ..protocol import write_results_or_stop
+    from .report import WER_CSV, WER_PNG, write_wer_csv, write_wer_png
+
+    out = run.out
+    bins = {name: s["bins"] for name, s in results["policies"].items()}
+    overall = {name: s["wer"] for name, s in results["policies"].items() if s["wer"] is not None}
+    n = results["dataset"]["recordings"]
+    title = (f"{run.m.model_id} ({run.mode}): WER vs position ({n} recording(s), {run.o.bin_seconds:g} s bins)")
+    writers = [lambda: report.write_results(out / report.RESULTS, results),
+               lambda: write_wer_csv(out / WER_CSV, bins),
+               lambda: write_wer_png(out / WER_PNG, bins, title, overall)]
+    return write_results_or_stop(out, run.state, [it.key for it in run.dataset.items], writers,
+                                 "results.json, wer.csv and wer.png", "recording")

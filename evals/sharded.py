@@ -1,0 +1,79 @@
+"""`ttt eval librilight` under torchrun (SPEC §5.6): whole documents shared among ranks, rank 0 merges.
+
+Rank 0 opens (or resumes) the run's record and shares the documents still to do, balanced by
+duration; each rank scores its share and writes every finished document atomically as a record
+under `OUT/.ranks/<rank>/`; rank 0 then merges every rank's records into the resume state (in
+dataset order, the order a single process sums them in) and writes the outputs. A run that stops
+keeps the records: `--resume`, with any number of processes, takes them as finished documents.
+"""
+
+from __future__ import annotations
+
+import typing as tp
+
+from ttt_cli.distributed import balance, current
+from ttt_cli.errors import ConfigError
+
+from . import resume
+
+
+def refuse_carrying(policies) -> None:
+    """Policies that carry fast weights from one document to the next make documents one sequence."""
+    carrying = [p.name for p in policies if p.carries_across_documents]
+    if carrying and current().active:
+        raise ConfigError(f"policy {', '.join(carrying)} carries fast weights from one document to the next, so the "
+                          f"documents form one sequence that cannot be shared among ranks. Run it without torchrun, "
+                          f"or leave it out of this run.", hint="run -p never in a single process")
+
+
+def score_shared(run, config: dict, open_resume: tp.Callable, score_all: tp.Callable, write_state: tp.Callable) -> bool:
+    """Scores the run's documents on every rank of the job; rank 0 ends with every record merged.
+
+    Args:
+        run: the protocol's `_Run`.
+        config: the run's resume configuration (`resume.run_config`).
+        open_resume: `(run, config)`: loads or starts the resume record (rank 0 only).
+        score_all: `(run, todo, commit)`: scores documents, committing each; True when interrupted.
+        write_state: `(state_dir, state)`: writes the resume state atomically.
+    Returns:
+        True when Ctrl-C stopped some rank (rank 0: any rank; the others: their own).
+    """
+    s = current()
+    docs = run.dataset.documents
+    shares = None
+    if s.is_main:
+        open_resume(run, config)
+        done = set(run.state["done"])
+        shares = balance([(d.id, min(d.seconds, run.o.max_seconds)) for d in docs if d.id not in done], s.world_size)
+    s.set_shares(s.share("eval-plan", shares))
+    if not s.is_main:
+        run.state = resume.new_state(config)
+        run.carries = {p.name: None for p in run.policies}
+    mine = set(s.mine())
+    interrupted = score_all(run, [d for d in docs if d.id in mine], _commit_to_rank)
+    stats = s.gather("eval-stats", {"interrupted": interrupted, "encode_seconds": run.enc_seconds,
+                                    "hits": run.hits, "misses": run.misses, "warnings": run.warnings,
+                                    "token_nll": run.written_nll})
+    if not s.is_main:
+        return interrupted
+    records, notes = resume.read_rank_records(run.out)
+    run.state, damaged = resume.merge_records(run.state, records, [d.id for d in docs])
+    write_state(resume.state_dir(run.out), run.state)
+    if not damaged:
+        resume.remove_ranks(run.out)  # everything is in the state file now
+    for st in stats[1:]:
+        run.enc_seconds += st["encode_seconds"]
+        run.hits, run.misses = run.hits + st["hits"], run.misses + st["misses"]
+        run.warnings += [w for w in st["warnings"] if w not in run.warnings]
+        run.written_nll += st["token_nll"]
+    run.warnings += notes + [f"{d}: its record under {resume.ranks_dir(run.out)} is damaged; --resume computes it "
+                                     f"again." for d in damaged]
+    return any(st["interrupted"] for st in stats)
+
+
+def _commit_to_rank(run, doc, entry: dict) -> None:
+    """Commits one finished document of this rank: its record (atomic), then the state in memory."""
+    s = current()
+    resume.write_rank_record(run.out, s.rank, doc.id, entry, run.state["config"])
+    run.state = resume.with_document(run.state, doc.id, entry)
+    s.after_item()

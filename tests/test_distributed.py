@@ -1,0 +1,175 @@
+"""Scale-out (SPEC §5.6): real `torch.distributed.run` jobs of 2 and 3 CPU processes (gloo) on the tiny
+preset, checked against a single-process run of the same command (the reference), plus the share rule
+against a hand computation."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import librilight_data as LD
+from ttt_cli.cli.app import app
+from ttt_cli.distributed import FAULT_ENV, RANKS_DIR, balance
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REL = 1e-6   # SPEC §5.6: equal up to float summation order
+
+
+def torchrun(n: int, *args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m ttt_cli ARGS` as a user runs it (README: scale-out)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "ttt_cli",
+           *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def single(*args):
+    """The same command in one process, no torchrun (the reference)."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def close(a, b, path=""):
+    """Asserts two JSON values equal, floats within REL (relative)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(set(a) ^ set(b))}"
+        for k in a:
+            close(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and not (math.isnan(a) and math.isnan(b)):
+        assert abs(a - b) <= REL * max(abs(a), abs(b), 1e-12), f"{path}: {a} vs {b}"
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# -- the share rule ------------------------------------------------------------------------------
+
+def test_balance_longest_first_by_hand():
+    # weights a5 b1 c4 d2 e3 -> heaviest first: a->0 (0|0), c->1 (5|0), e->1 (5|4), d->0 (5|7), b: 7|7 tie -> 0
+    items = [("a", 5), ("b", 1), ("c", 4), ("d", 2), ("e", 3)]
+    assert balance(items, 2) == [["a", "b", "d"], ["c", "e"]]
+    assert balance(items, 7) == [["a"], ["c"], ["e"], ["d"], ["b"], [], []]
+    shares = balance([(str(i), (i * 7) % 5) for i in range(23)], 3)
+    assert sorted(k for s in shares for k in s) == sorted(str(i) for i in range(23))  # each exactly once
+
+
+# -- eval librilight: a rank killed, then --resume -------------------------------------------------
+
+EVAL = ["-p", "document", "-p", "off", "--model", "tiny"]
+# The test set plus a copy of speaker 20 as speaker 30: five documents, so that each rank has work both
+# before and after the kill. Shares of 2 ranks by seconds (8.4, 1.6, 8.4, 1.6, 3.7), longest first:
+# rank 0 = 20/book2, 100/7; rank 1 = 20/book10, 30/book2, 30/book10.
+ORDER = ["20/book2", "20/book10", "30/book2", "30/book10", "100/7"]
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scaleout")
+    data = LD.build(root / "data")
+    shutil.copytree(data / "20", data / "30")
+    ref = single("eval", "librilight", data, *EVAL, "--out", root / "ref", "--codes-cache", root / "cache-ref")
+    out = root / "dist"
+    t0 = time.monotonic()
+    # Rank 1 leaves silently after its first document, as a process on a lost node: rank 0 must stop
+    # within --dist-timeout, keeping every finished document.
+    killed = torchrun(2, "eval", "librilight", data, *EVAL, "--out", out, "--codes-cache", root / "cache",
+                      "--dist-timeout", "2", env={FAULT_ENV: "1:1"})
+    killed_s = time.monotonic() - t0
+    ranks = sorted(p.relative_to(out / RANKS_DIR).as_posix() for p in (out / RANKS_DIR).rglob("*.json"))
+    resumed = torchrun(2, "eval", "librilight", data, *EVAL, "--out", out, "--codes-cache", root / "cache",
+                       "--resume", "--json")
+    return ref, killed, killed_s, ranks, resumed, root
+
+
+def test_killed_rank_stops_the_others_within_the_timeout(eval_runs):
+    ref, killed, killed_s, ranks, _, _ = eval_runs
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "rank 1 stopped answering" in killed.stderr and "--resume" in killed.stderr
+    assert killed_s < 60  # bounded: 2 s of silence, not torchrun's or gloo's defaults
+    # Every finished document is kept as a record: rank 0's whole share and rank 1's first document.
+    assert [r.split("/")[0] for r in ranks] == ["0", "0", "1"], ranks
+
+
+def test_resumed_two_process_run_equals_one_process(eval_runs):
+    ref, _, _, _, resumed, root = eval_runs
+    assert ref.exit_code == 1, ref.stderr  # the broken file of the test set: skipped, reported, exit 1
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    out = json.loads(resumed.stdout)
+    a = json.loads((root / "ref" / "results.json").read_text())
+    b = json.loads((root / "dist" / "results.json").read_text())
+    assert out["policies"] == b["policies"] and out["out"] == str(root / "dist")  # rank 0's --json: the job's
+    for k in ("policies", "documents", "dataset"):
+        strip = (lambda d: {**d, "path": None}) if k == "dataset" else (lambda d: d)
+        close(_untimed(strip(a[k])), _untimed(strip(b[k])), k)
+    with open(root / "ref" / "curve.csv") as fa, open(root / "dist" / "curve.csv") as fb:
+        ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        close({k: float(v) if k != "policy" else v for k, v in x.items()},
+              {k: float(v) if k != "policy" else v for k, v in y.items()})
+    d = b["distributed"]
+    assert d["world_size"] == 2 and d["backend"] == "gloo"
+    # What rank 1 had not done, one document each (rank 1's record reaches rank 0's merge).
+    assert d["shares"] == {"0": ["30/book2"], "1": ["30/book10"]}
+    assert a["distributed"] == {"world_size": 1, "backend": None, "shares": {"0": ORDER}}
+    assert not (root / "dist" / RANKS_DIR).exists()  # merged completely: removed
+
+
+def _untimed(d):
+    """Drops wall-clock figures (they differ between runs); everything else must match."""
+    if isinstance(d, dict):
+        return {k: _untimed(v) for k, v in d.items()
+                if k not in ("timing", "seconds_wall", "encode_seconds", "codes_cache_hit")}
+    if isinstance(d, list):
+        return [_untimed(v) for v in d]
+    return d
+
+
+# -- infer and export-state: whole files per rank ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Two short clips (cut from the examples) and a file too short to hold one frame."""
+    import sphn
+    import numpy as np
+    root = tmp_path_factory.mktemp("clips")
+    paths = []
+    for name, seconds in (("hello", 1.6), ("weather", 1.2)):
+        src = EXAMPLES / ("hello.wav" if name == "hello" else "weather.flac")
+        pcm, sr = sphn.read(str(src))
+        sphn.write_wav(str(root / f"{name}.wav"), pcm[0, :int(seconds * sr)].astype(np.float32), sr)
+        paths.append(root / f"{name}.wav")
+    (root / "short.wav").write_bytes((root / "hello.wav").read_bytes()[:2000])
+    return root, paths + [root / "short.wav"]
+
+
+INFER = ["--model", "tiny", "--mode", "transcribe", "--greedy", "--json"]
+
+
+def test_infer_two_processes_equal_one(clips):
+    root, inputs = clips
+    ref = single("infer", *inputs, *INFER, "--out", root / "i1")
+    dist = torchrun(2, "infer", *inputs, *INFER, "--out", root / "i2")
+    assert ref.exit_code == 1 and dist.returncode == 1, dist.stderr[-3000:]
+    a, b = json.loads(ref.stdout), json.loads(dist.stdout)
+    assert a["inputs"]["done"] == b["inputs"]["done"] and a["inputs"]["skipped"] == b["inputs"]["skipped"]
+    assert len(b["inputs"]["done"]) == 2 and b["inputs"]["skipped"][0]["path"].endswith("short.wav")
+    shares = b["results"][0]["distributed"]["shares"]
+    assert sorted(x for s in shares.values() for x in s) == sorted(map(str, inputs))  # each file once
+    assert all(shares.values())  # balanced: both ranks had work
+    for x, y in zip(a["results"][:2], b["results"][:2]):
+        for k in ("text", "tokens", "words", "steps", "mode", "ttt"):
+            close(x[k], y[k], k)
+        on_disk = json.loads(Path(y["outputs"]["json"]).read_text())
+        assert on_disk["text"] == x["text"] and on_disk["distributed"] == y["distributed"]
+        assert Path(y["outputs"]["txt"]).read_text() == Path(x["outputs"]["txt"]).read_text()
+    assert x["distributed"]["world_size"] == 1 and len(x["distributed"]["shares"]) == 1

@@ -1,0 +1,142 @@
+"""`ttt eval asr`: long-form transcription quality (WER) with fast-weight reset policies (SPEC §5.7)."""
+
+from __future__ import annotations
+
+import enum
+import typing as tp
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt, ForceStateOpt,
+                     inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, ResumeOpt, SeedOpt,
+                     TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn, WarmStartOpt)
+
+
+class AsrMode(str, enum.Enum):
+    auto = "auto"
+    stt = "stt"
+    transcribe = "transcribe"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def asr_cmd(
+    data: Annotated[Path, typer.Argument(help="A directory of audio files, each with a same-stem .txt reference "
+                                              "(any depth), or a .jsonl manifest of {\"audio\": PATH, \"text\": "
+                                              "REFERENCE} lines.")],
+    model: ModelOpt = None,
+    base: BaseOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (results.json, wer.csv, wer.png, "
+                                      "hyp/<policy>/<recording>.txt|.json).")] = Path("results/asr"),
+    policy: Annotated[tp.Optional[list[str]], typer.Option(
+        "--policy", "-p", help="Fast-weight reset policy, repeatable: document (reset at each recording's start) | "
+                               "every:<N>s | every:<N> (steps) | off (no TTT: the baseline). Default: document.")]
+    = None,
+    mode: Annotated[AsrMode, typer.Option("--mode", help="auto: stt for STT checkpoints (dep_q = 0), else "
+                                          "transcribe (the input forced on Moshi's own stream).")] = AsrMode.auto,
+    pad_before: Annotated[tp.Optional[str], typer.Option("--pad-before", help="Silence before each recording "
+                                                         "(default 1s, as kyutai's STT evaluation).")] = None,
+    pad_after: Annotated[tp.Optional[str], typer.Option("--pad-after", help="Silence after each recording (default "
+                                                        "the text delay + 0.5s: stt_config.audio_delay_seconds, or "
+                                                        "2s in transcribe mode).")] = None,
+    bin_seconds: Annotated[str, typer.Option("--bin-seconds", help="Width of the WER position bins.")] = "60",
+    whole_file_seconds: Annotated[str, typer.Option("--whole-file-seconds", help="Recordings up to this long are "
+                                                    "decoded whole (as moshi.run_inference), longer ones in bounded "
+                                                    "pieces.")] = "600",
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    init_state: WarmStartOpt = None,
+    force_state: ForceStateOpt = False,
+    device: DeviceOpt = Device.auto,
+    dtype: DTypeOpt = DType.auto,
+    ttt: TTTOpt = True,
+    ttt_lr: TTTLrOpt = None,
+    ttt_chunk_size: TTTChunkOpt = None,
+    ttt_layers: TTTLayersOpt = None,
+    ttt_clip: TTTClipOpt = None,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Word error rate of streaming transcription on long recordings, one pass per fast-weight reset policy.
+
+    Each recording is streamed frame by frame exactly as `ttt infer --mode stt|transcribe` does (greedy),
+    with 1 s of silence before and the text delay + 0.5 s after it, and scored against its reference
+    with whisper's English normaliser and jiwer: corpus WER (total errors / total reference words),
+    the mean of per-file WERs, CER, S/D/I, WER per position bin, and the long-form failure signals
+    (longest deletion run, longest stretch without a word, repetition rate).
+
+    Examples:
+
+      ttt eval asr examples/asr --model tiny-stt -p off -p document --out results/asr
+
+      ttt eval asr rev16/ --model kyutai/stt-1b-en_fr -p off -p document -p every:5m --bin-seconds 300
+
+      ttt eval asr talks.jsonl --model kyutai/moshiko-pytorch-bf16 --mode transcribe --out results/ted
+
+      ttt eval asr rev16/ --out results/rev16 --resume
+    """
+    import os
+    from ..errors import ConfigError
+    from ..progress import make_progress
+    from ..units import parse_seconds
+    from evals.asr.protocol import AsrOptions, evaluate_asr
+    from .common import check_memory, say_model_notes, set_seed, ttt_overrides
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would transcribe everything into one --out
+        raise ConfigError("ttt eval asr does not run under torchrun yet (SPEC §5.6 covers eval librilight, infer "
+                          "and export-state); run it in one process, or split the manifest and give each part "
+                          "its own --out.")
+
+    opts = AsrOptions(
+        data=data, out=out, model=model, policies=list(policy or ["document"]), mode=mode.value,
+        pad_before=None if pad_before is None else parse_seconds(pad_before),
+        pad_after=None if pad_after is None else parse_seconds(pad_after),
+        bin_seconds=parse_seconds(bin_seconds), whole_file_seconds=parse_seconds(whole_file_seconds),
+        resume=resume, overwrite=overwrite, init_state=init_state, force_state=force_state, device=device.value,
+        dtype=dtype.value, ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, base=base,
+        seed=seed)
+
+    def load():
+        from ..models.loader import load_model
+        set_seed(seed)
+        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
+        say_model_notes(m)
+        err(check_memory(m, 1, force))
+        return m
+
+    with make_progress(quiet=json_out) as progress:
+        res = evaluate_asr(opts, progress, model=load)
+    for w in res.warnings:
+        warn(w)
+    payload = {**res.results, "out": str(res.out), "files": res.files, "failed": res.failed}
+    if res.interrupted:
+        fail(130, f"interrupted: {res.documents_done} of {res.documents_total} recording(s) finished and kept "
+                  f"(results.json says so). Run the same command with --resume to continue.",
+             "run the same command with --resume", json_out, {**payload, "exit_code": 130})
+    if json_out:
+        print_json({**payload, "exit_code": res.exit_code,
+                    **inputs_error(res.exit_code, f"{len(res.failed)} input(s) skipped: " + "; ".join(res.failed))})
+    else:
+        rows = [[p.name, _pct(p.wer), _pct(p.wer_mean), _pct(p.cer), f"{p.substitutions}/{p.deletions}/{p.insertions}",
+                 p.words, _num(p.longest_deletion_run, "d"), _num(p.longest_gap_s, ".1f"),
+                 _num(p.repetition_rate, ".2f"), _num(p.realtime_factor, ".2f")] for p in res.policies]
+        print_table(f"{res.documents_done}/{res.documents_total} recording(s), "
+                    f"{res.results['dataset']['seconds']:.1f} s of audio, {res.results['protocol']['mode']} "
+                    f"(WER/CER in %; maxima over recordings)",
+                    ["policy", "WER", "mean", "CER", "S/D/I", "words", "del run", "gap s", "repeat", "RTF"], rows)
+        err(f"wrote {', '.join(res.files)} and the hypotheses in {res.out / 'hyp'}")
+    if res.failed and not json_out:
+        err(f"{len(res.failed)} input(s) skipped:")
+        for f in res.failed:
+            err(f"  {f}")
+    raise typer.Exit(res.exit_code)

@@ -1,0 +1,91 @@
+"""moshi's CUDA graphs with TTT on: one captured `forward_text` per step phase ("step", "step + update")."""
+
+from __future__ import annotations
+
+import typing as tp
+from collections import Counter
+
+import torch
+from torch import nn
+
+from moshi.models.lm import LMGen, LMModel
+from moshi.utils.compile import CUDAGraphed
+
+from .interface import HostClock
+
+
+def _clocks(lm: nn.Module) -> list[HostClock]:
+    from .attach import ttt_layers  # attach imports the variants, which import this package's interface
+    return [c for layer in ttt_layers(lm).values() for c in layer.host_clocks()]
+
+
+def _recorders(lm: nn.Module) -> list:
+    from .attach import ttt_layers
+    return [r for layer in ttt_layers(lm).values() if (r := layer.recorder()) is not None]
+
+
+class PhaseGraphs:
+    """Stands in for `LMGen`'s `graphed_main`: one moshi `CUDAGraphed(lm.forward_text)` per step phase.
+
+    Before each step the host clocks of the TTT layers decide, from counters the host owns, whether a live
+    stream's chunk completes on this token (SPEC §8.6); the phase key (one decision per clock) picks the
+    graph, captured the first time the phase repeats (moshi's warm-up of one eager call). A replay runs no
+    Python inside the layers, so the clocks are advanced here, before the call, and the layers read the
+    plan instead of deciding. In phase streams give two graphs: "step" and "step + update".
+
+    Args:
+        lm: the LM whose `forward_text` is graphed.
+        disable: run eagerly (moshi disables graphs off CUDA).
+    """
+
+    def __init__(self, lm: LMModel, disable: bool):
+        self.lm = lm
+        self.disable = disable
+        self.graphs: dict[tuple[bool, ...], CUDAGraphed] = {}
+        self.calls: Counter[tuple[bool, ...]] = Counter()
+
+    def __call__(self, *args: tp.Any) -> tp.Any:
+        clocks = _clocks(self.lm)
+        key = tuple(c.plan() for c in clocks)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = CUDAGraphed(self.lm.forward_text, disable=self.disable)
+        self.calls[key] += 1
+        if not self.disable:  # a replay runs no Python in the layers: the update series' host half runs here
+            for rec in _recorders(self.lm):
+                rec.host_driven = True
+                rec.host_advance(1)
+        try:
+            return graph(*args)
+        finally:
+            for c in clocks:
+                c.planned = None
+
+    def captured(self) -> dict[tuple[bool, ...], bool]:
+        """Per phase key, whether its CUDA graph has been captured (replays follow)."""
+        return {k: g._graph is not None for k, g in self.graphs.items()}
+
+
+class TTTLMGen(LMGen):
+    """moshi's `LMGen` whose main step is graphed per step phase (`PhaseGraphs`), so CUDA graphs stay on with
+    TTT on; everything else (sampling, depformer graph, delays, resets, exec masks) is moshi's own code.
+    Without fast-weight layers, or frozen ones, there is one phase and it is exactly moshi's graph."""
+
+    def _init_streaming_state(self, batch_size: int):
+        state = super()._init_streaming_state(batch_size)
+        state.graphed_main = PhaseGraphs(self.lm_model, disable=self.lm_model.device.type != "cuda")
+        return state
+
+    def phase_graphs(self) -> PhaseGraphs:
+        """The running stream's `PhaseGraphs` (inside `streaming()`)."""
+        st = self._streaming_state
+        if st is None:
+            raise RuntimeError("TTTLMGen is not streaming: enter `lm_gen.streaming(B)` first.")
+        return st.graphed_main
+
+
+def graphs_available(device: torch.device | str) -> bool:
+    """Whether moshi would capture CUDA graphs on `device` now (CUDA, and not disabled by NO_CUDA_GRAPH or
+    `no_cuda_graph()`)."""
+    from moshi.utils.compile import _is_cuda_graph_enabled
+    return torch.device(device).type == "cuda" and _is_cuda_graph_enabled()
