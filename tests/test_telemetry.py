@@ -54,7 +54,7 @@ def checkpoint_theta0(preset: str) -> dict[str, torch.Tensor]:
 
 
 def norm(tensors) -> float:
-    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in tensors))
 
 
 def assert_rel(a: float, b: float, rel: float = REL, what: str = "") -> None:
