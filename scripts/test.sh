@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 # handlers): check that they work, installing what is missing when we may.
 ./scripts/check-tools.sh
 export NO_TORCH_COMPILE=1
-exec .venv/bin/python -m pytest -q "$@"
+# One worker per core (pytest-xdist), whole files per worker so module fixtures load once; each test
+# runs with one intra-op thread (tests/conftest.py). TTT_TEST_WORKERS=0 runs in this process.
+exec .venv/bin/python -m pytest -q -n "${TTT_TEST_WORKERS:-auto}" --dist loadfile "$@"
