@@ -611,3 +611,17 @@ def test_diff_states_against_hand_computation(tiny, snap):
     one = FastWeightState({k: v for k, v in a.tensors.items() if k.startswith("layers.1.")}, {**a.meta, "layers": [1]})
     o = diff_states(a, one)
     assert o.only_in_a == [3] and [r.layer for r in o.layers] == [1] and not o.identical
+
+
+def test_snapshot_written_before_the_activation_key_still_fits():
+    """Snapshots of format 1 written before `activation` joined the section lack the key; their fingerprint
+    already covered it, so a model with activation gelu (the fork's) takes them, and a changed layer does not."""
+    m = load_model("tiny", device="cpu", dtype="fp32", ttt={"activation": "gelu"})
+    with m.lm.streaming(1):
+        s = capture(m.lm, 0)
+    assert s.meta["activation"] == "gelu"
+    old = copy.deepcopy(s)
+    del old.meta["activation"]
+    assert check_fits(m, old).fits
+    other = load_model("tiny", device="cpu", dtype="fp32", ttt={"activation": "silu"})
+    assert not check_fits(other, old).fits  # the fingerprint still tells the activations apart

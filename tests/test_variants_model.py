@@ -352,3 +352,16 @@ def test_commands_run_on_variant_presets(name, data, tmp_path):
     other = [p for p in PRESETS if p != name][0]
     r = run(["inspect-state", str(b), "--model", other])
     assert r.exit_code == 2 and "variant" in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("source,variant", [("tiny-mlp", "inplace"), ("tiny-adapter", "inplace"), ("tiny", "mlp")])
+def test_another_variant_on_a_checkpoint_gets_its_fresh_init(source, variant):
+    """`ttt bench` puts every variant on one base: the checkpoint's tensors file belongs to its own variant,
+    so another one is attached with its documented fresh init (and says so), never from foreign keys."""
+    with pytest.warns(UserWarning, match="lacks TTT tensors"):
+        m = load_model(source, device="cpu", dtype="fp32", ttt={"variant": variant})
+    layers = ttt_layers(m.lm)
+    assert m.ttt.variant == variant and layers and all(l.variant == variant for l in layers.values())
+    if variant == "inplace":  # SPEC §3.6 by hand: W0 is the layer's own linear_out
+        for i, layer in layers.items():
+            assert torch.equal(layer.w_down, m.lm.transformer.layers[i].gating.linear_out.weight.float())

@@ -39,8 +39,6 @@ GROUPS = {
 VARIANT_GROUPS = ("step", "layer", "state")
 # A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
 SUFFIXES = {"inplace": "", "mlp": "_mlp", "linear-adapter": "_adapter"}
-
-
 PER_VARIANT = tuple(n for g in VARIANT_GROUPS for n in GROUPS[g])
 
 
@@ -304,9 +302,8 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
         opts: model, device, dtype, quick mode, steps, rounds, figure and variant selection, target overrides.
         progress: a `Progress` hook (ttt_cli.progress).
     """
-    from .models.loader import load_model
-
     from .bench_gpu import GPU_FIGURES, SKIP_NOTE, gpu_figures
+    from .models.loader import load_model
 
     progress = progress or NullProgress()
     if opts.steps is not None and opts.steps < 1:

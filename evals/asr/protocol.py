@@ -218,7 +218,7 @@ def setup(o: AsrOptions, policies: list[Policy], dataset: AsrDataset, out: Path,
                 "normalizer": "whisper EnglishTextNormalizer (whisper-normalizer)",
                 "scoring": "jiwer on normalised words and characters; corpus = total errors / total reference words"}
     model_rec = _model_section(m, _ttt_fingerprint(m), mimi_fingerprint(m.mimi))
-    run = AsrRun(o, policies, dataset, out, m, mode, pads, float(m.ttt.lr) if m.ttt is not None else 0.0, warm,
+    run = AsrRun(o, policies, dataset, out, m, mode, pads, float(m.ttt.rate) if m.ttt is not None else 0.0, warm,
                  protocol, model_rec, progress, warnings=list(m.warnings) + notes, t_start=t_start)
     open_record(run)
     return run

@@ -345,7 +345,7 @@ def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, tar
 
     raw = dict(loaded.ttt)
     files = dict(loaded.ttt_files)
-    if origin == "ttt" and _has_ttt_file(res):
+    if origin == "ttt" and _has_ttt_file(res) and _own_variant(res) == "inplace":
         own, path = _read_ttt_file(res, cfg.ttt_name)
         raw.update(own)
         files.update({k: str(path) for k in own})
@@ -401,7 +401,7 @@ def _attach_variant(lm, res: Resolved, cfg: FastWeightConfig, origin: str, targe
     from ..fastweights.attach import attach_ttt, variant_of
 
     tensors: dict = {}
-    if origin == "ttt" and _has_ttt_file(res):
+    if origin == "ttt" and _has_ttt_file(res) and _own_variant(res) == cfg.variant:
         raw, path = _read_ttt_file(res, cfg.ttt_name, inplace=False)
         tensors = {k: v.float() for k, v in raw.items()}
         prov.setdefault("files", {})["ttt"] = str(path)
@@ -414,6 +414,12 @@ def _attach_variant(lm, res: Resolved, cfg: FastWeightConfig, origin: str, targe
     attach_ttt(lm, cfg, tensors, target_init=init)
     prov["ttt_tensors"] = {"variant": cfg.variant, "fresh": len(missing), "from_checkpoint":
                            len(variant.tensor_names(cfg)) - len(missing)}
+
+
+def _own_variant(res: Resolved) -> str:
+    """The variant the checkpoint's own `ttt` section (and so its TTT tensors file) is for. Another variant
+    attached by an override (`ttt bench`, `--ttt ...`) gets that variant's documented fresh init instead."""
+    return res.config["ttt"].get("variant", "inplace")
 
 
 def _has_ttt_file(res: Resolved) -> bool:
