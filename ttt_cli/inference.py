@@ -553,6 +553,58 @@ def _model_facts(model) -> dict:
             "provenance": model.config.get("provenance")}
 
 
+class _MimiStreams:
+    """Mimi for B slots, one stream at a time, each slot with its own streaming state.
+
+    Mimi's convolutions and quantizer are not bit-identical across batch sizes (a 1e-7 latent
+    difference flips a nearest-codebook choice), and a file must give the same codes in a batch as
+    alone; so each slot keeps a single-stream state (encoder and decoder), swapped in for its call.
+    """
+
+    def __init__(self, mimi, B: int, device):
+        self.mimi, self.device = mimi, device
+        self.states: list[dict | None] = [None] * B
+        self._silence_state: dict | None = None
+        self._silence_codes: list = []  # transcribe: Mimi codes of silence frame t, same for every stream
+
+    def _fresh(self) -> dict:
+        """A new single-stream Mimi streaming state, not yet in use."""
+        with self.mimi.streaming(1):
+            return self.mimi.get_streaming_state()
+
+    def _run(self, state: dict, fn, x):
+        self.mimi.set_streaming_state(state)
+        try:
+            return fn(x)
+        finally:
+            self.mimi.set_streaming_state({k: None for k in state})
+
+    def start(self, b: int) -> None:
+        """Slot b starts a new stream: a fresh state, or its old one (and on CUDA its graphs) reset in place."""
+        if self.states[b] is None:
+            self.states[b] = self._fresh()
+        else:
+            self._run(self.states[b], lambda _: self.mimi.reset_streaming(), None)
+
+    def encode(self, b: int, x):
+        """Codes [1, n_q, 1] of one frame x [1, 1, FRAME_SIZE] of slot b."""
+        return self._run(self.states[b], self.mimi.encode, x)
+
+    def decode(self, b: int, codes):
+        """PCM [1, 1, FRAME_SIZE] of one frame of audio codes [1, dep_q, 1] of slot b."""
+        return self._run(self.states[b], self.mimi.decode, codes)
+
+    def silence(self, t: int):
+        """Mimi codes [n_q] of frame t of a silent stream (the user stream in transcribe mode)."""
+        import torch
+        while len(self._silence_codes) <= t:  # streams advance one frame per tick: at most one encode
+            if self._silence_state is None:
+                self._silence_state = self._fresh()
+            x = torch.zeros(1, 1, FRAME_SIZE, device=self.device)
+            self._silence_codes.append(self._run(self._silence_state, self.mimi.encode, x)[0, :, 0])
+        return self._silence_codes[t]
+
+
 class _Runner:
     """The batched streaming loop: one tick encodes one frame per live slot and steps LMGen."""
 
@@ -588,14 +640,9 @@ class _Runner:
         self.slots: list[_Stream | None] = [None] * B
         self.ticks = 0
         self._lm_mask: list[bool] | None = None
-        # Mimi runs one stream at a time, each with its own streaming state: its convolutions and
-        # quantizer are not bit-identical across batch sizes (a 1e-7 latent difference flips a
-        # nearest-codebook choice), and a file must give the same codes in a batch as alone.
-        self.mimi_states: list[dict | None] = [None] * B
-        self._silence_state: dict | None = None
-        self._silence_codes: list = []  # transcribe: Mimi codes of silence frame t, same for every stream
+        self.codec = _MimiStreams(self.mimi, B, self.device)
 
-    # -- exec masks, per-stream Mimi states ----------------------------------------------------------
+    # -- exec masks ---------------------------------------------------------------------------------
     def _mask(self, bits: list[bool]):
         import torch
         return torch.tensor(bits, dtype=torch.bool, device=self.device)
@@ -605,38 +652,13 @@ class _Runner:
             self.lm_gen.set_exec_mask(self._mask(bits))
             self._lm_mask = list(bits)
 
-    def _fresh_mimi_state(self) -> dict:
-        """A new single-stream Mimi streaming state (encoder and decoder), not yet in use."""
-        with self.mimi.streaming(1):
-            return self.mimi.get_streaming_state()
-
-    def _mimi(self, state: dict, fn, x):
-        self.mimi.set_streaming_state(state)
-        try:
-            return fn(x)
-        finally:
-            self.mimi.set_streaming_state({k: None for k in state})
-
-    def _silence(self, t: int):
-        """Mimi codes [n_q] of frame t of a silent stream (the user stream in transcribe mode)."""
-        import torch
-        while len(self._silence_codes) <= t:  # streams advance one frame per tick: at most one encode
-            if self._silence_state is None:
-                self._silence_state = self._fresh_mimi_state()
-            x = torch.zeros(1, 1, FRAME_SIZE, device=self.device)
-            self._silence_codes.append(self._mimi(self._silence_state, self.mimi.encode, x)[0, :, 0])
-        return self._silence_codes[t]
-
     # -- stream lifecycle ---------------------------------------------------------------------------
     def _start(self, b: int, stream: _Stream) -> None:
         """Fresh state for slot b: LMGen and LM (attention, fast weights) reset for b only, a new Mimi state."""
         bits = [i == b for i in range(self.B)]
         self.lm_gen.reset_streaming(self._mask(bits))
         self._lm_mask = None  # a reset sets the item's exec mask to True
-        if self.mimi_states[b] is None:
-            self.mimi_states[b] = self._fresh_mimi_state()
-        else:  # reuse the slot's state (and, on CUDA, its captured graphs), reset in place
-            self._mimi(self.mimi_states[b], lambda _: self.mimi.reset_streaming(), None)
+        self.codec.start(b)
         if self.init_state is not None:
             from .state import restore
             restore(self.lm, self.init_state, batch_index=b, force=self.opts.force)
@@ -755,13 +777,13 @@ class _Runner:
         for b, f in enumerate(frames):
             if f is not None:
                 x = torch.from_numpy(np.ascontiguousarray(f)).to(self.device)[None, None]  # [1, 1, FRAME_SIZE]
-                codes[b] = self._mimi(self.mimi_states[b], self.mimi.encode, x)[0]  # [n_q, 1]
+                codes[b] = self.codec.encode(b, x)[0]  # [n_q, 1]
         replace = None
         if self.mode == "transcribe":
             user = torch.zeros_like(codes)
             for b in range(B):
                 if live[b]:
-                    user[b, :, 0] = self._silence(self.slots[b].step)
+                    user[b, :, 0] = self.codec.silence(self.slots[b].step)
             replace = self._replace_tokens(codes, live)
         else:
             user = codes
@@ -782,7 +804,7 @@ class _Runner:
         if self.mode == "dialog":  # Moshi's voice, decoded as it goes
             for b in range(B):
                 if valid[b]:
-                    y = self._mimi(self.mimi_states[b], self.mimi.decode, out[b:b + 1, 1:])  # [1, 1, FRAME_SIZE]
+                    y = self.codec.decode(b, out[b:b + 1, 1:])  # [1, 1, FRAME_SIZE]
                     pcm[b] = y[0, 0].float().cpu().numpy()
         dt = time.perf_counter() - t0
         self.ticks += 1
