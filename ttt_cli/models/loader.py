@@ -341,7 +341,7 @@ def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, tar
     """Validates the TTT tensors read, applies the W0 rules, warns once about missing ones, attaches."""
     import torch
     from moshi.modules.lora import LoRALinear
-    from ..fastweights.attach import attach_ttt
+    from ..fastweights.attach import attach_ttt, variant_of
 
     raw = dict(loaded.ttt)
     files = dict(loaded.ttt_files)
@@ -383,9 +383,8 @@ def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, tar
         wanted += [f"transformer.layers.{i}.gating.w_down" for i in cfg.layers]
     missing = [k for k in wanted if k not in tensors]
     if missing and origin != "default":
-        notes.warn(f"checkpoint {res.model_id} lacks TTT tensors {', '.join(missing[:6])}"
-                   f"{' ...' if len(missing) > 6 else ''}: initialised by SPEC §3.6 (w_down <- linear_out, "
-                   f"target {init}{', the fork' + chr(39) + 's own warm start' if fork and init == 'zero' else ''}).")
+        how = variant_of(cfg).fresh_note(cfg, init)
+        _warn_missing(notes, res, missing, how + (" (the fork's own warm start)" if fork and init == "zero" else ""))
     attach_ttt(lm, cfg, tensors, target_init=init)
     prov["ttt_tensors"] = {"w0": w0, "target": {k: origins.get(k, f"initialised ({init})") for k in
                                                   [f"transformer.layers.{i}.gating.{n}" for i in cfg.layers
@@ -409,11 +408,16 @@ def _attach_variant(lm, res: Resolved, cfg: FastWeightConfig, origin: str, targe
     variant = variant_of(cfg)
     missing = [k for k in variant.tensor_names(cfg) if k not in tensors]
     if missing and origin != "default":
-        notes.warn(f"checkpoint {res.model_id} lacks TTT tensors {', '.join(missing[:6])}"
-                   f"{' ...' if len(missing) > 6 else ''}: {variant.fresh_note(cfg, init)}.")
+        _warn_missing(notes, res, missing, variant.fresh_note(cfg, init))
     attach_ttt(lm, cfg, tensors, target_init=init)
     prov["ttt_tensors"] = {"variant": cfg.variant, "fresh": len(missing), "from_checkpoint":
                            len(variant.tensor_names(cfg)) - len(missing)}
+
+
+def _warn_missing(notes: _Notes, res: Resolved, missing: list[str], how: str) -> None:
+    """Says once which TTT tensors the checkpoint lacks and how they were made instead."""
+    notes.warn(f"checkpoint {res.model_id} lacks TTT tensors {', '.join(missing[:6])}"
+               f"{' ...' if len(missing) > 6 else ''}: {how}.")
 
 
 def _own_variant(res: Resolved) -> str:
