@@ -62,6 +62,14 @@ class DocumentCodes:
         return self.samples / SAMPLE_RATE
 
 
+def digest_or_none(path: Path | str) -> str | None:
+    """`file_digest`, or None for a file that cannot be read (gone, unreadable)."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
 def file_digest(path: Path | str) -> str:
     """sha256 of a file's bytes."""
     h = hashlib.sha256()

@@ -314,7 +314,7 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     """
     from ttt_cli.errors import OutputError
     from ttt_cli.io import check_writable_dir
-    from ttt_cli.outputs import OutputPlan, beside, json_with_keys, real
+    from ttt_cli.outputs import OutputPlan, _inside, beside, json_with_keys, real
 
     plan = OutputPlan(overwrite=True)  # ttt's own earlier outputs: decided below (--resume or --overwrite)
     plan.read(dataset.root, "the dataset (DATA)", tree=True)
@@ -336,7 +336,7 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     plan.check()
     if cache_dir is not None:
         root, c = real(dataset.root), real(cache_dir)
-        if c == root or c.startswith(root.rstrip("/") + "/"):
+        if c == root or _inside(c, root):
             raise OutputError(f"--codes-cache {cache_dir} is inside the dataset {dataset.root}: cache files would mix "
                               f"with the books. Choose a directory outside it.")
     resume.check_earlier_run(out, o.resume, o.overwrite, _outputs(out) + [f for s in series for f in s.values()])
@@ -725,6 +725,8 @@ def _score_document(run: _Run, doc: Document, label: str, t_loop: float) -> dict
 def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_start: float,
             fp_seconds: float) -> EvalResult:
     """Aggregates every finished document (this run's and resumed ones) and writes the outputs."""
+    from ttt_cli.fastweights.attach import state_bytes_per_stream
+
     policies, dataset, state = run.policies, run.dataset, run.state
     accs = {p.name: Accum() for p in policies}
     tele: dict[str, dict] = {p.name: {} for p in policies}
@@ -774,7 +776,7 @@ def _finish(run: _Run, protocol: dict, model_rec: dict, interrupted: bool, t_sta
                    "score_seconds": sum(a.seconds for a in accs.values())},
         "codes_cache": {"dir": str(run.cache_dir) if run.cache_dir else None, "hits": run.hits,
                         "misses": run.misses, "read_only": run.cache_dir is not None and not run.store},
-        "fast_weight_bytes_per_stream": _fw_bytes(run.m.lm),
+        "fast_weight_bytes_per_stream": state_bytes_per_stream(run.m.lm),
         "update_series": {"dir": None if run.o.telemetry is None else str(run.o.telemetry), "files": series},
         "environment": environment(run.m),
         "warnings": warnings,
@@ -844,8 +846,3 @@ def write_results_or_stop(out: Path, state: dict, ids: list[str], writers: list[
         if as_os_error(e) is None:
             raise
         stop_on_write_error(out, state, ids, e, noun)
-
-
-def _fw_bytes(lm) -> int:
-    from ttt_cli.fastweights.attach import ttt_layers
-    return sum(layer.state_bytes_per_stream() for layer in ttt_layers(lm).values())

@@ -215,21 +215,14 @@ def _checksum(entry: dict) -> str:
 
 def document_inputs(doc, dc, root: Path, rel: tp.Callable[[tp.Any, Path], str]) -> dict:
     """A finished document's inputs: every audio path of its book, and the content hash of each file read."""
-    from .codes_cache import file_digest
+    from .codes_cache import digest_or_none
 
     all_paths = doc.all_paths()
     paths = [rel(p, root) for p in all_paths] + [rel(s.path, root) for s in doc.skipped]
     known = {str(all_paths[e["index"]]): e["sha256"] for e in dc.inputs}  # hashed for the codes cache already
     read = [f.path for f in dc.files] + [s.path for s in dc.skipped if s.failed]
-    digests = {rel(p, root): known.get(str(p)) or _digest(Path(p), file_digest) for p in read}
+    digests = {rel(p, root): known.get(str(p)) or digest_or_none(Path(p)) for p in read}
     return {"paths": sorted(paths), "sha256": digests}
-
-
-def _digest(path: Path, file_digest) -> str | None:
-    try:
-        return file_digest(path)
-    except OSError:
-        return None
 
 
 def with_document(state: dict, doc_id: str, entry: dict) -> dict:
@@ -241,7 +234,7 @@ def with_document(state: dict, doc_id: str, entry: dict) -> dict:
 
 
 def _inputs_changed(entry: dict, doc, root: Path, rel) -> str | None:
-    from .codes_cache import file_digest
+    from .codes_cache import digest_or_none
 
     rec = entry.get("inputs") or {}
     now = sorted([rel(p, root) for p in doc.all_paths()] + [rel(s.path, root) for s in doc.skipped])
@@ -250,7 +243,7 @@ def _inputs_changed(entry: dict, doc, root: Path, rel) -> str | None:
         gone = sorted(set(rec.get("paths") or []) - set(now))
         parts = [f"{what} {', '.join(names[:3])}" for what, names in (("added", added), ("removed", gone)) if names]
         return f"its files changed ({'; '.join(parts)})"
-    changed = [r for r, d in (rec.get("sha256") or {}).items() if _digest(root / r, file_digest) != d]
+    changed = [r for r, d in (rec.get("sha256") or {}).items() if digest_or_none(root / r) != d]
     if changed:
         return f"its audio changed ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
     return None

@@ -7,7 +7,9 @@ import warnings
 
 import torch
 
-FRAME_SECONDS = 0.08  # one LMGen step = one Mimi frame (12.5 Hz)
+from .units import FRAME_RATE
+
+FRAME_SECONDS = 1 / FRAME_RATE  # one LMGen step = one Mimi frame
 GPU_FIGURES = ("gpu_rtf_b1", "gpu_rtf_b8", "gpu_rtf_ratio_b1", "gpu_rtf_ratio_b8", "gpu_memory_per_stream_error")
 SKIP_NOTE = "GPU figures ({names}) skipped: no CUDA device in this run (--device {device})."
 
@@ -55,7 +57,7 @@ def gpu_figures(on, opts, names: tp.Sequence[str], progress) -> dict:
     CUDA graphs (TTTLMGen: one graph per step phase) vs plain moshi in the same run, the same without graphs
     (in each figure's detail), and the measured vs estimated fast-weight memory per stream."""
     from .bench import Figure, step_overhead
-    from .fastweights.attach import ttt_layers
+    from .fastweights.attach import state_bytes_per_stream
     from .models.loader import load_model
 
     dev = str(on.device)
@@ -84,7 +86,7 @@ def gpu_figures(on, opts, names: tp.Sequence[str], progress) -> dict:
         n = 8
         peaks = {name: (_peak_bytes(m.lm, 1, n, dev), _peak_bytes(m.lm, 2, n, dev)) for name, m in
                  (("ttt", on), ("plain", plain))}
-        estimate = sum(layer.state_bytes_per_stream() for layer in ttt_layers(on.lm).values())
+        estimate = state_bytes_per_stream(on.lm)
         err, measured = memory_error(peaks["ttt"], peaks["plain"], estimate)
         out["gpu_memory_per_stream_error"] = Figure("gpu_memory_per_stream_error", err, detail={
             "measured_bytes": measured, "predicted_bytes": estimate})

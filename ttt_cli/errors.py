@@ -40,10 +40,24 @@ class OutputError(TTTError):
 
 
 class WriteError(TTTError):
-    """Writing failed part-way (disk full, read-only, permission): finished outputs are kept (exit 1)."""
+    """Writing failed part-way (disk full, read-only, permission): finished outputs are kept (exit 1).
+
+    Args:
+        detail: the OS error in words (path and reason), for the accounting of the inputs not run.
+    """
 
     exit_code = 1
     default_hint = "free some space or write elsewhere, then run again on the inputs reported as not run"
+
+    def __init__(self, message: str = "", hint: str | None = None, detail: str | None = None):
+        super().__init__(message, hint)
+        self.detail = detail or message
+
+    @classmethod
+    def unit_removed(cls, detail: str, input_path) -> "WriteError":
+        """One input's outputs failed to write and were removed again."""
+        return cls(f"{detail}. The outputs of {input_path} were removed again; outputs already finished stay.",
+                   detail=detail)
 
 
 class InputError(TTTError):

@@ -340,10 +340,7 @@ class _Segment:
                 raise
             detail = describe_os_error(ose, self.sink.path)
             self.result.error = f"{self.result.job.path}: {detail}"
-            we = WriteError(f"{detail}. The outputs of {self.result.job.path} were removed again; outputs already "
-                            f"finished stay.")
-            we.detail = detail  # type: ignore[attr-defined]
-            raise we from None
+            raise WriteError.unit_removed(detail, self.result.job.path) from None
 
     def fail(self, reason: str) -> None:
         """The file cannot go on (found part-way through it): it ends here and counts as failed."""
@@ -1027,10 +1024,7 @@ def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
         if ose is not None and not isinstance(e, TTTError):
             detail = describe_os_error(ose, current)
             res.error = f"{res.job.path}: {detail}"
-            we = WriteError(f"{detail}. The outputs of {res.job.path} were removed again; outputs already "
-                            f"finished stay.")
-            we.detail = detail  # type: ignore[attr-defined]
-            raise we from None
+            raise WriteError.unit_removed(detail, res.job.path) from None
         raise
     finally:
         res.state = None  # a snapshot can be large: keep it no longer than needed

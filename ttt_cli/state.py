@@ -623,6 +623,10 @@ def _validate(path: Path, meta: tp.Any, tensors: dict[str, torch.Tensor]) -> Non
     if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                for i in layers):
         bad(f"layers must be a list of integers >= 0, got {layers!r}.")
+    try:  # the TTT config keys: the variant's own validation, as for a checkpoint's `ttt` section
+        config_class(meta["variant"]).from_dict({k: meta[k] for k in variant_keys if k in meta})
+    except ConfigError as e:
+        bad(f"metadata: {str(e).removeprefix('invalid `ttt` config: ')}")
     _validate_meta_values(meta, bad)
     seen: set[int] = set()
     for k, t in tensors.items():
@@ -667,12 +671,6 @@ def _validate_meta_values(meta: dict, bad: tp.Callable[[str], tp.NoReturn]) -> N
     def check(key: str, ok: tp.Callable[[tp.Any], bool], want: str, optional: bool = True) -> None:
         if key in meta and not (optional and meta[key] is None) and not ok(meta[key]):
             bad(f"metadata `{key}` must be {want}, got {meta[key]!r}.")
-    check("chunk_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1",
-          optional=False)
-    check("lr", lambda v: _is_num(v) and v >= 0, "a finite number >= 0", optional=False)
-    check("delta_clip_fro_norm", lambda v: _is_num(v) and v > 0, "null or a finite number > 0")
-    check("delta_clip_epsilon", lambda v: _is_num(v) and v >= 0, "null or a finite number >= 0")
-    check("variant", lambda v: isinstance(v, str) and v != "", "a variant name", optional=False)
     for k in ("model_fingerprint", "w0_fingerprint"):
         check(k, lambda v: isinstance(v, str) and v != "", "a hex digest", optional=False)
     check("steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0")

@@ -78,12 +78,6 @@ def csv_rows(rows: Rows, stream: int) -> list[list[str]]:
              repr(float(r.w_norm))] for _, i, _, r in flat]
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """The rows of an `.updates.csv` as dicts (tests, notebooks)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
 def is_series_csv(path: Path) -> bool:
     """An update-series CSV of ours: its header is exactly `COLUMNS` (what --overwrite may replace)."""
     try:

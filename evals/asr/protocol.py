@@ -251,23 +251,16 @@ def open_record(run: AsrRun) -> None:
 
 def _changed(run: AsrRun, entry: dict, item: AsrItem) -> str | None:
     """Why a finished recording must be transcribed again (its audio or a hypothesis file changed), or None."""
-    from ..codes_cache import file_digest
+    from ..codes_cache import digest_or_none
 
     want = (entry.get("inputs") or {}).get("sha256")
-    if _digest(item.audio, file_digest) != want:
+    if digest_or_none(item.audio) != want:
         return "its audio changed"
     for p in (entry.get("policies") or {}).values():
         for name, digest in (p.get("sha256") or {}).items():
-            if _digest(run.out / name, file_digest) != digest:
+            if digest_or_none(run.out / name) != digest:
                 return f"its hypothesis file {name} is missing or changed"
     return None
-
-
-def _digest(path: Path, file_digest) -> str | None:
-    try:
-        return file_digest(path)
-    except OSError:
-        return None
 
 
 # -- the per-recording loop -------------------------------------------------------------------------
@@ -330,12 +323,12 @@ def transcribe_recording(run: AsrRun, item: AsrItem, label: str, written: list[P
         written: receives each file written, so that an interrupted recording can be removed again.
     """
     from ttt_cli.inference import InferOptions, Job, infer, write_result
-    from ..codes_cache import file_digest
+    from ..codes_cache import digest_or_none, file_digest
     from ..scoring import policy_settings
     from .metrics import score_file
     from .outputs import hyp_dir, hyp_paths, hyp_stem
 
-    entry: dict[str, tp.Any] = {"key": item.key, "inputs": {"sha256": _digest(item.audio, file_digest)},
+    entry: dict[str, tp.Any] = {"key": item.key, "inputs": {"sha256": digest_or_none(item.audio)},
                                 "policies": {}, "warnings": [], "error": None}
     for p in run.policies:
         opts = InferOptions(mode=run.mode, greedy=True, seed=run.o.seed, pad_seconds=run.pads,

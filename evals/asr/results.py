@@ -88,7 +88,8 @@ def build_results(run, interrupted: bool) -> tuple[dict, tp.Any, list]:
     now, with this run's --bin-seconds, so that resumed and new recordings are scored alike.
     """
     from ttt_cli.outputs import InputLedger
-    from ..protocol import _fw_bytes, _rel
+    from ttt_cli.fastweights.attach import state_bytes_per_stream
+    from ..protocol import _rel
     from .protocol import PolicyWer
 
     ds, o = run.dataset, run.o
@@ -131,7 +132,7 @@ def build_results(run, interrupted: bool) -> tuple[dict, tp.Any, list]:
         "recordings": recordings,
         "timing": {"wall_seconds": time.perf_counter() - run.t_start,
                    "transcribe_seconds": sum(a.wall for a in accs.values())},
-        "fast_weight_bytes_per_stream": _fw_bytes(run.m.lm),
+        "fast_weight_bytes_per_stream": state_bytes_per_stream(run.m.lm),
         "environment": environment(run.m),
         "warnings": warnings,
         "inputs": ledger.to_dict(),

@@ -240,6 +240,52 @@ def err(msg: str, always: bool = False) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(shown(msg), markup=False)
 
 
+def fmt_or_dash(v: float | None, spec: str = ".4f") -> str:
+    """A table cell: `v` formatted, or "-" when there is no value."""
+    return "-" if v is None else format(v, spec)
+
+
+def eval_model_loader(opts, seed: int, force: bool) -> tp.Callable[[], tp.Any]:
+    """What the eval commands hand the protocol: loads `opts.model` once it is needed (after the output
+    checks), says what loading said, and refuses a run whose fast weights do not fit (unless `force`)."""
+    def load():
+        from ..models.loader import load_model
+        set_seed(seed)
+        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
+        say_model_notes(m)
+        err(check_memory(m, 1, force))
+        return m
+    return load
+
+
+def report_eval(res, json_out: bool, noun: str, table: tp.Callable[[], None]) -> tp.NoReturn:
+    """The end of an eval command: warnings, Ctrl-C (130, with how to resume), the `--json` object or the
+    table (`table()` prints it), the skipped inputs, and the exit code.
+
+    Args:
+        res: the protocol's result (`results`, `out`, `files`, `failed`, `interrupted`, `exit_code`,
+            `documents_done`/`documents_total`, `warnings`).
+        noun: what a unit of the dataset is called ("document", "recording").
+    """
+    for w in res.warnings:
+        warn(w)
+    payload = {**res.results, "out": str(res.out), "files": res.files, "failed": res.failed}
+    if res.interrupted:
+        fail(130, f"interrupted: {res.documents_done} of {res.documents_total} {noun}(s) finished and kept "
+                  f"(results.json says so). Run the same command with --resume to continue.",
+             "run the same command with --resume", json_out, {**payload, "exit_code": 130})
+    if json_out:
+        print_json({**payload, "exit_code": res.exit_code,
+                    **inputs_error(res.exit_code, f"{len(res.failed)} input(s) skipped: " + "; ".join(res.failed))})
+    else:
+        table()
+        if res.failed:
+            err(f"{len(res.failed)} input(s) skipped:")
+            for f in res.failed:
+                err(f"  {f}")
+    raise typer.Exit(res.exit_code)
+
+
 def say_model_notes(m) -> None:
     """What loading said about the model (where a fork checkpoint's files came from, warnings), once."""
     for note in m.notes:

@@ -8,18 +8,14 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, BaseOpt, DebugOpt, Device, DistTimeoutOpt, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt,
-                     ForceStateOpt, handle_errors, inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json,
-                     print_table, ResumeOpt, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt,
-                     TTTLrOpt, TTTOpt, warn, WarmStartOpt)
+from .common import (AudioStream, BaseOpt, DebugOpt, Device, DistTimeoutOpt, DeviceOpt, DType, DTypeOpt, err,
+                     eval_model_loader, fmt_or_dash, ForceOpt, ForceStateOpt, handle_errors, JsonOpt, ModelOpt,
+                     OverwriteOpt, print_table, report_eval, ResumeOpt, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt,
+                     TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks (librilight); "
                             "long-form transcription WER (asr).")
-
-
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def librilight_cmd(
@@ -88,7 +84,7 @@ def librilight_cmd(
     from .. import distributed
     from ..units import parse_seconds
     from evals.protocol import EvalOptions, evaluate_librilight
-    from .common import check_memory, set_seed, ttt_overrides
+    from .common import ttt_overrides
 
     session = distributed.start(dist_timeout, device.value, "finished documents are kept: run the same command "
                                 "with --resume (any number of processes) to continue")
@@ -102,47 +98,22 @@ def librilight_cmd(
         ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base,
         telemetry=telemetry)
 
-    def load():
-        from ..models.loader import load_model
-        set_seed(seed)
-        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
-        for note in m.notes:
-            err(note)
-        for note in m.warnings:  # also in results.json; `warn` says each once
-            warn(note)
-        err(check_memory(m, 1, force))
-        return m
-
     with distributed.progress(quiet=json_out) as progress:
-        res = evaluate_librilight(opts, progress, model=load)
+        res = evaluate_librilight(opts, progress, model=eval_model_loader(opts, seed, force))
     if distributed.quiet():  # rank 0 reports for the job; this rank's exit code counts in the agreed one
         raise typer.Exit(res.exit_code)
-    for w in res.warnings:
-        warn(w)
-    if res.interrupted:
-        fail(130, f"interrupted: {res.documents_done} of {res.documents_total} document(s) finished and kept "
-                  f"(results.json says so). Run the same command with --resume to continue.",
-             "run the same command with --resume", json_out,
-             {**res.results, "out": str(res.out), "files": res.files, "failed": res.failed, "exit_code": 130})
-    if json_out:
-        print_json({**res.results, "out": str(res.out), "files": res.files, "failed": res.failed,
-                    "exit_code": res.exit_code,
-                    **inputs_error(res.exit_code, f"{len(res.failed)} input(s) skipped: " + "; ".join(res.failed))})
-    else:
-        rows = [[p.name, _fmt(p.nll), _fmt(p.perplexity, ".2f"), _fmt(p.nll_semantic), _fmt(p.nll_acoustic),
-                 *([_fmt(p.nll_text)] if any(q.nll_text is not None for q in res.policies) else []),
-                 p.tokens, _fmt(p.steps_per_second, ".1f")] for p in res.policies]
+
+    def table() -> None:
+        rows = [[p.name, fmt_or_dash(p.nll), fmt_or_dash(p.perplexity, ".2f"), fmt_or_dash(p.nll_semantic), fmt_or_dash(p.nll_acoustic),
+                 *([fmt_or_dash(p.nll_text)] if any(q.nll_text is not None for q in res.policies) else []),
+                 p.tokens, fmt_or_dash(p.steps_per_second, ".1f")] for p in res.policies]
         cols = ["policy", "NLL", "PPL", "NLL semantic", "NLL acoustic",
                 *(["NLL text"] if any(q.nll_text is not None for q in res.policies) else []), "tokens", "steps/s"]
         print_table(f"{res.documents_done}/{res.documents_total} document(s), "
                     f"{res.results['dataset']['seconds']:.1f} s of audio", cols, rows)
         err(f"wrote {', '.join(res.files[:3])}" + (f" and {len(res.files) - 3} token NLL file(s)"
                                                    if len(res.files) > 3 else ""))
-    if res.failed and not json_out:
-        err(f"{len(res.failed)} input(s) skipped:")
-        for f in res.failed:
-            err(f"  {f}")
-    raise typer.Exit(res.exit_code)
+    report_eval(res, json_out, "document", table)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from .common import (BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, fail, ForceOpt, ForceStateOpt,
-                     inputs_error, JsonOpt, ModelOpt, OverwriteOpt, print_json, print_table, ResumeOpt, SeedOpt,
-                     TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn, WarmStartOpt)
+from .common import (BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, eval_model_loader, fmt_or_dash,
+                     ForceOpt, ForceStateOpt, JsonOpt, ModelOpt, OverwriteOpt, print_table, report_eval, ResumeOpt,
+                     SeedOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
 
 
 class AsrMode(str, enum.Enum):
@@ -22,10 +22,6 @@ class AsrMode(str, enum.Enum):
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
-
-
-def _num(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def asr_cmd(
@@ -90,7 +86,7 @@ def asr_cmd(
     from ..progress import make_progress
     from ..units import parse_seconds
     from evals.asr.protocol import AsrOptions, evaluate_asr
-    from .common import check_memory, say_model_notes, set_seed, ttt_overrides
+    from .common import ttt_overrides
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would transcribe everything into one --out
         raise ConfigError("ttt eval asr does not run under torchrun yet (SPEC §5.6 covers eval librilight, infer "
@@ -106,37 +102,16 @@ def asr_cmd(
         dtype=dtype.value, ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, base=base,
         seed=seed)
 
-    def load():
-        from ..models.loader import load_model
-        set_seed(seed)
-        m = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=opts.ttt, base=opts.base)
-        say_model_notes(m)
-        err(check_memory(m, 1, force))
-        return m
-
     with make_progress(quiet=json_out) as progress:
-        res = evaluate_asr(opts, progress, model=load)
-    for w in res.warnings:
-        warn(w)
-    payload = {**res.results, "out": str(res.out), "files": res.files, "failed": res.failed}
-    if res.interrupted:
-        fail(130, f"interrupted: {res.documents_done} of {res.documents_total} recording(s) finished and kept "
-                  f"(results.json says so). Run the same command with --resume to continue.",
-             "run the same command with --resume", json_out, {**payload, "exit_code": 130})
-    if json_out:
-        print_json({**payload, "exit_code": res.exit_code,
-                    **inputs_error(res.exit_code, f"{len(res.failed)} input(s) skipped: " + "; ".join(res.failed))})
-    else:
+        res = evaluate_asr(opts, progress, model=eval_model_loader(opts, seed, force))
+
+    def table() -> None:
         rows = [[p.name, _pct(p.wer), _pct(p.wer_mean), _pct(p.cer), f"{p.substitutions}/{p.deletions}/{p.insertions}",
-                 p.words, _num(p.longest_deletion_run, "d"), _num(p.longest_gap_s, ".1f"),
-                 _num(p.repetition_rate, ".2f"), _num(p.realtime_factor, ".2f")] for p in res.policies]
+                 p.words, fmt_or_dash(p.longest_deletion_run, "d"), fmt_or_dash(p.longest_gap_s, ".1f"),
+                 fmt_or_dash(p.repetition_rate, ".2f"), fmt_or_dash(p.realtime_factor, ".2f")] for p in res.policies]
         print_table(f"{res.documents_done}/{res.documents_total} recording(s), "
                     f"{res.results['dataset']['seconds']:.1f} s of audio, {res.results['protocol']['mode']} "
                     f"(WER/CER in %; maxima over recordings)",
                     ["policy", "WER", "mean", "CER", "S/D/I", "words", "del run", "gap s", "repeat", "RTF"], rows)
         err(f"wrote {', '.join(res.files)} and the hypotheses in {res.out / 'hyp'}")
-    if res.failed and not json_out:
-        err(f"{len(res.failed)} input(s) skipped:")
-        for f in res.failed:
-            err(f"  {f}")
-    raise typer.Exit(res.exit_code)
+    report_eval(res, json_out, "recording", table)

@@ -231,14 +231,13 @@ def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
                 return WavStream(path)
             except OSError as e:
                 from ..io import describe_os_error
-                we = WriteError(f"{describe_os_error(e, path)}.")
-                we.detail = describe_os_error(e, path)  # type: ignore[attr-defined]
-                raise we from None
+                detail = describe_os_error(e, path)
+                raise WriteError(f"{detail}.", detail=detail) from None
 
         try:
             return infer(m, jobs, opts, progress, on_result=on_result, audio_out=audio_out)
         except WriteError as e:
-            rest = ledger.not_run(f"the run stopped after a write failure ({getattr(e, 'detail', e)})")
+            rest = ledger.not_run(f"the run stopped after a write failure ({e.detail})")
             fail(1, f"{e} {len(rest)} input(s) not run: {_names(rest)}.", e.hint, json_out,
                  {"inputs": ledger.to_dict(), "exit_code": 1})
         except KeyboardInterrupt:

@@ -114,8 +114,7 @@ class AdapterGroup(LearnerLayer):
 
     variant = "linear-adapter"
     structural = frozenset({"variant", "layers", *AdapterConfig.structural_keys})
-    rate_key = "lr_scale"
-    figure_suffix = "_adapter"
+    rate_key = AdapterConfig.rate_key
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -193,10 +192,15 @@ def _parent(layer: nn.Module, target: str) -> tuple[nn.Module, str]:
     return mod, leaf
 
 
+def _fresh_seed(index: int, t: int) -> torch.Generator:
+    """The generator of layer `index`'s adapter `t`: the same fresh init wherever it is drawn."""
+    return torch.Generator().manual_seed(FRESH_SEED + 16 * index + t)
+
+
 def _fresh_params(base: nn.Module, index: int, t: int, rank: int, device=None) -> AdapterParams:
     w = base.frozen_W.weight if isinstance(base, LoRALinear) else base.weight
     p = AdapterParams(w.shape[1], w.shape[0], rank, device)
-    p.init_fresh(torch.Generator().manual_seed(FRESH_SEED + 16 * index + t))
+    p.init_fresh(_fresh_seed(index, t))
     return p
 
 
@@ -217,8 +221,7 @@ def attach(lm: LMModel, cfg: AdapterConfig, tensors: dict[str, torch.Tensor], ta
             base = getattr(parent, leaf)
             dev = next(base.parameters()).device
             adapter = TTTAdapterLinear(base, target, cfg.rank, group, dev)
-            fresh = _fresh_params(base, i, j, cfg.rank, "cpu")
-            adapter.ttt_adapter.load_state_dict(fresh.state_dict())
+            adapter.ttt_adapter.init_fresh(_fresh_seed(i, j))  # drawn on the CPU, copied to the device
             load_tensors(adapter.ttt_adapter, tensors, PREFIX.format(i=i, target=target))
             setattr(parent, leaf, adapter)
             group.add(adapter)

@@ -174,6 +174,11 @@ def ttt_layers(lm: nn.Module) -> dict[int, FastWeightLayer]:
     return out
 
 
+def state_bytes_per_stream(lm: nn.Module) -> int:
+    """Fast-weight state bytes one stream needs, over every TTT layer (SPEC §5's estimate)."""
+    return sum(layer.state_bytes_per_stream() for layer in ttt_layers(lm).values())
+
+
 def set_ttt_lr(lm: nn.Module, lr: float) -> None:
     """Sets every fast-weight layer's rate (`lr`, `base_lr` or `lr_scale`; 0 freezes them); not while streaming."""
     for layer in ttt_layers(lm).values():

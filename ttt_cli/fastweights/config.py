@@ -163,9 +163,6 @@ class TTTConfig(FastWeightConfig):
             bad(f"delta_clip_epsilon must be a number > 0, got {self.delta_clip_epsilon!r}.")
 
 
-InPlaceConfig = TTTConfig
-
-
 @dataclass
 class MLPConfig(FastWeightConfig):
     """Variant `mlp`: TTT-MLP hybrid blocks between attention and feed-forward (SPEC §3.10)."""

@@ -5,23 +5,8 @@ from __future__ import annotations
 import typing as tp
 from collections import Counter
 
-import torch
-from torch import nn
-
 from moshi.models.lm import LMGen, LMModel
 from moshi.utils.compile import CUDAGraphed
-
-from .interface import HostClock
-
-
-def _clocks(lm: nn.Module) -> list[HostClock]:
-    from .attach import ttt_layers  # attach imports the variants, which import this package's interface
-    return [c for layer in ttt_layers(lm).values() for c in layer.host_clocks()]
-
-
-def _recorders(lm: nn.Module) -> list:
-    from .attach import ttt_layers
-    return [r for layer in ttt_layers(lm).values() if (r := layer.recorder()) is not None]
 
 
 class PhaseGraphs:
@@ -39,20 +24,22 @@ class PhaseGraphs:
     """
 
     def __init__(self, lm: LMModel, disable: bool):
+        from .attach import ttt_layers  # attach imports the variants, which import this package's interface
         self.lm = lm
         self.disable = disable
+        self.layers = list(ttt_layers(lm).values())  # fixed while streaming: not walked again per step
         self.graphs: dict[tuple[bool, ...], CUDAGraphed] = {}
         self.calls: Counter[tuple[bool, ...]] = Counter()
 
     def __call__(self, *args: tp.Any) -> tp.Any:
-        clocks = _clocks(self.lm)
+        clocks = [c for layer in self.layers for c in layer.host_clocks()]
         key = tuple(c.plan() for c in clocks)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = CUDAGraphed(self.lm.forward_text, disable=self.disable)
         self.calls[key] += 1
         if not self.disable:  # a replay runs no Python in the layers: the update series' host half runs here
-            for rec in _recorders(self.lm):
+            for rec in filter(None, (layer.recorder() for layer in self.layers)):
                 rec.host_driven = True
                 rec.host_advance(1)
         try:
@@ -82,10 +69,3 @@ class TTTLMGen(LMGen):
         if st is None:
             raise RuntimeError("TTTLMGen is not streaming: enter `lm_gen.streaming(B)` first.")
         return st.graphed_main
-
-
-def graphs_available(device: torch.device | str) -> bool:
-    """Whether moshi would capture CUDA graphs on `device` now (CUDA, and not disabled by NO_CUDA_GRAPH or
-    `no_cuda_graph()`)."""
-    from moshi.utils.compile import _is_cuda_graph_enabled
-    return torch.device(device).type == "cuda" and _is_cuda_graph_enabled()

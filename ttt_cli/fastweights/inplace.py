@@ -443,14 +443,6 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         return {"w_down": self.w_down, "target_generator.conv1d.conv.weight": self.target_generator.conv1d.conv.weight,
                 "target_generator.W_target.weight": self.target_generator.W_target.weight}
 
-    def get_rate(self) -> float:
-        return float(self.lr)
-
-    def set_rate(self, rate: float) -> None:
-        if self.is_streaming:
-            raise RuntimeError("cannot change the TTT learning rate of a streaming model.")
-        self.lr = float(rate)
-
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
         st = self._state()
         b = batch_index

@@ -101,7 +101,6 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     # computes: they enter the fingerprint. Update-rule hyperparameters (lr, clip) and file names do not.
     structural: tp.ClassVar[frozenset[str]]
     rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
-    figure_suffix: tp.ClassVar[str] = ""  # appended to `ttt bench` figure names (SPEC §5.5)
     recording: bool = False  # streams started while True gather the update series (SPEC §3.7, `set_recording`)
 
     def _state(self) -> StateT:
@@ -156,13 +155,15 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     def flush_partial(self, batch_index: int | None = None) -> None:
         """Applies the pending partial chunk's update now (chunk counting restarts)."""
 
-    @abc.abstractmethod
     def get_rate(self) -> float:
-        """The layer's learning rate (`rate_key`)."""
+        """The layer's learning rate (its attribute `rate_key`)."""
+        return float(getattr(self, self.rate_key))
 
-    @abc.abstractmethod
     def set_rate(self, rate: float) -> None:
         """Sets the learning rate (0 freezes the fast weights at their initial value); not while streaming."""
+        if self.is_streaming:
+            raise RuntimeError("cannot change the TTT learning rate of a streaming model.")
+        setattr(self, self.rate_key, float(rate))
 
     @abc.abstractmethod
     def layer_bench(self, tokens: int, device: str) -> LayerBench:

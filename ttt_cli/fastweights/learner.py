@@ -21,20 +21,6 @@ if tp.TYPE_CHECKING:
 
 F32 = torch.float32
 LN_EPS = 1e-6
-INNER_MODELS = ("linear", "mlp")
-
-
-def theta_shapes(inner: str, heads: int, p: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of θ per head: linear W1 [H,p,p], b1 [H,p]; mlp W1 [H,p,4p], b1 [H,4p], W2 [H,4p,p], b2 [H,p]."""
-    if inner == "linear":
-        return {"W1": (heads, p, p), "b1": (heads, p)}
-    if inner == "mlp":
-        return {"W1": (heads, p, 4 * p), "b1": (heads, 4 * p), "W2": (heads, 4 * p, p), "b2": (heads, p)}
-    raise ValueError(f"inner model {inner!r}: expected one of {INNER_MODELS}")
-
-
-def n_sublayers(inner: str) -> int:
-    return 1 if inner == "linear" else 2
 
 
 # -- closed-form pieces ---------------------------------------------------------------------------

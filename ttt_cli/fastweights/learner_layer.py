@@ -100,14 +100,6 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
     def frozen(self) -> bool:
         return self.get_rate() == 0.0
 
-    def get_rate(self) -> float:
-        return float(getattr(self, self.rate_key))
-
-    def set_rate(self, rate: float) -> None:
-        if self.is_streaming:
-            raise RuntimeError("cannot change the TTT learning rate of a streaming model.")
-        setattr(self, self.rate_key, float(rate))
-
     def _device(self) -> torch.device:
         return next(iter(next(iter(self.learners().values())).theta0.values())).device
 

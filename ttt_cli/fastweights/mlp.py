@@ -42,8 +42,7 @@ class HybridTTTBlock(LearnerLayer):
 
     variant = "mlp"
     structural = frozenset({"variant", "layers", *MLPConfig.structural_keys})
-    rate_key = "base_lr"
-    figure_suffix = "_mlp"
+    rate_key = MLPConfig.rate_key
 
     def __init__(self, dim: int, heads: int, cfg: MLPConfig, device=None):
         super().__init__()

@@ -168,9 +168,7 @@ def moshi_config(cfg: dict) -> dict:
 def _base_files(base: Resolved) -> dict[str, str | None]:
     """The base's LM weights, Mimi, tokenizer and Mimi config, as refs `hf_get` takes."""
     from moshi.models import loaders
-    cfg = base.config
-    if base.directory is None and not cfg:  # legacy hub repo: moshi's default names
-        cfg = {}
+    cfg = base.config  # {} for a legacy hub repo: moshi's default names
     names = {"moshi": cfg.get("moshi_name", loaders.MOSHI_NAME), "mimi": cfg.get("mimi_name", loaders.MIMI_NAME),
              "tokenizer": cfg.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
              "mimi_config": cfg.get("mimi_config_name")}
