@@ -1,4 +1,4 @@
-"""Shared helpers of the data-safety tests (SPEC §7.1): CLI runs, file-tree digests, small disks, audio clips.
+"""Shared helpers of the CLI and data-safety tests (SPEC §7.1): CLI runs, file-tree digests, small disks, audio clips.
 
 Disk-full cases run on a real small tmpfs (`mount -t tmpfs -o size=...`, the tests run as root here),
 because the point is how the tool meets the operating system's ENOSPC through every writer it uses
@@ -57,13 +57,21 @@ def no_temporaries(root: Path) -> bool:
     return not any(".ttt-tmp-" in n or "ttt-write-probe" in n for n in names(root))
 
 
-def clip(path: Path, start: float = 0.0, seconds: float = 1.0) -> Path:
-    """A slice of examples/hello.wav (speech, 24 kHz mono) as a 16-bit wav."""
-    data, sr = sphn.read(str(HELLO))
-    x = np.asarray(data, dtype=np.float32).mean(axis=0)[int(start * SR):int((start + seconds) * SR)]
+def clip(path: Path, start: float = 0.0, seconds: float = 1.0, sr: int = SR) -> Path:
+    """A slice of examples/hello.wav (speech, mono) as a 16-bit wav at `sr`."""
+    data, _ = sphn.read(str(HELLO), sample_rate=sr)
+    x = np.asarray(data, dtype=np.float32).mean(axis=0)[int(start * sr):int((start + seconds) * sr)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    sphn.write_wav(str(path), x, SR)
+    sphn.write_wav(str(path), x, sr)
     return path
+
+
+def float_wav(path: Path, samples, sr: int = SR) -> None:
+    """A 32-bit float WAV written by hand (sphn writes int16, which cannot hold NaN)."""
+    data = np.asarray(samples, dtype="<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, sr, sr * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
 def lying_wav(path: Path, seconds: float = 1.0, claims: float = 4000.0) -> Path:

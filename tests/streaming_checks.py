@@ -1,4 +1,4 @@
-"""A check shared by the layer tests: a full-sequence forward equals block streaming in any block size."""
+"""Helpers shared by the model tests: relative error, random codes, full-sequence forward ≡ block streaming."""
 
 import torch
 
@@ -6,7 +6,16 @@ from ttt_cli.streaming import block_streaming
 
 
 def rel(a, b):
+    """max |a - b| / max |b|, in float64."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def random_codes(lm, B, T, seed=0):
+    """Random token codes [B, K, T] within the LM's vocabularies (text in codebook 0)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
+    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
+    return codes
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ WERs are meaningless, the pipeline is real.
 
 import csv
 import json
-import struct
 from pathlib import Path
 
 import jiwer
@@ -17,11 +16,10 @@ import numpy as np
 import pytest
 import sphn
 import torch
-from typer.testing import CliRunner
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from safety_helpers import cli, clip, float_wav
 from ttt_cli import load_model
-from ttt_cli.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "asr"
@@ -32,29 +30,8 @@ FILE_KEYS = {"path", "reference", "hypothesis", "wer", "cer", "substitutions", "
 NORM = EnglishTextNormalizer()
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def norm(text):
     return " ".join(NORM(text).split())
-
-
-def clip(path, start, seconds, sr=SR):
-    """A slice of examples/hello.wav (speech), written with sphn at `sr`."""
-    data, _ = sphn.read(str(HELLO), sample_rate=sr)
-    x = np.asarray(data, np.float32).mean(0)[int(start * sr):int((start + seconds) * sr)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sphn.write_wav(str(path), x, sr)
-    return path
-
-
-def float_wav(path, x):
-    """A 32-bit float WAV written by hand (sphn writes int16, which cannot hold NaN)."""
-    data = np.asarray(x, dtype="<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, SR, SR * 4, 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
 def frames_of(path, pads):
@@ -182,6 +159,7 @@ def test_off_is_plain_moshi_and_every_resets_on_schedule(full):
     assert hyp["steps"] == len(frames_of(EXAMPLES / "library.wav", (1.0, 1.0))) + 1
     off, every = res["policies"]["off"], res["policies"]["every:2s"]
     assert off["ttt"]["on"] is False and every["ttt"]["reset_every_steps"] == 25
+    assert set(off["telemetry"]) == set(every["telemetry"]) == {"1", "3"}  # tiny-stt's TTT layers
     assert all(t["updates"] == 0 for t in off["telemetry"].values())
     for layer, t in every["telemetry"].items():
         resets = updates = 0

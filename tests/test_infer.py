@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from naive_ttt import checkpoint_ttt, naive_ttt
+from safety_helpers import float_wav
 from ttt_cli import load_model
 from ttt_cli.cli.app import app
 from ttt_cli.inference import InferOptions, infer, plan_jobs, text_words
@@ -200,14 +200,6 @@ def weather(clips):
 @pytest.fixture(scope="module")
 def short_clip(clips):
     return clips["short"]
-
-
-def float_wav(path, samples):
-    """A 32-bit float WAV written by hand (sphn writes int16, which cannot hold NaN)."""
-    data = np.asarray(samples, dtype="<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, 1, SR, SR * 4, 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
 
 
 # -- TTT off: we are moshi, nothing else -------------------------------------------------------------

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from naive_ttt import checkpoint_ttt, naive_delta, naive_ttt
+from streaming_checks import random_codes
 from ttt_cli import load_model, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.errors import ConfigError, StateMismatchError
@@ -47,13 +48,6 @@ def clip(tmp_path_factory):
     subprocess.run(["espeak-ng", "-w", str(out), "Hello, this is a short test of the fast weight state."],
                    check=True, capture_output=True)
     return out
-
-
-def random_codes(lm, B, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
-    return codes
 
 
 def feed(lm, seq, a, b):

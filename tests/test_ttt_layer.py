@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from naive_ttt import NaiveStream, checkpoint_ttt, gated_z, naive_target, naive_ttt
+from streaming_checks import full_equals_blocks, random_codes, rel
 from ttt_cli.fastweights.attach import attach_ttt, ttt_layers
 from ttt_cli.codes import transformer_input
 from ttt_cli.fastweights.config import TTTConfig
@@ -53,10 +54,6 @@ def reference(layer, x, x0, clip=None):
 def call(layer, src, x, x0):
     src.input = x0
     return layer(x)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("padding,K", [("right", 2), ("right", 3), ("center", 3), ("center", 4)])
@@ -218,13 +215,6 @@ def test_half_precision_model_keeps_float32_fast_weights(dtype):
 
 # -- the layer inside moshi's LMModel ------------------------------------------------------------
 
-def random_codes(lm, B, T, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
-    return codes
-
-
 @pytest.fixture(scope="module")
 def plain():
     from ttt_cli import load_model
@@ -243,11 +233,7 @@ def test_model_full_vs_blocks_vs_naive(tiny, plain, source):
         codes = random_codes(lm, 1, T)
         seq = transformer_input(lm, codes)
         with torch.no_grad():
-            _, full = lm.forward_text(seq)
-            for block in (1, 7, C):
-                with block_streaming(lm, 1, block):
-                    outs = [lm.forward_text(seq[:, :, s:s + block])[1] for s in range(0, T, block)]
-                assert rel(torch.cat(outs, 2), full) < 1e-4, block
+            full = full_equals_blocks(lm, seq, (1, 7, C))
             # plain moshi, one step at a time, with the naive per-token loop in place of the TTT layers
             cfg, tensors = checkpoint_ttt(preset_dir("tiny"))
             with naive_ttt(plain.lm, {**cfg, "target_source": source}, tensors), plain.lm.streaming(1):
