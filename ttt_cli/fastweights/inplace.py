@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import typing as tp
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -187,7 +186,6 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         self._x0 = x0
         self._warm_start: torch.Tensor | None = None  # [d, h] replaces W0 as the reset target
         self._w_cast: tuple | None = None  # (reset target, its version/device/dtype, its model-dtype copy)
-        self._nonfinite_warned = 0
 
     # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
     def _apply(self, fn, recurse=True):
@@ -449,12 +447,7 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
         w0 = self.w_down
         w = st.w[b] if st.w is not None else st.w_reset
         drift = (torch.linalg.vector_norm(w - w0) / torch.linalg.vector_norm(w0).clamp_min(1e-30)).item()
-        total = int(st.nonfinite_events.sum())
-        if total > self._nonfinite_warned:  # the step never syncs: warn when telemetry is read (SPEC §3.7)
-            bad = [i for i, n in enumerate(st.nonfinite_events.tolist()) if n]
-            self._nonfinite_warned = total
-            warnings.warn(f"In-Place TTT: non-finite fast-weight update in stream(s) {bad}; reset to the "
-                          f"initial fast weights.")
+        self._warn_nonfinite(st.nonfinite_events.tolist())
         return {"tokens": int(st.tokens[b]), "updates": int(st.updates[b]), "resets": int(st.resets[b]),
                 "clip_events": int(st.clip_events[b]), "nonfinite_events": int(st.nonfinite_events[b]),
                 "pending_tokens": st.n_pending[b], "relative_drift": drift}

@@ -6,6 +6,7 @@ import abc
 import hashlib
 import json
 import typing as tp
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +155,18 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
     @abc.abstractmethod
     def flush_partial(self, batch_index: int | None = None) -> None:
         """Applies the pending partial chunk's update now (chunk counting restarts)."""
+
+    _nonfinite_warned: int = 0  # non-finite updates already warned about (per layer)
+
+    def _warn_nonfinite(self, per_stream: list[int]) -> None:
+        """Warns about non-finite updates counted since the last warning, when telemetry is read: the step
+        never reads the device to find them (SPEC §3.7). `per_stream`: the events of each stream so far."""
+        total = sum(per_stream)
+        if total > self._nonfinite_warned:
+            self._nonfinite_warned = total
+            streams = [i for i, n in enumerate(per_stream) if n]
+            warnings.warn(f"{self.variant} TTT: non-finite fast-weight update(s) in stream(s) {streams} ({total} so "
+                          f"far); each was reset to its initial fast weights.")
 
     def get_rate(self) -> float:
         """The layer's learning rate (its attribute `rate_key`)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 import math
 import typing as tp
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -90,7 +89,6 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
     def __init__(self) -> None:
         super().__init__()
         self._warm: dict[str, dict[str, torch.Tensor]] | None = None
-        self._nonfinite_warned = 0
 
     @abc.abstractmethod
     def learners(self) -> dict[str, Learner]:
@@ -202,11 +200,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         b = batch_index
         first = next(iter(st.learners.values()))
         nonfinite = sum(int(lst.nonfinite[b]) for lst in st.learners.values())
-        total = sum(int(lst.nonfinite.sum()) for lst in st.learners.values())
-        if total > self._nonfinite_warned:  # the step never syncs: warn when telemetry is read (SPEC §3.7)
-            self._nonfinite_warned = total
-            warnings.warn(f"{self.variant} TTT: non-finite fast-weight update(s) ({total} so far); the stream(s) "
-                          f"were reset to their initial fast weights.")
+        self._warn_nonfinite([int(v) for v in sum(lst.nonfinite for lst in st.learners.values()).tolist()])
         return {"tokens": int(first.tokens[b]), "updates": int(first.updates[b]), "resets": int(first.resets[b]),
                 "clip_events": 0, "nonfinite_events": nonfinite, "pending_tokens": int(first.count[b]),
                 "relative_drift": relative_drift(st, self.learners(), b)}

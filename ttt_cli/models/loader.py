@@ -352,12 +352,12 @@ def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, tar
         prov.setdefault("files", {})["ttt"] = str(path)
     shapes = {i: tuple(_frozen_linear_out(lm.transformer.layers[i].gating).shape)
               for i in cfg.layers if i < len(lm.transformer.layers)}
-    for f in sorted(set(files.values())):
-        check_ttt_tensors({k: v for k, v in raw.items() if files[k] == f}, f, shapes, cfg.conv_kernel_size)
     fork = res.fork is not None
     by_file: dict[str, dict] = {}
     for k, v in raw.items():
         by_file.setdefault(files[k], {})[k] = v
+    for f in sorted(by_file):
+        check_ttt_tensors(by_file[f], f, shapes, cfg.conv_kernel_size)
     tensors: dict = {}
     origins: dict = {}
     for f, part in by_file.items():
