@@ -155,21 +155,29 @@ def probe_seconds(path: Path) -> float:
     return seconds
 
 
-def _audio_files(d: Path) -> list[Path]:
+def _listing(d: Path) -> list[Path] | str:
+    """The entries of directory `d`, or why it cannot be listed (its files are then reported, not lost)."""
+    try:
+        return list(d.iterdir())
+    except OSError as e:
+        return f"a directory that cannot be listed ({e.strerror or e}): its audio files cannot be read"
+
+
+def _audio_files(entries: list[Path]) -> list[Path]:
     # Anything with an audio name but a directory is an input: a FIFO or a broken link is then reported.
-    return [p for p in d.iterdir() if not p.is_dir() and p.suffix.lower() in AUDIO_EXTENSIONS
+    return [p for p in entries if not p.is_dir() and p.suffix.lower() in AUDIO_EXTENSIONS
             and not p.name.startswith(".")]
 
 
-def _subdirs(d: Path) -> list[Path]:
-    return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
+def _subdirs(entries: list[Path]) -> list[Path]:
+    return sorted((p for p in entries if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: natural_key(p.name))
 
 
-def _nested_audio(book: Path) -> list[Path]:
+def _nested_audio(book_entries: list[Path]) -> list[Path]:
     """Audio files in subdirectories of a book directory (not part of the layout: reported as stray)."""
     out: list[Path] = []
-    for d in _subdirs(book):
+    for d in _subdirs(book_entries):
         try:
             for dirpath, dirnames, filenames in os.walk(d):
                 dirnames[:] = sorted((n for n in dirnames if not n.startswith(".")), key=natural_key)
@@ -222,20 +230,33 @@ def discover(root: Path | str, max_seconds: float | None = None, min_seconds: fl
         raise ConfigError(f"--min-seconds {min_seconds} must be >= 0 and <= --max-seconds {max_seconds}.")
     if limit_books is not None and limit_books < 1:
         raise ConfigError(f"--limit-books must be >= 1, got {limit_books}.")
+    try:
+        top = list(root.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read the dataset directory {root} ({e.strerror or e}): DATA must be a directory "
+                          f"you may list and read.") from None
 
     stray = [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory") for p in
-             sorted(_audio_files(root), key=lambda p: natural_key(p.name))]
+             sorted(_audio_files(top), key=lambda p: natural_key(p.name))]
     documents: list[Document] = []
     skipped_docs: list[SkippedDocument] = []
     deeper = False
-    for spk in _subdirs(root):
+    for spk in _subdirs(top):
+        in_spk = _listing(spk)
+        if isinstance(in_spk, str):
+            stray.append(SkippedFile(str(spk), in_spk))
+            continue
         stray += [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory")
-                  for p in sorted(_audio_files(spk), key=lambda p: natural_key(p.name))]
-        for book in _subdirs(spk):
-            nested = _nested_audio(book)
-            stray += [SkippedFile(str(p), "nested below a <speaker>/<book>/ directory") for p in nested]
-            paths = sorted(_audio_files(book), key=lambda p: natural_key(p.name))
+                  for p in sorted(_audio_files(in_spk), key=lambda p: natural_key(p.name))]
+        for book in _subdirs(in_spk):
             doc_id = f"{spk.name}/{book.name}"
+            in_book = _listing(book)
+            if isinstance(in_book, str):
+                skipped_docs.append(SkippedDocument(doc_id, in_book, [SkippedFile(str(book), in_book)]))
+                continue
+            nested = _nested_audio(in_book)
+            stray += [SkippedFile(str(p), "nested below a <speaker>/<book>/ directory") for p in nested]
+            paths = sorted(_audio_files(in_book), key=lambda p: natural_key(p.name))
             deeper = deeper or bool(nested)
             if not paths:
                 continue

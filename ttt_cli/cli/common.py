@@ -88,7 +88,9 @@ TelemetryOpt = Annotated[tp.Optional[Path], typer.Option(
 ForceStateOpt = Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip differ "
                                              "from the model's (never one whose fingerprint differs).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
-WarmStartOpt = Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
+# Input paths say readable=False: typer's default (click's readable check) refuses an unreadable input while
+# parsing (exit 2), before anything runs; the commands report and skip it with its reason instead (SPEC §7).
+WarmStartOpt = Annotated[tp.Optional[Path], typer.Option("--init-state", readable=False, help="Warm start: a fast-weight snapshot "
                                                          "(ttt export-state); resets go back to it.")]
 DistTimeoutOpt = Annotated[float, typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for a "
                                                "silent peer (and bounds every collective) before it stops with a "
