@@ -207,35 +207,10 @@ def _document(doc_id: str, speaker: str, book: str, paths: list[Path], max_secon
     return doc
 
 
-def discover(root: Path | str, max_seconds: float | None = None, min_seconds: float = 0.0,
-             limit_books: int | None = None) -> Dataset:
-    """Finds the books of a LibriLight-style directory.
-
-    Args:
-        root: DATA, holding `<speaker>/<book>/<file>.<ext>` (+ optional `<file>.json`).
-        max_seconds: documents are cut there later; files that start after the cut are left out now.
-        min_seconds: books shorter than this (sum of readable files) are dropped.
-        limit_books: keep only the first N documents (natural order of `<speaker>/<book>`).
-    Raises:
-        ConfigError: DATA is missing, not a directory, or holds no usable book.
-    """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise ConfigError(f"dataset directory {root} does not exist.")
-    if not root.is_dir():
-        raise ConfigError(f"{root} is a file; DATA must be a directory laid out as <speaker>/<book>/<file>.flac.")
-    if max_seconds is not None and max_seconds <= 0:
-        raise ConfigError(f"--max-seconds must be > 0, got {max_seconds}.")
-    if min_seconds < 0 or (max_seconds is not None and min_seconds > max_seconds):
-        raise ConfigError(f"--min-seconds {min_seconds} must be >= 0 and <= --max-seconds {max_seconds}.")
-    if limit_books is not None and limit_books < 1:
-        raise ConfigError(f"--limit-books must be >= 1, got {limit_books}.")
-    try:
-        top = list(root.iterdir())
-    except OSError as e:
-        raise ConfigError(f"cannot read the dataset directory {root} ({e.strerror or e}): DATA must be a directory "
-                          f"you may list and read.") from None
-
+def _walk(top: list[Path], max_seconds: float | None,
+          min_seconds: float) -> tuple[list[Document], list[SkippedDocument], list[SkippedFile], bool]:
+    """The books below DATA's entries `top`: (documents, books left out, stray files and folders that cannot
+    be listed, whether audio lies deeper than the layout)."""
     stray = [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory") for p in
              sorted(_audio_files(top), key=lambda p: natural_key(p.name))]
     documents: list[Document] = []
@@ -271,6 +246,39 @@ def discover(root: Path | str, max_seconds: float | None = None, min_seconds: fl
                     for f in doc.files]))
                 continue
             documents.append(doc)
+    return documents, skipped_docs, stray, deeper
+
+
+def discover(root: Path | str, max_seconds: float | None = None, min_seconds: float = 0.0,
+             limit_books: int | None = None) -> Dataset:
+    """Finds the books of a LibriLight-style directory.
+
+    Args:
+        root: DATA, holding `<speaker>/<book>/<file>.<ext>` (+ optional `<file>.json`).
+        max_seconds: documents are cut there later; files that start after the cut are left out now.
+        min_seconds: books shorter than this (sum of readable files) are dropped.
+        limit_books: keep only the first N documents (natural order of `<speaker>/<book>`).
+    Raises:
+        ConfigError: DATA is missing, not a directory, cannot be listed, or holds no usable book.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise ConfigError(f"dataset directory {root} does not exist.")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is a file; DATA must be a directory laid out as <speaker>/<book>/<file>.flac.")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ConfigError(f"--max-seconds must be > 0, got {max_seconds}.")
+    if min_seconds < 0 or (max_seconds is not None and min_seconds > max_seconds):
+        raise ConfigError(f"--min-seconds {min_seconds} must be >= 0 and <= --max-seconds {max_seconds}.")
+    if limit_books is not None and limit_books < 1:
+        raise ConfigError(f"--limit-books must be >= 1, got {limit_books}.")
+    try:
+        top = list(root.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read the dataset directory {root} ({e.strerror or e}): DATA must be a directory "
+                          f"you may list and read.") from None
+
+    documents, skipped_docs, stray, deeper = _walk(top, max_seconds, min_seconds)
     if limit_books is not None:
         for doc in documents[limit_books:]:
             # Not scored because the user asked for fewer books: accounted for, never a failure of
