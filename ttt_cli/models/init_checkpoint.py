@@ -201,11 +201,13 @@ def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: st
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     lm = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32).lm
     cfg = FastWeightConfig.from_dict(sec, int(config.get("num_layers", 32)))
-    tensors = ttt_tensors_for(lm, cfg, target_init)
+    tensors = ttt_tensors_for(lm, cfg, target_init)  # may resolve keys in `cfg` (mlp: num_heads null -> the layer's)
     kept = []
     for i in cfg.layers:
         keys = [k for k in tensors if k.startswith(f"transformer.layers.{i}.")]
         if own and keys and all(k in own and own[k].shape == tensors[k].shape for k in keys):
             tensors.update({k: own[k].contiguous() for k in keys})
             kept.append(i)
-    return add_ttt_to_checkpoint(tmp, sec, lm, target_init, tensors), kept
+    # Only the source's own tensors: its section as it is (writing P writes P's config too).
+    written = sec if own and len(kept) == len(cfg.layers) else cfg.to_dict()
+    return add_ttt_to_checkpoint(tmp, written, lm, target_init, tensors), kept
