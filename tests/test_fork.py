@@ -550,3 +550,23 @@ def test_cli_infer_on_a_complete_trainer_folder_offline(tmp_path, base, offline)
     prov = json.loads(r.stdout)["results"][0]["model"]["provenance"]
     assert prov["format"] == "moshi_in_place" and prov["base"] is None and not prov["warnings"]
     assert set(prov["from"].values()) == {"checkpoint folder"}
+
+
+def test_named_files_are_looked_for_in_the_folder_first(tmp_path, base):
+    """A config naming absolute paths of another machine: the folder's copies are used; a file neither in the
+    folder nor at its path is missing, and the message says both places."""
+    from ttt_cli.models.fork import find_fork_layout, folder_files
+    folder, _ = trainer_folder(tmp_path, base, "ttt-only")
+    (folder / "mimi.safetensors").unlink()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(moshi_name="/elsewhere/model.safetensors", mimi_name=f"file://{base[0] / 'mimi.safetensors'}",
+               tokenizer_name="/elsewhere/tokenizer.model", mimi_config_name="/elsewhere/mimi_config.json")
+    files = folder_files(cfg, find_fork_layout(folder))
+    assert files.found == {"moshi": (folder / "model.safetensors", "checkpoint folder"),
+                           "mimi": (base[0] / "mimi.safetensors", "the path config.json names"),
+                           "tokenizer": (folder / "tokenizer.model", "checkpoint folder"),
+                           "mimi_config": (folder / "mimi_config.json", "checkpoint folder")}
+    (folder / "tokenizer.model").unlink()
+    assert folder_files(cfg, find_fork_layout(folder)).missing == [
+        f"the tokenizer (`tokenizer_name`: /elsewhere/tokenizer.model; looked for {folder / 'tokenizer.model'} and "
+        f"/elsewhere/tokenizer.model)"]

@@ -111,8 +111,8 @@ class FolderFiles:
 def folder_files(cfg: dict, layout: ForkLayout) -> FolderFiles:
     """The files a fork checkpoint's config names that are there, and those it lacks (SPEC §4.3).
 
-    A name is looked up in the checkpoint's own folder (`consolidated/`; an absolute or `file://` name at that
-    path). The LM weights of a full fine-tuning checkpoint are its consolidated.safetensors whatever
+    A name is looked up in the checkpoint's own folder (`consolidated/`) by its file name, then, for an
+    absolute or `file://` name, at that path (a run trained on another machine names files there). The LM weights of a full fine-tuning checkpoint are its consolidated.safetensors whatever
     `moshi_name` says; a Mimi config the config does not name is not missing (moshi's default, or the base's
     when a base is used for other files).
 
@@ -130,12 +130,15 @@ def folder_files(cfg: dict, layout: ForkLayout) -> FolderFiles:
             if role != "mimi_config":
                 missing.append(f"the {what} (config.json names no `{key}`)")
             continue
-        explicit = name.startswith("file://") or Path(name).is_absolute()
-        path = Path(name.removeprefix("file://")) if explicit else layout.folder / Path(name).name
-        if path.is_file():
-            found[role] = (path, "the path config.json names" if explicit else "checkpoint folder")
+        named = Path(name.removeprefix("file://"))
+        places = [(layout.folder / named.name, "checkpoint folder")]  # the folder first, whatever the name's path
+        if name.startswith("file://") or named.is_absolute():
+            places.append((named, "the path config.json names"))
+        hit = next(((p, where) for p, where in places if p.is_file()), None)
+        if hit is not None:
+            found[role] = hit
         else:
-            missing.append(f"the {what} (`{key}`: {name}; looked for {path})")
+            missing.append(f"the {what} (`{key}`: {name}; looked for {' and '.join(str(p) for p, _ in places)})")
     return FolderFiles(found, missing)
 
 
