@@ -74,9 +74,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readabl
 TTTClipOpt = Annotated[tp.Optional[str], typer.Option("--ttt-clip", help="Override the delta clip (Frobenius "
                                                       "norm of each chunk's update): none | a number > 0.")]
 BaseOpt = Annotated[tp.Optional[str], typer.Option("--base", help="For a fine-tuning fork (moshi_in_place) checkpoint: "
-                                                   "the base model its missing files (LM weights, Mimi, tokenizer) "
-                                                   "come from. Any --model source; default "
-                                                   "kyutai/moshiko-pytorch-bf16.")]
+                                                   "the base model the files its folder lacks (LM weights, Mimi, "
+                                                   "tokenizer) come from; used only when one is missing. Any --model "
+                                                   "source; default kyutai/moshiko-pytorch-bf16.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier ttt run (never inputs, "
                                             "never files ttt did not write).")]
