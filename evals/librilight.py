@@ -155,21 +155,29 @@ def probe_seconds(path: Path) -> float:
     return seconds
 
 
-def _audio_files(d: Path) -> list[Path]:
+def _listing(d: Path) -> list[Path] | str:
+    """The entries of directory `d`, or why it cannot be listed (its files are then reported, not lost)."""
+    try:
+        return list(d.iterdir())
+    except OSError as e:
+        return f"a directory that cannot be listed ({e.strerror or e}): its audio files cannot be read"
+
+
+def _audio_files(entries: list[Path]) -> list[Path]:
     # Anything with an audio name but a directory is an input: a FIFO or a broken link is then reported.
-    return [p for p in d.iterdir() if not p.is_dir() and p.suffix.lower() in AUDIO_EXTENSIONS
+    return [p for p in entries if not p.is_dir() and p.suffix.lower() in AUDIO_EXTENSIONS
             and not p.name.startswith(".")]
 
 
-def _subdirs(d: Path) -> list[Path]:
-    return sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
+def _subdirs(entries: list[Path]) -> list[Path]:
+    return sorted((p for p in entries if p.is_dir() and not p.name.startswith(".")),
                   key=lambda p: natural_key(p.name))
 
 
-def _nested_audio(book: Path) -> list[Path]:
+def _nested_audio(book_entries: list[Path]) -> list[Path]:
     """Audio files in subdirectories of a book directory (not part of the layout: reported as stray)."""
     out: list[Path] = []
-    for d in _subdirs(book):
+    for d in _subdirs(book_entries):
         try:
             for dirpath, dirnames, filenames in os.walk(d):
                 dirnames[:] = sorted((n for n in dirnames if not n.startswith(".")), key=natural_key)
@@ -199,43 +207,31 @@ def _document(doc_id: str, speaker: str, book: str, paths: list[Path], max_secon
     return doc
 
 
-def discover(root: Path | str, max_seconds: float | None = None, min_seconds: float = 0.0,
-             limit_books: int | None = None) -> Dataset:
-    """Finds the books of a LibriLight-style directory.
-
-    Args:
-        root: DATA, holding `<speaker>/<book>/<file>.<ext>` (+ optional `<file>.json`).
-        max_seconds: documents are cut there later; files that start after the cut are left out now.
-        min_seconds: books shorter than this (sum of readable files) are dropped.
-        limit_books: keep only the first N documents (natural order of `<speaker>/<book>`).
-    Raises:
-        ConfigError: DATA is missing, not a directory, or holds no usable book.
-    """
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise ConfigError(f"dataset directory {root} does not exist.")
-    if not root.is_dir():
-        raise ConfigError(f"{root} is a file; DATA must be a directory laid out as <speaker>/<book>/<file>.flac.")
-    if max_seconds is not None and max_seconds <= 0:
-        raise ConfigError(f"--max-seconds must be > 0, got {max_seconds}.")
-    if min_seconds < 0 or (max_seconds is not None and min_seconds > max_seconds):
-        raise ConfigError(f"--min-seconds {min_seconds} must be >= 0 and <= --max-seconds {max_seconds}.")
-    if limit_books is not None and limit_books < 1:
-        raise ConfigError(f"--limit-books must be >= 1, got {limit_books}.")
-
+def _walk(top: list[Path], max_seconds: float | None,
+          min_seconds: float) -> tuple[list[Document], list[SkippedDocument], list[SkippedFile], bool]:
+    """The books below DATA's entries `top`: (documents, books left out, stray files and folders that cannot
+    be listed, whether audio lies deeper than the layout)."""
     stray = [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory") for p in
-             sorted(_audio_files(root), key=lambda p: natural_key(p.name))]
+             sorted(_audio_files(top), key=lambda p: natural_key(p.name))]
     documents: list[Document] = []
     skipped_docs: list[SkippedDocument] = []
     deeper = False
-    for spk in _subdirs(root):
+    for spk in _subdirs(top):
+        in_spk = _listing(spk)
+        if isinstance(in_spk, str):
+            stray.append(SkippedFile(str(spk), in_spk))
+            continue
         stray += [SkippedFile(str(p), "not inside a <speaker>/<book>/ directory")
-                  for p in sorted(_audio_files(spk), key=lambda p: natural_key(p.name))]
-        for book in _subdirs(spk):
-            nested = _nested_audio(book)
-            stray += [SkippedFile(str(p), "nested below a <speaker>/<book>/ directory") for p in nested]
-            paths = sorted(_audio_files(book), key=lambda p: natural_key(p.name))
+                  for p in sorted(_audio_files(in_spk), key=lambda p: natural_key(p.name))]
+        for book in _subdirs(in_spk):
             doc_id = f"{spk.name}/{book.name}"
+            in_book = _listing(book)
+            if isinstance(in_book, str):
+                skipped_docs.append(SkippedDocument(doc_id, in_book, [SkippedFile(str(book), in_book)]))
+                continue
+            nested = _nested_audio(in_book)
+            stray += [SkippedFile(str(p), "nested below a <speaker>/<book>/ directory") for p in nested]
+            paths = sorted(_audio_files(in_book), key=lambda p: natural_key(p.name))
             deeper = deeper or bool(nested)
             if not paths:
                 continue
@@ -250,6 +246,39 @@ def discover(root: Path | str, max_seconds: float | None = None, min_seconds: fl
                     for f in doc.files]))
                 continue
             documents.append(doc)
+    return documents, skipped_docs, stray, deeper
+
+
+def discover(root: Path | str, max_seconds: float | None = None, min_seconds: float = 0.0,
+             limit_books: int | None = None) -> Dataset:
+    """Finds the books of a LibriLight-style directory.
+
+    Args:
+        root: DATA, holding `<speaker>/<book>/<file>.<ext>` (+ optional `<file>.json`).
+        max_seconds: documents are cut there later; files that start after the cut are left out now.
+        min_seconds: books shorter than this (sum of readable files) are dropped.
+        limit_books: keep only the first N documents (natural order of `<speaker>/<book>`).
+    Raises:
+        ConfigError: DATA is missing, not a directory, cannot be listed, or holds no usable book.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise ConfigError(f"dataset directory {root} does not exist.")
+    if not root.is_dir():
+        raise ConfigError(f"{root} is a file; DATA must be a directory laid out as <speaker>/<book>/<file>.flac.")
+    if max_seconds is not None and max_seconds <= 0:
+        raise ConfigError(f"--max-seconds must be > 0, got {max_seconds}.")
+    if min_seconds < 0 or (max_seconds is not None and min_seconds > max_seconds):
+        raise ConfigError(f"--min-seconds {min_seconds} must be >= 0 and <= --max-seconds {max_seconds}.")
+    if limit_books is not None and limit_books < 1:
+        raise ConfigError(f"--limit-books must be >= 1, got {limit_books}.")
+    try:
+        top = list(root.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read the dataset directory {root} ({e.strerror or e}): DATA must be a directory "
+                          f"you may list and read.") from None
+
+    documents, skipped_docs, stray, deeper = _walk(top, max_seconds, min_seconds)
     if limit_books is not None:
         for doc in documents[limit_books:]:
             # Not scored because the user asked for fewer books: accounted for, never a failure of

@@ -230,3 +230,50 @@ def test_ttt_section_shape_and_layer_syntax_errors():
         with pytest.raises(ConfigError, match=msg):
             parse_layers(spec, None if spec == "every:2" else 4)
     assert parse_layers("none") == [] and parse_layers(" 3, 1,3 ") == [1, 3]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-stt", "tiny-mlp", "tiny-adapter"])
+def test_init_checkpoint_preset_writes_that_preset(tmp_path, preset):
+    """SPEC §4.1: what `--preset P` writes is P: its config and every file identical (TTT tensors compared
+    tensor by tensor with P's own ttt.safetensors), so `--model <written>` gives `--model P`'s logits."""
+    from ttt_cli.cli.app import app
+    out = tmp_path / preset
+    r = CliRunner().invoke(app, ["init-checkpoint", "--preset", preset, "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    src = preset_dir(preset)
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    written, own = load_file(str(out / "ttt.safetensors")), load_file(str(src / "ttt.safetensors"))
+    assert sorted(written) == sorted(own)
+    for k in own:
+        assert written[k].dtype == own[k].dtype and torch.equal(written[k], own[k]), k
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    for f in out.iterdir():
+        assert f.read_bytes() == (src / f.name).read_bytes() or f.name in ("config.json", "ttt.safetensors"), f.name
+    assert json.loads(r.stdout)["ttt_tensors_from_source"] == [1, 3]
+    a, b = load_model(str(out), device="cpu", dtype="fp32"), load_model(preset, device="cpu", dtype="fp32")
+    codes = codes_for(b.lm, T=40)
+    with torch.no_grad():  # text logits: STT models (dep_q = 0) have no depformer to run
+        x, y = a.lm.forward_text(codes)[1], b.lm.forward_text(codes)[1]
+    assert (x - y).abs().max().item() <= 1e-6 * max(1.0, y.abs().max().item())
+    if b.lm.dep_q:
+        for x, y in zip(logits(a.lm, codes), logits(b.lm, codes)):
+            assert (x - y).abs().max().item() <= 1e-6 * max(1.0, y.abs().max().item())
+
+
+def test_init_checkpoint_fresh_tensors_only_where_asked(tmp_path):
+    """A subset of P's layers keeps P's tensors; an option that changes what the tensors are (--rank) gives
+    the documented fresh init, and says why."""
+    from ttt_cli.cli.app import app
+    run = CliRunner().invoke
+    r = run(app, ["init-checkpoint", "--preset", "tiny-mlp", "--layers", "3", "--out", str(tmp_path / "m"), "--json"])
+    assert r.exit_code == 0, r.output
+    own = load_file(str(preset_dir("tiny-mlp") / "ttt.safetensors"))
+    written = load_file(str(tmp_path / "m" / "ttt.safetensors"))
+    assert sorted(written) == sorted(k for k in own if k.startswith("transformer.layers.3."))
+    assert all(torch.equal(written[k], own[k]) for k in written)
+    r = run(app, ["init-checkpoint", "--preset", "tiny-adapter", "--rank", "8", "--out", str(tmp_path / "a"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["ttt_tensors_from_source"] == [] and "rank differs" in res["notes"][0]
+    wo = load_file(str(tmp_path / "a" / "ttt.safetensors"))["transformer.layers.1.gating.linear_out.ttt_adapter.wo"]
+    assert wo.shape == (64, 8) and not wo.any()  # SPEC §3.11: a fresh adapter has Wo = 0

@@ -437,3 +437,136 @@ def test_cli_fork_checkpoint_with_base_and_ttt_clip(tmp_path, base):
     r = run(app, ["infer", str(clip), "--model", str(folder.parents[2]), "--base", str(base[0]),
                   "--out", str(tmp_path / "out3")])
     assert r.exit_code == 2 and "checkpoint_000010/consolidated" in r.output
+
+
+# -- folders as the trainer leaves them, and as a moshi user edits them (SPEC §4.3) ---------------------
+
+BASE_FILES = ("model.safetensors", "mimi.safetensors", "mimi_config.json", "tokenizer.model")
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No hub: offline mode and an empty hub cache, so that any attempt to fetch a base fails."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+
+
+def trainer_folder(root, base, kind, edit=None, **kw):
+    """A run trained from a local base: its config.json is the base's raw one (naming model.safetensors,
+    mimi.safetensors, tokenizer.model, mimi_config.json) and the base's files lie beside it in consolidated/,
+    as moshi's own loader needs them; `edit`: keys a moshi user adds to config.json."""
+    folder, t = write_fork(root, base, kind, "raw", **kw)
+    for f in BASE_FILES:
+        shutil.copyfile(base[0] / f, folder / f)
+    if edit:
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, **edit}, indent=4))
+    return folder, t
+
+
+COMPLETE = [  # kind, which path is passed, keys a moshi user added
+    ("ttt-only", "consolidated", None),
+    ("lora", "file", None),
+    ("full", "step", None),
+    ("ttt-only", "step", {"lora_name": "lora.safetensors"}),
+    ("lora", "consolidated", {"lora_name": "lora.safetensors"}),
+    ("full", "consolidated", {"moshi_name": "consolidated.safetensors"}),
+]
+
+
+@pytest.mark.parametrize("kind,path,edit", COMPLETE)
+def test_trainer_folder_with_its_base_files_loads_offline(tmp_path, base, offline, kind, path, edit):
+    """Every file the config names is in the folder: no base is resolved (the hub is unreachable here), each
+    file comes from the folder, full fine-tuning's LM weights from consolidated.safetensors whatever
+    moshi_name says, and the TTT tensors are found whatever file keys were added (no zero-init warning)."""
+    import warnings
+    folder, t = trainer_folder(tmp_path, base, kind, edit)
+    weights = folder / ("consolidated.safetensors" if kind == "full" else "lora.safetensors")
+    source = {"consolidated": folder, "step": folder.parent, "file": weights}[path]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        m = load_model(str(source), device="cpu", dtype="fp32", ttt={"delta_clip_fro_norm": None})
+    assert not [str(w.message) for w in rec if "lacks TTT tensors" in str(w.message)] and not m.warnings
+    prov = m.config["provenance"]
+    assert prov["format"] == "moshi_in_place" and prov["base"] is None and m.ttt.layers == LAYERS
+    assert prov["from"] == {"moshi": "checkpoint (consolidated.safetensors)" if kind == "full" else "checkpoint folder",
+                            "mimi": "checkpoint folder", "tokenizer": "checkpoint folder",
+                            "mimi_config": "checkpoint folder"}
+    assert prov["files"]["tokenizer"] == str(folder.resolve() / "tokenizer.model")
+    assert prov["files"]["lm_weights"] == str((weights if kind == "full" else folder / "model.safetensors").resolve())
+    c = codes_for(m.lm, T=T, seed=1)
+    got = logits(m.lm, c)
+    err = rel_per_position(got, logits(reference_lm(*effective(kind, base, t)), c))
+    assert err <= 1e-4, f"{kind} {edit}: max relative error per position {err:.2e}"
+    # the same checkpoint loaded the `--base` way, with the base files only in the base folder
+    for f in BASE_FILES:
+        (folder / f).unlink()
+    if edit:
+        write = json.loads((folder / "config.json").read_text())
+        write = {k: v for k, v in write.items() if k not in edit}
+        (folder / "config.json").write_text(json.dumps(write))
+    via_base = load_model(str(source), base=str(base[0]), device="cpu", dtype="fp32", ttt={"delta_clip_fro_norm": None})
+    assert via_base.config["provenance"]["from"]["tokenizer"] == f"base {base[0]}"
+    assert rel_per_position(got, logits(via_base.lm, c)) <= 1e-6
+
+
+def test_a_folder_that_lacks_a_file_says_which_and_where_it_looked(tmp_path, base, offline):
+    folder, _ = trainer_folder(tmp_path, base, "ttt-only")
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError) as e:  # the default base is on the hub, which is unreachable here
+        load_model(str(folder), device="cpu")
+    msg = str(e.value)
+    lacks = msg.split(" whose folder lacks ", 1)[1].split(". What it lacks comes from its base (--base")[0]
+    assert lacks == f"the tokenizer (`tokenizer_name`: tokenizer.model; looked for {folder.resolve() / 'tokenizer.model'})"
+    m = load_model(str(folder), base=str(base[0]), device="cpu", dtype="fp32",  # only the tokenizer from the base
+                   ttt={"delta_clip_fro_norm": None})
+    assert m.config["provenance"]["from"] == {"moshi": "checkpoint folder", "mimi": "checkpoint folder",
+                                              "tokenizer": f"base {base[0]}", "mimi_config": "checkpoint folder"}
+    assert m.config["provenance"]["files"]["tokenizer"] == str(base[0] / "tokenizer.model")
+    assert "tokenizer from base" in m.notes[0]
+    # the author's configs name no file at all: everything but the trainer's file comes from the base
+    builtin, _ = write_fork(tmp_path / "builtin", base, "ttt-only", "builtin")
+    with pytest.raises(CheckpointError, match=r"lacks the LM weights \(config.json names no `moshi_name`\); the "
+                                              r"Mimi weights \(config.json names no `mimi_name`\); the tokenizer"):
+        load_model(str(builtin), device="cpu")
+
+
+def test_base_given_for_a_complete_folder_is_not_used_and_said_so(tmp_path, base, offline):
+    folder, _ = trainer_folder(tmp_path, base, "ttt-only")
+    m = load_model(str(folder), base="org/never-fetched", device="cpu", dtype="fp32", ttt={"delta_clip_fro_norm": None})
+    assert m.config["provenance"]["base"] is None
+    assert "--base org/never-fetched was not used" in m.notes[0]
+
+
+def test_cli_infer_on_a_complete_trainer_folder_offline(tmp_path, base, offline):
+    from typer.testing import CliRunner
+    from safety_helpers import clip
+    from ttt_cli.cli.app import app
+    folder, _ = trainer_folder(tmp_path, base, "lora", {"lora_name": "lora.safetensors"})
+    wav = clip(tmp_path / "a.wav", seconds=1.0)
+    r = CliRunner().invoke(app, ["infer", str(wav), "--model", str(folder), "--greedy", "--out", str(tmp_path / "out"),
+                                 "--ttt-clip", "none", "--json"])
+    assert r.exit_code == 0, r.output
+    prov = json.loads(r.stdout)["results"][0]["model"]["provenance"]
+    assert prov["format"] == "moshi_in_place" and prov["base"] is None and not prov["warnings"]
+    assert set(prov["from"].values()) == {"checkpoint folder"}
+
+
+def test_named_files_are_looked_for_in_the_folder_first(tmp_path, base):
+    """A config naming absolute paths of another machine: the folder's copies are used; a file neither in the
+    folder nor at its path is missing, and the message says both places."""
+    from ttt_cli.models.fork import find_fork_layout, folder_files
+    folder, _ = trainer_folder(tmp_path, base, "ttt-only")
+    (folder / "mimi.safetensors").unlink()
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(moshi_name="/elsewhere/model.safetensors", mimi_name=f"file://{base[0] / 'mimi.safetensors'}",
+               tokenizer_name="/elsewhere/tokenizer.model", mimi_config_name="/elsewhere/mimi_config.json")
+    files = folder_files(cfg, find_fork_layout(folder))
+    assert files.found == {"moshi": (folder / "model.safetensors", "checkpoint folder"),
+                           "mimi": (base[0] / "mimi.safetensors", "the path config.json names"),
+                           "tokenizer": (folder / "tokenizer.model", "checkpoint folder"),
+                           "mimi_config": (folder / "mimi_config.json", "checkpoint folder")}
+    (folder / "tokenizer.model").unlink()
+    assert folder_files(cfg, find_fork_layout(folder)).missing == [
+        f"the tokenizer (`tokenizer_name`: /elsewhere/tokenizer.model; looked for {folder / 'tokenizer.model'} and "
+        f"/elsewhere/tokenizer.model)"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,13 +105,34 @@ def _visible(rel: Path) -> bool:
     return not any(part.startswith(".") for part in rel.parts)
 
 
+def _unlistable(root: Path) -> list[SkippedFile]:
+    """Directories below `root` that cannot be listed (`rglob` passes over them in silence: their recordings
+    would vanish from the accounting); hidden ones are not inputs."""
+    out: list[SkippedFile] = []
+
+    def report(e: OSError) -> None:
+        out.append(SkippedFile(str(e.filename), f"a directory that cannot be listed ({e.strerror or e}): its "
+                                                f"recordings cannot be read"))
+    for _, dirnames, _ in os.walk(root, onerror=report):
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+    return out
+
+
 def discover_directory(root: Path, probe: bool = True) -> AsrDataset:
     """Audio files (any depth, natural order of their paths) paired with `<same stem>.txt` beside them.
 
     Args:
         root: the directory.
-        probe: read each audio header (duration); an unreadable audio file is skipped with the reason.
+        probe: read each audio header (duration); an unreadable audio file is skipped with the reason;
+            a subdirectory that cannot be listed is reported as skipped too.
+    Raises:
+        ConfigError: `root` itself cannot be listed.
     """
+    try:
+        os.listdir(root)
+    except OSError as e:
+        raise ConfigError(f"cannot read DATA {root} ({e.strerror or e}): it must be a directory you may list and "
+                          f"read.") from None
     groups: dict[tuple[Path, str], dict] = {}
     for p in root.rglob("*"):
         if not p.is_file() or not _visible(p.relative_to(root)):
@@ -121,7 +143,7 @@ def discover_directory(root: Path, probe: bool = True) -> AsrDataset:
         elif suffix == REFERENCE_SUFFIX:
             groups.setdefault((p.parent, p.stem), {"audio": [], "txt": None})["txt"] = p
     items: list[AsrItem] = []
-    skipped: list[SkippedFile] = []
+    skipped: list[SkippedFile] = _unlistable(root)
     for g in groups.values():
         audio, txt = sorted(g["audio"], key=lambda p: natural_key(p.name)), g["txt"]
         if not audio:

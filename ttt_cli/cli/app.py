@@ -40,8 +40,31 @@ app = typer.Typer(
 )
 
 
+def versions() -> dict[str, str]:
+    """The tool's, moshi's and torch's versions (SPEC §5): those this process imports (torch's with its
+    build tag, e.g. +cu128), which is what runs; an import failure is said instead of a version."""
+    import importlib
+    from .. import __version__
+
+    out = {"ttt": __version__}
+    for name in ("moshi", "torch"):
+        try:
+            out[name] = str(importlib.import_module(name).__version__)
+        except Exception as e:  # a broken install is what --version is asked about
+            out[name] = f"not importable ({type(e).__name__}: {e})"
+    return out
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        v = versions()
+        typer.echo(f"ttt {v['ttt']} (moshi {v['moshi']}, torch {v['torch']})")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the versions of ttt, moshi and torch, and exit.")) -> None:
     """Moshi with In-Place Test-Time Training."""
     import warnings
     from ..errors import LoadWarning

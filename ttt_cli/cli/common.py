@@ -74,9 +74,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readabl
 TTTClipOpt = Annotated[tp.Optional[str], typer.Option("--ttt-clip", help="Override the delta clip (Frobenius "
                                                       "norm of each chunk's update): none | a number > 0.")]
 BaseOpt = Annotated[tp.Optional[str], typer.Option("--base", help="For a fine-tuning fork (moshi_in_place) checkpoint: "
-                                                   "the base model its missing files (LM weights, Mimi, tokenizer) "
-                                                   "come from. Any --model source; default "
-                                                   "kyutai/moshiko-pytorch-bf16.")]
+                                                   "the base model the files its folder lacks (LM weights, Mimi, "
+                                                   "tokenizer) come from; used only when one is missing. Any --model "
+                                                   "source; default kyutai/moshiko-pytorch-bf16.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace outputs of an earlier ttt run (never inputs, "
                                             "never files ttt did not write).")]
@@ -88,7 +88,9 @@ TelemetryOpt = Annotated[tp.Optional[Path], typer.Option(
 ForceStateOpt = Annotated[bool, typer.Option("--force-state", help="Use an --init-state snapshot whose lr/clip differ "
                                              "from the model's (never one whose fingerprint differs).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
-WarmStartOpt = Annotated[tp.Optional[Path], typer.Option("--init-state", help="Warm start: a fast-weight snapshot "
+# Input paths say readable=False: typer's default (click's readable check) refuses an unreadable input while
+# parsing (exit 2), before anything runs; the commands report and skip it with its reason instead (SPEC §7).
+WarmStartOpt = Annotated[tp.Optional[Path], typer.Option("--init-state", readable=False, help="Warm start: a fast-weight snapshot "
                                                          "(ttt export-state); resets go back to it.")]
 DistTimeoutOpt = Annotated[float, typer.Option("--dist-timeout", help="Under torchrun: seconds a rank waits for a "
                                                "silent peer (and bounds every collective) before it stops with a "

@@ -19,7 +19,7 @@ eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, 
 
 
 def librilight_cmd(
-    data: Annotated[Path, typer.Argument(help="Dataset directory: DATA/<speaker>/<book>/<file>.flac (+ <file>.json).")],
+    data: Annotated[Path, typer.Argument(readable=False, help="Dataset directory: DATA/<speaker>/<book>/<file>.flac (+ <file>.json).")],
     model: ModelOpt = None,
     base: BaseOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (results.json, curve.csv, curve.png).")]

@@ -25,7 +25,7 @@ def _pct(v: float | None) -> str:
 
 
 def asr_cmd(
-    data: Annotated[Path, typer.Argument(help="A directory of audio files, each with a same-stem .txt reference "
+    data: Annotated[Path, typer.Argument(readable=False, help="A directory of audio files, each with a same-stem .txt reference "
                                               "(any depth), or a .jsonl manifest of {\"audio\": PATH, \"text\": "
                                               "REFERENCE} lines.")],
     model: ModelOpt = None,

@@ -32,7 +32,7 @@ class ResetPolicy(str, enum.Enum):
 
 
 def infer_cmd(
-    audio: Annotated[tp.List[Path], typer.Argument(help="Audio files: wav, flac, mp3, ogg; any sample rate and "
+    audio: Annotated[tp.List[Path], typer.Argument(readable=False, help="Audio files: wav, flac, mp3, ogg; any sample rate and "
                                                    "channel count.", show_default=False)],
     model: ModelOpt = None,  # type: ignore[assignment]
     base: BaseOpt = None,
@@ -68,7 +68,7 @@ def infer_cmd(
     ttt_clip: TTTClipOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
-    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this "
+    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", readable=False, help="Start every stream from this "
                                                           "fast-weight snapshot.")] = None,
     save_state: Annotated[tp.Optional[Path], typer.Option("--save-state", help="Write the fast weights at the end "
                                                           "of the stream: this file for one stream (inside it "

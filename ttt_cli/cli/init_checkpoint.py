@@ -33,7 +33,10 @@ def init_checkpoint_cmd(
     variant: Annotated[tp.Optional[Variant], typer.Option(
         "--variant", help="Fast-weight design: inplace (SPEC §3), mlp (TTT-MLP hybrid blocks, §3.10), "
                           "linear-adapter (TTT-Linear adapters, §3.11). Default: the source's.")] = None,
-    target_init: Annotated[TargetInit, typer.Option("--target-init", help="inplace: ntp = next-token target; zero: W_target=0.")] = TargetInit.ntp,
+    target_init: Annotated[tp.Optional[TargetInit], typer.Option(
+        "--target-init", help="inplace: fresh tensors with ntp = next-token target, or zero: W_target=0. Default: "
+                              "the source's own TTT tensors where it has them (a preset writes itself), else ntp.")]
+    = None,
     chunk_size: Annotated[tp.Optional[int], typer.Option("--chunk-size", help="Mini-batch (chunk) size in steps.")] = None,
     lr: Annotated[tp.Optional[float], typer.Option("--lr", help="The variant's rate: lr (inplace), base_lr (mlp), "
                                                                 "lr_scale (linear-adapter).")] = None,
@@ -54,6 +57,10 @@ def init_checkpoint_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Write a TTT checkpoint (config.json with a `ttt` section + ttt.safetensors) and verify it loads.
+
+    --preset P writes P itself (same config and TTT tensors: --model OUT loads as --model P); fresh
+    fast-weight tensors come with another variant (--preset tiny --variant mlp), options that change
+    the tensors (--rank, --targets, --num-heads, ...) or --target-init.
 
     Examples:
 
@@ -76,11 +83,13 @@ def init_checkpoint_cmd(
                                      target_source=target_source, num_heads=num_heads, rank=rank,
                                      targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                                      ).items() if v is not None}
-    res = init_checkpoint(src, out, layers=layers, target_init=target_init.value, section=section,
+    res = init_checkpoint(src, out, layers=layers, target_init=target_init.value if target_init else None,
+                          section=section,
                           copy_base=copy_base, overwrite=overwrite, yarn_scale=yarn_scale)
     if json_out:
         print_json({"out": str(res.out), "source": res.model_id, "ttt": res.ttt, "files": res.files,
-                    "target_init": res.target_init, "notes": res.notes})
+                    "target_init": res.target_init, "ttt_tensors_from_source": res.source_layers,
+                    "notes": res.notes})
     else:
         from ..fastweights.config import config_class
         key = config_class(res.ttt["variant"]).rate_key

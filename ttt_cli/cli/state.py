@@ -15,7 +15,7 @@ from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, Devic
 
 
 def export_state_cmd(
-    audio: Annotated[list[Path], typer.Argument(help="Audio files (wav, flac, mp3, ogg, ...).", show_default=False)],
+    audio: Annotated[list[Path], typer.Argument(readable=False, help="Audio files (wav, flac, mp3, ogg, ...).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Snapshot file (one snapshot) or directory (several).")],
     model: ModelOpt = None,
     base: BaseOpt = None,
@@ -25,7 +25,7 @@ def export_state_cmd(
     text_stream: Annotated[TextStream, typer.Option("--text-stream", help="Text tokens: zero (-1) or pad.")] = TextStream.zero,
     channel: Annotated[tp.Optional[int], typer.Option("--channel", help="Take this channel instead of mixing down.")] = None,
     block_steps: Annotated[int, typer.Option("--block-steps", help="LM steps per streaming call.")] = 250,
-    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", help="Start every stream from this snapshot.")] = None,
+    init_state: Annotated[tp.Optional[Path], typer.Option("--init-state", readable=False, help="Start every stream from this snapshot.")] = None,
     telemetry: TelemetryOpt = None,
     device: DeviceOpt = Device.auto,
     dtype: DTypeOpt = DType.auto,
@@ -135,7 +135,7 @@ def export_state_cmd(
 
 
 def inspect_state_cmd(
-    state: Annotated[Path, typer.Argument(help="Snapshot file (.safetensors).", show_default=False)],
+    state: Annotated[Path, typer.Argument(readable=False, help="Snapshot file (.safetensors).", show_default=False)],
     model: Annotated[tp.Optional[str], typer.Option("--model", "-m", help="Check fit and measure drift against this model.")] = None,
     base: BaseOpt = None,
     device: DeviceOpt = Device.auto,
@@ -209,8 +209,8 @@ def _exit_unless_fits(res, model: str | None) -> None:
 
 
 def diff_state_cmd(
-    a: Annotated[Path, typer.Argument(help="First snapshot.", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="Second snapshot.", show_default=False)],
+    a: Annotated[Path, typer.Argument(readable=False, help="First snapshot.", show_default=False)],
+    b: Annotated[Path, typer.Argument(readable=False, help="Second snapshot.", show_default=False)],
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:

@@ -62,8 +62,12 @@ def _refuse_run_dir(p: Path, checkpoints: Path) -> tp.NoReturn:
 
 
 def is_fork_config(cfg: dict) -> bool:
-    """The trainer always writes `lora` (and never `lora_name`); ours has a `ttt` section."""
-    return "lora" in cfg and "ttt" not in cfg and "lora_name" not in cfg
+    """The fork's config: a `ttt_config` whatever file keys a user added to it (`lora_name`, `moshi_name`, as
+    moshi's own loader needs), or the `lora` key its trainer always writes without moshi's `lora_name`
+    (its inference's fallback). Ours has a `ttt` section, which wins (SPEC §4.3)."""
+    if "ttt" in cfg:
+        return False
+    return "ttt_config" in cfg or ("lora" in cfg and "lora_name" not in cfg)
 
 
 def find_fork_layout(p: Path) -> ForkLayout | None:
@@ -89,6 +93,53 @@ def find_fork_layout(p: Path) -> ForkLayout | None:
         raise CheckpointError(f"--model {p}: the folder holds both {CONSOLIDATED} and {ADAPTERS}; pass the one "
                               f"to load (--model {present[0]} or --model {present[1]}).")
     return ForkLayout(p, present[0], _step_of(p))
+
+
+# config.json keys that name a file, by role: (key, what it is in messages).
+FILE_ROLES = {"moshi": ("moshi_name", "LM weights"), "mimi": ("mimi_name", "Mimi weights"),
+              "tokenizer": ("tokenizer_name", "tokenizer"), "mimi_config": ("mimi_config_name", "Mimi config")}
+
+
+@dataclass
+class FolderFiles:
+    """What a fork checkpoint's folder provides of the files its config.json names (SPEC §4.3)."""
+
+    found: dict[str, tuple[Path, str]]   # role -> (path, "checkpoint folder" | "the path config.json names")
+    missing: list[str]                   # what it lacks, in words: which file and where it was looked for
+
+
+def folder_files(cfg: dict, layout: ForkLayout) -> FolderFiles:
+    """The files a fork checkpoint's config names that are there, and those it lacks (SPEC §4.3).
+
+    A name is looked up in the checkpoint's own folder (`consolidated/`) by its file name, then, for an
+    absolute or `file://` name, at that path (a run trained on another machine names files there). The LM weights of a full fine-tuning checkpoint are its consolidated.safetensors whatever
+    `moshi_name` says; a Mimi config the config does not name is not missing (moshi's default, or the base's
+    when a base is used for other files).
+
+    Args:
+        cfg: the checkpoint's config.json.
+        layout: where its folder and weights file are.
+    """
+    found: dict[str, tuple[Path, str]] = {}
+    missing: list[str] = []
+    for role, (key, what) in FILE_ROLES.items():
+        if role == "moshi" and layout.kind == "consolidated":
+            continue
+        name = cfg.get(key)
+        if not isinstance(name, str) or not name:
+            if role != "mimi_config":
+                missing.append(f"the {what} (config.json names no `{key}`)")
+            continue
+        named = Path(name.removeprefix("file://"))
+        places = [(layout.folder / named.name, "checkpoint folder")]  # the folder first, whatever the name's path
+        if name.startswith("file://") or named.is_absolute():
+            places.append((named, "the path config.json names"))
+        hit = next(((p, where) for p, where in places if p.is_file()), None)
+        if hit is not None:
+            found[role] = hit
+        else:
+            missing.append(f"the {what} (`{key}`: {name}; looked for {' and '.join(str(p) for p, _ in places)})")
+    return FolderFiles(found, missing)
 
 
 def _step_of(folder: Path) -> int | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
@@ -12,7 +12,7 @@ from ..fastweights.config import TTT_FILE, FastWeightConfig
 from .config import default_ttt_section, parse_layers, resolve_ttt_config
 from .loader import _load_lm, load_model
 from .presets import PRESETS
-from .resolver import FILE_KEYS, Resolved, _file_ref, checkpoint_info, resolve
+from .resolver import FILE_KEYS, Resolved, _file_ref, checkpoint_info, resolve, ttt_file
 from .writer import add_ttt_to_checkpoint
 from .yarn import YarnConfig
 
@@ -23,8 +23,10 @@ class InitResult:
     model_id: str
     ttt: dict
     files: list[str]
-    target_init: str
-    notes: list[str]  # how the fast-weight tensors were initialised (e.g. a fresh `mlp` block is not neutral)
+    target_init: str  # the init of fresh tensors (In-Place: ntp | zero)
+    notes: list[str]  # where the fast-weight tensors come from (the source's own, or fresh: how, e.g. a fresh
+    #                   `mlp` block is not neutral)
+    source_layers: list[int] = field(default_factory=list)  # layers whose TTT tensors are the source's own
 
 
 def checkpoint_is_ours(path: Path) -> bool:
@@ -57,10 +59,15 @@ def _output_plan(res: Resolved, out: Path, overwrite: bool):
     return plan.check().prepare()
 
 
-def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | None = None, target_init: str = "ntp",
+def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | None = None, target_init: str | None = None,
                     section: dict | None = None, copy_base: bool = False, overwrite: bool = False,
                     yarn_scale: float | None = None) -> InitResult:
     """Writes a loadable TTT checkpoint directory from a base checkpoint or preset, then loads it back.
+
+    A source with its own TTT tensors (a preset, a TTT checkpoint) keeps them: writing preset P writes P,
+    so `--model <out>` loads as `--model P` (SPEC §4.1). Layers the source has no tensors for, another
+    variant, options that change what the tensors are (all but layers, chunk size, rate and clip), or an
+    In-Place `target_init` given explicitly get the variant's fresh init instead.
 
     The directory is built under a temporary name beside `out` and moved into place only when
     complete; an existing `out` is replaced only with `overwrite` and only if this tool wrote it
@@ -70,7 +77,8 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         source: base checkpoint (preset, directory, hub id).
         out: directory to write.
         layers: TTT layers, as a list or `--ttt-layers` syntax (default: every 6th from 0, or the preset's).
-        target_init: In-Place: `ntp` or `zero` (SPEC §3.6).
+        target_init: In-Place: `ntp` or `zero` (SPEC §3.6), for fresh tensors; given, it makes every
+            In-Place tensor fresh. Default: the source's own tensors where it has them, else `ntp`.
         section: further `ttt` keys (variant, chunk_size, lr, ...). A `variant` other than the source's
             keeps its layers and takes that variant's defaults; `lr` sets the variant's rate.
         copy_base: copy the base weights into `out` instead of referencing them.
@@ -99,16 +107,53 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         overrides["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
     overrides["ttt_name"] = TTT_FILE
     sec = base_cfg.with_overrides(overrides, num_layers).to_dict()  # checks the keys of the target variant
+    own, why_not = _own_tensors(res, base_cfg, sec, target_init)
+    init = target_init or "ntp"
     try:
         with atomic_dir(out, replace=True) as tmp:
-            cfg = _write_checkpoint(res, info, tmp, sec, target_init, copy_base, yarn_scale)
+            cfg, kept = _write_checkpoint(res, info, tmp, sec, init, copy_base, yarn_scale, own)
     finally:
         plan.cleanup()
     m = load_model(str(out), device="cpu", dtype="fp32")  # verify it loads before reporting success
     if m.ttt is None or m.ttt.layers != cfg.layers:
         raise CheckpointError(f"{out} was written but does not load back with TTT layers {cfg.layers}.")
-    notes = [variant_of(cfg).fresh_note(cfg, target_init)]
-    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), target_init, notes)
+    fresh = [i for i in cfg.layers if i not in kept]
+    notes = []
+    if kept:
+        notes.append(f"layer(s) {kept}: {res.model_id}'s own tensors ({cfg.ttt_name}), as --model {res.model_id} "
+                     f"loads them")
+    if fresh:
+        notes.append((f"layer(s) {fresh}: " if kept else "") + variant_of(cfg).fresh_note(cfg, init)
+                     + (f" ({why_not})" if why_not else ""))
+    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), init, notes, kept)
+
+
+# `ttt` keys that leave the meaning of the tensors unchanged: the source's tensors stay valid.
+TENSOR_NEUTRAL_KEYS = ("layers", "chunk_size", "ttt_name", "delta_clip_fro_norm", "delta_clip_epsilon")
+
+
+def _own_tensors(res: Resolved, own_cfg: FastWeightConfig, sec: dict, target_init: str | None) -> tuple[dict, str]:
+    """The source's own TTT tensors that the section written may keep, and, where none, why (for the note)."""
+    from safetensors.torch import load_file
+
+    own = res.config.get("ttt")
+    if not isinstance(own, dict) or "random_weights" in res.config:
+        return {}, ""
+    if target_init is not None and sec.get("variant", "inplace") == "inplace":
+        return {}, f"--target-init {target_init} asks for fresh tensors"
+    src = own_cfg.to_dict()
+    if src.get("variant") != sec.get("variant"):
+        return {}, ""
+    neutral = {*TENSOR_NEUTRAL_KEYS, type(own_cfg).rate_key}
+    changed = sorted(k for k in set(src) | set(sec) if k not in neutral and src.get(k) != sec.get(k))
+    if changed:
+        return {}, (f"{res.model_id}'s own tensors do not fit: {', '.join(changed)} "
+                    f"{'differs' if len(changed) == 1 else 'differ'} from its `ttt` section")
+    path = ttt_file(res, str(own.get("ttt_name") or TTT_FILE))
+    try:
+        return load_file(str(path), device="cpu"), ""
+    except Exception as e:
+        raise CheckpointError(f"cannot read the TTT tensors of {res.model_id} ({path}): {e}") from None
 
 
 def yarn_config_for(scale: float, context: int | None) -> dict:
@@ -124,9 +169,14 @@ def yarn_config_for(scale: float, context: int | None) -> dict:
 
 
 def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: str, copy_base: bool,
-                      yarn_scale: float | None = None) -> FastWeightConfig:
-    """Fills directory `tmp`: config.json (moshi's keys, file references or copies) and the TTT tensors."""
+                      yarn_scale: float | None = None, own: dict | None = None) -> tuple[FastWeightConfig, list[int]]:
+    """Fills directory `tmp`: config.json (moshi's keys, file references or copies) and the TTT tensors:
+    a layer's own tensors (`own`, the source's) where they hold all of its tensors in the fresh shapes, else fresh.
+
+    Returns (the section written, the layers whose tensors are the source's own).
+    """
     import torch
+    from .writer import ttt_tensors_for
 
     config = {k: v for k, v in res.config.items() if k not in ("ttt", "ttt_config")}
     if not config:  # legacy hub repo without config.json: moshi's default file names
@@ -150,4 +200,14 @@ def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: st
         config["yarn_config"] = yarn_config_for(yarn_scale, config.get("context"))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     lm = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32).lm
-    return add_ttt_to_checkpoint(tmp, sec, lm, target_init)
+    cfg = FastWeightConfig.from_dict(sec, int(config.get("num_layers", 32)))
+    tensors = ttt_tensors_for(lm, cfg, target_init)  # may resolve keys in `cfg` (mlp: num_heads null -> the layer's)
+    kept = []
+    for i in cfg.layers:
+        keys = [k for k in tensors if k.startswith(f"transformer.layers.{i}.")]
+        if own and keys and all(k in own and own[k].shape == tensors[k].shape for k in keys):
+            tensors.update({k: own[k].contiguous() for k in keys})
+            kept.append(i)
+    # Only the source's own tensors: its section as it is (writing P writes P's config too).
+    written = sec if own and len(kept) == len(cfg.layers) else cfg.to_dict()
+    return add_ttt_to_checkpoint(tmp, written, lm, target_init, tensors), kept

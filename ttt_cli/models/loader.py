@@ -12,7 +12,7 @@ from ..errors import CheckpointError, ConfigError, LoadWarning
 from ..fastweights.config import TTT_FILE, FastWeightConfig, TTTConfig
 from .config import apply_overrides, resolve_ttt_config
 from .fork import CLIP_WARNING, ForkLayout, from_fork_config, normalise_ttt_tensors
-from .resolver import Resolved, _file_ref, checkpoint_info, resolve, yarn_section
+from .resolver import Resolved, checkpoint_info, resolve, ttt_file, yarn_section
 from .tensors import any_ttt_key, check_ttt_tensors, safetensors_keys, split_ttt, ttt_key
 
 TARGET_TENSORS = ("target_generator.conv1d.conv.weight", "target_generator.W_target.weight")
@@ -331,9 +331,11 @@ def _fork_note(res: Resolved) -> list[str]:
         return []
     where = res.provenance.get("from", {})
     names = {"moshi": "LM weights", "mimi": "Mimi", "tokenizer": "tokenizer", "mimi_config": "Mimi config"}
-    parts = [f"{names[k]} from {v}" for k, v in where.items() if k != "mimi_config" or res.provenance["files"].get("mimi_config")]
+    parts = [f"{names[k]} from {v}" for k, v in where.items()]
     step = f", step {res.fork.step}" if res.fork.step is not None else ""
-    return [f"fine-tuning fork checkpoint ({res.fork.weights.name}{step}): {'; '.join(parts)}."]
+    unused = (f" Its folder holds every file its config.json names, so --base {res.unused_base} was not used."
+              if res.unused_base else "")
+    return [f"fine-tuning fork checkpoint ({res.fork.weights.name}{step}): {'; '.join(parts)}.{unused}"]
 
 
 def _attach(lm, res: Resolved, cfg: TTTConfig, origin: str, loaded: _Loaded, target_init: str | None,
@@ -440,16 +442,7 @@ def _frozen_linear_out(gating):
 
 def _read_ttt_file(res: Resolved, name: str, inplace: bool = True) -> tuple[dict, Path]:
     """The checkpoint's own TTT tensors file (`ttt_name`): In-Place keys only, or any variant's."""
-    if res.directory is not None:
-        path = Path(_file_ref(res, name))
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {res.model_id}: the `ttt` section names {name}, which does not exist.")
-    else:
-        from moshi.models.loaders import hf_get
-        try:
-            path = hf_get(_file_ref(res, name), revision=res.revision)
-        except Exception as e:
-            raise CheckpointError(f"could not download {name} of {res.model_id}: {e}") from None
+    path = ttt_file(res, name)
     raw = _read_weights(path)
     own_key = ttt_key if inplace else any_ttt_key
     bad = [k for k in raw if not own_key(k)]

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import ConfigError
+
 PRESETS = ("tiny", "tiny-stt", "tiny-mlp", "tiny-adapter", "bench", "moshi-7b-random", "moshi-7b-layer")
 # Real-shape presets (SPEC §8.7): moshi 7B's own config (moshi's `loaders._lm_kwargs`), LM weights drawn at load
 # time on the target device (never written: 15-30 GB), Mimi and tokenizer files borrowed from `tiny` (small).
@@ -266,11 +268,21 @@ def ensure_preset(name: str) -> Path:
     try:
         with atomic_dir(final) as tmp:  # the user's umask (mkdtemp would make it 0700)
             build_preset(name, tmp)
-    except OSError:
+    except OSError as e:
         if not (final / "config.json").exists():
-            raise
+            raise ConfigError(_cache_problem(name, e), hint="set TTT_CACHE to a directory you may write") from None
         # another process won the race: its preset is the same
     return final
+
+
+def _cache_problem(name: str, e: OSError) -> str:
+    """An unwritable cache is the run's setup, not a failed input (exit 2): name the variable and the path."""
+    env = os.environ.get("TTT_CACHE")
+    where = (f"TTT_CACHE={env}" if env else
+             f"{cache_root()} (the default when TTT_CACHE is not set: $XDG_CACHE_HOME/ttt or ~/.cache/ttt)")
+    return (f"preset {name} is built on first use in the cache, and the cache {where} cannot be written "
+            f"({e.strerror or e}{': ' + str(e.filename) if e.filename else ''}). Set TTT_CACHE to a directory you "
+            f"may write (e.g. TTT_CACHE=$HOME/ttt-cache), or make that one writable, and run again.")
 
 
 def directory_digest(path: Path) -> str:

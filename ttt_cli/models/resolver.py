@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from .fork import ForkLayout, find_fork_layout, is_fork_config
+from .fork import FILE_ROLES, ForkLayout, find_fork_layout, folder_files, is_fork_config
 from .presets import PRESETS
 
 DEFAULT_MODEL = "kyutai/moshiko-pytorch-bf16"
@@ -29,7 +29,8 @@ class Resolved:
     hub_repo: str | None = None
     revision: str | None = None
     fork: ForkLayout | None = None   # a checkpoint the fine-tuning fork's trainer wrote (SPEC §4.3)
-    base: "Resolved | None" = None   # where a fork checkpoint's other files come from (`--base`)
+    base: "Resolved | None" = None   # where a fork checkpoint's missing files come from (`--base`)
+    unused_base: str | None = None   # a `--base` given for a fork checkpoint whose folder lacks nothing
     provenance: dict = field(default_factory=dict)  # files used and where from, filled by checkpoint_info
 
 
@@ -41,17 +42,22 @@ def resolve(source: str | None, base: str | None = None) -> Resolved:
         source: `tiny`, `tiny-stt`, `bench`, a directory, `org/name[@rev]` or `hf://org/name[@rev]`;
             a fork checkpoint's `consolidated/` folder, its `checkpoint_NNNNNN/` parent or its
             `lora.safetensors` / `consolidated.safetensors` file. None means the default base Moshi.
-        base: for fork checkpoints, the base the other files come from (any source above but a fork
-            checkpoint; default kyutai/moshiko-pytorch-bf16). An error for other sources.
+        base: for fork checkpoints, the base the files its folder lacks come from (any source above but a
+            fork checkpoint; default kyutai/moshiko-pytorch-bf16), resolved only when the folder lacks one.
+            An error for other sources.
     """
     res = _resolve(source or DEFAULT_MODEL)
     if res.fork is not None:
+        lacks = folder_files(res.config, res.fork).missing
+        if not lacks:  # a complete folder never touches the hub (SPEC §4.3)
+            res.unused_base = base
+            return res
         try:
             res.base = _resolve(base or DEFAULT_MODEL)
         except CheckpointError as e:
-            raise CheckpointError(f"{res.model_id} is a fine-tuning fork checkpoint whose LM weights, Mimi or tokenizer "
-                                  f"come from its base (--base, default {DEFAULT_MODEL}), which could not be used: "
-                                  f"{e}") from None
+            raise CheckpointError(f"{res.model_id} is a fine-tuning fork checkpoint whose folder lacks "
+                                  f"{'; '.join(lacks)}. What it lacks comes from its base (--base, default "
+                                  f"{DEFAULT_MODEL}), which could not be used: {e}") from None
         if res.base.fork is not None:
             raise ConfigError(f"--base {base}: a fine-tuning fork checkpoint cannot be a base; pass the model it was "
                               f"trained from (default {DEFAULT_MODEL}).")
@@ -142,6 +148,20 @@ def _file_ref(res: Resolved, name: str) -> str:
     return f"hf://{res.hub_repo}/{name}"
 
 
+def ttt_file(res: Resolved, name: str) -> Path:
+    """The checkpoint's own TTT tensors file (`ttt_name` of its `ttt` section): local, or downloaded."""
+    if res.directory is not None:
+        path = Path(_file_ref(res, name))
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {res.model_id}: the `ttt` section names {name}, which does not exist.")
+        return path
+    from moshi.models.loaders import hf_get
+    try:
+        return Path(hf_get(_file_ref(res, name), revision=res.revision))
+    except Exception as e:
+        raise CheckpointError(f"could not download {name} of {res.model_id}: {e}") from None
+
+
 def _local(ref: str) -> Path:
     return Path(str(ref).removeprefix("file://"))
 
@@ -178,22 +198,19 @@ def _base_files(base: Resolved) -> dict[str, str | None]:
 def _fork_files(res: Resolved) -> tuple[dict[str, str | None], dict[str, str]]:
     """Files of a fork checkpoint: those its config names and its folder holds, the rest from the base.
 
-    Returns ({role: ref}, {role: "checkpoint" | "base <id>"}).
+    Returns ({role: ref or None}, {role: "checkpoint folder" | "the path config.json names" | "base <id>"}).
     """
-    cfg, folder, base = res.config, res.fork.folder, res.base
-    from_base = _base_files(base)
-    keys = {"moshi": "moshi_name", "mimi": "mimi_name", "tokenizer": "tokenizer_name", "mimi_config": "mimi_config_name"}
+    local = folder_files(res.config, res.fork).found
+    from_base = _base_files(res.base) if res.base is not None else {}
     files: dict[str, str | None] = {}
     where: dict[str, str] = {}
-    for role, key in keys.items():
-        name = cfg.get(key)
-        local = _local(name) if name and (name.startswith("file://") or os.path.isabs(name)) else (
-            folder / Path(name).name if name else None)
-        if local is not None and local.is_file():
-            files[role], where[role] = str(local), ("checkpoint folder" if local.parent == folder
-                                                    else "the path config.json names")
-        else:
-            files[role], where[role] = from_base[role], f"base {base.model_id}"
+    for role in FILE_ROLES:
+        if role in local:
+            files[role], where[role] = str(local[role][0]), local[role][1]
+        elif from_base.get(role):
+            files[role], where[role] = from_base[role], f"base {res.base.model_id}"
+        else:  # a Mimi config nobody names: moshi's default
+            files[role] = None
     if res.fork.kind == "consolidated":  # full fine-tuning: every LM weight is in consolidated.safetensors
         files["moshi"], where["moshi"] = str(res.fork.weights), "checkpoint (consolidated.safetensors)"
     return files, where
@@ -215,7 +232,7 @@ def checkpoint_info(res: Resolved):
             kw["mimi_config_path"] = files["mimi_config"]
         res.provenance = {"format": "moshi_in_place", "kind": res.fork.kind, "step": res.fork.step,
                           "checkpoint": str(res.fork.folder), "weights": str(res.fork.weights),
-                          "base": res.base.model_id, "from": where}
+                          "base": res.base.model_id if res.base is not None else None, "from": where}
     elif res.directory is not None:
         missing = [f"{k}={cfg[k]}" for k in FILE_KEYS if k in cfg and not str(cfg[k]).startswith("hf://")
                    and not _local(_file_ref(res, cfg[k])).exists()]
@@ -244,8 +261,9 @@ def checkpoint_info(res: Resolved):
             cfg_path.write_text(json.dumps(base))
         hub = res.base if res.fork is not None else res  # only a base can be on the hub
         try:
-            info = loaders.CheckpointInfo.from_hf_repo(hub.hub_repo or "local", config_path=cfg_path,
-                                                       revision=hub.revision, **kw)
+            info = loaders.CheckpointInfo.from_hf_repo(hub.hub_repo if hub and hub.hub_repo else "local",
+                                                       config_path=cfg_path, revision=hub.revision if hub else None,
+                                                       **kw)
         except Exception as e:
             raise CheckpointError(f"could not fetch the files of checkpoint {res.model_id} "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use "
