@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -18,6 +19,13 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 # second thread buys nothing, and on a busy machine OpenMP's spin-waiting made tests 5-10x slower. The
 # second core runs the suite's subprocesses. Override by setting OMP_NUM_THREADS.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # a plugin imported torch before this file: the variable alone would come too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_report_header(config):
+    import torch
+    return f"torch intra-op threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
+
+import sphn
 
 # speaker -> book -> [(file stem, sentence)]; names need natural sort (20 < 100, book2 < book10, 2 < 10).
 LAYOUT = {
@@ -62,3 +65,26 @@ def build(root: Path) -> Path:
     (root / BAD_JSON).write_text("{not json")
     shutil.rmtree(tmp)
     return root
+
+
+def seconds(root: Path, doc_id: str) -> list[float]:
+    """Durations in seconds of a document's readable files in order, read from the files the synthesizer
+    wrote (espeak-ng's voice and speed vary between its versions: no duration is assumed)."""
+    spk, book = doc_id.split("/")
+    return [sphn.FileReader(str(root / spk / book / f"{stem}.flac")).duration_sec
+            for stem, text in LAYOUT[spk][book] if text is not None]
+
+
+def step_bounds(root: Path, doc_id: str, frame: int = 1920, sr: int = 24000) -> list[int]:
+    """The 80 ms step at which each readable file of a document starts, then the document's step count, once
+    its files are played one after the other at 24 kHz (each file's length there: ceil(native samples ·
+    24000 / native rate)); read from the files, like `seconds`."""
+    spk, book = doc_id.split("/")
+    starts, total = [], 0
+    for stem, text in LAYOUT[spk][book]:
+        if text is None:
+            continue
+        starts.append(total // frame)
+        r = sphn.FileReader(str(root / spk / book / f"{stem}.flac"))
+        total += math.ceil(r.decode_all().shape[-1] * sr / r.sample_rate - 1e-9)
+    return starts + [total // frame]

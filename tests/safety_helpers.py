@@ -1,20 +1,29 @@
 """Shared helpers of the CLI and data-safety tests (SPEC §7.1): CLI runs, file-tree digests, small disks, audio clips.
 
-Disk-full cases run on a real small tmpfs (`mount -t tmpfs -o size=...`, the tests run as root here),
+Disk-full cases run on a real small tmpfs (`mount -t tmpfs -o size=...`, when the tests run as root),
 because the point is how the tool meets the operating system's ENOSPC through every writer it uses
 (sphn's wav writer, safetensors, matplotlib, plain files). Where mounting is impossible the fixture
 falls back to an injected ENOSPC: `ttt_cli.io.atomic_path` (the one writer every output goes
 through) given a byte budget, which exercises the same cleanup and reporting paths.
+
+Read-only cases use a directory without write permission. Root ignores permission bits, so as root the
+command runs in a child process whose capability bounding set lacks CAP_DAC_OVERRIDE and
+CAP_DAC_READ_SEARCH (util-linux `setpriv`): the child meets EACCES exactly as a user would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
+import shutil
 import struct
 import subprocess
+import sys
+import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,22 +134,84 @@ def small_disk(target: Path, size_kb: int, monkeypatch):
     yield "injected"
 
 
+# Root keeps every capability but these two in the child: permission bits then apply to it.
+_DROP = "-dac_override,-dac_read_search"
+SETPRIV = ["setpriv", "--bounding-set", _DROP, "--inh-caps", _DROP, "--"]
+
+
+@functools.cache
+def _setpriv_problem() -> str | None:
+    """Why a child cannot be made to obey permission bits here (None: it can), checked on a real directory."""
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o555)
+        try:
+            r = subprocess.run([*SETPRIV, "touch", os.path.join(d, "x")], capture_output=True, text=True)
+        finally:
+            os.chmod(d, 0o755)
+    if r.returncode == 0:
+        return "setpriv ran, but the child could still write into a read-only directory"
+    if "Permission denied" not in r.stderr:
+        return f"setpriv cannot drop CAP_DAC_OVERRIDE here: {r.stderr.strip()[-200:]}"
+    return None
+
+
+@dataclass
+class ChildResult:
+    """`cli`'s result (exit_code, stdout, stderr, output) for a command run in a child process."""
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def _child_cli(args, fail_if_called: dict[str, str]) -> ChildResult:
+    """`ttt ARGS` in a child process without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH (as root)."""
+    stubs = "".join(
+        f"import {mod}\n"
+        f"{mod}.{attr} = lambda *a, **k: sys.exit({msg!r})\n"
+        for mod, attr, msg in ((k.rsplit(".", 1)[0], k.rsplit(".", 1)[1], v) for k, v in fail_if_called.items()))
+    code = f"import sys\n{stubs}from ttt_cli.cli.app import main\nsys.argv[0] = 'ttt'\nmain()\n"
+    r = subprocess.run([*SETPRIV, sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    return ChildResult(r.returncode, r.stdout, r.stderr)
+
+
+@dataclass
+class ReadOnly:
+    """A directory the command under test cannot write into, and how to run that command (`cli`)."""
+    path: Path
+    child: bool  # the command runs in a child process without the capabilities root uses to ignore permissions
+
+    def cli(self, *args, fail_if_called: dict[str, str] | None = None) -> tp.Any:
+        """Runs `ttt ARGS` as `cli` does; `fail_if_called` = {"module.function": message}: calling that function
+        makes the run fail with the message (in-process: an exception; in a child: exit 1)."""
+        if self.child:
+            return _child_cli(args, fail_if_called or {})
+        import pytest
+        with pytest.MonkeyPatch.context() as mp:
+            for target, msg in (fail_if_called or {}).items():
+                mp.setattr(target, lambda *a, _m=msg, **k: pytest.fail(_m))
+            return cli(*args)
+
+
 @contextlib.contextmanager
 def read_only_dir(target: Path):
-    """A directory nothing can be written into: a read-only tmpfs (root ignores permission bits)."""
-    if _mount(target, "ro,size=64k"):
-        try:
-            yield target
-        finally:
-            _umount(target)
-        return
-    if os.geteuid() != 0:
-        target.mkdir(parents=True, exist_ok=True)
-        target.chmod(0o555)
-        try:
-            yield target
-        finally:
-            target.chmod(0o755)
-        return
-    import pytest
-    pytest.skip("cannot make a read-only directory here (no tmpfs mount, running as root)")
+    """Yields a `ReadOnly`: `target` made read-only (mode 0555); as root, its `cli` runs the command in a child
+    process that obeys permission bits (see the module's docstring). The OS's words: "Permission denied"."""
+    child = os.geteuid() == 0
+    if child and (why := _setpriv_problem()):
+        import pytest
+        pytest.skip(f"running as root and {why}: a read-only directory cannot be made here "
+                    "(scripts/check-tools.sh installs util-linux)")
+    target.mkdir(parents=True, exist_ok=True)
+    target.chmod(0o555)
+    try:
+        yield ReadOnly(target, child)
+    finally:
+        target.chmod(0o755)

@@ -1,4 +1,7 @@
-"""Helpers shared by the model tests: relative error, random codes, full-sequence forward ≡ block streaming."""
+"""Helpers shared by the model tests: relative error, random codes, full-sequence forward ≡ block streaming,
+telemetry of two runs."""
+
+import math
 
 import torch
 
@@ -29,3 +32,20 @@ def full_equals_blocks(lm, seq, blocks, tol=1e-4):
             outs = [lm.forward_text(seq[:, :, s:s + block])[1] for s in range(0, T, block)]
         assert rel(torch.cat(outs, 2), full) < tol, block
     return full
+
+
+def assert_telemetry_close(a, b, rel_tol=1e-5):
+    """Two runs' telemetry ({counter: value} per stream, or lists of them): counts equal, float figures
+    (drift) within `rel_tol`. Runs on different kernels (compiled vs eager, blocked vs per-token, other
+    thread counts) round differently in the last bits, so floats are never compared exactly."""
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), (a, b)
+        for x, y in zip(a, b):
+            assert_telemetry_close(x, y, rel_tol)
+        return
+    assert set(a) == set(b), (sorted(a), sorted(b))
+    for k, v in a.items():
+        if isinstance(v, float) or isinstance(b[k], float):
+            assert math.isclose(v, b[k], rel_tol=rel_tol, abs_tol=1e-12), (k, v, b[k])
+        else:
+            assert v == b[k], (k, v, b[k])

@@ -171,11 +171,13 @@ def test_discovery_order_metadata_and_skipped(dataset, data_root):
 
 def test_discovery_limits_and_errors(data_root, tmp_path):
     assert [d.id for d in discover(data_root, limit_books=2).documents] == LD.ORDER[:2]
-    short = discover(data_root, min_seconds=3.0)  # 20/book10 is ~1.6 s
+    secs = {d: sum(LD.seconds(data_root, d)) for d in LD.ORDER}  # one sentence vs two or three: 3 s between
+    assert secs["20/book10"] < 3.0 < min(secs["20/book2"], secs["100/7"]), secs
+    short = discover(data_root, min_seconds=3.0)
     assert [d.id for d in short.documents] == ["20/book2", "100/7"]
     assert short.skipped_documents[0].id == "20/book10"
-    cut = discover(data_root, max_seconds=2.0)  # files starting after the cut are not part of the document
-    assert [f.path.name for f in cut.documents[0].files] == ["1.flac"]
+    cut = discover(data_root, max_seconds=0.9 * LD.seconds(data_root, "20/book2")[0])  # inside the first file:
+    assert [f.path.name for f in cut.documents[0].files] == ["1.flac"]  # files starting after the cut are left out
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no audio files found"):
         discover(tmp_path / "empty")
@@ -200,8 +202,9 @@ def test_boundaries_in_seconds_and_steps(dataset, doc_codes):
     assert dc7.files[1].start_step == dc7.files[0].end_step
 
 
-def test_max_seconds_cut(tiny, dataset):
+def test_max_seconds_cut(tiny, dataset, data_root):
     doc = dataset.documents[0]
+    assert sum(LD.seconds(data_root, doc.id)) > 4.0  # three sentences: the cut falls inside the document
     dc = document_codes(tiny.mimi, doc, 4.0, None)
     assert dc.samples == 96000 and dc.steps == 96000 // FRAME
     assert dc.files[-1].truncated and dc.files[-1].end_s == pytest.approx(4.0)
@@ -272,20 +275,27 @@ def test_off_equals_plain_moshi_forward(tiny, plain, doc_codes):
     assert torch.isnan(got[1:, -1]).all() and not torch.isnan(got[0]).any()  # acoustic delay at the end
 
 
-RESETS = {"document": [], "file": [37, 70], "every:20": [20, 40, 60, 80, 100]}
+def resets_of(policy, data_root, doc="20/book2"):
+    """Where a policy resets the fast weights in a document, by hand from its files' lengths (SPEC §6.1):
+    `file` at each later file's first step, `every:20` every 20 steps inside the document."""
+    *starts, steps = LD.step_bounds(data_root, doc)
+    return {"document": [], "file": starts[1:], "every:20": list(range(20, steps, 20))}[policy]
+
+
 # Block sizes scored per policy: every:20 resets inside blocks of 7 and between steps of 1 too.
 BLOCKS = {"document": ({"block_steps": 250},), "file": ({"block_steps": 7}, {"block_steps": 250}),
           "every:20": ({"block_steps": 1}, {"block_steps": 7}, {"block_steps": 250}, {"step_by_step": True})}
 
 
-@pytest.mark.parametrize("policy", list(RESETS))
-def test_policies_and_block_sizes_equal_naive_reference(tiny, plain, doc_codes, policy):
+@pytest.mark.parametrize("policy", list(BLOCKS))
+def test_policies_and_block_sizes_equal_naive_reference(tiny, plain, doc_codes, data_root, policy):
     """score_document in blocks (and step by step), each against the naive reference (plain moshi one step
     at a time, naive fast weights reset where the policy says): the block size changes nothing."""
     dc = doc_codes["20/book2"]
     codes = lm_codes(tiny, doc_codes, "20/book2")
-    resets = RESETS[policy]
-    assert [f.start_step for f in dc.files] == [0, 37, 70]  # what the file resets are written from
+    resets = resets_of(policy, data_root)
+    assert [f.start_step for f in dc.files] + [dc.steps] == LD.step_bounds(data_root, "20/book2")
+    assert len(resets) >= (2 if policy != "document" else 0)  # 3 files; > 40 steps
     assert parse_policy(policy).reset_positions(dc.steps, [f.start_step for f in dc.files]) == resets
     ref = naive_nll(plain, [codes], [resets], key="20/book2")[0]
     for kw in BLOCKS[policy]:
@@ -329,7 +339,7 @@ def full_run(tiny, data_root, cache_dir, tmp_path_factory):
     return run_eval(tiny, data_root, cache_dir, tmp_path_factory.mktemp("eval") / "out")
 
 
-def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes):
+def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes, data_root):
     res = full_run
     r = json.loads((res.out / "results.json").read_text())
     assert r["status"] == "complete" and res.exit_code == 1  # the broken file makes the run exit 1
@@ -337,7 +347,7 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes):
     assert [d["id"] for d in r["documents"]] == LD.ORDER
     d0 = r["documents"][0]
     assert [f["path"] for f in d0["files"]] == ["20/book2/1.flac", "20/book2/2.flac", "20/book2/10.flac"]
-    assert [f["start_step"] for f in d0["files"]] == [0, 37, 70]
+    assert [f["start_step"] for f in d0["files"]] == LD.step_bounds(data_root, "20/book2")[:-1]
     assert r["documents"][2]["skipped"][0]["path"] == LD.BROKEN
     assert set(r["policies"]) == set(POLICIES) and r["codes_cache"]["hits"] == 3
     # Token NLL files against the naive reference, with the resets the protocol implies.
@@ -345,8 +355,9 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes):
     tn = lambda pol, doc: load_file(str(res.out / "token_nll" / pol / f"{doc}.safetensors"))
     f0 = tn("file", "20/book2")
     assert torch.equal(f0["codes"], a) and f0["nll"].dtype == torch.float32 and f0["nll"].shape == (8, a.shape[1])
-    assert_close(f0["nll"], naive_nll(plain, [a], [RESETS["file"]], key="20/book2")[0])
-    assert_close(tn("every-20", "20/book2")["nll"], naive_nll(plain, [a], [RESETS["every:20"]], key="20/book2")[0])
+    assert_close(f0["nll"], naive_nll(plain, [a], [resets_of("file", data_root)], key="20/book2")[0])
+    assert_close(tn("every-20", "20/book2")["nll"],
+                 naive_nll(plain, [a], [resets_of("every:20", data_root)], key="20/book2")[0])
     assert_close(tn("document", "20/book2")["nll"], naive_nll(plain, [a], [[]], key="20/book2")[0])
     assert_close(tn("never", "20/book10")["nll"], naive_nll(plain, [a, b], [[], []], key="book2+book10")[1])
     assert_close(tn("off", "20/book2")["nll"], moshi_forward_nll(plain.lm, a))
@@ -432,7 +443,7 @@ def test_init_state_warm_start_and_force_state(tiny, plain, data_root, cache_dir
     assert rec["path"] == str(path.resolve()) and rec["pending_tokens_ignored"] == {"1": 8, "3": 8}
     assert res["policies"]["file"]["ttt"]["warm_start"] is True and res["policies"]["off"]["ttt"]["on"] is False
     got = load_file(str(out / "token_nll" / "file" / "20" / "book2.safetensors"))["nll"]
-    assert_close(got, naive_nll(plain, [a], [RESETS["file"]], warm=warm)[0])  # the model's lr, from the warm W
+    assert_close(got, naive_nll(plain, [a], [resets_of("file", data_root)], warm=warm)[0])  # the model's lr, from the warm W
     off = load_file(str(out / "token_nll" / "off" / "20" / "book2.safetensors"))["nll"]
     assert_close(off, moshi_forward_nll(plain.lm, a))  # `off` is W0, warm start or not
     for layer in ttt_layers(tiny.lm).values():  # the warm start does not outlive the run
@@ -517,6 +528,7 @@ def test_exit_code_counts_failures_not_filters(tiny, data_root, cache_dir, tmp_p
     import shutil
     root = tmp_path / "data"
     shutil.copytree(data_root / "20", root / "20")
+    assert sum(LD.seconds(data_root, "20/book10")) < 3.0 < sum(LD.seconds(data_root, "20/book2"))
     opts = EvalOptions(data=root, out=tmp_path / "a", model="tiny", min_seconds=3.0, codes_cache=cache_dir,
                        policies=["document"], text_stream="pad")
     res = evaluate_librilight(opts, model=tiny)

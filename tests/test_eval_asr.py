@@ -153,8 +153,10 @@ def test_off_is_plain_moshi_and_every_resets_on_schedule(full):
     rec = next(x for x in res["recordings"] if x["key"] == "library.wav")
     hyp = json.loads((out / rec["hypotheses"]["off"]["json"]).read_text())
     ids = moshi_stt_text_ids(plain, EXAMPLES / "library.wav", (1.0, 1.0))
+    # not two empty transcripts: tiny-stt's random weights emit text tokens on this recording
+    assert len(text_of(plain, ids)) >= 10 and len(set(text_of(plain, ids))) >= 3
     assert [t["id"] for t in hyp["tokens"]] == text_of(plain, ids)
-    assert hyp["text"] == plain.tokenizer.decode(text_of(plain, ids)).strip()
+    assert hyp["text"] == plain.tokenizer.decode(text_of(plain, ids)).strip() and hyp["text"]
     # steps: the padded frames + the repeated first frame
     assert hyp["steps"] == len(frames_of(EXAMPLES / "library.wav", (1.0, 1.0))) + 1
     off, every = res["policies"]["off"], res["policies"]["every:2s"]

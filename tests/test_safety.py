@@ -2,8 +2,9 @@
 every input is accounted for, options mean what they say, `--json` always prints one object.
 
 Every case asserts the exit code, the message and the exact set of files left behind; data-loss cases
-compare checksums of the inputs before and after. Disk-full and read-only cases use small tmpfs
-mounts (see safety_helpers). Eval cases are in test_safety_eval.py.
+compare checksums of the inputs before and after. Disk-full cases use small tmpfs mounts, read-only cases
+a directory without write permission, obeyed by root too (see safety_helpers). Eval cases are in
+test_safety_eval.py.
 """
 
 import json
@@ -132,9 +133,9 @@ def test_init_checkpoint_out_is_a_file_or_unwritable(tmp_path):
     r = cli("init-checkpoint", "--preset", "tiny", "--out", f, "--overwrite")
     assert r.exit_code == 2 and "is a file" in r.stderr and f.read_text() == "x"
     with read_only_dir(tmp_path / "ro") as ro:
-        r = cli("init-checkpoint", "--preset", "tiny", "--out", ro / "ckpt", "--json")
-        assert r.exit_code == 2 and "Read-only file system" in error_of(r)["error"]["message"]
-        assert "Traceback" not in r.output and names(ro) == set()
+        r = ro.cli("init-checkpoint", "--preset", "tiny", "--out", ro.path / "ckpt", "--json")
+        assert r.exit_code == 2 and "Permission denied" in error_of(r)["error"]["message"], r.output
+        assert "Traceback" not in r.output and names(ro.path) == set()
     assert names(tmp_path) == {"file", "ro/"}
 
 
@@ -201,17 +202,16 @@ def test_export_state_disk_full_leaves_no_temporaries(audio, tmp_path, monkeypat
 
 def test_save_state_into_a_read_only_directory(audio, tmp_path):
     with read_only_dir(tmp_path / "ro") as ro:
-        r = cli("infer", audio[0], audio[1], "--model", "tiny", "--out", tmp_path / "o", "--save-state", ro)
-        assert r.exit_code == 2 and "--save-state" in r.stderr and "Read-only file system" in r.stderr
+        r = ro.cli("infer", audio[0], audio[1], "--model", "tiny", "--out", tmp_path / "o", "--save-state", ro.path)
+        assert r.exit_code == 2 and "--save-state" in r.stderr and "Permission denied" in r.stderr, r.output
     assert names(tmp_path) == {"ro/"}  # checked before any work: no .txt/.wav left, no empty --out made
 
 
-def test_bench_out_is_checked_before_the_bench(tmp_path, monkeypatch):
-    import ttt_cli.bench as bench
-    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: pytest.fail("the bench ran before --out was checked"))
+def test_bench_out_is_checked_before_the_bench(tmp_path):
     with read_only_dir(tmp_path / "ro") as ro:
-        r = cli("bench", "--model", "tiny", "--out", ro / "b.json", "--json")
-        assert r.exit_code == 2 and "Read-only file system" in error_of(r)["error"]["message"]
+        r = ro.cli("bench", "--model", "tiny", "--out", ro.path / "b.json", "--json",
+                   fail_if_called={"ttt_cli.bench.run_bench": "the bench ran before --out was checked"})
+        assert r.exit_code == 2 and "Permission denied" in error_of(r)["error"]["message"], r.output
     (tmp_path / "b.json").write_text("{}")
     r = cli("bench", "--model", "tiny", "--out", tmp_path / "b.json", "--overwrite")
     assert r.exit_code == 2 and "was not written by ttt" in r.stderr

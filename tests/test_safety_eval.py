@@ -40,8 +40,8 @@ def reference(data, cache, tmp_path_factory):
     return json.loads((out / "results.json").read_text()), out
 
 
-def run(data, cache, out, *extra):
-    return cli("eval", "librilight", data, *BASE, "--codes-cache", cache, "--out", out, *extra)
+def run(data, cache, out, *extra, runner=cli):
+    return runner("eval", "librilight", data, *BASE, "--codes-cache", cache, "--out", out, *extra)
 
 
 def nll(results) -> float:
@@ -118,11 +118,11 @@ def test_altered_or_out_of_range_cache_entries_are_never_scored(data, cache, ref
 
 def test_unwritable_cache_is_used_read_only(data, tmp_path):
     with read_only_dir(tmp_path / "ro") as ro:
-        r = run(data, ro, tmp_path / "o", "--json")
+        r = run(data, ro.path, tmp_path / "o", "--json", runner=ro.cli)
         assert r.exit_code == 0, r.output
         res = json.loads(r.stdout)
         assert res["codes_cache"]["read_only"] and r.stderr.count("new ones are not stored") == 1
-        assert names(ro) == set()
+        assert names(ro.path) == set()
 
 
 def test_resume_checks_config_inputs_and_records(data, cache, reference, tmp_path):

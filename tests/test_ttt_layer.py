@@ -2,11 +2,14 @@
 the SPEC §3.4 equivalences."""
 
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from naive_ttt import NaiveStream, checkpoint_ttt, gated_z, naive_target, naive_ttt
+from naive_ttt import NaiveStream, checkpoint_ttt, naive_target, naive_ttt
 from streaming_checks import full_equals_blocks, random_codes, rel
 from ttt_cli.fastweights.attach import attach_ttt, ttt_layers
 from ttt_cli.codes import transformer_input
@@ -24,29 +27,54 @@ def naive_layer(z, x0, w0, conv_w, w_target, C, lr, padding, clip=None):
     return torch.stack([st.step(z[t], x0[t]) for t in range(z.shape[0])]), st.w
 
 
+@dataclass
+class Drawn:
+    """What a test gave the layer: its settings and the tensors drawn for it (W0 is linear_out's weight, SPEC
+    §3.6). The reference is computed from these, never from the layer, so a setting or tensor the layer
+    dropped or mixed up shows as a difference."""
+    C: int
+    lr: float
+    padding: str
+    clip: float | None
+    w_in: torch.Tensor      # [2h, d] moshi's linear_in
+    w0: torch.Tensor        # [d, h]  linear_out = W0
+    conv: torch.Tensor      # [d, d, K]
+    w_target: torch.Tensor  # [d, d]
+
+
 def make_layer(C=4, lr=0.3, K=2, padding="right", clip=None, seed=0):
+    """(layer, X0 source, Drawn) with random weights and random targets, so that every tap matters."""
     g = torch.Generator().manual_seed(seed)
+    drawn = Drawn(C, lr, padding, clip, torch.randn(2 * H, D, generator=g) * 0.5, torch.randn(D, H, generator=g) * 0.5,
+                  torch.randn(D, D, K, generator=g) * 0.3, torch.randn(D, D, generator=g) * 0.3)
     lin_in = nn.Linear(D, 2 * H, bias=False)
     lin_out = nn.Linear(H, D, bias=False)
     with torch.no_grad():
-        lin_in.weight.copy_(torch.randn(2 * H, D, generator=g) * 0.5)
-        lin_out.weight.copy_(torch.randn(D, H, generator=g) * 0.5)
+        lin_in.weight.copy_(drawn.w_in)
+        lin_out.weight.copy_(drawn.w0)
     cfg = TTTConfig(layers=[0], chunk_size=C, lr=lr, conv_kernel_size=K, conv_padding=padding,
                     delta_clip_fro_norm=clip)
     src = X0Source()
     layer = InPlaceTTTGating(lin_in, lin_out, torch.nn.functional.silu, cfg, src)
-    with torch.no_grad():  # random targets, so that every tap matters
-        layer.target_generator.conv1d.conv.weight.copy_(torch.randn(D, D, K, generator=g) * 0.3)
-        layer.target_generator.W_target.weight.copy_(torch.randn(D, D, generator=g) * 0.3)
-    return layer, src
+    with torch.no_grad():
+        layer.target_generator.conv1d.conv.weight.copy_(drawn.conv)
+        layer.target_generator.W_target.weight.copy_(drawn.w_target)
+    return layer, src, drawn
+
+
+def drawn_z(drawn, x):
+    """Z = silu(x W_gateᵀ) ⊙ (x W_upᵀ) from the drawn linear_in, in float64 (moshi's ActivationGating): [B, T, h]."""
+    hu = F.linear(x.double(), drawn.w_in.double())
+    hu = hu.view(*hu.shape[:2], 2, -1)
+    return F.silu(hu[..., 0, :]) * hu[..., 1, :]
 
 
 @torch.no_grad()
-def reference(layer, x, x0, clip=None):
-    z = gated_z(layer, x)  # moshi's linear_in and activation, in float64
-    tg = layer.target_generator
-    outs = [naive_layer(z[b], x0[b].double(), layer.w_down.double(), tg.conv1d.conv.weight.double(),
-                        tg.W_target.weight.double(), layer.chunk_size, layer.lr, tg.conv1d.padding, clip)
+def reference(drawn, x, x0):
+    """Outputs [B, T, d] and final W [B, d, h] of the naive loop, per stream, from what the test drew."""
+    z = drawn_z(drawn, x)
+    outs = [naive_layer(z[b], x0[b].double(), drawn.w0.double(), drawn.conv.double(), drawn.w_target.double(),
+                        drawn.C, drawn.lr, drawn.padding, drawn.clip)
             for b in range(x.shape[0])]
     return torch.stack([o for o, _ in outs]), torch.stack([w for _, w in outs])
 
@@ -59,10 +87,10 @@ def call(layer, src, x, x0):
 @pytest.mark.parametrize("padding,K", [("right", 2), ("right", 3), ("center", 3), ("center", 4)])
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_layer_full_and_streamed_match_naive_loop(padding, K, clip):
-    layer, src = make_layer(C=4, K=K, padding=padding, clip=clip)
+    layer, src, drawn = make_layer(C=4, K=K, padding=padding, clip=clip)
     B, T = 2, 14  # three full chunks and a partial one
     x, x0 = torch.randn(B, T, D), torch.randn(B, T, D)
-    ref, ref_w = reference(layer, x, x0, clip)
+    ref, ref_w = reference(drawn, x, x0)
     with torch.no_grad():
         full = call(layer, src, x, x0)
         assert rel(full, ref) < 1e-4
@@ -82,7 +110,7 @@ def test_layer_full_and_streamed_match_naive_loop(padding, K, clip):
 def test_lr_zero_is_moshis_gating():
     """The layer's helper (Z) and its frozen output against moshi's own ActivationGating."""
     from moshi.modules.gating import ActivationGating
-    layer, src = make_layer(lr=0.0)
+    layer, src, _ = make_layer(lr=0.0)
     ref = ActivationGating(D, 3 * H // 2, torch.nn.functional.silu)  # hidden = 2/3 · dim_feedforward = H
     ref.linear_in, ref.linear_out = layer.linear_in, layer.linear_out
     x, x0 = torch.randn(2, 9, D), torch.randn(2, 9, D)
@@ -93,19 +121,19 @@ def test_lr_zero_is_moshis_gating():
 
 def test_ntp_init_targets_next_token():
     for padding, K in (("right", 2), ("right", 3), ("center", 3), ("center", 5)):
-        layer, _ = make_layer(K=K, padding=padding)
+        layer, _, _ = make_layer(K=K, padding=padding)
         layer.target_generator.init_ntp()
         x0 = torch.randn(3, 5, D)
         v = layer.target_generator(x0)
         assert torch.allclose(v[:, :-1], x0[:, 1:], atol=1e-6)
         assert torch.count_nonzero(v[:, -1]) == 0
-    layer, _ = make_layer(K=2, padding="center")
+    layer, _, _ = make_layer(K=2, padding="center")
     with pytest.raises(ValueError, match="K >= 3"):
         layer.target_generator.init_ntp()
 
 
 def test_causality_in_layer():
-    layer, src = make_layer(C=4)
+    layer, src, _ = make_layer(C=4)
     x, x0 = torch.randn(1, 12, D), torch.randn(1, 12, D)
     with torch.no_grad():
         base = call(layer, src, x, x0)
@@ -122,7 +150,7 @@ def test_causality_in_layer():
 def test_reset_exec_mask_and_isolation(one_token):
     """Resets, exec masks and batch isolation against per-stream naive references, in multi-token calls and in
     one-token steps (the graph-safe step path, SPEC §8.6)."""
-    layer, src = make_layer(C=4)
+    layer, src, drawn = make_layer(C=4)
     B, T = 3, 6
     x, x0 = torch.randn(B, T, D), torch.randn(B, T, D)
 
@@ -134,9 +162,9 @@ def test_reset_exec_mask_and_isolation(one_token):
         call(layer, src, x, x0)
         st = layer._streaming_state
         w_before = st.w.clone()
-        assert not torch.equal(w_before[1], layer.w_down)
+        assert not torch.equal(w_before[1], drawn.w0)
         layer.reset_streaming(torch.tensor([False, True, False]))
-        assert torch.equal(st.w[1], layer.w_down) and st.n_pending[1] == 0
+        assert torch.equal(st.w[1], drawn.w0) and st.n_pending[1] == 0  # W0 as the test drew it, copied exactly
         assert torch.equal(st.w[0], w_before[0]) and torch.equal(st.w[2], w_before[2])
         assert st.n_pending[0] == st.n_pending[2] == 2
         # exec_mask false: item 2's weight and pending chunk are untouched by the step
@@ -150,34 +178,33 @@ def test_reset_exec_mask_and_isolation(one_token):
         out = call(layer, src, x[:, 3:], x0[:, 3:])
     seq0_x, seq0_x0 = torch.cat([x[0, :6], x[0, :3], x[0, 3:]])[None], torch.cat([x0[0, :6], x0[0, :3], x0[0, 3:]])[None]
     seq1_x, seq1_x0 = torch.cat([x[1, :3], x[1, 3:]])[None], torch.cat([x0[1, :3], x0[1, 3:]])[None]
-    ref0, _ = reference(layer, seq0_x, seq0_x0)
-    ref1, _ = reference(layer, seq1_x, seq1_x0)
+    ref0, _ = reference(drawn, seq0_x, seq0_x0)
+    ref1, _ = reference(drawn, seq1_x, seq1_x0)
     assert rel(out[0], ref0[0, -3:]) < 1e-4
     assert rel(out[1], ref1[0, -3:]) < 1e-4
 
 
 def test_nonfinite_update_resets_to_w0():
-    layer, src = make_layer(C=2, lr=1.0)
+    layer, src, drawn = make_layer(C=2, lr=1.0)
     x, x0 = torch.randn(2, 4, D), torch.randn(2, 4, D)
     x0[1, 1] = float("inf")
     with torch.no_grad(), layer.streaming(2), pytest.warns(UserWarning, match="non-finite"):
         call(layer, src, x[:, :2], x0[:, :2])
         st = layer._streaming_state
         assert torch.isfinite(st.w).all()
-        assert torch.equal(st.w[1], layer.w_down) and not torch.equal(st.w[0], layer.w_down)
+        assert torch.equal(st.w[1], drawn.w0) and not torch.equal(st.w[0], drawn.w0)
         call(layer, src, x[:, 2:], x0[:, 2:])  # the stream goes on from W0
         assert layer.telemetry(1)["nonfinite_events"] == 1 and layer.telemetry(0)["nonfinite_events"] == 0
         assert layer.telemetry(0)["updates"] == 2 and layer.telemetry(1)["updates"] == 1
 
 
 def test_flush_partial_applies_pending_chunk():
-    layer, src = make_layer(C=4)
+    layer, src, drawn = make_layer(C=4)
     x, x0 = torch.randn(1, 6, D), torch.randn(1, 6, D)
-    _, w_after_first = reference(layer, x[:, :4], x0[:, :4])
-    z = gated_z(layer, x)[0]
-    tg = layer.target_generator
-    v = naive_target(x0[0, 4:6].double(), tg.conv1d.conv.weight.double(), tg.W_target.weight.double(), "right")
-    expect = w_after_first[0] + layer.lr * (v.T @ z[4:6])
+    _, w_after_first = reference(drawn, x[:, :4], x0[:, :4])
+    z = drawn_z(drawn, x)[0]
+    v = naive_target(x0[0, 4:6].double(), drawn.conv.double(), drawn.w_target.double(), "right")
+    expect = w_after_first[0] + 0.3 * (v.T @ z[4:6])  # make_layer's lr
     with torch.no_grad(), layer.streaming(1):
         call(layer, src, x, x0)
         layer.flush_partial(0)
@@ -191,7 +218,7 @@ def test_half_precision_model_keeps_float32_fast_weights(dtype):
     the output matmul are float32; only the output is cast back. W after three updates must match the
     float64 loop on the same Z to float32 precision (an update in half precision is off by ~1e-3), and
     every output must be the float64 reference rounded once to the model dtype."""
-    layer, src = make_layer(C=4, lr=0.3)
+    layer, src, drawn = make_layer(C=4, lr=0.3)
     layer.to(dtype)  # what lm.to(dtype) does: slow weights cast, fast-weight tensors stay float32
     assert layer.linear_in.weight.dtype == dtype and layer.w_down.dtype == torch.float32
     B, T = 2, 14
@@ -201,12 +228,11 @@ def test_half_precision_model_keeps_float32_fast_weights(dtype):
         out = torch.cat([call(layer, src, x[:, s:s + 5], x0[:, s:s + 5]) for s in range(0, T, 5)], 1)
         w = layer._streaming_state.w.clone()
     assert out.dtype == dtype and w.dtype == torch.float32
-    hu = torch.nn.functional.linear(x, layer.linear_in.weight).view(B, T, 2, -1)  # in the model dtype, as moshi
-    z = (layer.activation(hu[..., 0, :]) * hu[..., 1, :]).double()
-    tg = layer.target_generator
+    hu = F.linear(x, drawn.w_in.to(dtype)).view(B, T, 2, -1)  # in the model dtype, as moshi
+    z = (F.silu(hu[..., 0, :]) * hu[..., 1, :]).double()
     for b in range(B):
-        ref, ref_w = naive_layer(z[b], x0[b].double(), layer.w_down.double(), tg.conv1d.conv.weight.double(),
-                                 tg.W_target.weight.double(), 4, 0.3, "right")
+        ref, ref_w = naive_layer(z[b], x0[b].double(), drawn.w0.double(), drawn.conv.double(),
+                                 drawn.w_target.double(), 4, 0.3, "right")
         assert ((w[b].double() - ref_w).norm() / ref_w.norm()).item() < 1e-6
         unit = 2.0 ** -(8 if dtype == torch.bfloat16 else 11)  # one rounding to the model dtype
         err = (out[b].double() - ref).abs()

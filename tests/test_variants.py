@@ -109,47 +109,57 @@ def adapter_reference(lin, x):
 # -- the layers under test ----------------------------------------------------------------------------
 
 def make_mlp(C=3, base_lr=3.0, seed=0):
+    """(block, θ0 as drawn here {W1, b1, W2, b2})."""
     block = HybridTTTBlock(D, HEADS, MLPConfig(layers=[0], chunk_size=C, num_heads=HEADS, base_lr=base_lr))
     g = torch.Generator().manual_seed(seed)
+    drawn = {}
     with torch.no_grad():
         for name, t in block.named_parameters():
-            t.copy_(torch.randn(t.shape, generator=g) * (0.2 if "lr_" in name else 0.6))
+            drawn[name] = torch.randn(t.shape, generator=g) * (0.2 if "lr_" in name else 0.6)
+            t.copy_(drawn[name])
         block.ttt_norm_weight.add_(1.0)
-    return block
+    return block, {n: drawn[n] for n in ("W1", "b1", "W2", "b2")}
 
 
 def make_adapter(C=3, lr_scale=3.0, seed=0):
+    """(group, adapted linear, θ0 as drawn here {TARGET.W1, TARGET.b1})."""
     cfg = AdapterConfig(layers=[0], chunk_size=C, targets=[TARGET], rank=RANK, scale=1.5, lr_scale=lr_scale)
     group = AdapterGroup(cfg)
     base = nn.Linear(IN, OUT, bias=False)
     lin = TTTAdapterLinear(base, TARGET, RANK, group)
     group.add(lin)
     g = torch.Generator().manual_seed(seed)
+    drawn = {}
     with torch.no_grad():
         base.weight.copy_(torch.randn(OUT, IN, generator=g))
         for name, t in lin.ttt_adapter.named_parameters():
-            t.copy_(torch.randn(t.shape, generator=g) * 0.6)
+            drawn[name] = torch.randn(t.shape, generator=g) * 0.6
+            t.copy_(drawn[name])
         lin.ttt_adapter.ttt_norm_weight.add_(1.0)
-    return group, lin
+    return group, lin, {f"{TARGET}.{n}": drawn[n] for n in ("W1", "b1")}
 
 
 class Harness:
-    """One variant's layer seen the same way: call it, stream it, read its state.
+    """One variant's layer seen the same way: call it, stream it, read its state; `theta0` is θ0 as the test
+    drew it, keyed like the layer's snapshots (the reference for resets, never the layer's own copy).
 
     `small_theta` scales θ0 down to fresh-init size, where the inner LayerNorm's eps matters."""
 
     def __init__(self, variant, small_theta=False, **kw):
         self.variant = variant
         if variant == "mlp":
-            self.layer = make_mlp(**kw)
+            self.layer, self.theta0 = make_mlp(**kw)
             self.fn, self.ref, self.dim = self.layer, lambda x: mlp_reference(self.layer, x), D
+            params = dict(self.layer.named_parameters())
         else:
-            self.layer, lin = make_adapter(**kw)
+            self.layer, lin, self.theta0 = make_adapter(**kw)
             self.fn, self.ref, self.dim = lin, lambda x: adapter_reference(lin, x), IN
+            params = {f"{TARGET}.{n}": t for n, t in lin.ttt_adapter.named_parameters()}
         if small_theta:
             with torch.no_grad():
-                for t in self.layer.initial_tensors().values():
-                    t.mul_(0.01)
+                for k in self.theta0:
+                    params[k].mul_(0.01)
+                    self.theta0[k] = self.theta0[k] * 0.01
 
     def x(self, B, T, seed=1):
         return torch.randn(B, T, self.dim, generator=torch.Generator().manual_seed(seed))
@@ -270,7 +280,7 @@ def test_isolation_reset_exec_mask_and_resume(variant):
     layer = h.layer
     B = 3
     x = h.x(B, 12)
-    initial = {k: v.detach().clone() for k, v in layer.initial_tensors().items()}
+    initial = h.theta0
     with torch.no_grad(), layer.streaming(B):
         h.fn(x[:, :5])
         before = [layer.capture(b) for b in range(B)]
@@ -334,7 +344,7 @@ def test_warm_start_and_frozen(variant):
         with layer.streaming(2):
             out = h.fn(x)
             for k, v in layer.capture(0).items():
-                assert torch.equal(v, layer.initial_tensors()[k] if k in layer.initial_tensors() else torch.zeros_like(v))
+                assert torch.equal(v, h.theta0[k] if k in h.theta0 else torch.zeros_like(v)), k
             assert layer.state_bytes_per_stream() < 100
     if variant == "mlp":
         assert rel(out, mlp_reference(layer, x, eta_off=True)) < 1e-4
@@ -354,10 +364,11 @@ def test_nonfinite_update_resets_the_stream_and_warns_at_telemetry(variant):
     with torch.no_grad(), layer.streaming(2):
         h.fn(x[:, :3])  # the first mini-batch completes: stream 1's update is non-finite
         snap = layer.capture(1)
+        assert set(h.theta0) < set(snap)
         for k, v in snap.items():
             assert torch.isfinite(v).all()
-            if k in layer.initial_tensors():
-                assert torch.equal(v, layer.initial_tensors()[k])
+            if k in h.theta0:
+                assert torch.equal(v, h.theta0[k]), k
         with pytest.warns(UserWarning, match="non-finite"):
             tel = layer.telemetry(1)
         assert tel["nonfinite_events"] >= 1 and tel["updates"] == 0
@@ -375,7 +386,7 @@ def test_flush_partial_is_the_last_tokens_theta(variant):
         layer.flush_partial(0)
         f = layer.capture(0)
     for k, v in s.items():
-        if "pending" in k or k not in layer.initial_tensors():
+        if "pending" in k or k not in h.theta0:
             continue
         pre = k[: len(k) - len(k.split(".")[-1])]
         want = v - s[pre + "pending_sum." + k.split(".")[-1]] / 2

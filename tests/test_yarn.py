@@ -1,5 +1,6 @@
 """YaRN (SPEC §4.3): the fork's frequencies and query factor against the formula evaluated here, scale 1
-identical to plain moshi, streaming identical to a full forward past the original context."""
+identical to plain moshi (built by moshi's own loader from the same files), streaming identical to a full
+forward past the original and the extended context."""
 
 import json
 import math
@@ -97,13 +98,23 @@ def _codes(lm, T, seed=0):
 
 
 def test_scale_one_is_plain_moshi(tmp_path):
-    plain = load_model(str(_init(tmp_path, "plain")), device="cpu", dtype="fp32")
-    one = load_model(str(_init(tmp_path, "one", "--yarn-scale", "1")), device="cpu", dtype="fp32")
-    assert json.loads((tmp_path / "one" / "config.json").read_text())["yarn_config"]["scale"] == 1.0
+    """A checkpoint with YaRN scale 1 (TTT off) gives bit for bit the logits of moshi's own LMModel, built by
+    moshi's loader from the same files with the sections moshi does not know (`ttt`, `yarn_config`) left out."""
+    from moshi.models.loaders import CheckpointInfo
+    d = _init(tmp_path, "one", "--yarn-scale", "1")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["yarn_config"]["scale"] == 1.0 and cfg["context"] == 32
+    one = load_model(str(d), device="cpu", dtype="fp32", ttt=False)
     assert type(one.lm.transformer.rope) is RotaryEmbedding and one.lm.transformer.layers[0].self_attn.context == 32
-    c = _codes(plain.lm, 60)
+    moshi_cfg = tmp_path / "moshi_config.json"
+    moshi_cfg.write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("ttt", "yarn_config")}))
+    info = CheckpointInfo.from_hf_repo("unused/offline", moshi_weights=d / "model.safetensors",
+                                       mimi_weights=d / "mimi.safetensors", tokenizer=d / "tokenizer.model",
+                                       config_path=moshi_cfg, mimi_config_path=d / "mimi_config.json")
+    plain = info.get_moshi(device="cpu", dtype=torch.float32)
+    c = _codes(plain, 60)  # past the 32-step context
     with torch.no_grad():
-        a, b = plain.lm(c), one.lm(c)
+        a, b = plain(c), one.lm(c)
     assert torch.equal(a.logits.nan_to_num(), b.logits.nan_to_num())
     assert torch.equal(a.text_logits.nan_to_num(), b.text_logits.nan_to_num())
 
@@ -119,7 +130,7 @@ def test_streaming_equals_full_forward_past_the_original_context(tmp_path):
     assert isinstance(lm.transformer.rope, YarnRotaryEmbedding)
     assert all(l.self_attn.rope is lm.transformer.rope and l.self_attn.context == 128 for l in lm.transformer.layers)
     assert m.config["provenance"]["yarn"]["replaced_rope"]
-    T = 100  # > 32, the original context, and several TTT chunks
+    T = 160  # > 128, the extended context (the attention cache wraps), > 32, the original one; several TTT chunks
     seq = _codes(lm, T)
     with torch.no_grad():
         full, full_text = lm.forward_text(seq)

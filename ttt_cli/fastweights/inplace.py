@@ -17,7 +17,7 @@ from moshi.modules.streaming import State
 
 from .config import TTTConfig
 from ..errors import StateMismatchError
-from .interface import FastWeightLayer, HostClock, LayerBench, refuse_graph_capture
+from .interface import FastWeightLayer, HostClock, LayerBench, keep_float32, refuse_graph_capture
 from .recording import UpdateRecorder, squared_norms
 
 F32 = torch.float32
@@ -189,12 +189,8 @@ class InPlaceTTTGating(FastWeightLayer[InPlaceState]):
 
     # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        with torch.no_grad():
-            for mod in (self, self.target_generator.conv1d.conv, self.target_generator.W_target):
-                for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
-                    if t is not None and t.dtype != F32 and t.is_floating_point():
-                        t.data = t.data.to(F32)
+        fast = (self, self.target_generator.conv1d.conv, self.target_generator.W_target)
+        keep_float32(fast, lambda: super(InPlaceTTTGating, self)._apply(fn, recurse))
         return self
 
     @property

@@ -35,6 +35,25 @@ GRAPH_CAPTURE_ERROR = ("a TTT layer is captured in a CUDA graph without a step p
                        "step phase), or wrap generation in moshi.utils.compile.no_cuda_graph().")
 
 
+def float32_tensors(modules: tp.Iterable[torch.nn.Module]) -> list[tuple[torch.nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of the floating-point parameters and buffers held directly by `modules`."""
+    return [(m, n, t) for m in modules for n, t in [*m._parameters.items(), *m._buffers.items()]
+            if t is not None and t.is_floating_point()]
+
+
+def keep_float32(modules: tp.Sequence[torch.nn.Module], apply: tp.Callable[[], tp.Any]) -> None:
+    """Runs `apply` (a module's `_apply`, e.g. from `lm.to(dtype)`) so that the fast-weight tensors of `modules` stay
+    float32 *with their float32 values*: a cast to the model dtype moves them to the new device only (cast there
+    and back, θ0 would be rounded to bf16: SPEC §3.3 keeps W float32 whatever the model dtype)."""
+    before = {(id(m), n): t.data for m, n, t in float32_tensors(modules) if t.dtype == torch.float32}
+    apply()
+    with torch.no_grad():
+        for m, n, t in float32_tensors(modules):
+            if t.dtype != torch.float32:
+                old = before.get((id(m), n))
+                t.data = t.data.to(torch.float32) if old is None else old.to(t.device)
+
+
 def refuse_graph_capture(t: torch.Tensor, planned: bool = False) -> None:
     """Under CUDA graph capture only a planned one-token step is safe (pitfall 9): fail loudly otherwise."""
     if t.is_cuda and not planned and torch.cuda.is_current_stream_capturing():

@@ -13,7 +13,7 @@ from torch import nn
 from moshi.modules.streaming import State
 
 from ..errors import CheckpointError, StateMismatchError
-from .interface import FastWeightLayer, HostClock, refuse_graph_capture
+from .interface import FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
 from .learner import F32, LearnerState, flush, frozen_outputs, learn
 from .recording import LearnerTap, UpdateRecorder
 
@@ -26,12 +26,7 @@ class Float32Module(nn.Module):
     """Keeps its parameters and buffers float32 whatever dtype the LM is moved to (SPEC §3.9)."""
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        with torch.no_grad():
-            for mod in self.modules():
-                for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-                    if t is not None and t.is_floating_point() and t.dtype != F32:
-                        t.data = t.data.to(F32)
+        keep_float32(list(self.modules()), lambda: super(Float32Module, self)._apply(fn, recurse))
         return self
 
 
