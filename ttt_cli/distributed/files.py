@@ -6,7 +6,7 @@ import dataclasses
 import typing as tp
 from pathlib import Path
 
-from ..outputs import InputRecord
+from ..ledger import InputRecord
 from .session import current
 from .shares import balance, header_seconds
 
