@@ -15,7 +15,7 @@ from ..fastweights.attach import attach_ttt
 from ..fastweights.config import FastWeightConfig
 from ..fastweights.inplace import checkpoint_key
 from .fork import ForkLayout
-from .presets import device_memory, memory_estimate
+from . import presets
 from .resolver import Resolved
 from .tensors import safetensors_keys, split_ttt, ttt_key
 
@@ -63,6 +63,18 @@ def _lora_settings(lm_cfg: dict) -> tuple[bool, int, float]:
     return bool(lm_cfg.pop("lora", False)), int(lm_cfg.pop("lora_rank", 128)), float(lm_cfg.pop("lora_scaling", 2.0))
 
 
+def _base_lm(lm, path, what: str, device, dtype, lora: tuple[bool, int, float]) -> tuple[tp.Any, dict]:
+    """(the meta `lm` with every weight of `path` (strict) on `device`, wrapped in moshi's LoRA modules when
+    `lora` = (on, rank, scaling) says so, untrained; the TTT tensors split out of `path`)."""
+    ttt = _load_strict(lm, path, dtype, what)
+    lm = lm.to(device)
+    on, rank, scaling = lora
+    if on:
+        lm = get_lora_moshi(lm, lora_weights=None, lora_rank=rank, lora_scaling=scaling, dtype=dtype,
+                            device=device, fuse_lora=False)
+    return lm, ttt
+
+
 def random_lm(res: Resolved, info, device, dtype, force: bool) -> LoadedLM:
     """A real-shape preset's LM (SPEC §8.7): moshi's own init drawn on `device` from a fixed seed, built only
     where the memory estimate fits the device (else refused with the arithmetic).
@@ -78,8 +90,8 @@ def random_lm(res: Resolved, info, device, dtype, force: bool) -> LoadedLM:
     layers = {}
     if section:
         layers = attach_ttt(meta, FastWeightConfig.from_dict({k: v for k, v in section.items()}))
-    need, words = memory_estimate(meta, dtype, layers)
-    have = device_memory(device)
+    need, words = presets.memory_estimate(meta, dtype, layers)
+    have = presets.device_memory(device)  # by module: tests stand in a small device here
     if need > have and not force:
         raise ConfigError(f"{res.model_id} does not fit {device}: {words} > {have / 2**30:.1f} GiB of device memory. "
                           f"Use --dtype bf16, a larger device, or moshi-7b-layer on a CPU (--force runs anyway).")
@@ -110,21 +122,17 @@ def load_lm(info, device, dtype) -> LoadedLM:
         except RuntimeError as e:
             raise CheckpointError(f"moshi could not load the weights: {str(e).splitlines()[0]}") from None
     lm = get_moshi_lm(None, lm_kwargs=lm_cfg, device="meta", dtype=dtype)
-    ttt = _load_strict(lm, info.moshi_weights, dtype, "the weights")
+    lm, ttt = _base_lm(lm, info.moshi_weights, "the weights", device, dtype, (lora, rank, scaling))
     files = {k: str(info.moshi_weights) for k in ttt}
-    lm = lm.to(device)
-    if lora:
-        lm = get_lora_moshi(lm, lora_weights=None, lora_rank=rank, lora_scaling=scaling, dtype=dtype,
-                            device=device, fuse_lora=False)
-        if info.lora_weights is not None:
-            lstate, lttt = split_ttt(read_weights(info.lora_weights))
-            ttt.update(lttt)
-            files.update({k: str(info.lora_weights) for k in lttt})
-            lstate = {k: v.to(device=device, dtype=dtype) if v.dtype.is_floating_point else v.to(device)
-                      for k, v in lstate.items()}
-            res = lm.load_state_dict(lstate, strict=False)
-            if res.unexpected_keys:
-                raise CheckpointError(f"unexpected keys in the LoRA weights: {res.unexpected_keys[:5]}")
+    if lora and info.lora_weights is not None:
+        lstate, lttt = split_ttt(read_weights(info.lora_weights))
+        ttt.update(lttt)
+        files.update({k: str(info.lora_weights) for k in lttt})
+        lstate = {k: v.to(device=device, dtype=dtype) if v.dtype.is_floating_point else v.to(device)
+                  for k, v in lstate.items()}
+        res = lm.load_state_dict(lstate, strict=False)
+        if res.unexpected_keys:
+            raise CheckpointError(f"unexpected keys in the LoRA weights: {res.unexpected_keys[:5]}")
     lm.eval()
     return LoadedLM(lm, ttt, files, scaling)
 
@@ -147,11 +155,7 @@ def load_fork_lm(info, layout: ForkLayout, ttt_layers: list[int], device, dtype)
         lm = lm.to(device).eval()
         return LoadedLM(lm, ttt, {k: str(layout.weights) for k in ttt}, scaling,
                         {"lora": "merged into consolidated.safetensors by the trainer" if lora else False})
-    dropped = _load_strict(lm, info.moshi_weights, dtype, "the base's LM weights")
-    lm = lm.to(device)
-    if lora:
-        lm = get_lora_moshi(lm, lora_weights=None, lora_rank=rank, lora_scaling=scaling, dtype=dtype,
-                            device=device, fuse_lora=False)
+    lm, dropped = _base_lm(lm, info.moshi_weights, "the base's LM weights", device, dtype, (lora, rank, scaling))
     rest, ttt = split_ttt(read_weights(layout.weights))
     rest = {k: v.to(device) for k, v in _cast(rest, dtype).items()}
     res = lm.load_state_dict(rest, strict=False)
