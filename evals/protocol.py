@@ -314,7 +314,7 @@ def _output_plan(o: EvalOptions, dataset: Dataset, out: Path, cache_dir: Path | 
     """
     from ttt_cli.errors import OutputError
     from ttt_cli.io import check_writable_dir
-    from ttt_cli.outputs import OutputPlan, _inside, beside, json_with_keys, real
+    from ttt_cli.outputs import OutputPlan, beside, inside as _inside, json_with_keys, real
 
     plan = OutputPlan(overwrite=True)  # ttt's own earlier outputs: decided below (--resume or --overwrite)
     plan.read(dataset.root, "the dataset (DATA)", tree=True)
