@@ -77,7 +77,7 @@ def _fmt_seconds(sec: float) -> str:
 
 def unique_stems(paths: list[Path]) -> list[str]:
     """File stems, `<parent>_<stem>` where inputs share a stem (the naming of `ttt infer`)."""
-    from .inference import plan_jobs
+    from .infer import plan_jobs
     return [j.stem for j in plan_jobs(paths)]
 
 

@@ -40,7 +40,7 @@ def hyp_dir(out: Path, policy_dir: str) -> Path:
 
 def hyp_paths(out: Path, policy_dir: str, key: str) -> dict[str, Path]:
     """`hyp/<policy dir>/<key>.txt` and `.json` (what `ttt_cli.inference.write_result` writes for the recording)."""
-    from ttt_cli.inference import Job, output_paths
+    from ttt_cli.infer import Job, output_paths
     return output_paths(hyp_dir(out, policy_dir), Job(0, Path(key), hyp_stem(key)), "transcribe")
 
 

@@ -150,7 +150,7 @@ def validate(o: AsrOptions) -> None:
 
 def transcription_mode(m, mode: str) -> str:
     """`auto` -> `stt` for checkpoints without a depformer, else `transcribe`; checked against the model."""
-    from ttt_cli.inference import resolve_mode
+    from ttt_cli.infer import resolve_mode
     if mode == "auto":
         mode = "stt" if m.lm.dep_q == 0 else "transcribe"
     return resolve_mode(m, mode)
@@ -322,7 +322,7 @@ def transcribe_recording(run: AsrRun, item: AsrItem, label: str, written: list[P
         label: its progress label.
         written: receives each file written, so that an interrupted recording can be removed again.
     """
-    from ttt_cli.inference import InferOptions, Job, infer, write_result
+    from ttt_cli.infer import InferOptions, Job, infer, write_result
     from ..codes_cache import digest_or_none, file_digest
     from ..scoring import policy_settings
     from .metrics import score_file
