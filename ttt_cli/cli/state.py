@@ -62,7 +62,7 @@ def export_state_cmd(
     from ..errors import ConfigError
     from ..models.loader import load_model
     from ..units import parse_seconds
-    from ..export import export_states, output_plan, telemetry_paths
+    from ..snapshot.export import export_states, output_plan, telemetry_paths
     from ..outputs import InputLedger
 
     at_sec = sorted(set(parse_seconds(t) for t in at or []))
@@ -246,7 +246,7 @@ def _merge_shares(res, ledger, mine: list[int]):
     """Under torchrun: rank 0's result with every rank's items (input order) and accounts; None elsewhere.
     Without torchrun: `res` as it is. Either way it records the `distributed` provenance (SPEC §5.6)."""
     from .. import distributed
-    from ..export import ExportItem, SnapshotInfo
+    from ..snapshot.export import ExportItem, SnapshotInfo
     session = distributed.current()
     if session.active:
         mine_items = {str(i): d for i, d in zip(mine, res.to_dict()["items"])} if res is not None else {}
