@@ -180,6 +180,8 @@ class _Run:
     progress: object
 
 
+# One piece: its length is the documented argument list (the public API of `ttt export-state`); the body is short,
+# its steps are `_checked_inputs`, `_export_all` and, per input, `_export_one`.
 def export_states(model, inputs: list[str | Path], out: str | Path, at: list[float] | None = None,
                   flush_partial: bool = False, overwrite: bool = False, audio_stream: str = "moshi",
                   text_stream: str = "zero", channel: int | None = None, block_steps: int = DEFAULT_BLOCK_STEPS,
