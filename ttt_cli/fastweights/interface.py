@@ -172,8 +172,9 @@ class FastWeightLayer(StreamingModule[StateT], SnapshotAnswers, abc.ABC):
     What commands need from a variant (SPEC §3.9): `capture`/`restore` of one stream's tensors,
     `reset_streaming(mask)` (inherited), `fingerprint_tensors()`, telemetry, memory arithmetic,
     its rate (`--ttt-lr`) and `config_section()` (with a `variant` key). Tensor names in
-    `capture()` are the snapshot's per-layer keys (`layers.{i}.<name>`); whether tensors fit the
-    layer it says itself (`check_capture`, and `check_stored` for a file read without a model).
+    `capture()` are the snapshot's per-layer keys (`layers.{i}.<name>`; a name with a dotted part
+    starting `pending` is update state, not a weight); whether tensors fit the layer it says
+    itself (`SnapshotAnswers`).
     """
 
     variant: tp.ClassVar[str]

@@ -20,7 +20,7 @@ from ..telemetry import FLAG, paused, plan_series, recording, series_paths, take
 from ..units import FRAME_RATE, seconds_to_steps
 from .capture import capture, restore, restore_layers
 from .files import load_state, save_state
-from .fit import check_fits, fast_layers, model_side
+from .fit import check_fits, fast_layers, fingerprint, model_config
 from .format import FastWeightState
 
 DEFAULT_BLOCK_STEPS = 250  # LM steps per forward_text call (the attention cache is enlarged to match)
@@ -225,26 +225,26 @@ def export_states(model, inputs: list[str | Path], out: str | Path, at: list[flo
     progress = progress or NullProgress()
     t0 = time.monotonic()
     paths, at_sec = _checked_inputs(inputs, at, block_steps)
-    side = model_side(model.lm)  # refuses a model without TTT layers before anything is written
+    fast_layers(model.lm)  # refuses a model without TTT layers before anything is written
     out = Path(out)
     telemetry = None if telemetry is None else Path(telemetry)
     layout, plans, oplan = guard if guard is not None else output_plan(
         paths, out, at_sec, overwrite, None if init_state is None else Path(init_state), None, telemetry)
     series = telemetry_paths(paths, telemetry) if series is None else series
+    cfg, fp = model_config(model.lm), fingerprint(model.lm)
     init = None
     if init_state is not None:
         init = load_state(init_state)
         check_fits(model, init).raise_unless_fits(force, flag="--force-state")  # refuse before anything is written
     run = _Run(model, at_sec, flush_partial, audio_stream, text_stream, channel, block_steps, init, init_state,
-               force, side.fingerprint, progress)
+               force, fp, progress)
     keys = list(range(len(paths))) if keys is None else list(keys)
     ledger = InputLedger(paths, keys) if ledger is None else ledger
     try:
         items, stopped, interrupted = _export_all(run, paths, plans, series, ledger, keys)
     finally:
         oplan.cleanup()
-    return ExportResult(model.model_id, side.fingerprint,
-                        {k: v for k, v in side.config.to_dict().items() if k != "ttt_name"},
+    return ExportResult(model.model_id, fp, {k: v for k, v in cfg.to_dict().items() if k != "ttt_name"},
                         str(out), layout, flush_partial, None if init_state is None else str(init_state), items,
                         time.monotonic() - t0, model.config.get("provenance"), ledger.to_dict(), stopped,
                         interrupted)

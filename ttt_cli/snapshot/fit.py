@@ -91,7 +91,7 @@ def fast_layers(model_or_lm) -> dict[int, FastWeightLayer]:
 
 @dataclass
 class ModelSide:
-    """What snapshots compare against, gathered in one pass over a model's fast-weight layers."""
+    """What snapshots are compared against: a model's fast-weight layers, their config and fingerprints."""
 
     layers: dict[int, FastWeightLayer]
     config: FastWeightConfig  # the layers' settings now (e.g. after `set_ttt_lr`)
@@ -100,22 +100,33 @@ class ModelSide:
 
 
 def model_side(model_or_lm) -> ModelSide:
-    """The fast-weight layers of a model with their config and both fingerprints (one pass over the layers).
+    """The fast-weight layers of a model with their config and both fingerprints.
 
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
     """
     layers = fast_layers(model_or_lm)
-    full, initial = hashlib.sha256(), hashlib.sha256()
+    return ModelSide(layers, _config(layers), _fingerprint(layers, initial_only=False),
+                     _fingerprint(layers, initial_only=True))
+
+
+def _fingerprint(layers: dict[int, FastWeightLayer], initial_only: bool) -> str:
+    """`fingerprint` (every layer's fingerprint tensors and structural config, then the layer set), or with
+    `initial_only` `w0_fingerprint` (θ0 only)."""
+    h = hashlib.sha256()
     for i in sorted(layers):
-        for h, initial_only in ((full, False), (initial, True)):
-            h.update(f"layer:{i};".encode())
-            layers[i].fingerprint_update(h, initial_only=initial_only)
-    full.update(json.dumps({"layers": sorted(layers)}).encode())
+        h.update(f"layer:{i};".encode())
+        layers[i].fingerprint_update(h, initial_only=initial_only)
+    if not initial_only:
+        h.update(json.dumps({"layers": sorted(layers)}).encode())
+    return h.hexdigest()
+
+
+def _config(layers: dict[int, FastWeightLayer]) -> FastWeightConfig:
     sec = dict(next(iter(layers.values())).config_section())
     sec.pop("ttt_name", None)
     sec["layers"] = sorted(layers)
-    return ModelSide(layers, FastWeightConfig.from_dict(sec), full.hexdigest(), initial.hexdigest())
+    return FastWeightConfig.from_dict(sec)
 
 
 def model_config(model_or_lm) -> FastWeightConfig:
@@ -124,7 +135,7 @@ def model_config(model_or_lm) -> FastWeightConfig:
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
     """
-    return model_side(model_or_lm).config
+    return _config(fast_layers(model_or_lm))
 
 
 def fingerprints(model_or_lm) -> tuple[str, str]:
@@ -143,7 +154,7 @@ def w0_fingerprint(model_or_lm) -> str:
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
     """
-    return model_side(model_or_lm).w0_fingerprint
+    return _fingerprint(fast_layers(model_or_lm), initial_only=True)
 
 
 def fingerprint(model_or_lm) -> str:
@@ -155,7 +166,7 @@ def fingerprint(model_or_lm) -> str:
     Args:
         model_or_lm: a TTTModel or a moshi LMModel with TTT layers attached.
     """
-    return model_side(model_or_lm).fingerprint
+    return _fingerprint(fast_layers(model_or_lm), initial_only=False)
 
 
 # -- the check -----------------------------------------------------------------------------------
