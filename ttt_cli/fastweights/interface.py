@@ -146,10 +146,12 @@ class SnapshotAnswers:
     @classmethod
     def check_stored(cls, tensors: dict[str, torch.Tensor], chunk_size: int, pending_tokens: int | None) -> str | None:
         """Why one layer's tensors in a file, read without a model, disagree among themselves or with the file's
-        chunk size and recorded pending tokens (None: not recorded), or None. Default: nothing to check.
+        metadata, or None. Default: nothing to check (a variant checks what its names let it).
 
         Args:
-            tensors: {name: tensor} of the layer. chunk_size, pending_tokens: from the file's metadata.
+            tensors: {name: tensor} of the layer.
+            chunk_size: the file's chunk size.
+            pending_tokens: the pending tokens the file records for the layer (None: not recorded).
         """
         return None
 
@@ -318,7 +320,9 @@ def capture_mismatches(tensors: dict[str, torch.Tensor], ref: dict[str, torch.Te
     holds with 0 rows (a pending chunk) may have any row count.
 
     Args:
-        tensors: {name: tensor} of one stream. ref: what the layer captures for a new stream. index: the layer.
+        tensors: {name: tensor} of one stream.
+        ref: what the layer captures for a new stream.
+        index: the layer's index, named in the messages.
     """
     if set(tensors) != set(ref):
         return [f"layer {index} holds tensors {sorted(tensors)}, the model's layer holds {sorted(ref)}"]
