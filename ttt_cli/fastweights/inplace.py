@@ -216,6 +216,25 @@ class InPlaceTTTGating(InPlaceGating):
         st.n_pending[batch_index] = n
         st.count[batch_index] = n
 
+    @classmethod
+    def check_stored(cls, tensors: dict[str, torch.Tensor], chunk_size: int, pending_tokens: int | None) -> str | None:
+        """W is a matrix, the pending chunk's rows agree with each other, with W, the chunk size and the metadata."""
+        w, z, x0 = (tensors.get(n) for n in ("w", "pending_z", "pending_x0"))
+        if w is None or z is None or x0 is None:
+            return None  # other names: `check_capture` names them against the model
+        if w.dim() != 2 or z.dim() != 2 or x0.dim() != 2:
+            return (f"w, pending_z and pending_x0 must be matrices, got shapes {list(w.shape)}, {list(z.shape)}, "
+                    f"{list(x0.shape)}.")
+        d, h = w.shape
+        if z.shape[0] != x0.shape[0] or z.shape[1] != h or x0.shape[1] != d:
+            return (f"pending_z {list(z.shape)} and pending_x0 {list(x0.shape)} do not fit w {list(w.shape)} "
+                    f"(expected [n, {h}] and [n, {d}]).")
+        if z.shape[0] >= chunk_size:
+            return f"{z.shape[0]} pending tokens, but a chunk of {chunk_size} would have been applied."
+        if pending_tokens is not None and pending_tokens != z.shape[0]:
+            return f"metadata says {pending_tokens} pending tokens, the tensors hold {z.shape[0]}."
+        return None
+
     def initial_tensors(self) -> dict[str, torch.Tensor]:
         return {"w_down": self.w_down}
 
