@@ -10,7 +10,7 @@ from pathlib import Path
 from ttt_cli.audio import AUDIO_EXTENSIONS
 from ttt_cli.errors import ConfigError
 
-from ..librilight import SkippedFile, natural_key, probe_seconds
+from ..inputs import SkippedFile, natural_key, probe_seconds
 from .normalize import normalize_text
 
 REFERENCE_SUFFIX = ".txt"

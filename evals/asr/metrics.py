@@ -6,6 +6,8 @@ import math
 import typing as tp
 from dataclasses import dataclass
 
+import jiwer
+
 from .normalize import TimedToken, as_timed_words, normalize_words, timed_tokens, word_tokens
 
 DEFAULT_BIN_SECONDS = 60.0
@@ -222,8 +224,6 @@ def score_file(reference: str, hypothesis: str, words: tp.Iterable | None = None
     Raises:
         ValueError: the reference normalises to nothing (discovery skips such references).
     """
-    import jiwer
-
     ref = normalize_words(reference)
     if not ref:
         raise ValueError("the reference is empty after normalisation")

@@ -7,12 +7,14 @@ import math
 import typing as tp
 from dataclasses import dataclass
 
+import jiwer
+from whisper_normalizer.english import EnglishTextNormalizer
+
 
 @functools.lru_cache(maxsize=1)
 def _normalizer():
     # whisper's EnglishTextNormalizer, from the `whisper-normalizer` package (no torch pin): what
     # kyutai's STT evaluation scores with, so our WERs are comparable with theirs.
-    from whisper_normalizer.english import EnglishTextNormalizer
     return EnglishTextNormalizer()
 
 
@@ -111,7 +113,6 @@ def timed_tokens(normalized: tp.Sequence[str], tokens: tp.Sequence[TimedToken] |
         return []
     if not tokens:
         return None
-    import jiwer
 
     out: list[TimedToken] = []
 
