@@ -8,12 +8,9 @@ import shutil
 import typing as tp
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from ttt_cli.distributed import RANKS_DIR
 from ttt_cli.errors import ConfigError
-from ttt_cli.io import atomic_write, write_text
+from ttt_cli.io import write_text
 from ttt_cli.outputs import is_temporary
 
 # The record (`OUT/.ttt-eval/state.json`) holds the run's configuration, named by the options that
@@ -23,7 +20,7 @@ from ttt_cli.outputs import is_temporary
 STATE_DIR = ".ttt-eval"        # resume state inside --out
 STATE_FILE = "state.json"
 STATE_VERSION = 2              # 2: configuration by option, per-document input hashes and checksums
-CARRY_PREFIX = "carry-"
+CARRY_PREFIX = "carry-"       # <prefix><policy dir>.safetensors: what a `never` policy carries (evals.librilight)
 RANK_RECORD_PREFIX = "eval-"   # OUT/.ranks/<rank>/eval-<hash of the id>.json: one finished document (torchrun)
 
 # What `--resume` must find unchanged in the model section, by the option that sets it (each task
@@ -53,16 +50,6 @@ def write_state(sdir: Path, state: dict) -> None:
     write_text(sdir / STATE_FILE, json.dumps(state, indent=1, ensure_ascii=True) + "\n")
 
 
-def carry_path(out: Path, policy_dir: str) -> Path:
-    """Where a `never` policy's carried fast weights are kept.
-
-    Args:
-        out: --out.
-        policy_dir: the policy's directory name.
-    """
-    return state_dir(out) / f"{CARRY_PREFIX}{policy_dir}.safetensors"
-
-
 def state_dir_is_ours(sdir: Path) -> bool:
     """The resume directory holds only what `ttt eval` writes there (so --overwrite may remove it).
 
@@ -75,36 +62,6 @@ def state_dir_is_ours(sdir: Path) -> bool:
         return False
     return all(n == STATE_FILE or (n.startswith(CARRY_PREFIX) and n.endswith(".safetensors")) or is_temporary(n)
                for n in names)
-
-
-def save_carry(path: Path, carry: dict, after: str) -> None:
-    """The fast weights a `never` policy carries into the next document, and the document they follow.
-
-    Args:
-        path: `carry_path`.
-        carry: {layer: tensors as captured}.
-        after: the id of the document they follow.
-    """
-    flat = {f"layers.{i}.{k}": v.contiguous() for i, t in carry.items() for k, v in t.items()}
-    atomic_write(path, lambda p: save_file(flat, str(p), metadata={"after": json.dumps(after)}))
-
-
-def load_carry(path: Path) -> tuple[dict, str | None]:
-    """(carried tensors by layer, the id of the document they follow), or ({}, None) if unreadable.
-
-    Args:
-        path: `carry_path`.
-    """
-    out: dict[int, dict] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            after = json.loads((f.metadata() or {}).get("after", "null"))
-            for k in f.keys():
-                _, i, name = k.split(".", 2)
-                out.setdefault(int(i), {})[name] = f.get_tensor(k)
-    except Exception:  # damaged: the caller recomputes
-        return {}, None
-    return out, after
 
 
 # -- per-rank records (scale-out, SPEC §5.6) -------------------------------------------------------

@@ -81,13 +81,25 @@ class Task(tp.Protocol):
 
     def prepare(self, m) -> list[str]:
         """Checks the loaded model against the task (raising ConfigError), settles what depends on it;
-        returns notes for the run's warnings."""
+        returns notes for the run's warnings.
+
+        Args:
+            m: the loaded TTTModel.
+        """
 
     def protocol(self, init_state: dict | None) -> dict:
-        """results.json's `protocol` section (`init_state`: the warm start's record)."""
+        """results.json's `protocol` section.
+
+        Args:
+            init_state: the warm start's record (None: no --init-state).
+        """
 
     def run(self, setup: Setup) -> EvalResult:
-        """Opens (or resumes) the record, runs every pending item, writes the outputs."""
+        """Opens (or resumes) the record, runs every pending item, writes the outputs.
+
+        Args:
+            setup: the model and the run's provenance.
+        """
 
 
 def evaluate(task: Task, options, progress=None, model=None) -> EvalResult:
@@ -126,7 +138,7 @@ def begin(task: Task, o, progress, model) -> Setup:
         warm, init_rec, more = load_warm_start(m, Path(o.init_state), o.force_state)
         notes += more
     t_fp = time.perf_counter()
-    mimi_fp = mimi_fingerprint(m.mimi)  # hashed once per run: part of every codes cache key
+    mimi_fp = mimi_fingerprint(m.mimi)  # hashed once per run: the model section's, and every codes cache key's
     fp_seconds = time.perf_counter() - t_fp
     lr = float(m.ttt.rate) if m.ttt is not None else 0.0
     return Setup(m, lr, warm, task.protocol(init_rec), model_section(m, ttt_fingerprint(m), mimi_fp), mimi_fp,
@@ -243,6 +255,17 @@ def telemetry_add(total: dict, per_layer: dict[int, dict]) -> None:
 
 
 # -- an earlier run, and stopping on a write error ------------------------------------------------
+
+def check_resume_flags(o) -> None:
+    """Refuses --resume with --overwrite (one continues the run in --out, the other starts it again).
+
+    Args:
+        o: the task's options (`resume`, `overwrite`).
+    """
+    if o.resume and o.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume continues the run in --out, "
+                          "overwrite starts it again.")
+
 
 def check_earlier_run(out: Path, resuming: bool, overwrite: bool, outputs: list[Path]) -> None:
     """What an earlier run left in `out` allows this one (SPEC §6, §7.1): a resume record that is not ttt's is

@@ -49,9 +49,9 @@ def write_table_csv(path: Path, columns: tp.Sequence[str], rows: list[list[str]]
 def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display).
 
-    Imported on the first plot rather than at the top: matplotlib with pyplot takes about 0.4 s to
-    import, and `ttt infer` and `ttt export-state` reach this module through `ttt_cli.telemetry`
-    on every run, while they plot only with --telemetry.
+    Imported on the first plot rather than at the top: matplotlib with pyplot takes most of a
+    second to import, and `ttt infer` and `ttt export-state` reach this module through
+    `ttt_cli.telemetry` on every run, while they plot only with --telemetry.
     """
     import matplotlib
     matplotlib.use("Agg")

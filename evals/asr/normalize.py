@@ -28,7 +28,11 @@ def normalize_text(text: str) -> str:
 
 
 def normalize_words(text: str) -> list[str]:
-    """The normalised text split into words (what WER counts)."""
+    """The normalised text split into words (what WER counts).
+
+    Args:
+        text: raw text.
+    """
     return normalize_text(text).split()
 
 
@@ -79,6 +83,9 @@ def word_tokens(words: tp.Sequence[TimedWord]) -> list[TimedToken]:
     """Each timed word normalised on its own; every token it yields keeps the word's times.
 
     A word that normalises to nothing (`uh`, `um`, punctuation) yields no token.
+
+    Args:
+        words: the hypothesis's timed words.
     """
     cache: dict[str, list[str]] = {}  # long recordings repeat words: normalise each text once
     out = []

@@ -11,6 +11,7 @@ from ttt_cli.errors import ConfigError
 from ttt_cli.units import seconds_to_steps
 
 from ..policies import Policy, parse_policies
+from ..run import check_resume_flags
 from .data import AsrDataset
 from .metrics import DEFAULT_BIN_SECONDS
 
@@ -113,6 +114,4 @@ def validate(o: AsrOptions) -> None:
                     ("--whole-file-seconds", o.whole_file_seconds)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"{flag} must be seconds >= 0, got {v}.")
-    if o.resume and o.overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: resume continues the run in --out, "
-                          "overwrite starts it again.")
+    check_resume_flags(o)

@@ -22,7 +22,11 @@ def _bin(b: WerBin | dict) -> dict:
 
 
 def wer_rows(policies: tp.Mapping[str, Bins]) -> list[list[str]]:
-    """Rows of wer.csv: one per policy and bin, in the policies' order (empty `wer`: no reference word)."""
+    """Rows of wer.csv: one per policy and bin, in the policies' order (empty `wer`: no reference word).
+
+    Args:
+        policies: policy name -> its corpus bins.
+    """
     rows = []
     for name, bins in policies.items():
         for b in map(_bin, bins):

@@ -104,7 +104,11 @@ def _summarise_meta(raw: dict) -> dict:
 
 
 def read_metadata(audio: Path) -> tuple[dict | None, str | None]:
-    """The `<file>.json` next to an audio file: (summary, None), (None, None) if absent, (None, error)."""
+    """The `<file>.json` next to an audio file: (summary, None), (None, None) if absent, (None, error).
+
+    Args:
+        audio: the audio file.
+    """
     p = audio.with_suffix(".json")
     if not p.is_file():
         return None, None

@@ -19,7 +19,7 @@ from .codes_cache import DocumentCodes, document_codes
 from .data import Document
 from .options import LibriLightRun
 from .outputs import series_paths
-from .records import doc_record, document_inputs
+from .records import carry_path, doc_record, document_inputs, save_carry
 from .accum import Accum
 
 Commit = tp.Callable[[LibriLightRun, Document, dict], None]
@@ -46,7 +46,7 @@ def commit(run: LibriLightRun, doc: Document, entry: dict) -> None:
     """
     for p in run.policies:
         if p.carries_across_documents and run.carries[p.name] is not None:
-            resume.save_carry(resume.carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
+            save_carry(carry_path(run.out, p.dir_name), run.carries[p.name], doc.id)
     state = resume.with_document(run.state, doc.id, entry)
     resume.write_state(resume.state_dir(run.out), state)
     run.state = state

@@ -11,6 +11,7 @@ from ttt_cli.errors import ConfigError
 from ttt_cli.units import seconds_to_steps
 
 from ..policies import Policy
+from ..run import check_resume_flags
 from .data import Dataset
 from .scoring import DEFAULT_BLOCK_STEPS
 
@@ -72,9 +73,7 @@ def validate(o: EvalOptions) -> None:
         raise ConfigError(f"--audio-stream must be one of {', '.join(AUDIO_STREAMS)}, got {o.audio_stream!r}.")
     if o.text_stream not in TEXT_STREAMS:
         raise ConfigError(f"--text-stream must be one of {', '.join(TEXT_STREAMS)}, got {o.text_stream!r}.")
-    if o.resume and o.overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other: resume continues the run in --out, "
-                          "overwrite starts it again.")
+    check_resume_flags(o)
 
 
 def check_layout(lm, o: EvalOptions) -> None:

@@ -17,7 +17,7 @@ from .codes_cache import default_cache_dir
 from .data import discover
 from .options import PROTOCOL_FLAGS, EvalOptions, LibriLightRun, check_layout, validate
 from .outputs import output_plan
-from .records import inputs_changed
+from .records import carry_path, inputs_changed, load_carry
 from .results import finish, rank_result
 
 
@@ -145,8 +145,8 @@ def load_carries(run: LibriLightRun, config: dict) -> None:
     scored_before = any(run.state["docs"][d]["record"]["steps"] for d in run.state["done"])
     for p in run.policies:
         if p.carries_across_documents and scored_before:
-            path = resume.carry_path(run.out, p.dir_name)
-            carry, after = resume.load_carry(path) if path.is_file() else ({}, None)
+            path = carry_path(run.out, p.dir_name)
+            carry, after = load_carry(path) if path.is_file() else ({}, None)
             if after != run.state["done"][-1]:  # missing, damaged, or from another point of the run
                 note = (f"--resume: the fast weights that policy {p.name} carries across documents ({path}) do not "
                         f"follow the last finished document; every document is computed again.")

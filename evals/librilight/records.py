@@ -1,10 +1,17 @@
-"""What results.json and the resume record say about one document: its files, what was skipped, its inputs."""
+"""What results.json and the resume record keep about documents: files, skips, inputs, carried fast weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ttt_cli.io import atomic_write
+
 from ..inputs import digest_or_none, rel_path
+from ..resume import CARRY_PREFIX, state_dir
 from .codes_cache import DocumentCodes
 from .data import Document, SkippedDocument
 
@@ -88,3 +95,43 @@ def inputs_changed(entry: dict, doc: Document, root: Path) -> str | None:
     if changed:
         return f"its audio changed ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
     return None
+
+
+def carry_path(out: Path, policy_dir: str) -> Path:
+    """Where a `never` policy's carried fast weights are kept.
+
+    Args:
+        out: --out.
+        policy_dir: the policy's directory name.
+    """
+    return state_dir(out) / f"{CARRY_PREFIX}{policy_dir}.safetensors"
+
+
+def save_carry(path: Path, carry: dict, after: str) -> None:
+    """The fast weights a `never` policy carries into the next document, and the document they follow.
+
+    Args:
+        path: `carry_path`.
+        carry: {layer: tensors as captured}.
+        after: the id of the document they follow.
+    """
+    flat = {f"layers.{i}.{k}": v.contiguous() for i, t in carry.items() for k, v in t.items()}
+    atomic_write(path, lambda p: save_file(flat, str(p), metadata={"after": json.dumps(after)}))
+
+
+def load_carry(path: Path) -> tuple[dict, str | None]:
+    """(carried tensors by layer, the id of the document they follow), or ({}, None) if unreadable.
+
+    Args:
+        path: `carry_path`.
+    """
+    out: dict[int, dict] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            after = json.loads((f.metadata() or {}).get("after", "null"))
+            for k in f.keys():
+                _, i, name = k.split(".", 2)
+                out.setdefault(int(i), {})[name] = f.get_tensor(k)
+    except Exception:  # damaged: the caller recomputes
+        return {}, None
+    return out, after
