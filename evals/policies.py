@@ -1,4 +1,4 @@
-"""Fast-weight reset policies of `ttt eval` (SPEC §6, §5.7): parsing, the reset positions they imply, one pass's settings."""
+"""Fast-weight reset policies of `ttt eval` (SPEC §6, §5.7): parsing, reset positions, one pass's settings."""
 
 from __future__ import annotations
 

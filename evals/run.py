@@ -181,7 +181,8 @@ def environment(m, packages: tp.Sequence[str] = ()) -> dict:
             "torch": torch.__version__, "moshi": _version("moshi"), "numpy": _version("numpy"),
             "sphn": _version("sphn"), "device": dev, "device_name": name,
             "dtype": str(m.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cuda": torch.version.cuda,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **{p.replace("-", "_"): _version(p) for p in packages}}
 
 

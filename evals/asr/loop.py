@@ -5,7 +5,7 @@ from __future__ import annotations
 import typing as tp
 from pathlib import Path
 
-from ttt_cli import inference
+from ttt_cli import inference  # infer called through the module: a test stands in for it (Ctrl-C mid-run)
 from ttt_cli.io import as_os_error
 
 from .. import resume

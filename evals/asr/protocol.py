@@ -1,4 +1,4 @@
-"""`evaluate_asr`: long-form transcription quality with reset policies side by side (SPEC §5.7), an `evals.run` task."""
+"""`evaluate_asr`: long-form transcription quality, reset policies side by side (SPEC §5.7), an `evals.run` task."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import ttt_cli.codes
+import ttt_cli.codes  # encode_stream called through the module: a test stands in a fake encoder for it
 from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE, iter_audio
 from ttt_cli.codes import ENCODE_BLOCK_FRAMES
 from ttt_cli.errors import InputError
