@@ -520,7 +520,7 @@ def _peak_rss_of(cmd_args: list[str]) -> int:
 
 def score_figures(m, opts: BenchOptions, progress) -> dict[str, Figure]:
     """Block vs step-by-step scoring of the same random codes (with a fast-weight reset inside)."""
-    from evals.scoring import score_document
+    from evals.librilight.scoring import score_document
 
     lm = m.lm
     T = opts.steps or (500 if opts.quick else 1500)
