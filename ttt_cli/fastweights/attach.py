@@ -11,7 +11,7 @@ from torch import nn
 from moshi.models.lm import LMModel
 from moshi.modules.streaming import StreamingModule
 
-from . import adapter, inplace_attach, mlp
+from . import adapter, inplace, inplace_attach, mlp
 from .config import FastWeightConfig
 from .interface import FastWeightLayer
 
@@ -42,20 +42,30 @@ class Variant:
     fresh_tensors: tp.Callable[..., dict[str, torch.Tensor]]      # (lm, cfg, target_init): documented fresh init
     fresh_note: tp.Callable[..., str]                             # (cfg, target_init): how missing tensors are made
     provenance: tp.Callable[..., dict]                            # (cfg, {key: where from}, target_init)
+    layer: type[FastWeightLayer]                                  # its layer class (answers for its own tensors)
 
 
 VARIANTS: dict[str, Variant] = {
     "inplace": Variant(inplace_attach.attach, inplace_attach.tensor_names, inplace_attach.fresh_tensors,
-                       inplace_attach.fresh_note, inplace_attach.provenance),
-    "mlp": Variant(mlp.attach, mlp.tensor_names, mlp.fresh_tensors, mlp.fresh_note, _counted(mlp.tensor_names)),
+                       inplace_attach.fresh_note, inplace_attach.provenance, inplace.InPlaceTTTGating),
+    "mlp": Variant(mlp.attach, mlp.tensor_names, mlp.fresh_tensors, mlp.fresh_note, _counted(mlp.tensor_names), mlp.HybridTTTBlock),
     "linear-adapter": Variant(adapter.attach, adapter.tensor_names, adapter.fresh_tensors, adapter.fresh_note,
-                              _counted(adapter.tensor_names)),
+                              _counted(adapter.tensor_names), adapter.AdapterGroup),
 }
 
 
 def variant_of(cfg: FastWeightConfig) -> Variant:
     """The registry entry of `cfg`'s variant."""
     return VARIANTS[cfg.variant]
+
+
+def layer_class(variant: str) -> type[FastWeightLayer]:
+    """The layer class of a variant name, for checks made before any layer exists (a snapshot file's tensors).
+
+    Args:
+        variant: a variant name (`inplace`, `mlp`, `linear-adapter`).
+    """
+    return VARIANTS[variant].layer
 
 
 def attach_ttt(lm: LMModel, cfg: FastWeightConfig, tensors: dict[str, torch.Tensor] | None = None,

@@ -156,18 +156,6 @@ class SnapshotAnswers:
         return None
 
 
-LAYER_CLASSES: dict[str, type["FastWeightLayer"]] = {}  # variant name -> its layer class, filled as they are defined
-
-
-def layer_class(variant: str) -> type["FastWeightLayer"]:
-    """The layer class of a variant name (`ttt_cli.fastweights` imports every variant, so all are known).
-
-    Args:
-        variant: a variant name (`inplace`, `mlp`, `linear-adapter`).
-    """
-    return LAYER_CLASSES[variant]
-
-
 class FastWeightLayer(StreamingModule[StateT], SnapshotAnswers, abc.ABC):
     """A moshi `StreamingModule` whose streaming state holds per-stream fast weights.
 
@@ -185,11 +173,6 @@ class FastWeightLayer(StreamingModule[StateT], SnapshotAnswers, abc.ABC):
     structural: tp.ClassVar[frozenset[str]]
     rate_key: tp.ClassVar[str] = "lr"  # the `ttt` key that `set_rate` changes (0 = TTT off)
     recording: bool = False  # streams started while True gather the update series (SPEC §3.7, `set_recording`)
-
-    def __init_subclass__(cls, **kwargs: tp.Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "variant" in cls.__dict__:  # a concrete variant (not a shared base such as LearnerLayer)
-            LAYER_CLASSES[cls.variant] = cls
 
     def _state(self) -> StateT:
         """The streaming state; a clear error outside `lm.streaming(B)`."""

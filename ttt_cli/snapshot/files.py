@@ -14,7 +14,7 @@ from safetensors import safe_open
 from .. import __version__
 from ..errors import ConfigError, StateMismatchError
 from ..fastweights.config import config_class
-from ..fastweights.interface import layer_class
+from ..fastweights.attach import layer_class
 from ..io import atomic_write, shown
 from ..outputs import input_problem
 from .format import ATTN_PREFIX, FORMAT, FORMAT_VERSION, INVALID_HINT, LATER_KEYS, LAYER_KEY, META_KEY, \
