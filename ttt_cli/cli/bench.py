@@ -26,8 +26,6 @@ def _note(detail: dict) -> str:
     return ""
 
 
-# One piece: the signature is the command's option list and the docstring its --help; the body parses,
-# calls `_measure` and `_show`.
 def bench_cmd(
     model: Annotated[str, typer.Option("--model", "-m", "--preset", help="Model to measure (default: the `bench` "
                                        "preset; `tiny` for a quick check).")] = "bench",
