@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moshi.modules.gating import gating_forward_kernel
+from moshi.modules.gating import ActivationGating, gating_forward_kernel
 from moshi.utils.compile import no_compile
 
 from .config import TTTConfig
 from ..errors import StateMismatchError
 from .inplace_target import F32, TargetGenerator, X0Source, linear_weight
 from .inplace_update import InPlaceState, UpdateRule, counter, flush, run_tokens, step_one
-from .interface import FastWeightLayer, HostClock, LayerBench, keep_float32, refuse_graph_capture
+from .interface import FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
 
 # `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
 ACTIVATIONS: dict[str, tp.Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
@@ -277,15 +277,14 @@ class InPlaceTTTGating(InPlaceGating):
             return "0 (frozen)"
         return f"({self.dim}x{self.hidden} + {self.chunk_size}x({self.hidden}+{self.dim}))x4"
 
-    def layer_bench(self, tokens: int, device: str) -> LayerBench:
+    def forwards_vs_plain(self, tokens: int, generator: torch.Generator
+                          ) -> tuple[tp.Callable[[], tp.Any], tp.Callable[[], tp.Any], str]:
         """This layer vs moshi's `ActivationGating` with the same slow weights, on `tokens` tokens."""
-        from moshi.modules.gating import ActivationGating
         plain = ActivationGating(self.dim, 4 * self.dim, self.activation)
         plain.linear_in, plain.linear_out = self.linear_in, self.linear_out
-        dt = next(self.linear_in.parameters()).dtype
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, tokens, self.dim, generator=g).to(device, dt)
-        x0 = torch.randn(1, tokens, self.dim, generator=g).to(device, dt)
+        w = next(self.linear_in.parameters())
+        x = torch.randn(1, tokens, self.dim, generator=generator).to(w.device, w.dtype)  # [1, T, d]
+        x0 = torch.randn(1, tokens, self.dim, generator=generator).to(w.device, w.dtype)  # [1, T, d]: the target's input
 
         def ttt():
             self._x0.input = x0
@@ -293,11 +292,12 @@ class InPlaceTTTGating(InPlaceGating):
                 return self(x)
             finally:
                 self._x0.input = None
+        return ttt, lambda: plain(x), "In-Place TTT gating vs moshi ActivationGating"
+
+    def macs_vs_plain(self, tokens: int) -> tuple[float, str]:
         d, h, k = self.dim, self.hidden, self.target_generator.conv1d.kernel_size
         # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
-        return LayerBench(ttt, lambda: plain(x), (4 * h * d + (k + 1) * d * d) / (3 * h * d),
-                          f"(4hd + (K+1)d²) / 3hd (d={d}, h={h}, K={k})",
-                          "In-Place TTT gating vs moshi ActivationGating")
+        return (4 * h * d + (k + 1) * d * d) / (3 * h * d), f"(4hd + (K+1)d²) / 3hd (d={d}, h={h}, K={k})"
 
     def flush_partial(self, batch_index: int | None = None) -> None:
         flush(self._state(), self._rule(), batch_index)

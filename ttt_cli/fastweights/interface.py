@@ -19,18 +19,6 @@ from .recording import UpdateRecorder, UpdateRow
 StateT = tp.TypeVar("StateT", bound=State)
 
 
-@dataclass
-class LayerBench:
-    """What `ttt bench` times for a variant's layer ratio (SPEC §8.5): the layer with TTT and the
-    plain layer it extends, on the same input, and the ratio of their multiply-accumulates."""
-
-    ttt: tp.Callable[[], tp.Any]    # forward with TTT, T tokens
-    plain: tp.Callable[[], tp.Any]  # the same layer without TTT, same input
-    flop_floor: float               # MACs(ttt) / MACs(plain)
-    formula: str                    # how flop_floor is computed, in words
-    what: str                       # which module is compared
-
-
 GRAPH_CAPTURE_ERROR = ("a TTT layer is captured in a CUDA graph without a step plan: the graph would freeze "
                        "whether chunks update. Generate with ttt_cli.fastweights.graphs.TTTLMGen (one graph per "
                        "step phase), or wrap generation in moshi.utils.compile.no_cuda_graph().")
@@ -249,8 +237,15 @@ class FastWeightLayer(StreamingModule[StateT], SnapshotAnswers, abc.ABC):
         setattr(self, self.rate_key, float(rate))
 
     @abc.abstractmethod
-    def layer_bench(self, tokens: int, device: str) -> LayerBench:
-        """The layer-ratio measurement of SPEC §8.5 on `tokens` random tokens."""
+    def forwards_vs_plain(self, tokens: int, generator: torch.Generator
+                          ) -> tuple[tp.Callable[[], tp.Any], tp.Callable[[], tp.Any], str]:
+        """(forward with TTT, forward of the plain moshi module this layer extends, which modules): both on the
+        same `tokens` random tokens drawn from `generator`, whole-sequence, not streaming (SPEC §8.5)."""
+
+    @abc.abstractmethod
+    def macs_vs_plain(self, tokens: int) -> tuple[float, str]:
+        """(multiply-accumulates with TTT / those of the plain module, the arithmetic with this layer's numbers)
+        for a forward over `tokens` tokens: the FLOP floor of `forwards_vs_plain`'s time ratio."""
 
     def host_clocks(self) -> list[HostClock]:
         """The host clocks of the streaming state (one per learner); empty when frozen or not streaming."""
