@@ -1,0 +1,1 @@
+"""Evaluations: the shared driver (`evals.run`) and its tasks, `evals.librilight` and `evals.asr`."""

@@ -1,12 +1,17 @@
-"""Fast-weight reset policies of `ttt eval librilight` and the reset positions they imply (SPEC §6)."""
+"""Fast-weight reset policies of `ttt eval` (SPEC §6, §5.7): parsing, reset positions, one pass's settings."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import typing as tp
 from dataclasses import dataclass
 
-from ttt_cli.units import parse_seconds, seconds_to_steps
+import torch
+
 from ttt_cli.errors import ConfigError
+from ttt_cli.fastweights.attach import set_ttt_lr, ttt_layers
+from ttt_cli.units import parse_seconds, seconds_to_steps
 
 KINDS = ("document", "file", "every", "never", "off")
 SYNTAX = "document | file | every:<N>s (seconds, also 500ms, 2m) | every:<N> (steps) | never | off"
@@ -95,7 +100,11 @@ def parse_policy(text: str) -> Policy:
 
 
 def parse_policies(texts: list[str] | tuple[str, ...] | None) -> list[Policy]:
-    """Parses repeated `-p` values (default `document`); duplicates are an error."""
+    """Parses repeated `-p` values (default `document`); duplicates are an error.
+
+    Args:
+        texts: the `-p` values (None or empty: `document`).
+    """
     policies = [parse_policy(t) for t in (texts or ["document"])]
     names = [p.name for p in policies]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -105,3 +114,30 @@ def parse_policies(texts: list[str] | tuple[str, ...] | None) -> list[Policy]:
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"policies {', '.join(names)} map to the same output directory names.")
     return policies
+
+
+@contextlib.contextmanager
+def policy_settings(lm, ttt_on: bool, lr: float, warm_start: dict[int, dict[str, torch.Tensor]] | None = None
+                    ) -> tp.Iterator[None]:
+    """Sets the LM up for one policy's pass and puts it back afterwards.
+
+    Args:
+        lm: moshi LMModel with fast-weight layers, not streaming.
+        ttt_on: False freezes fast weights at W0 for the pass (lr 0; SPEC §3.4b: the baseline,
+            which ignores any warm start).
+        lr: the run's learning rate, restored on exit.
+        warm_start: {layer index: tensors as captured}: streams and resets start from them instead of W0.
+    """
+    layers = ttt_layers(lm)
+    try:
+        if not ttt_on:
+            set_ttt_lr(lm, 0.0)
+        if warm_start and ttt_on:
+            for i, layer in layers.items():
+                layer.set_warm_start(warm_start[i])
+        yield
+    finally:
+        set_ttt_lr(lm, lr)
+        if warm_start and ttt_on:
+            for layer in layers.values():
+                layer.set_warm_start(None)

@@ -1,47 +1,61 @@
-"""Resume records of `ttt eval` (librilight, asr): what finished, verified before it is trusted (SPEC §6, §7.1).
-
-The record (`OUT/.ttt-eval/state.json`) holds the run's configuration, named by the options that
-set it, and per finished document (eval asr: recording) its results, the paths and content hashes
-of its audio files and a checksum of the entry. `--resume` refuses a configuration that differs (naming the options),
-and recomputes, with a note, a document whose record is damaged or whose audio changed.
-"""
+"""Resume records of `ttt eval` (librilight, asr): what finished, verified before it is trusted (SPEC §6, §7.1)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import typing as tp
 from pathlib import Path
 
+from ttt_cli.distributed import RANKS_DIR
 from ttt_cli.errors import ConfigError
+from ttt_cli.io import write_text
+from ttt_cli.outputs import is_temporary
 
+# The record (`OUT/.ttt-eval/state.json`) holds the run's configuration, named by the options that
+# set it, and per finished document (eval asr: recording) its results, the paths and content hashes
+# of its inputs and a checksum of the entry. `--resume` refuses a configuration that differs (naming
+# the options), and recomputes, with a note, a document whose record is damaged or whose inputs changed.
 STATE_DIR = ".ttt-eval"        # resume state inside --out
 STATE_FILE = "state.json"
 STATE_VERSION = 2              # 2: configuration by option, per-document input hashes and checksums
-CARRY_PREFIX = "carry-"
+CARRY_PREFIX = "carry-"       # <prefix><policy dir>.safetensors: what a `never` policy carries (evals.librilight)
 RANK_RECORD_PREFIX = "eval-"   # OUT/.ranks/<rank>/eval-<hash of the id>.json: one finished document (torchrun)
 
-# What `--resume` must find unchanged, by the option (or input) that sets it. block_steps, the codes
-# cache and --save-token-nll do not change the numbers and may differ.
-PROTOCOL_FLAGS = {"policies": "-p/--policy", "max_seconds": "--max-seconds", "min_seconds": "--min-seconds",
-                  "limit_books": "--limit-books", "bin_seconds": "--bin-seconds", "audio_stream": "--audio-stream",
-                  "text_stream": "--text-stream", "init_state": "--init-state", "seed": "--seed", "data": "DATA"}
+# What `--resume` must find unchanged in the model section, by the option that sets it (each task
+# names its own protocol keys: `run_config`'s `flags`).
 MODEL_FLAGS = {"id": "--model", "fingerprint": "--model (its TTT weights)", "dtype": "--dtype"}
 TTT_FLAGS = {"lr": "--ttt-lr / --no-ttt", "layers": "--ttt-layers", "chunk_size": "--ttt-chunk-size",
              "delta_clip_fro_norm": "--ttt-clip"}
 
 
 def state_dir(out: Path) -> Path:
+    """`OUT/.ttt-eval`, the resume record's folder.
+
+    Args:
+        out: --out.
+    """
     return Path(out) / STATE_DIR
 
 
-def carry_path(out: Path, policy_dir: str) -> Path:
-    return state_dir(out) / f"{CARRY_PREFIX}{policy_dir}.safetensors"
+def write_state(sdir: Path, state: dict) -> None:
+    """Writes the resume state atomically into `sdir` (`state_dir(out)`).
+
+    Args:
+        sdir: the resume record's folder.
+        state: the state (`new_state`, `with_document`).
+    """
+    # ASCII escapes keep file names that are not UTF-8 exact (surrogate escapes survive a round trip).
+    write_text(sdir / STATE_FILE, json.dumps(state, indent=1, ensure_ascii=True) + "\n")
 
 
 def state_dir_is_ours(sdir: Path) -> bool:
-    """The resume directory holds only what `ttt eval` writes there (so --overwrite may remove it)."""
-    from ttt_cli.outputs import is_temporary
+    """The resume directory holds only what `ttt eval` writes there (so --overwrite may remove it).
+
+    Args:
+        sdir: the resume record's folder.
+    """
     try:
         names = [p.name for p in sdir.iterdir()]
     except OSError:
@@ -50,49 +64,41 @@ def state_dir_is_ours(sdir: Path) -> bool:
                for n in names)
 
 
-def save_carry(path: Path, carry: dict, after: str) -> None:
-    """The fast weights a `never` policy carries into the next document, and the document they follow."""
-    from safetensors.torch import save_file
-    from ttt_cli.io import atomic_write
-
-    flat = {f"layers.{i}.{k}": v.contiguous() for i, t in carry.items() for k, v in t.items()}
-    atomic_write(path, lambda p: save_file(flat, str(p), metadata={"after": json.dumps(after)}))
-
-
-def load_carry(path: Path) -> tuple[dict, str | None]:
-    """(carried tensors by layer, the id of the document they follow), or ({}, None) if unreadable."""
-    from safetensors import safe_open
-
-    out: dict[int, dict] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            after = json.loads((f.metadata() or {}).get("after", "null"))
-            for k in f.keys():
-                _, i, name = k.split(".", 2)
-                out.setdefault(int(i), {})[name] = f.get_tensor(k)
-    except Exception:  # damaged: the caller recomputes
-        return {}, None
-    return out, after
-
-
 # -- per-rank records (scale-out, SPEC §5.6) -------------------------------------------------------
 
 def ranks_dir(out: Path) -> Path:
-    from ttt_cli.distributed import RANKS_DIR
+    """`OUT/.ranks`, where ranks under torchrun record their finished documents.
+
+    Args:
+        out: --out.
+    """
     return Path(out) / RANKS_DIR
 
 
 def rank_record_path(out: Path, rank: int, doc_id: str) -> Path:
-    """Where rank `rank` records one finished document (a name from the id's hash: ids hold slashes)."""
+    """Where rank `rank` records one finished document (a name from the id's hash: ids hold slashes).
+
+    Args:
+        out: --out.
+        rank: the rank.
+        doc_id: the document's id.
+    """
     h = hashlib.sha256(doc_id.encode("utf-8", "surrogateescape")).hexdigest()[:24]
     return ranks_dir(out) / str(rank) / f"{RANK_RECORD_PREFIX}{h}.json"
 
 
 def write_rank_record(out: Path, rank: int, doc_id: str, entry: dict, config: dict) -> Path:
-    """Writes one finished document of a rank atomically: the run's config and the checksummed entry."""
-    from ttt_cli.io import write_text
+    """Writes one finished document of a rank atomically: the run's config and the checksummed entry.
+
+    Args:
+        out: --out.
+        rank: the rank.
+        doc_id: the document's id.
+        entry: its resume entry.
+        config: the run's `run_config`.
+    """
     rec = {"version": STATE_VERSION, "config": config, "doc_id": doc_id,
-           "entry": {**entry, "checksum": _checksum(entry)}}
+           "entry": {**entry, "checksum": checksum(entry)}}
     path = rank_record_path(out, rank, doc_id)
     # ASCII escapes keep file names that are not UTF-8 exact, as in the state file.
     write_text(path, json.dumps(rec, indent=1, ensure_ascii=True) + "\n")
@@ -101,8 +107,11 @@ def write_rank_record(out: Path, rank: int, doc_id: str, entry: dict, config: di
 
 def read_rank_records(out: Path) -> tuple[list[dict], list[str]]:
     """Every rank's records under `OUT/.ranks/` (whatever the world size that wrote them), and notes on
-    the ones that cannot be read (their documents are computed again)."""
-    from ttt_cli.outputs import is_temporary
+    the ones that cannot be read (their documents are computed again).
+
+    Args:
+        out: --out.
+    """
     root, records, notes = ranks_dir(out), [], []
     if not root.is_dir():
         return [], []
@@ -123,8 +132,11 @@ def read_rank_records(out: Path) -> tuple[list[dict], list[str]]:
 
 
 def ranks_dir_is_ours(root: Path) -> bool:
-    """`OUT/.ranks` holds only what ranks of `ttt eval` write there (so it may be merged and removed)."""
-    from ttt_cli.outputs import is_temporary
+    """`OUT/.ranks` holds only what ranks of `ttt eval` write there (so it may be merged and removed).
+
+    Args:
+        root: `ranks_dir(out)`.
+    """
     try:
         for d in root.iterdir():
             if not (d.is_dir() and d.name.isdigit()):
@@ -138,8 +150,11 @@ def ranks_dir_is_ours(root: Path) -> bool:
 
 
 def remove_ranks(out: Path) -> None:
-    """Removes `OUT/.ranks` once its records are in the state file (checked to be ours by the caller)."""
-    import shutil
+    """Removes `OUT/.ranks` once its records are in the state file (checked to be ours by the caller).
+
+    Args:
+        out: --out.
+    """
     root = ranks_dir(out)
     if root.is_dir():
         shutil.rmtree(root)
@@ -148,13 +163,19 @@ def remove_ranks(out: Path) -> None:
 def merge_records(state: dict, records: list[dict], order: list[str]) -> tuple[dict, list[str]]:
     """The state with the document of every record made with the state's config added, and the ids of
     records left out because their checksum fails (damaged: computed again). Finished documents are
-    put in dataset order, the order in which a single process sums them."""
+    put in dataset order, the order in which a single process sums them.
+
+    Args:
+        state: the resume state.
+        records: `read_rank_records`'s records.
+        order: every document id of the dataset, in order.
+    """
     docs, done, damaged = dict(state["docs"]), list(state["done"]), []
     for rec in records:
         entry = rec["entry"]
         if rec.get("config") != state.get("config"):
             continue
-        if entry.get("checksum") != _checksum(entry):
+        if entry.get("checksum") != checksum(entry):
             damaged.append(rec["doc_id"])
             continue
         docs[rec["doc_id"]] = entry
@@ -167,13 +188,13 @@ def merge_records(state: dict, records: list[dict], order: list[str]) -> tuple[d
 
 # -- configuration -------------------------------------------------------------------------------
 
-def run_config(protocol: dict, model: dict, flags: tp.Mapping[str, str] = PROTOCOL_FLAGS) -> dict:
+def run_config(protocol: dict, model: dict, flags: tp.Mapping[str, str]) -> dict:
     """The run's configuration as {option: value}, for the record and for naming differences.
 
     Args:
         protocol: the protocol section of results.json.
         model: the model section.
-        flags: {protocol key: the option that sets it} of what must not change (default: eval librilight's).
+        flags: {protocol key: the option that sets it} of what must not change (the task's).
     """
     cfg: dict[str, tp.Any] = {}
     for k, flag in flags.items():
@@ -193,7 +214,12 @@ def run_config(protocol: dict, model: dict, flags: tp.Mapping[str, str] = PROTOC
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-    """`option: was X, now Y` for every option that differs."""
+    """`option: was X, now Y` for every option that differs.
+
+    Args:
+        old: the recorded `run_config`.
+        new: this run's.
+    """
     def fmt(v: tp.Any) -> str:
         if isinstance(v, float):
             return f"{v:g}"
@@ -208,53 +234,41 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 # -- per-document records ------------------------------------------------------------------------
 
-def _checksum(entry: dict) -> str:
+def checksum(entry: dict) -> str:
+    """sha256 of a document's entry without its `checksum` key (what the record checks before trusting it).
+
+    Args:
+        entry: a resume entry.
+    """
     body = {k: v for k, v in entry.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def document_inputs(doc, dc, root: Path, rel: tp.Callable[[tp.Any, Path], str]) -> dict:
-    """A finished document's inputs: every audio path of its book, and the content hash of each file read."""
-    from .codes_cache import digest_or_none
-
-    all_paths = doc.all_paths()
-    paths = [rel(p, root) for p in all_paths] + [rel(s.path, root) for s in doc.skipped]
-    known = {str(all_paths[e["index"]]): e["sha256"] for e in dc.inputs}  # hashed for the codes cache already
-    read = [f.path for f in dc.files] + [s.path for s in dc.skipped if s.failed]
-    digests = {rel(p, root): known.get(str(p)) or digest_or_none(Path(p)) for p in read}
-    return {"paths": sorted(paths), "sha256": digests}
-
-
 def with_document(state: dict, doc_id: str, entry: dict) -> dict:
     """A copy of the state with one more finished document (its entry checksummed); the caller
-    keeps it once it is written, so the state in memory never claims more than the disk holds."""
-    entry = {**entry, "checksum": _checksum(entry)}
+    keeps it once it is written, so the state in memory never claims more than the disk holds.
+
+    Args:
+        state: the resume state.
+        doc_id: the document's id.
+        entry: its resume entry.
+    """
+    entry = {**entry, "checksum": checksum(entry)}
     done = state["done"] + ([] if doc_id in state["done"] else [doc_id])
     return {**state, "done": done, "docs": {**state["docs"], doc_id: entry}}
 
 
-def _inputs_changed(entry: dict, doc, root: Path, rel) -> str | None:
-    from .codes_cache import digest_or_none
-
-    rec = entry.get("inputs") or {}
-    now = sorted([rel(p, root) for p in doc.all_paths()] + [rel(s.path, root) for s in doc.skipped])
-    if rec.get("paths") != now:
-        added = sorted(set(now) - set(rec.get("paths") or []))
-        gone = sorted(set(rec.get("paths") or []) - set(now))
-        parts = [f"{what} {', '.join(names[:3])}" for what, names in (("added", added), ("removed", gone)) if names]
-        return f"its files changed ({'; '.join(parts)})"
-    changed = [r for r, d in (rec.get("sha256") or {}).items() if digest_or_none(root / r) != d]
-    if changed:
-        return f"its audio changed ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
-    return None
-
-
 def new_state(config: dict) -> dict:
+    """An empty resume state.
+
+    Args:
+        config: the run's `run_config`.
+    """
     return {"version": STATE_VERSION, "config": config, "done": [], "docs": {}}
 
 
-def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
-               changed: tp.Callable[[dict, tp.Any], str | None] | None = None) -> tuple[dict, list[str]]:
+def open_state(out: Path, config: dict, dataset, carrying: bool,
+               changed: tp.Callable[[dict, tp.Any], str | None]) -> tuple[dict, list[str]]:
     """The resume state of the run in `out`, verified against `config` and the dataset.
 
     Finished documents are those of the state file and of every rank's records under
@@ -266,9 +280,8 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
         dataset: the discovered dataset (its documents in order).
         carrying: a policy carries fast weights across documents (`never`), so a document recomputed
             in the middle invalidates every later one.
-        rel: maps a path to its dataset-relative form.
-        changed: (entry, document) -> why a finished document must be computed again, or None
-            (default: its audio files or their content changed).
+        changed: (entry, document) -> why a finished document must be computed again (its inputs
+            changed), or None: the task's rule.
     Returns:
         (state, notes): finished documents that may be kept, and what was recomputed and why.
     Raises:
@@ -277,12 +290,7 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
     path = state_dir(out) / STATE_FILE
     records, notes = read_rank_records(out)
     try:
-        if not path.is_file() and records:  # the state file is written first; records alone: rebuild from them
-            old = {"version": STATE_VERSION, "config": records[0]["config"], "done": [], "docs": {}}
-        else:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(old, dict) or old.get("version") != STATE_VERSION or not isinstance(old.get("docs"), dict):
-            raise ValueError(f"format {old.get('version') if isinstance(old, dict) else '?'}")
+        old = _read_state(path, records)
     except (OSError, ValueError) as e:
         return new_state(config), notes + [f"--resume: the resume record {path} cannot be used ({e}); every "
                                            f"document is computed again."]
@@ -298,21 +306,40 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
         raise ConfigError(f"--resume: the run in {out} was made with other options: {'; '.join(diff)}. Pass the "
                           f"same options to continue it, or --overwrite to start again.",
                           hint="pass the options of the interrupted run, or --overwrite")
+    state, kept_notes = _kept(old, new_state(config), dataset, carrying, changed)
+    return state, notes + kept_notes
+
+
+def _read_state(path: Path, records: list[dict]) -> dict:
+    """The state file's content (rebuilt from the ranks' records when only they exist); raises OSError or
+    ValueError when it cannot be used."""
+    if not path.is_file() and records:  # the state file is written first; records alone: rebuild from them
+        old = {"version": STATE_VERSION, "config": records[0]["config"], "done": [], "docs": {}}
+    else:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(old, dict) or old.get("version") != STATE_VERSION or not isinstance(old.get("docs"), dict):
+        raise ValueError(f"format {old.get('version') if isinstance(old, dict) else '?'}")
+    return old
+
+
+def _kept(old: dict, state: dict, dataset, carrying: bool,
+          changed: tp.Callable[[dict, tp.Any], str | None]) -> tuple[dict, list[str]]:
+    """`state` with the finished documents of `old` that may be kept, and notes on the others (damaged,
+    gone from the dataset, changed); a carrying policy keeps them only as the dataset's first ones in order."""
+    config, notes = state["config"], []
     docs = {d.id: d for d in dataset.documents}
-    state = new_state(config)
     dropped = False
     for doc_id in old.get("done", []):
         entry = old["docs"].get(doc_id)
         why = None
-        if not isinstance(entry, dict) or entry.get("checksum") != _checksum(entry):
+        if not isinstance(entry, dict) or entry.get("checksum") != checksum(entry):
             why = "its resume record is damaged"
         elif doc_id not in docs:
             notes.append(f"--resume: {doc_id} is no longer part of the dataset; its results are dropped.")
             dropped = True
             continue
         else:
-            why = (changed(entry, docs[doc_id]) if changed is not None
-                   else _inputs_changed(entry, docs[doc_id], Path(dataset.root), rel))
+            why = changed(entry, docs[doc_id])
         if why:
             notes.append(f"--resume: {doc_id}: {why}; computed again.")
             dropped = True
@@ -325,37 +352,3 @@ def open_state(out: Path, config: dict, dataset, carrying: bool, rel,
                      "are no longer the first ones of the dataset in order; every document is computed again.")
         state = new_state(config)
     return state, notes
-
-
-def check_earlier_run(out: Path, resuming: bool, overwrite: bool, outputs: list[Path]) -> None:
-    """What an earlier run left in `out` allows this one (SPEC §6, §7.1): a resume record that is not ttt's is
-    never replaced; `--resume` needs a record where results exist; otherwise a run's outputs are replaced
-    only with `--overwrite`.
-
-    Args:
-        out: --out.
-        resuming: --resume given.
-        overwrite: --overwrite given.
-        outputs: what a run leaves in `out` (named in the message when some exist).
-    Raises:
-        OutputError: the record's folder was not written by ttt.
-        ConfigError: --resume without a record, or earlier outputs without --resume / --overwrite.
-    """
-    from ttt_cli.errors import OutputError
-    from .report import RESULTS
-
-    sdir, rdir = state_dir(out), ranks_dir(out)
-    for d, ours in ((sdir, state_dir_is_ours), (rdir, ranks_dir_is_ours)):
-        if d.exists() and not (d.is_dir() and ours(d)):
-            raise OutputError(f"{d} exists and was not written by ttt eval; ttt never replaces it. Move it away or "
-                              f"choose another --out.")
-    if resuming:
-        if not (sdir / STATE_FILE).is_file() and not rdir.is_dir() and (out / RESULTS).exists():
-            raise ConfigError(f"--resume: {out} has results but no resume state ({STATE_DIR}/{STATE_FILE}); pass "
-                              f"--overwrite to run again.")
-    elif not overwrite:
-        existing = [p.name for p in outputs if p.exists()]
-        if existing:
-            raise ConfigError(f"{out} already holds the outputs of a run ({', '.join(existing)}); pass --resume to "
-                              f"continue it, or --overwrite to replace it.",
-                              hint="pass --resume or --overwrite, or choose another --out")

@@ -65,7 +65,7 @@ def test_normalised_words_get_times_of_their_source_words():
     assert [t.start for t in timed_tokens(["$25", "123"], toks2)] == [0.0, 3.0]
     assert timed_tokens([], toks) == [] and timed_tokens(["a"], None) is None and timed_tokens(["a"], []) is None
     # ttt infer's Word objects and results.json's dicts are accepted alike
-    from ttt_cli.inference import Word
+    from ttt_cli.infer import Word
     assert as_timed_words([Word("hi", 1.0, 2.0, 12, 25)]) == as_timed_words([{"word": "hi", "start": 1, "end": 2}])
     with pytest.raises(ValueError):
         as_timed_words([("hi", float("nan"), 1.0)])

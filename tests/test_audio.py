@@ -12,8 +12,8 @@ import pytest
 import sphn
 import torch
 
-from evals.codes_cache import encode_document
-from evals.librilight import AudioFile, Document
+from evals.librilight.codes_cache import encode_document
+from evals.librilight.data import AudioFile, Document
 from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE, iter_audio, load_audio
 from ttt_cli.errors import InputError
 

@@ -7,7 +7,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from ttt_cli.bench_figures import FIGURES, judge, parse_targets, spec
+from ttt_cli.bench.registry import FIGURES, judge, parse_targets, spec
 from ttt_cli.cli.app import app
 from ttt_cli.errors import ConfigError
 
@@ -127,7 +127,7 @@ def test_gpu_figures_are_skipped_with_a_note_without_cuda():
 
 def test_gpu_figure_arithmetic():
     """The device-independent part of the GPU figures, against hand computations."""
-    from ttt_cli.bench_gpu import memory_error, realtime_factor
+    from ttt_cli.bench.gpu import memory_error, realtime_factor
 
     assert realtime_factor(40.0) == pytest.approx(2.0)  # an 80 ms frame in 40 ms: twice real time
     assert realtime_factor(80.0) == pytest.approx(1.0)

@@ -16,11 +16,13 @@ from moshi.modules.streaming import StreamingModule
 
 import librilight_data as LD
 from naive_ttt import checkpoint_ttt, naive_ttt
-from evals.codes_cache import document_codes
-from evals.librilight import discover, natural_key
-from evals.policies import parse_policies, parse_policy
-from evals.protocol import EvalOptions, evaluate_librilight
-from evals.scoring import policy_settings, score_document
+from evals.inputs import natural_key
+from evals.librilight.codes_cache import document_codes
+from evals.librilight.data import discover
+from evals.librilight.options import EvalOptions
+from evals.librilight.protocol import evaluate_librilight
+from evals.librilight.scoring import score_document
+from evals.policies import parse_policies, parse_policy, policy_settings
 from ttt_cli import load_model
 from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.audio import load_audio

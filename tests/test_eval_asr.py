@@ -259,7 +259,7 @@ def test_skipped_inputs_are_accounted_and_exit_1(small, tmp_path):
 
 
 def test_interrupt_then_resume_equals_the_uninterrupted_run(small, tmp_path, monkeypatch):
-    import ttt_cli.inference as inference
+    import ttt_cli.infer as inference
     data, _, want = small
     out = tmp_path / "out"
     real, calls = inference.infer, []
@@ -312,8 +312,8 @@ def test_interrupt_then_resume_equals_the_uninterrupted_run(small, tmp_path, mon
 def test_long_file_read_in_pieces_and_voice_written_as_produced(tiny, tmp_path, monkeypatch):
     """A 24 kHz file read in 0.5 s pieces (longer than --whole-file-seconds 2) gives exactly the whole-file run's
     outputs, and the .wav written as the run goes is sphn.write_wav of moshi's Mimi decoding of the tokens."""
-    import ttt_cli.audio as audio
-    from ttt_cli.inference import InferOptions, infer
+    import ttt_cli.audio.frames as audio
+    from ttt_cli.infer import InferOptions, infer
 
     wav = clip(tmp_path / "talk.wav", 0.0, 3.0)
     whole = infer(tiny, [wav], InferOptions(greedy=True)).results[0]
@@ -340,7 +340,7 @@ def test_long_file_read_in_pieces_and_voice_written_as_produced(tiny, tmp_path, 
 def test_damage_found_part_way_through_a_long_file(tmp_path, monkeypatch):
     """Non-finite samples met while a long file is streamed: that file fails with the reason and leaves no
     output (its growing .wav is removed); the next file still runs."""
-    import ttt_cli.audio as audio
+    import ttt_cli.audio.frames as audio
     monkeypatch.setattr(audio, "CHUNK_SECONDS", 0.5)
     x = np.asarray(sphn.read(str(HELLO), sample_rate=SR)[0], np.float32).mean(0)[:3 * SR].copy()
     x[int(2.5 * SR)] = np.nan

@@ -26,7 +26,7 @@ from naive_ttt import checkpoint_ttt, naive_ttt
 from safety_helpers import float_wav
 from ttt_cli import load_model
 from ttt_cli.cli.app import app
-from ttt_cli.inference import InferOptions, infer, plan_jobs, text_words
+from ttt_cli.infer import InferOptions, infer, plan_jobs, text_words
 from ttt_cli.models.presets import preset_dir
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -218,7 +218,7 @@ def test_bench_out_is_checked_before_the_bench(tmp_path):
 
 
 def test_ctrl_c_keeps_finished_outputs_and_says_what_to_run(audio, tmp_path, monkeypatch):
-    import ttt_cli.inference as inference
+    import ttt_cli.infer.directory as inference
     real = inference.write_result
     calls = []
 

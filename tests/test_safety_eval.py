@@ -90,7 +90,7 @@ def _entries(cache):
 def test_altered_or_out_of_range_cache_entries_are_never_scored(data, cache, reference, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from evals.codes_cache import payload_digest
+    from evals.librilight.codes_cache import payload_digest
     ref, _ = reference
     for n, how in enumerate(("altered", "out-of-range")):
         for path in _entries(cache):
@@ -157,7 +157,7 @@ def _interrupt(*a, **k):
 
 
 def test_interrupted_before_the_first_document_resumes(data, cache, reference, tmp_path, monkeypatch):
-    import evals.scoring as scoring
+    import evals.librilight.scoring as scoring
     monkeypatch.setattr(scoring, "score_document", _interrupt)  # while the first document is scored
     out = tmp_path / "out"
     r = run(data, cache, out)
@@ -171,7 +171,7 @@ def test_interrupted_before_the_first_document_resumes(data, cache, reference, t
 
 
 def test_ctrl_c_while_writing_results_keeps_finished_documents(data, cache, reference, tmp_path, monkeypatch):
-    import evals.report as report
+    import evals.librilight.report as report
     real = report.write_curve_png
     monkeypatch.setattr(report, "write_curve_png", _interrupt)
     out = tmp_path / "out"

@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
     from typer.testing import CliRunner
     from ttt_cli.cli.app import app
     from ttt_cli.errors import ConfigError
-    from evals.librilight import discover
+    from evals.librilight.data import discover
     from evals.asr.data import discover_asr
 
     d = Path(sys.argv[1])

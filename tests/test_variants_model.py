@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from moshi.modules.gating import ActivationGating
 
-from evals.scoring import policy_settings, score_document
+from evals.librilight.scoring import score_document
+from evals.policies import policy_settings
 from streaming_checks import full_equals_blocks, random_codes, rel
 from test_variants import adapter_reference, mlp_reference
 from ttt_cli import load_model, ttt_layers

@@ -5,7 +5,8 @@ __all__ = ["load_model", "ttt_layers", "__version__"]
 
 
 def __getattr__(name):
-    # Lazy: `ttt --help` must not import torch.
+    # Lazy (PEP 562), the one import-in-a-function of the library: the CLI imports this package first, and
+    # `ttt --help` must not import torch; `ttt_cli.load_model` resolves on first use.
     if name == "load_model":
         from .models.loader import load_model
         return load_model

@@ -6,6 +6,7 @@ import typing as tp
 
 import numpy as np
 import torch
+from moshi.models.lm_utils import _delay_sequence  # what LMModel.forward applies; moshi has no public name for it
 
 from .audio import FRAME_SIZE
 from .streaming import block_streaming
@@ -76,8 +77,6 @@ def lm_input_codes(lm, audio: torch.Tensor, audio_stream: str = "moshi", text_st
 def transformer_input(lm, codes: torch.Tensor) -> torch.Tensor:
     """The sequence `LMModel.forward` feeds to `forward_text` for codes [B, K, T]: the initial
     token, then the codes with their delays applied, last step dropped. Position s predicts step s."""
-    from moshi.models.lm_utils import _delay_sequence
-
     B = codes.shape[0]
     initial = lm._get_initial_token().to(codes.device).expand(B, -1, -1)
     delayed = _delay_sequence(lm.delays, codes, initial)

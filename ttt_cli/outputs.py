@@ -1,4 +1,4 @@
-"""What a run may write, and what became of each input: one guard and one ledger for every command (SPEC §7.1).
+"""What a run may write: one guard for every command (SPEC §7.1); what became of each input is `ledger`'s.
 
 `OutputPlan` is built by each command from its inputs and its planned outputs, and checked
 before any work: an output that is, contains or would overwrite an input, an output inside an
@@ -8,11 +8,13 @@ this tool did not write, or an output directory that cannot be written is refuse
 and by their contents: a results JSON, a snapshot's metadata, a checkpoint's `ttt` section).
 
 `InputLedger` accounts for every input: each ends in exactly one of done or skipped with a
-reason (inputs never reached after a fault are skipped as "not run"); commands report from it.
+reason (inputs never reached after a fault are skipped as "not run"); commands report from it. It lives
+in `ttt_cli.ledger` and is re-exported here, where commands import it from.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -20,8 +22,11 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .errors import OutputError
 from .io import TMP_TAG, check_writable_dir, shown
+from .ledger import InputLedger, InputRecord  # noqa: F401  (re-exported: commands import them from here)
 
 Recogniser = tp.Callable[[Path], bool]
 
@@ -31,8 +36,12 @@ def real(path: Path | str) -> str:
     return os.path.realpath(os.path.abspath(os.fspath(path)))
 
 
-def _inside(a: str, b: str) -> bool:
-    """Real path `a` is strictly inside directory `b`."""
+def inside(a: str, b: str) -> bool:
+    """Real path `a` is strictly inside directory `b`.
+
+    Args:
+        a, b: real paths (`real`).
+    """
     return a != b and a.startswith(b.rstrip(os.sep) + os.sep)
 
 
@@ -64,7 +73,6 @@ def safetensors_with_metadata(key: str) -> Recogniser:
     """A safetensors file whose header metadata holds `key` (snapshots: `ttt_state`; token NLL: `ttt_eval`)."""
     def ours(p: Path) -> bool:
         try:
-            from safetensors import safe_open
             with safe_open(str(p), framework="pt") as f:
                 return key in (f.metadata() or {})
         except Exception:  # not safetensors at all: not ours
@@ -174,30 +182,12 @@ class OutputPlan:
     def check(self) -> "OutputPlan":
         """Refuses, before any work, every output that could destroy or mix up a file (OutputError, exit 2)."""
         for o in self.outputs:
-            self._check_against_inputs(o)
+            for i in self.inputs:
+                _refuse_input_clash(o, i)
         self._check_duplicates()
         for o in self.outputs:
             self._check_existing(o)
         return self
-
-    def _check_against_inputs(self, o: _Output) -> None:
-        for i in self.inputs:
-            same = _same(o.path, o.real, i.path, i.real)
-            if o.kind == "file" and same and not i.tree:
-                named = "" if _same(o.path, o.real, i.path, i.real) and o.path == i.path else f" ({shown(i.path)})"
-                raise OutputError(f"{shown(o.path)} ({o.what}, from {o.flag}) is {i.what}{named}: ttt never writes "
-                                  f"over its inputs, with or without --overwrite. Choose another {o.flag}.",
-                                  hint=f"give {o.flag} a path that is not one of the inputs")
-            if i.tree and (same or _inside(o.real, i.real)):
-                where = "is" if same else "is inside"
-                raise OutputError(f"{o.flag} {shown(o.path)} {where} {i.what} ({shown(i.path)}): outputs would "
-                                  f"mix with or replace the input files, with or without --overwrite. Choose an "
-                                  f"{o.flag} outside it.", hint=f"give {o.flag} a path outside {shown(i.path)}")
-            if o.kind == "tree" and (same or _inside(i.real, o.real)):
-                what = "is" if same else "contains"
-                raise OutputError(f"{o.flag} {shown(o.path)} {what} {i.what} ({shown(i.path)}): writing it would "
-                                  f"replace that input, with or without --overwrite. Choose another {o.flag}.",
-                                  hint=f"give {o.flag} a new directory that holds no input")
 
     def _check_duplicates(self) -> None:
         seen: dict[str, _Output] = {}
@@ -266,6 +256,26 @@ class OutputPlan:
                 pass
 
 
+def _refuse_input_clash(o: _Output, i: _Input) -> None:
+    """Refuses output `o` where it is input `i`, lies inside an input tree, or would replace a tree holding `i`."""
+    same = _same(o.path, o.real, i.path, i.real)
+    if o.kind == "file" and same and not i.tree:
+        named = "" if _same(o.path, o.real, i.path, i.real) and o.path == i.path else f" ({shown(i.path)})"
+        raise OutputError(f"{shown(o.path)} ({o.what}, from {o.flag}) is {i.what}{named}: ttt never writes "
+                          f"over its inputs, with or without --overwrite. Choose another {o.flag}.",
+                          hint=f"give {o.flag} a path that is not one of the inputs")
+    if i.tree and (same or inside(o.real, i.real)):
+        where = "is" if same else "is inside"
+        raise OutputError(f"{o.flag} {shown(o.path)} {where} {i.what} ({shown(i.path)}): outputs would "
+                          f"mix with or replace the input files, with or without --overwrite. Choose an "
+                          f"{o.flag} outside it.", hint=f"give {o.flag} a path outside {shown(i.path)}")
+    if o.kind == "tree" and (same or inside(i.real, o.real)):
+        what = "is" if same else "contains"
+        raise OutputError(f"{o.flag} {shown(o.path)} {what} {i.what} ({shown(i.path)}): writing it would "
+                          f"replace that input, with or without --overwrite. Choose another {o.flag}.",
+                          hint=f"give {o.flag} a new directory that holds no input")
+
+
 def _missing(d: Path) -> list[Path]:
     out, p = [], Path(os.path.abspath(d))
     while not p.exists() and p != p.parent:
@@ -282,7 +292,6 @@ def input_problem(path: Path | str) -> str | None:
     try:
         st = os.stat(p)
     except OSError as e:
-        import errno
         if e.errno == errno.ELOOP:
             return "is a symbolic link loop (it points back to itself)"
         if e.errno == errno.ENOENT:
@@ -304,92 +313,6 @@ def input_problem(path: Path | str) -> str | None:
     if not os.access(p, os.R_OK):
         return "permission denied (not readable)"
     return None
-
-
-# -- accounting ------------------------------------------------------------------------------------
-
-DONE, SKIPPED, PENDING = "done", "skipped", "pending"
-
-
-@dataclass
-class InputRecord:
-    """What became of one input."""
-
-    path: str
-    status: str = PENDING
-    reason: str | None = None
-    failed: bool = False       # skipped because something was wrong (counts for exit 1), not by a filter
-    warnings: list[str] = field(default_factory=list)
-
-
-class InputLedger:
-    """Every input of a run, each ending in exactly one of done or skipped-with-a-reason.
-
-    Args:
-        paths: the inputs, in order; `keys` (default: their index) name them in later calls.
-    """
-
-    def __init__(self, paths: tp.Sequence[Path | str] = (), keys: tp.Sequence[tp.Hashable] | None = None):
-        self.records: dict[tp.Hashable, InputRecord] = {}
-        for k, p in zip(keys if keys is not None else range(len(paths)), paths):
-            self.add(k, p)
-
-    def add(self, key: tp.Hashable, path: Path | str) -> None:
-        self.records[key] = InputRecord(shown(path))
-
-    def done(self, key: tp.Hashable, warnings: tp.Iterable[str] = ()) -> None:
-        r = self.records[key]
-        r.status, r.reason, r.failed = DONE, None, False
-        r.warnings += [w for w in warnings if w not in r.warnings]
-
-    def skip(self, key: tp.Hashable, reason: str, failed: bool = True) -> None:
-        r = self.records[key]
-        r.status, r.reason, r.failed = SKIPPED, reason.strip().rstrip("."), failed
-
-    def warn(self, key: tp.Hashable, warning: str) -> None:
-        if warning not in self.records[key].warnings:
-            self.records[key].warnings.append(warning)
-
-    def not_run(self, reason: str) -> list[InputRecord]:
-        """Marks every input still pending as skipped, "not run: <reason>"; returns them."""
-        rest = [r for r in self.records.values() if r.status == PENDING]
-        for r in rest:
-            r.status, r.reason, r.failed = SKIPPED, f"not run: {reason}", True
-        return rest
-
-    @property
-    def pending(self) -> list[InputRecord]:
-        return [r for r in self.records.values() if r.status == PENDING]
-
-    @property
-    def done_records(self) -> list[InputRecord]:
-        return [r for r in self.records.values() if r.status == DONE]
-
-    @property
-    def skipped(self) -> list[InputRecord]:
-        return [r for r in self.records.values() if r.status == SKIPPED]
-
-    @property
-    def failed(self) -> list[InputRecord]:
-        return [r for r in self.records.values() if r.status == SKIPPED and r.failed]
-
-    @property
-    def exit_code(self) -> int:
-        """1 when some input failed (or was not run), else 0."""
-        return 1 if self.failed or self.pending else 0
-
-    def to_dict(self) -> dict:
-        return {"total": len(self.records), "done": [r.path for r in self.done_records],
-                "skipped": [{"path": r.path, "reason": r.reason, "failed": r.failed} for r in self.skipped],
-                "warnings": [{"path": r.path, "warning": w} for r in self.records.values() for w in r.warnings]}
-
-    def summary(self) -> str:
-        """One line: counts, then each skipped input with its reason."""
-        n = len(self.records)
-        head = f"{len(self.done_records)} of {n} input(s) done"
-        if self.skipped:
-            head += f", {len(self.skipped)} skipped: " + "; ".join(f"{r.path}: {r.reason}" for r in self.skipped)
-        return head + "."
 
 
 def is_temporary(name: str) -> bool:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import typing as tp
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress as RichBars, TextColumn, TimeRemainingColumn
 
 
 class Progress(tp.Protocol):
@@ -65,11 +69,10 @@ class RichProgress:
     """rich progress bars on stderr; use as a context manager."""
 
     def __init__(self):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress as RP, TextColumn, TimeRemainingColumn
         self.console = Console(stderr=True)
-        self._p = RP(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:.1f}"),
-                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console, transient=False)
+        self._p = RichBars(TextColumn("{task.description}"), BarColumn(),
+                           TextColumn("{task.completed:.1f}/{task.total:.1f}"), TextColumn("{task.fields[info]}"),
+                           TimeRemainingColumn(), console=self.console, transient=False)
         self._tasks: dict[str, tp.Any] = {}
         self._totals: dict[str, float] = {}
 
@@ -101,8 +104,11 @@ class RichProgress:
 
 
 def make_progress(quiet: bool = False):
-    """Rich on an interactive stderr, plain lines otherwise; a context manager either way."""
-    import contextlib
+    """Rich on an interactive stderr, plain lines otherwise; a context manager either way.
+
+    Args:
+        quiet: no display at all (e.g. --json).
+    """
     if quiet:
         return contextlib.nullcontext(NullProgress())
     if sys.stderr.isatty():

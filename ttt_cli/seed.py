@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import torch
+
 
 def set_seed(seed: int) -> None:
-    """Seeds python's `random`, numpy and torch (all devices)."""
-    import random
+    """Seeds python's `random`, numpy and torch (all devices).
 
-    import numpy as np
-    import torch
-
+    Args:
+        seed: the seed, 0 .. 2**32 - 1.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ttt_cli.audio import AUDIO_EXTENSIONS
 from ttt_cli.errors import ConfigError
 
-from ..librilight import SkippedFile, natural_key, probe_seconds
+from ..inputs import SkippedFile, natural_key, probe_seconds
 from .normalize import normalize_text
 
 REFERENCE_SUFFIX = ".txt"
@@ -66,7 +66,11 @@ def _skipped(path: str, why: str) -> SkippedFile:
 
 
 def check_reference(text: str) -> str | None:
-    """Why a reference cannot be scored (None when it can): empty, or nothing left after normalisation."""
+    """Why a reference cannot be scored (None when it can): empty, or nothing left after normalisation.
+
+    Args:
+        text: the reference as read.
+    """
     if not text.strip():
         return "empty reference"
     norm = normalize_text(text)
@@ -78,7 +82,11 @@ def check_reference(text: str) -> str | None:
 
 
 def read_reference(path: Path) -> tuple[str | None, str | None]:
-    """(text, None), or (None, reason) for an unreadable, non-UTF-8 or unusable reference file."""
+    """(text, None), or (None, reason) for an unreadable, non-UTF-8 or unusable reference file.
+
+    Args:
+        path: the reference `.txt`.
+    """
     try:
         raw = path.read_bytes()
     except OSError as e:

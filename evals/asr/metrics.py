@@ -6,6 +6,8 @@ import math
 import typing as tp
 from dataclasses import dataclass
 
+import jiwer
+
 from .normalize import TimedToken, as_timed_words, normalize_words, timed_tokens, word_tokens
 
 DEFAULT_BIN_SECONDS = 60.0
@@ -98,6 +100,9 @@ def longest_deletion_run(alignment) -> int:
     """Most consecutive reference words that are all deleted, from jiwer's alignment chunks.
 
     An insertion between two deletions consumes no reference word, so it does not end the run.
+
+    Args:
+        alignment: jiwer's alignment chunks of one reference and hypothesis.
     """
     best = run = 0
     for c in alignment:
@@ -152,6 +157,11 @@ def reference_times(alignment, hyp_times: tp.Sequence[float], duration_s: float 
     A hit or substitution takes its hypothesis word's time; a deleted word, halfway between the
     hypothesis words aligned just before and just after its place (at the edges, the recording's
     start 0 s and its end `duration_s`; with no end known, the word before).
+
+    Args:
+        alignment: jiwer's alignment chunks (reference -> hypothesis).
+        hyp_times: the time of each normalised hypothesis word.
+        duration_s: the recording's length (None: unknown).
     """
     n_hyp = len(hyp_times)
     times: list[float] = []
@@ -214,7 +224,7 @@ def score_file(reference: str, hypothesis: str, words: tp.Iterable | None = None
     Args:
         reference: the reference transcript as read.
         hypothesis: the transcript as produced.
-        words: the hypothesis's timed words (`ttt_cli.inference.Word`, dicts or (word, start, end)),
+        words: the hypothesis's timed words (`ttt_cli.infer.Word`, dicts or (word, start, end)),
             or None when there are no timestamps (then no gap and no bins).
         duration_s: the recording's length in seconds (padding excluded); bounds the last gap and
             sets the number of bins.
@@ -222,8 +232,6 @@ def score_file(reference: str, hypothesis: str, words: tp.Iterable | None = None
     Raises:
         ValueError: the reference normalises to nothing (discovery skips such references).
     """
-    import jiwer
-
     ref = normalize_words(reference)
     if not ref:
         raise ValueError("the reference is empty after normalisation")
@@ -251,7 +259,11 @@ def score_file(reference: str, hypothesis: str, words: tp.Iterable | None = None
 
 
 def merge_bins(per_file: tp.Iterable[tp.Sequence[WerBin] | None]) -> list[WerBin]:
-    """Sums bins of the same position over files (all of one width; files without bins are left out)."""
+    """Sums bins of the same position over files (all of one width; files without bins are left out).
+
+    Args:
+        per_file: each file's bins (None: the file has none).
+    """
     out: list[WerBin] = []
     for bins in per_file:
         for i, b in enumerate(bins or ()):

@@ -7,12 +7,14 @@ import math
 import typing as tp
 from dataclasses import dataclass
 
+import jiwer
+from whisper_normalizer.english import EnglishTextNormalizer
+
 
 @functools.lru_cache(maxsize=1)
 def _normalizer():
     # whisper's EnglishTextNormalizer, from the `whisper-normalizer` package (no torch pin): what
     # kyutai's STT evaluation scores with, so our WERs are comparable with theirs.
-    from whisper_normalizer.english import EnglishTextNormalizer
     return EnglishTextNormalizer()
 
 
@@ -26,7 +28,11 @@ def normalize_text(text: str) -> str:
 
 
 def normalize_words(text: str) -> list[str]:
-    """The normalised text split into words (what WER counts)."""
+    """The normalised text split into words (what WER counts).
+
+    Args:
+        text: raw text.
+    """
     return normalize_text(text).split()
 
 
@@ -49,7 +55,7 @@ class TimedToken:
 
 
 def as_timed_words(words: tp.Iterable) -> list[TimedWord]:
-    """Accepts `ttt_cli.inference.Word` objects, `{"word", "start", "end"}` dicts or 3-tuples.
+    """Accepts `ttt_cli.infer.Word` objects, `{"word", "start", "end"}` dicts or 3-tuples.
 
     Args:
         words: the hypothesis words with their start and end times in seconds.
@@ -77,6 +83,9 @@ def word_tokens(words: tp.Sequence[TimedWord]) -> list[TimedToken]:
     """Each timed word normalised on its own; every token it yields keeps the word's times.
 
     A word that normalises to nothing (`uh`, `um`, punctuation) yields no token.
+
+    Args:
+        words: the hypothesis's timed words.
     """
     cache: dict[str, list[str]] = {}  # long recordings repeat words: normalise each text once
     out = []
@@ -111,7 +120,6 @@ def timed_tokens(normalized: tp.Sequence[str], tokens: tp.Sequence[TimedToken] |
         return []
     if not tokens:
         return None
-    import jiwer
 
     out: list[TimedToken] = []
 

@@ -8,51 +8,66 @@ import typing as tp
 from pathlib import Path, PurePosixPath
 
 from ttt_cli.errors import OutputError
+from ttt_cli.infer import Job, output_paths
+from ttt_cli.outputs import OutputPlan, beside, is_temporary, json_with_keys, named_in
 
-from .. import report, resume
+from .. import resume
+from ..report import RESULTS, results_record
+from ..run import check_earlier_run
 from .report import WER_CSV, WER_PNG
 
 HYP_DIR = "hyp"
 
 
-def _results_record():
-    from ttt_cli.outputs import json_with_keys
-    return json_with_keys("format_version", "protocol", "policies")
-
-
 def _hyp_record():
-    from ttt_cli.outputs import json_with_keys
     return json_with_keys("input", "mode", "outputs")  # `ttt infer`'s per-file record: what hyp .json files are
 
 
 def hyp_stem(key: str) -> str:
     """A recording's key as a relative path under `hyp/<policy dir>/` (a manifest's keys may be absolute or
     climb out with `..`: the root is dropped, `..` becomes `_`); the audio extension is kept, so that
-    `a.wav` and `a.flac` of one manifest never share a hypothesis file."""
+    `a.wav` and `a.flac` of one manifest never share a hypothesis file.
+
+    Args:
+        key: the recording's key.
+    """
     parts = [("_" if p == ".." else p) for p in PurePosixPath(key.replace(os.sep, "/")).parts
              if p not in ("/", ".", "")]
     return "/".join(parts) or "_"
 
 
 def hyp_dir(out: Path, policy_dir: str) -> Path:
+    """`OUT/hyp/<policy dir>`.
+
+    Args:
+        out: --out.
+        policy_dir: the policy's directory name.
+    """
     return Path(out) / HYP_DIR / policy_dir
 
 
 def hyp_paths(out: Path, policy_dir: str, key: str) -> dict[str, Path]:
-    """`hyp/<policy dir>/<key>.txt` and `.json` (what `ttt_cli.inference.write_result` writes for the recording)."""
-    from ttt_cli.inference import Job, output_paths
+    """`hyp/<policy dir>/<key>.txt` and `.json` (what `ttt_cli.infer.write_result` writes for the recording).
+
+    Args:
+        out: --out.
+        policy_dir: the policy's directory name.
+        key: the recording's key.
+    """
     return output_paths(hyp_dir(out, policy_dir), Job(0, Path(key), hyp_stem(key)), "transcribe")
 
 
 def outputs_of_a_run(out: Path) -> list[Path]:
-    """What a run leaves in --out (outputs and the resume record)."""
-    return [out / report.RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), out / HYP_DIR]
+    """What a run leaves in --out (outputs and the resume record).
+
+    Args:
+        out: --out.
+    """
+    return [out / RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), out / HYP_DIR]
 
 
 def _foreign_in_hyp(root: Path) -> Path | None:
     """The first file under hyp/ that `ttt eval asr` did not write (None: all ours)."""
-    from ttt_cli.outputs import is_temporary
-
     record = _hyp_record()
     for dirpath, _, names in os.walk(root):
         for n in names:
@@ -67,7 +82,7 @@ def _foreign_in_hyp(root: Path) -> Path | None:
     return None
 
 
-def plan_outputs(o, dataset, policies: tp.Sequence, out: Path):
+def plan_outputs(o, dataset, policies: tp.Sequence, out: Path) -> OutputPlan:
     """Checks, before any work, where the run writes (SPEC §7.1); returns the prepared `OutputPlan`.
 
     --out must lie outside DATA (a directory) and be no input; results.json, wer.csv, wer.png and the
@@ -80,8 +95,6 @@ def plan_outputs(o, dataset, policies: tp.Sequence, out: Path):
         policies: the parsed policies.
         out: --out.
     """
-    from ttt_cli.outputs import OutputPlan, beside, named_in
-
     plan = OutputPlan(overwrite=True)  # ttt's own earlier outputs: decided below (--resume or --overwrite)
     if dataset.kind == "directory":
         plan.read(dataset.source, "the dataset (DATA)", tree=True)
@@ -92,10 +105,10 @@ def plan_outputs(o, dataset, policies: tp.Sequence, out: Path):
     plan.read(o.init_state, "the --init-state snapshot")
     plan.read_model(o.model)
     plan.write_into(out)
-    results, hyp = _results_record(), _hyp_record()
-    plan.write(out / report.RESULTS, "--out", "results of ttt eval asr", results)
+    results, hyp = results_record(), _hyp_record()
+    plan.write(out / RESULTS, "--out", "results of ttt eval asr", results)
     for name in (WER_CSV, WER_PNG):
-        plan.write(out / name, "--out", f"{name} of ttt eval asr", beside(out / report.RESULTS, results))
+        plan.write(out / name, "--out", f"{name} of ttt eval asr", beside(out / RESULTS, results))
     for p in policies:
         for it in dataset.items:
             paths = hyp_paths(out, p.dir_name, it.key)
@@ -107,8 +120,8 @@ def plan_outputs(o, dataset, policies: tp.Sequence, out: Path):
 
 
 def _check_earlier_run(o, out: Path) -> None:
-    """eval librilight's rules for an earlier run's record and outputs, and hyp/ must hold only ttt's files."""
-    resume.check_earlier_run(out, o.resume, o.overwrite, outputs_of_a_run(out))
+    """Every eval's rules for an earlier run's record and outputs, and hyp/ must hold only ttt's files."""
+    check_earlier_run(out, o.resume, o.overwrite, outputs_of_a_run(out))
     hyp = out / HYP_DIR
     if hyp.exists():
         foreign = _foreign_in_hyp(hyp) if hyp.is_dir() else hyp
@@ -118,7 +131,11 @@ def _check_earlier_run(o, out: Path) -> None:
 
 
 def clear_earlier_run(out: Path) -> None:
-    """Removes the resume record and hypotheses of an earlier run (checked to be ours by `plan_outputs`)."""
+    """Removes the resume record and hypotheses of an earlier run (checked to be ours by `plan_outputs`).
+
+    Args:
+        out: --out.
+    """
     for d in (resume.state_dir(out), Path(out) / HYP_DIR):
         if d.is_dir():
             shutil.rmtree(d)

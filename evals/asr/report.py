@@ -1,11 +1,13 @@
-"""Writers of `ttt eval asr`'s wer.csv and wer.png (SPEC §5.7), on evals/report.py's CSV and plot helpers."""
+"""Writers of `ttt eval asr`'s wer.csv and wer.png (SPEC §5.7), on the shared CSV and plot writers."""
 
 from __future__ import annotations
 
 import typing as tp
 from pathlib import Path
 
-from ..report import csv_cell, write_position_png, write_table_csv
+from ttt_cli.tables import csv_cell, write_table_csv
+
+from ..report import write_position_png
 from .metrics import WerBin
 
 WER_COLUMNS = ("policy", "bin_start_s", "bin_end_s", "wer", "errors", "ref_words")
@@ -20,7 +22,11 @@ def _bin(b: WerBin | dict) -> dict:
 
 
 def wer_rows(policies: tp.Mapping[str, Bins]) -> list[list[str]]:
-    """Rows of wer.csv: one per policy and bin, in the policies' order (empty `wer`: no reference word)."""
+    """Rows of wer.csv: one per policy and bin, in the policies' order (empty `wer`: no reference word).
+
+    Args:
+        policies: policy name -> its corpus bins.
+    """
     rows = []
     for name, bins in policies.items():
         for b in map(_bin, bins):

@@ -4,19 +4,50 @@ from __future__ import annotations
 
 import json
 import time
-import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
+from ttt_cli.fastweights.attach import state_bytes_per_stream
+from ttt_cli.outputs import InputLedger
+
+from ..inputs import rel_path
 from ..policies import Policy
+from ..report import RESULTS, write_results
+from ..run import EvalResult, environment as run_environment, telemetry_add, write_results_or_stop
+from .data import AsrItem
 from .metrics import FileScore, score_corpus, score_file
+from .options import AsrRun
+from .report import WER_CSV, WER_PNG, write_wer_csv, write_wer_png
 
 RESULTS_VERSION = 1
 COUNTS = ("substitutions", "deletions", "insertions", "hits", "words", "chars", "char_errors")
 RATES = ("wer", "wer_mean", "cer", "cer_mean", "longest_deletion_run", "longest_gap_s", "repetition_rate")
 
 
+@dataclass
+class PolicyWer:
+    """One policy's line of the final table (None: no recording scored)."""
+
+    name: str
+    wer: float | None
+    wer_mean: float | None
+    cer: float | None
+    substitutions: int
+    deletions: int
+    insertions: int
+    words: int
+    longest_deletion_run: int | None
+    longest_gap_s: float | None
+    repetition_rate: float | None
+    realtime_factor: float | None
+
+
 def describe(p: Policy) -> str:
-    """What a policy does to a recording's stream."""
+    """What a policy does to a recording's stream.
+
+    Args:
+        p: the policy.
+    """
     if p.kind == "document":
         return "fast weights reset at each recording's start (each recording is its own stream)"
     if p.kind == "every":
@@ -46,14 +77,12 @@ class _PolicyAcc:
         self.telemetry: dict = {}
 
     def add(self, key: str, reference: str, hyp: dict, score: FileScore, entry: dict) -> None:
-        from ..protocol import _telemetry_add
-
         self.scores.append(score)
         self.files.append({"path": key, "reference": reference, "hypothesis": hyp["text"], **score.to_dict()})
         self.wall += float(entry["wall_seconds"])
         self.audio += float(entry["seconds"])
         self.steps += int(entry["steps"])
-        _telemetry_add(self.telemetry, {int(i): t for i, t in entry["telemetry"].items()})
+        telemetry_add(self.telemetry, {int(i): t for i, t in entry["telemetry"].items()})
 
     def section(self, p: Policy, lr: float, warm: bool) -> dict:
         return {"policy": p.name, "description": describe(p),
@@ -73,7 +102,7 @@ def _read_hypothesis(out: Path, rel: str) -> dict:
     return obj
 
 
-def _recording(run, item, e: dict) -> dict:
+def _recording(item: AsrItem, e: dict) -> dict:
     return {"key": item.key, "audio": str(item.audio),
             "reference_path": str(item.reference_path) if item.reference_path else None,
             "manifest_line": item.line, "seconds": e["info"]["seconds"], "input": e["info"],
@@ -81,24 +110,18 @@ def _recording(run, item, e: dict) -> dict:
             "warnings": e.get("warnings", [])}
 
 
-def build_results(run, interrupted: bool) -> tuple[dict, tp.Any, list]:
+def build_results(run: AsrRun, interrupted: bool) -> tuple[dict, InputLedger, list[PolicyWer]]:
     """(results.json content, the InputLedger of every input, the policies' table lines) of a run.
 
     Every committed recording is scored again from its hypothesis files against its reference as read
     now, with this run's --bin-seconds, so that resumed and new recordings are scored alike.
-    """
-    from ttt_cli.outputs import InputLedger
-    from ttt_cli.fastweights.attach import state_bytes_per_stream
-    from ..protocol import _rel
-    from .protocol import PolicyWer
 
+    Args:
+        run: the run (its state holds every committed recording).
+        interrupted: Ctrl-C stopped the transcription.
+    """
     ds, o = run.dataset, run.o
-    ledger = InputLedger()
-    for it in ds.items:
-        ledger.add(it.key, it.key)
-    for s in ds.skipped:
-        ledger.add(("skipped", s.path), _rel(s.path, ds.root))
-        ledger.skip(("skipped", s.path), s.reason, s.failed)
+    ledger = _ledger(run)
     accs = {p.name: _PolicyAcc() for p in run.policies}
     recordings, warnings = [], list(run.warnings)
     done = set(run.state["done"])
@@ -111,7 +134,7 @@ def build_results(run, interrupted: bool) -> tuple[dict, tp.Any, list]:
             continue
         ledger.done(it.key, e.get("warnings", []))
         warnings += [w for w in e.get("warnings", []) if w not in warnings]
-        recordings.append(_recording(run, it, e))
+        recordings.append(_recording(it, e))
         for p in run.policies:
             pe = e["policies"][p.name]
             hyp = _read_hypothesis(run.out, pe["json"])
@@ -137,35 +160,67 @@ def build_results(run, interrupted: bool) -> tuple[dict, tp.Any, list]:
         "warnings": warnings,
         "inputs": ledger.to_dict(),
     }
-    return results, ledger, [_summary(name, s, PolicyWer) for name, s in sections.items()]
+    return results, ledger, [_summary(name, s) for name, s in sections.items()]
 
 
-def _summary(name: str, s: dict, cls) -> tp.Any:
-    return cls(name, s["wer"], s["wer_mean"], s["cer"], s["substitutions"], s["deletions"], s["insertions"],
+def _ledger(run: AsrRun) -> InputLedger:
+    """Every input of the run: each recording, and each file discovery left out (with why)."""
+    ds = run.dataset
+    ledger = InputLedger()
+    for it in ds.items:
+        ledger.add(it.key, it.key)
+    for s in ds.skipped:
+        ledger.add(("skipped", s.path), rel_path(s.path, ds.root))
+        ledger.skip(("skipped", s.path), s.reason, s.failed)
+    return ledger
+
+
+def _summary(name: str, s: dict) -> PolicyWer:
+    return PolicyWer(name, s["wer"], s["wer_mean"], s["cer"], s["substitutions"], s["deletions"], s["insertions"],
                s["words"], s["longest_deletion_run"], s["longest_gap_s"], s["repetition_rate"],
                s["timing"]["realtime_factor"])
 
 
 def environment(m) -> dict:
-    """eval librilight's environment record plus the scoring packages' versions (WERs depend on them)."""
-    from ..protocol import environment as base
-    return base(m, ("jiwer", "whisper-normalizer"))
+    """The driver's environment record plus the scoring packages' versions (WERs depend on them).
+
+    Args:
+        m: the loaded TTTModel.
+    """
+    return run_environment(m, ("jiwer", "whisper-normalizer"))
 
 
-def write_outputs(run, results: dict) -> list[str]:
+def write_outputs(run: AsrRun, results: dict) -> list[str]:
     """results.json, wer.csv and wer.png, each atomic and read back; Ctrl-C or a write failure here keeps the
-    resume record (eval librilight's `write_results_or_stop`)."""
-    from .. import report
-    from ..protocol import write_results_or_stop
-    from .report import WER_CSV, WER_PNG, write_wer_csv, write_wer_png
+    resume record (`evals.run.write_results_or_stop`).
 
+    Args:
+        run: the run.
+        results: results.json's content.
+    """
     out = run.out
     bins = {name: s["bins"] for name, s in results["policies"].items()}
     overall = {name: s["wer"] for name, s in results["policies"].items() if s["wer"] is not None}
     n = results["dataset"]["recordings"]
     title = (f"{run.m.model_id} ({run.mode}): WER vs position ({n} recording(s), {run.o.bin_seconds:g} s bins)")
-    writers = [lambda: report.write_results(out / report.RESULTS, results),
+    writers = [lambda: write_results(out / RESULTS, results),
                lambda: write_wer_csv(out / WER_CSV, bins),
                lambda: write_wer_png(out / WER_PNG, bins, title, overall)]
     return write_results_or_stop(out, run.state, [it.key for it in run.dataset.items], writers,
                                  "results.json, wer.csv and wer.png", "recording")
+
+
+def merge(run: AsrRun, interrupted: bool) -> EvalResult:
+    """Scores every committed recording against its current reference, sums per policy, writes the outputs.
+
+    Args:
+        run: the run.
+        interrupted: Ctrl-C stopped the transcription.
+    Returns:
+        EvalResult (`policies`: PolicyWer lines; `documents_done`/`_total` count recordings).
+    """
+    results, ledger, summaries = build_results(run, interrupted)
+    files = write_outputs(run, results)
+    failed = [f"{r.path}: {r.reason}" for r in ledger.failed]
+    return EvalResult(run.out, results, summaries, files, failed, results["warnings"], interrupted,
+                      len(run.state["done"]), len(run.dataset.items))

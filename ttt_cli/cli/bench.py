@@ -11,6 +11,9 @@ import typer
 from .common import DebugOpt, DeviceOpt, Device, DType, DTypeOpt, JsonOpt, OverwriteOpt, Variant, err, \
     handle_errors, print_json, print_table
 
+if tp.TYPE_CHECKING:  # lazy at run time: `ttt --help` must not import torch
+    from ..bench import BenchOptions, BenchResult
+
 
 def _note(detail: dict) -> str:
     """What a figure is compared with, for the table: FLOP floors, memory floors, predicted bytes."""
@@ -49,7 +52,7 @@ def bench_cmd(
     """Measure TTT overheads side by side (TTT on/off interleaved A B A B, medians after warm-up), for each
     fast-weight variant attached to the same base model (In-Place names; `_mlp`, `_adapter` suffixes).
 
-    Figures, targets and directions come from one registry (ttt_cli/bench_figures.py). Per variant:
+    Figures, targets and directions come from one registry (ttt_cli/bench/registry.py). Per variant:
     step_overhead_b1/b8 (LMGen.step TTT on / the same model with rate 0), step_overhead_b8_floor,
     step_ms_p99_b1, ttt_layer_ratio (T = 4096, with the variant's FLOP floor), memory_per_stream_error
     (the memory estimate vs the bytes of the per-stream state). Then eval_block_speedup and
@@ -69,28 +72,44 @@ def bench_cmd(
 
       ttt bench --model tiny --steps 32 --only step_overhead_b1,ttt_layer_ratio
     """
-    from ..bench import BenchOptions, run_bench
-    from ..bench_figures import parse_targets, spec
+    from ..bench import BenchOptions
+    from ..bench.registry import parse_targets
+
+    targets = parse_targets(target or [])
+    opts = BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick, steps=steps, seed=seed,
+                        only=only, targets=targets, variants=[v.value for v in variant] if variant else None)
+    res, d = _measure(opts, out, overwrite, json_out)
+    _show(res, d, json_out)
+    raise typer.Exit(res.exit_code)
+
+
+def _measure(opts: BenchOptions, out: Path | None, overwrite: bool, quiet: bool) -> tuple[BenchResult, dict]:
+    """Runs the bench (`--out` checked before it, SPEC §7.1) and writes the JSON there; (result, its dict)."""
+    from ..bench import run_bench
     from ..io import write_json
     from ..outputs import OutputPlan, json_with_keys
     from ..progress import make_progress
 
-    targets = parse_targets(target or [])
     plan = OutputPlan(overwrite)
     if out is not None:  # checked before the long measurements, not after them (SPEC §7.1)
-        plan.read_model(model)
+        plan.read_model(opts.model)
         plan.write(out, "--out", "the bench JSON", json_with_keys("device", "figures"))
         plan.check().prepare()
     try:
-        with make_progress(quiet=json_out) as progress:
-            res = run_bench(BenchOptions(model=model, device=device.value, dtype=dtype.value, quick=quick,
-                                         steps=steps, seed=seed, only=only, targets=targets,
-                                         variants=[v.value for v in variant] if variant else None), progress)
+        with make_progress(quiet=quiet) as progress:
+            res = run_bench(opts, progress)
         d = res.to_dict()
         if out is not None:
             write_json(out, d)
     finally:
         plan.cleanup()
+    return res, d
+
+
+def _show(res: BenchResult, d: dict, json_out: bool) -> None:
+    """Prints the result: its JSON, or a table; notes and missed targets on stderr."""
+    from ..bench.registry import spec
+
     if json_out:
         print_json(d)
     else:
@@ -105,7 +124,6 @@ def bench_cmd(
         err("targets missed: " + "; ".join(
             f"{f.name} = {f.value:.4g} (target {spec(f.name).direction} {f.target:g}{', ' + f.error if f.error else ''})"
             for f in res.missed))
-    raise typer.Exit(res.exit_code)
 
 
 def register(app: typer.Typer) -> None:

@@ -143,7 +143,7 @@ def handle_errors(fn):
         from .. import distributed
         _LAST_ERROR.clear()
         try:
-            guarded(*args, **kwargs)
+            _guarded(fn, args, kwargs)
         except typer.Exit as e:
             code = e.exit_code
         except SystemExit:
@@ -157,41 +157,43 @@ def handle_errors(fn):
         final = distributed.finish(code, _LAST_ERROR[-1] if _LAST_ERROR else None)
         if final:
             raise typer.Exit(final)
-
-    def guarded(*args, **kwargs):
-        from ..errors import TTTError
-        debug = kwargs.get("debug", False)
-        json_out = kwargs.get("json_out", False)
-        _WARNED.clear()
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = _show_warning
-            try:
-                return fn(*args, **kwargs)
-            except typer.Exit:
-                raise
-            except TTTError as e:
-                if debug:
-                    raise
-                if getattr(e, "silent", False):  # said by the rank it concerns (scale-out)
-                    _LAST_ERROR.append(str(e))
-                    raise typer.Exit(e.exit_code)
-                fail(e.exit_code, str(e), e.hint, json_out, getattr(e, "payload", None))
-            except KeyboardInterrupt:
-                fail(130, "interrupted (Ctrl-C); outputs finished before it are kept.",
-                     "run the same command again", json_out)
-            except OSError as e:
-                if debug:
-                    raise
-                from ..io import describe_os_error
-                fail(1, describe_os_error(e) + ".", "fix the path named in the message", json_out)
-            except Exception as e:
-                if debug:
-                    raise
-                fail(1, f"unexpected error ({type(e).__name__}: {str(e).strip() or 'no details'}). This is a bug in "
-                     f"ttt: run again with --debug for the traceback and report it.", "run again with --debug",
-                     json_out)
     return wrapper
+
+
+def _guarded(fn, args: tuple, kwargs: dict) -> None:
+    """Runs `fn(*args, **kwargs)`, its warnings said once each, its errors turned into `fail` (typer.Exit)."""
+    from ..errors import TTTError
+    debug = kwargs.get("debug", False)
+    json_out = kwargs.get("json_out", False)
+    _WARNED.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning
+        try:
+            fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except TTTError as e:
+            if debug:
+                raise
+            if getattr(e, "silent", False):  # said by the rank it concerns (scale-out)
+                _LAST_ERROR.append(str(e))
+                raise typer.Exit(e.exit_code)
+            fail(e.exit_code, str(e), e.hint, json_out, getattr(e, "payload", None))
+        except KeyboardInterrupt:
+            fail(130, "interrupted (Ctrl-C); outputs finished before it are kept.",
+                 "run the same command again", json_out)
+        except OSError as e:
+            if debug:
+                raise
+            from ..io import describe_os_error
+            fail(1, describe_os_error(e) + ".", "fix the path named in the message", json_out)
+        except Exception as e:
+            if debug:
+                raise
+            fail(1, f"unexpected error ({type(e).__name__}: {str(e).strip() or 'no details'}). This is a bug in "
+                 f"ttt: run again with --debug for the traceback and report it.", "run again with --debug",
+                 json_out)
 
 
 def fail(code: int, message: str, hint: str | None = None, json_out: bool = False,

@@ -18,6 +18,8 @@ eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, 
                             "long-form transcription WER (asr).")
 
 
+# One piece: a Typer command whose signature is its option list; the body only maps the flags to
+# EvalOptions, calls `evaluate_librilight` and reports (`_table`, `report_eval`).
 def librilight_cmd(
     data: Annotated[Path, typer.Argument(readable=False, help="Dataset directory: DATA/<speaker>/<book>/<file>.flac (+ <file>.json).")],
     model: ModelOpt = None,
@@ -83,7 +85,8 @@ def librilight_cmd(
     """
     from .. import distributed
     from ..units import parse_seconds
-    from evals.protocol import EvalOptions, evaluate_librilight
+    from evals.librilight.options import EvalOptions
+    from evals.librilight.protocol import evaluate_librilight
     from .common import ttt_overrides
 
     session = distributed.start(dist_timeout, device.value, "finished documents are kept: run the same command "
@@ -102,18 +105,21 @@ def librilight_cmd(
         res = evaluate_librilight(opts, progress, model=eval_model_loader(opts, seed, force))
     if distributed.quiet():  # rank 0 reports for the job; this rank's exit code counts in the agreed one
         raise typer.Exit(res.exit_code)
+    report_eval(res, json_out, "document", lambda: _table(res))
 
-    def table() -> None:
-        rows = [[p.name, fmt_or_dash(p.nll), fmt_or_dash(p.perplexity, ".2f"), fmt_or_dash(p.nll_semantic), fmt_or_dash(p.nll_acoustic),
-                 *([fmt_or_dash(p.nll_text)] if any(q.nll_text is not None for q in res.policies) else []),
-                 p.tokens, fmt_or_dash(p.steps_per_second, ".1f")] for p in res.policies]
-        cols = ["policy", "NLL", "PPL", "NLL semantic", "NLL acoustic",
-                *(["NLL text"] if any(q.nll_text is not None for q in res.policies) else []), "tokens", "steps/s"]
-        print_table(f"{res.documents_done}/{res.documents_total} document(s), "
-                    f"{res.results['dataset']['seconds']:.1f} s of audio", cols, rows)
-        err(f"wrote {', '.join(res.files[:3])}" + (f" and {len(res.files) - 3} token NLL file(s)"
-                                                   if len(res.files) > 3 else ""))
-    report_eval(res, json_out, "document", table)
+
+def _table(res) -> None:
+    """The policies' table (NLL, perplexity, per group, tokens, speed) and the files written."""
+    text = any(q.nll_text is not None for q in res.policies)
+    rows = [[p.name, fmt_or_dash(p.nll), fmt_or_dash(p.perplexity, ".2f"), fmt_or_dash(p.nll_semantic),
+             fmt_or_dash(p.nll_acoustic), *([fmt_or_dash(p.nll_text)] if text else []),
+             p.tokens, fmt_or_dash(p.steps_per_second, ".1f")] for p in res.policies]
+    cols = ["policy", "NLL", "PPL", "NLL semantic", "NLL acoustic", *(["NLL text"] if text else []), "tokens",
+            "steps/s"]
+    print_table(f"{res.documents_done}/{res.documents_total} document(s), "
+                f"{res.results['dataset']['seconds']:.1f} s of audio", cols, rows)
+    err(f"wrote {', '.join(res.files[:3])}" + (f" and {len(res.files) - 3} token NLL file(s)"
+                                               if len(res.files) > 3 else ""))
 
 
 def register(app: typer.Typer) -> None:

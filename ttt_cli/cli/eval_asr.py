@@ -24,6 +24,8 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+# One piece: a Typer command whose signature is its option list; the body only maps the flags to
+# AsrOptions, calls `evaluate_asr` and reports (`_table`, `report_eval`).
 def asr_cmd(
     data: Annotated[Path, typer.Argument(readable=False, help="A directory of audio files, each with a same-stem .txt reference "
                                               "(any depth), or a .jsonl manifest of {\"audio\": PATH, \"text\": "
@@ -85,7 +87,8 @@ def asr_cmd(
     from ..errors import ConfigError
     from ..progress import make_progress
     from ..units import parse_seconds
-    from evals.asr.protocol import AsrOptions, evaluate_asr
+    from evals.asr.options import AsrOptions
+    from evals.asr.protocol import evaluate_asr
     from .common import ttt_overrides
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would transcribe everything into one --out
@@ -104,14 +107,16 @@ def asr_cmd(
 
     with make_progress(quiet=json_out) as progress:
         res = evaluate_asr(opts, progress, model=eval_model_loader(opts, seed, force))
+    report_eval(res, json_out, "recording", lambda: _table(res))
 
-    def table() -> None:
-        rows = [[p.name, _pct(p.wer), _pct(p.wer_mean), _pct(p.cer), f"{p.substitutions}/{p.deletions}/{p.insertions}",
-                 p.words, fmt_or_dash(p.longest_deletion_run, "d"), fmt_or_dash(p.longest_gap_s, ".1f"),
-                 fmt_or_dash(p.repetition_rate, ".2f"), fmt_or_dash(p.realtime_factor, ".2f")] for p in res.policies]
-        print_table(f"{res.documents_done}/{res.documents_total} recording(s), "
-                    f"{res.results['dataset']['seconds']:.1f} s of audio, {res.results['protocol']['mode']} "
-                    f"(WER/CER in %; maxima over recordings)",
-                    ["policy", "WER", "mean", "CER", "S/D/I", "words", "del run", "gap s", "repeat", "RTF"], rows)
-        err(f"wrote {', '.join(res.files)} and the hypotheses in {res.out / 'hyp'}")
-    report_eval(res, json_out, "recording", table)
+
+def _table(res) -> None:
+    """The policies' table (WER, CER, S/D/I, failure signals, real-time factor) and the files written."""
+    rows = [[p.name, _pct(p.wer), _pct(p.wer_mean), _pct(p.cer), f"{p.substitutions}/{p.deletions}/{p.insertions}",
+             p.words, fmt_or_dash(p.longest_deletion_run, "d"), fmt_or_dash(p.longest_gap_s, ".1f"),
+             fmt_or_dash(p.repetition_rate, ".2f"), fmt_or_dash(p.realtime_factor, ".2f")] for p in res.policies]
+    print_table(f"{res.documents_done}/{res.documents_total} recording(s), "
+                f"{res.results['dataset']['seconds']:.1f} s of audio, {res.results['protocol']['mode']} "
+                f"(WER/CER in %; maxima over recordings)",
+                ["policy", "WER", "mean", "CER", "S/D/I", "words", "del run", "gap s", "repeat", "RTF"], rows)
+    err(f"wrote {', '.join(res.files)} and the hypotheses in {res.out / 'hyp'}")

@@ -15,7 +15,7 @@ from .common import (SEED_MAX, BaseOpt, DebugOpt, Device, DeviceOpt, DistTimeout
                      check_memory, err, fail, handle_errors, inputs_error, print_json, print_table, say_model_notes,
                      ttt_overrides, warn)
 
-DEFAULT_SEED = 4242  # = inference.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
+DEFAULT_SEED = 4242  # = ttt_cli.infer.DEFAULT_SEED (moshi.run_inference's); kept here so --help stays light
 TEXT_PREVIEW = 48
 
 
@@ -31,6 +31,8 @@ class ResetPolicy(str, enum.Enum):
     carry = "carry"
 
 
+# One piece over 60 lines: a Typer command whose signature is its option list; the body only parses, calls
+# `ttt_cli.infer` (plan_directory, run_to_directory) and reports.
 def infer_cmd(
     audio: Annotated[tp.List[Path], typer.Argument(readable=False, help="Audio files: wav, flac, mp3, ogg; any sample rate and "
                                                    "channel count.", show_default=False)],
@@ -108,10 +110,10 @@ def infer_cmd(
       torchrun --nproc-per-node 8 -m ttt_cli infer talks/*.wav --greedy --out out/talks   (one rank per GPU)
     """
     from .. import distributed
-    from ..models.loader import load_model
     from ..errors import ConfigError
-    from ..inference import InferOptions, plan_jobs, plan_outputs, preflight, state_paths, validate_options
-    from ..outputs import InputLedger, OutputPlan
+    from ..infer import InferOptions, batch_slots, plan_directory, validate_options
+    from ..models.loader import load_model
+    from ..outputs import InputLedger
     from ..units import parse_seconds
 
     opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
@@ -124,38 +126,46 @@ def infer_cmd(
     if session.active and opts.reset_policy == "carry":
         raise ConfigError("--reset-policy carry plays the files as one stream, which cannot be shared among "
                           "ranks; run it without torchrun.")
-    jobs = plan_jobs(audio)
-    states = state_paths(save_state, jobs, opts.reset_policy)
-    if save_state is not None and len(set(states.values())) > 1 and save_state.exists() and not save_state.is_dir():
-        raise ConfigError(f"--save-state {save_state}: several streams write one snapshot each into a directory, "
-                          f"but {save_state} is a file.")
-    # Where to write is decided and checked before the model loads: outputs never touch an input.
-    plan = OutputPlan(overwrite)
-    for j in jobs:
-        plan.read(j.path, "an input audio file")
-    plan.read(init_state, "the --init-state snapshot")
-    plan.read_model(model)
-    plan.write_into(out)
-    if save_state is not None and (len(set(states.values())) > 1 or save_state.is_dir()):
-        plan.write_into(save_state, "--save-state")
-    plan_outputs(plan, out, jobs, mode.value if mode.value != "auto" else None, states, telemetry=telemetry)
-    plan.check().prepare()
+    planned = plan_directory(audio, out, opts, model, overwrite)  # before the model loads: never touch an input
     session.sync("infer-checked")  # under torchrun: no rank writes before every rank checked --out
+    jobs = planned.jobs
     ledger = InputLedger([j.path for j in jobs])
     mine = [jobs[i] for i in distributed.share_files([j.path for j in jobs])]
     try:
         m = load_model(model, device=session.device(device.value), dtype=dtype.value, base=base,
                        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip))
         say_model_notes(m)
-        run_mode, _ = preflight(m, opts, len(jobs))
-        if run_mode == "dialog" and mode.value != "dialog":  # known now: the .wav outputs
-            plan_outputs(plan, out, jobs, run_mode, {}, kinds=("wav",))
-            plan.check()
-        streams = len(jobs) if opts.reset_policy == "file" else 1
-        err(check_memory(m, min(opts.batch_size, streams), force))
-        run = _run(m, mine, opts, out, states, ledger, json_out) if mine else None
+        planned.for_model(m)
+        err(check_memory(m, batch_slots(opts, len(jobs)), force))
+        run = _run(m, mine, planned, ledger, json_out) if mine else None
     finally:
-        plan.cleanup()
+        planned.plan.cleanup()
+    _summarise(run, jobs, mine, ledger, out, json_out)
+
+
+def _run(m, jobs, planned, ledger, json_out: bool):
+    """Runs this process's jobs into --out; a write failure (exit 1) or Ctrl-C (exit 130) is reported here."""
+    from .. import distributed
+    from ..infer import run_to_directory
+
+    with distributed.progress() as progress:
+        done = run_to_directory(m, jobs, planned.opts, planned.out, planned.states, ledger, progress,
+                                on_warning=warn, provenance=lambda: distributed.current().record())
+        if done.write_error is not None:
+            e = done.write_error
+            fail(1, f"{e} {len(done.not_run)} input(s) not run: {_names(done.not_run)}.", e.hint, json_out,
+                 {"inputs": ledger.to_dict(), "exit_code": 1})
+        if done.interrupted:
+            again = [r for r in ledger.skipped if r.reason.startswith(("not run", "interrupted"))]
+            fail(130, f"interrupted: {len(ledger.done_records)} file(s) finished with outputs in {planned.out} (kept); "
+                      f"run again on the others: {_names(again)}.", "run the command again on the inputs not run",
+                 json_out, {"inputs": ledger.to_dict(), "exit_code": 130})
+        return done.run
+
+
+def _summarise(run, jobs, mine, ledger, out: Path, json_out: bool) -> None:
+    """The summary table (rank 0 for the whole job under torchrun), --json's object, and the exit code."""
+    from .. import distributed
 
     done = _report(run) if run is not None else {}
     parts = distributed.gather_accounts(ledger, [j.index for j in mine], done)
@@ -177,7 +187,7 @@ def infer_cmd(
 
 def _report(run) -> dict[str, dict]:
     """{job index: its row of the summary table and its result object} (JSON-able: gathered under torchrun)."""
-    from ..inference import result_json
+    from ..infer import result_json
     rows = {}
     for r in run.results:
         if r.ok:
@@ -188,64 +198,6 @@ def _report(run) -> dict[str, dict]:
             row = [r.job.stem, "FAILED", "", "", "", "", r.error]
         rows[str(r.job.index)] = {"row": row, "json": result_json(r, run)}
     return rows
-
-
-def _run(m, jobs, opts, out: Path, states: dict, ledger, json_out: bool):
-    """Streams the jobs, writing each result as it completes; accounts for every input in `ledger`.
-
-    A write failure (disk full, read-only, permission) or Ctrl-C stops the run: finished outputs
-    stay, the input being written is reported with the reason, the others as not run.
-    """
-    from ..audio import WavStream
-    from ..errors import WriteError
-    from .. import distributed
-    from ..inference import infer, output_paths, write_result
-
-    def failed(res, default: str) -> None:
-        ledger.skip(res.job.index, res.error.removeprefix(f"{res.job.path}: ") if res.error else default)
-
-    with distributed.progress() as progress:
-        def on_result(res, run) -> None:
-            run.distributed = distributed.current().record()  # SPEC §5.6 provenance in each <stem>.json
-            try:
-                write_result(res, run, out, states.get(res.job.index))
-            except KeyboardInterrupt:
-                failed(res, "interrupted (Ctrl-C) while its outputs were written; none of them is left")
-                raise
-            except BaseException:
-                failed(res, "its outputs could not be written")
-                raise
-            if res.ok:
-                ledger.done(res.job.index, res.info.warnings if res.info else ())
-            else:
-                failed(res, "failed")
-            if res.info is not None:
-                for w in res.info.warnings:
-                    warn(w)
-            if not res.ok:
-                progress.log(f"skipped: {res.error}")
-
-        def audio_out(job):  # dialog: Moshi's voice goes to <stem>.wav (a temporary name) as it is produced
-            path = output_paths(out, job, "dialog")["wav"]
-            try:
-                return WavStream(path)
-            except OSError as e:
-                from ..io import describe_os_error
-                detail = describe_os_error(e, path)
-                raise WriteError(f"{detail}.", detail=detail) from None
-
-        try:
-            return infer(m, jobs, opts, progress, on_result=on_result, audio_out=audio_out)
-        except WriteError as e:
-            rest = ledger.not_run(f"the run stopped after a write failure ({e.detail})")
-            fail(1, f"{e} {len(rest)} input(s) not run: {_names(rest)}.", e.hint, json_out,
-                 {"inputs": ledger.to_dict(), "exit_code": 1})
-        except KeyboardInterrupt:
-            ledger.not_run("interrupted (Ctrl-C)")
-            again = [r for r in ledger.skipped if r.reason.startswith(("not run", "interrupted"))]
-            fail(130, f"interrupted: {len(ledger.done_records)} file(s) finished with outputs in {out} (kept); run "
-                      f"again on the others: {_names(again)}.", "run the command again on the inputs not run",
-                 json_out, {"inputs": ledger.to_dict(), "exit_code": 130})
 
 
 def _names(records, n: int = 5) -> str:

@@ -73,30 +73,33 @@ def init_checkpoint_cmd(
       ttt init-checkpoint --preset tiny --yarn-scale 4 --out ckpt/tiny-yarn
     """
     from ..errors import ConfigError
-    from ..models.init_checkpoint import init_checkpoint
-
     if (source is None) == (preset is None):
         raise ConfigError("give exactly one of --from SOURCE or --preset NAME.")
-    src = preset.value if preset is not None else source
+    from ..models.init_checkpoint import init_checkpoint
     section = {k: v for k, v in dict(variant=variant.value if variant else None, chunk_size=chunk_size, lr=lr,
                                      conv_kernel_size=conv_kernel_size, conv_padding=conv_padding,
                                      target_source=target_source, num_heads=num_heads, rank=rank,
                                      targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
                                      ).items() if v is not None}
-    res = init_checkpoint(src, out, layers=layers, target_init=target_init.value if target_init else None,
-                          section=section,
+    res = init_checkpoint(preset.value if preset is not None else source, out, layers=layers,
+                          target_init=target_init.value if target_init else None, section=section,
                           copy_base=copy_base, overwrite=overwrite, yarn_scale=yarn_scale)
+    _report(res, json_out)
+
+
+def _report(res, json_out: bool) -> None:
+    """What was written: the `--json` object, or one line on stderr and the fast weights' origin."""
     if json_out:
         print_json({"out": str(res.out), "source": res.model_id, "ttt": res.ttt, "files": res.files,
                     "target_init": res.target_init, "ttt_tensors_from_source": res.source_layers,
                     "notes": res.notes})
-    else:
-        from ..fastweights.config import config_class
-        key = config_class(res.ttt["variant"]).rate_key
-        err(f"wrote {res.out} from {res.model_id}: {res.ttt['variant']} TTT on layers {res.ttt['layers']}, chunk "
-            f"{res.ttt['chunk_size']}, {key} {res.ttt[key]}; files {', '.join(res.files)}; verified it loads.")
-        for note in res.notes:
-            err(f"fast weights: {note}.")
+        return
+    from ..fastweights.config import config_class
+    key = config_class(res.ttt["variant"]).rate_key
+    err(f"wrote {res.out} from {res.model_id}: {res.ttt['variant']} TTT on layers {res.ttt['layers']}, chunk "
+        f"{res.ttt['chunk_size']}, {key} {res.ttt[key]}; files {', '.join(res.files)}; verified it loads.")
+    for note in res.notes:
+        err(f"fast weights: {note}.")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,8 @@ from .common import (AudioStream, BaseOpt, check_memory, DebugOpt, Device, Devic
                      TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, warn)
 
 
+# One piece: a Typer command's signature is its option list; the body checks --out, loads the model, calls the
+# library (`ttt_cli.snapshot.export`) and hands the result to `_report_export`.
 def export_state_cmd(
     audio: Annotated[list[Path], typer.Argument(readable=False, help="Audio files (wav, flac, mp3, ogg, ...).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Snapshot file (one snapshot) or directory (several).")],
@@ -61,9 +63,9 @@ def export_state_cmd(
     from .. import distributed
     from ..errors import ConfigError
     from ..models.loader import load_model
-    from ..units import parse_seconds
-    from ..export import export_states, output_plan, telemetry_paths
     from ..outputs import InputLedger
+    from ..snapshot.export import export_states, output_plan, telemetry_paths
+    from ..units import parse_seconds
 
     at_sec = sorted(set(parse_seconds(t) for t in at or []))
     if any(t < 0 for t in at_sec):
@@ -94,6 +96,12 @@ def export_state_cmd(
     res = _merge_shares(res, ledger, mine)
     if res is None:  # a rank other than 0: rank 0 reports for the job
         raise typer.Exit(1 if any(ledger.records[i].failed for i in mine) else 0)
+    _report_export(res, json_out)
+
+
+def _report_export(res, json_out: bool) -> None:
+    """Prints an `ExportResult` (table or --json) and exits per SPEC §5: 130 interrupted, 1 stopped by a write
+    failure or some inputs failed, else returns (0)."""
     for it in res.items:
         for w in (it.audio or {}).get("warnings", []):
             warn(w)
@@ -113,25 +121,30 @@ def export_state_cmd(
         print_json({**res.to_dict(), "exit_code": code, **inputs_error(code, "; ".join(
             str(it.error) for it in res.failed))})
     else:
-        rows = []
-        for it in res.items:
-            for n in it.notes:
-                err(f"note: {n}")
-            for s in it.snapshots:
-                rows.append([Path(it.input).name, s.label, s.steps, s.seconds,
-                             " ".join(f"{k}:{v}" for k, v in s.pending_tokens.items()),
-                             " ".join(f"{k}:{v:.3f}" for k, v in s.relative_drift.items()), Path(s.path).name])
-        print_table(f"fast-weight snapshots ({res.model}, fingerprint {res.model_fingerprint[:12]}, "
-                    f"{'flushed' if res.flush_partial else 'pending kept'})",
-                    ["input", "snapshot", "steps", "seconds", "pending", "drift", "file"], rows)
-        err("pending = tokens of the unfinished chunk per layer; drift = ‖W − W0‖/‖W0‖ per layer.")
-        ok = sum(len(it.snapshots) for it in res.items)
-        err(f"wrote and verified {ok} snapshot(s) in {res.elapsed_seconds:.1f} s.")
+        _print_export_table(res)
     if res.failed:
         err(f"{len(res.failed)} of {len(res.items)} input(s) failed:")
         for it in res.failed:
             err(f"  {it.error}")
         raise typer.Exit(code)
+
+
+def _print_export_table(res) -> None:
+    """The snapshots written, one row each, with the notes of their inputs (stderr)."""
+    rows = []
+    for it in res.items:
+        for n in it.notes:
+            err(f"note: {n}")
+        for s in it.snapshots:
+            rows.append([Path(it.input).name, s.label, s.steps, s.seconds,
+                         " ".join(f"{k}:{v}" for k, v in s.pending_tokens.items()),
+                         " ".join(f"{k}:{v:.3f}" for k, v in s.relative_drift.items()), Path(s.path).name])
+    print_table(f"fast-weight snapshots ({res.model}, fingerprint {res.model_fingerprint[:12]}, "
+                f"{'flushed' if res.flush_partial else 'pending kept'})",
+                ["input", "snapshot", "steps", "seconds", "pending", "drift", "file"], rows)
+    err("pending = tokens of the unfinished chunk per layer; drift = ‖W − W0‖/‖W0‖ per layer.")
+    ok = sum(len(it.snapshots) for it in res.items)
+    err(f"wrote and verified {ok} snapshot(s) in {res.elapsed_seconds:.1f} s.")
 
 
 def inspect_state_cmd(
@@ -246,7 +259,7 @@ def _merge_shares(res, ledger, mine: list[int]):
     """Under torchrun: rank 0's result with every rank's items (input order) and accounts; None elsewhere.
     Without torchrun: `res` as it is. Either way it records the `distributed` provenance (SPEC §5.6)."""
     from .. import distributed
-    from ..export import ExportItem, SnapshotInfo
+    from ..snapshot.export import ExportItem, SnapshotInfo
     session = distributed.current()
     if session.active:
         mine_items = {str(i): d for i, d in zip(mine, res.to_dict()["items"])} if res is not None else {}

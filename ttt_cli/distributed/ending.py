@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 
 from .link import KEY, Link, PeerLost
@@ -58,8 +60,6 @@ def agree_exit(link: Link, code: int, delivered: bool, message: str | None, labe
 
 
 def _ignore_sigterm() -> None:
-    import signal
-    import threading
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -85,7 +85,7 @@ def _collect_exits(link: Link, code: int, label: str) -> int:
 
 
 def _barrier(label: str) -> None:
-    import torch.distributed as dist
+    import torch.distributed as dist  # under torchrun only: this package is imported by every CLI message
     try:
         dist.barrier()
     except Exception as e:  # a peer died after agreeing: nothing is lost, say it and go

@@ -6,6 +6,7 @@ import dataclasses
 import typing as tp
 from pathlib import Path
 
+from ..ledger import InputRecord
 from .session import current
 from .shares import balance, header_seconds
 
@@ -38,7 +39,6 @@ def gather_accounts(ledger, keys: tp.Iterable[int], extra: tp.Any = None) -> lis
     Returns:
         Rank 0: every rank's `extra`, by rank (its own included); the other ranks: None.
     """
-    from ..outputs import InputRecord
     s = current()
     mine = {str(k): dataclasses.asdict(ledger.records[k]) for k in keys}
     got = s.gather("accounts", {"records": mine, "extra": extra})

@@ -8,17 +8,11 @@ import sys
 import time
 import typing as tp
 
+from ..progress import NullProgress, make_progress
 from .link import KEY, dumps
 from .session import Session, current
 
 PUBLISH_EVERY = 1.0               # seconds between progress publications / aggregate refreshes
-_PROGRESS: "RankProgress | None" = None
-
-
-def refresh() -> None:
-    """Redraws rank 0's job-wide bar while it waits (no-op elsewhere)."""
-    if _PROGRESS is not None:
-        _PROGRESS.refresh()
 
 
 class RankProgress:
@@ -101,13 +95,11 @@ class RankProgress:
 @contextlib.contextmanager
 def progress(quiet: bool = False) -> tp.Iterator[tp.Any]:
     """The command's progress hook: `ttt_cli.progress.make_progress` without torchrun, a RankProgress with.
+    While it is open, the rank's link redraws the job-wide bar whenever it waits (`Link.on_wait`).
 
     Args:
         quiet: no display (--json); under torchrun the events still check for lost peers.
     """
-    global _PROGRESS
-    from ..progress import NullProgress, make_progress
-
     s = current()
     if not s.active:
         with make_progress(quiet=quiet) as p:
@@ -117,10 +109,10 @@ def progress(quiet: bool = False) -> tp.Iterator[tp.Any]:
     show = not quiet and (not aggregate or s.is_main)
     with make_progress(quiet=not show) as inner:
         rp = RankProgress(inner if show else NullProgress(), s, aggregate)
-        _PROGRESS = rp
+        s.link.on_wait = rp.refresh
         try:
             yield rp
         finally:
-            _PROGRESS = None
+            s.link.on_wait = None
             with contextlib.suppress(Exception):
                 rp.close()

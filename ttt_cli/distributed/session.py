@@ -1,7 +1,13 @@
-"""This process's place in a torchrun job: ranks, device, shares, the process group (inert without torchrun)."""
+"""This process's place in a torchrun job: ranks, device, shares, the process group (inert without torchrun).
+
+torch is imported only where a job is joined or left (`_init_group`, `Session.device`, `Session.close`): the
+CLI asks `current()` and `quiet()` for every message it prints, usage errors included, and those must not wait
+seconds for torch to import.
+"""
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import sys
@@ -77,7 +83,7 @@ class Session:
         """This rank's device for `--device`: `cuda:<LOCAL_RANK>` (modulo the visible GPUs) under torchrun."""
         if not self.active or device == "cpu":
             return device
-        import torch
+        import torch  # under torchrun only (see the module docstring)
         if device in ("auto", "cuda") and torch.cuda.is_available():
             return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return device
@@ -130,7 +136,7 @@ class Session:
             self.link.stop()
         if self.active:
             try:
-                import torch.distributed as dist
+                import torch.distributed as dist  # under torchrun only (see the module docstring)
                 if dist.is_initialized():
                     dist.destroy_process_group()
             except Exception:
@@ -188,11 +194,9 @@ def start(timeout: float = DEFAULT_TIMEOUT, device: str = "auto", resume_hint: s
 
 
 def _init_group(s: Session, device: str) -> None:
-    import datetime
-    import torch
+    """Joins the process group (its connection report kept off stdout) and opens this rank's link."""
+    import torch  # under torchrun only (see the module docstring)
     import torch.distributed as dist
-    from .progress import refresh
-
     cuda = device in ("auto", "cuda") and torch.cuda.is_available() or device.startswith("cuda:")
     if cuda:
         torch.cuda.set_device(torch.device(s.device("cuda")))
@@ -211,8 +215,8 @@ def _init_group(s: Session, device: str) -> None:
         os.close(saved)
         os.close(null)
     s.backend = "nccl" if cuda else "gloo"
-    s.link = Link(dist.distributed_c10d._get_default_store(), s.rank, s.world_size, s.timeout, s.resume_hint,
-                  on_wait=refresh)
+    # The progress display, when a command opens one, sets the link's `on_wait` (`progress.progress`).
+    s.link = Link(dist.distributed_c10d._get_default_store(), s.rank, s.world_size, s.timeout, s.resume_hint)
 
 
 def _on_sigterm(signum, frame) -> None:

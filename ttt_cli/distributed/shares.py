@@ -5,6 +5,8 @@ from __future__ import annotations
 import typing as tp
 from pathlib import Path
 
+import sphn
+
 
 def balance(items: tp.Sequence[tuple[str, float]], world_size: int) -> list[list[str]]:
     """Shares of whole items for `world_size` ranks, balanced by weight (longest-first greedy).
@@ -31,7 +33,6 @@ def balance(items: tp.Sequence[tuple[str, float]], world_size: int) -> list[list
 def header_seconds(path: Path | str) -> float:
     """An audio file's duration from its header (0 when it cannot be read: the rank that gets it reports it)."""
     try:
-        import sphn
         return max(float(sphn.FileReader(str(path)).duration_sec), 0.0)
     except Exception:
         return 0.0

@@ -21,7 +21,7 @@ from moshi.modules.lora import LoRALinear
 
 from ..errors import CheckpointError
 from .config import AdapterConfig
-from .interface import FastWeightLayer, LayerBench
+from .interface import FastWeightLayer
 from .learner import F32
 from .learner_layer import Float32Module, Learner, LearnerLayer, load_tensors, plain_layer_macs, time_bypassed
 
@@ -168,20 +168,23 @@ class AdapterGroup(LearnerLayer):
         return {"variant": self.variant, "chunk_size": self.chunk_size, "targets": list(self.targets),
                 "rank": self.rank, "scale": self.scale, "lr_scale": self.lr_scale}
 
-    def layer_bench(self, tokens: int, device: str) -> LayerBench:
+    def forwards_vs_plain(self, tokens: int, generator: torch.Generator
+                          ) -> tuple[tp.Callable[[], tp.Any], tp.Callable[[], tp.Any], str]:
         host = self._host
         assert host is not None
-        dt = next(host.norm1.parameters()).dtype
-        d = host.self_attn.embed_dim
-        x = torch.randn(1, tokens, d, generator=torch.Generator().manual_seed(0)).to(device, dt)
-        plain, plain_f = plain_layer_macs(host, tokens)
+        w = next(host.norm1.parameters())
+        x = torch.randn(1, tokens, host.self_attn.embed_dim, generator=generator).to(w.device, w.dtype)  # [1, T, d]
+        return (lambda: host(x)), time_bypassed(self, lambda: host(x)), \
+            f"moshi StreamingTransformerLayer with adapters on {', '.join(self.targets)} vs without"
+
+    def macs_vs_plain(self, tokens: int) -> tuple[float, str]:
+        assert self._host is not None
+        plain, plain_f = plain_layer_macs(self._host, tokens)
         r, C = self.rank, self.chunk_size
         # per token and adapter: projections 3·in·r + out·r; key pass, query pass and gradient sums
         # (3r²); the dual form's C x C products (2Cr).
         extra = sum(3 * a.in_features * r + a.out_features * r + 3 * r * r + 2 * C * r for a in self._adapters.values())
-        return LayerBench(lambda: host(x), time_bypassed(self, lambda: host(x)), (plain + extra) / plain,
-                          f"(plain + Σ_adapters (3·in·r + out·r + 3r² + 2Cr)) / plain; {plain_f}, r={r}, C={C}",
-                          f"moshi StreamingTransformerLayer with adapters on {', '.join(self.targets)} vs without")
+        return (plain + extra) / plain, f"(plain + Σ_adapters (3·in·r + out·r + 3r² + 2Cr)) / plain; {plain_f}, r={r}, C={C}"
 
 
 def _parent(layer: nn.Module, target: str) -> tuple[nn.Module, str]:

@@ -9,116 +9,28 @@ import torch
 from torch import nn
 
 from moshi.models.lm import LMModel
-from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import StreamingModule
 
-from . import adapter, mlp
-from .config import FastWeightConfig, TTTConfig
-from ..errors import CheckpointError
+from . import adapter, inplace, inplace_attach, mlp
+from .config import FastWeightConfig
 from .interface import FastWeightLayer
-from .inplace import InPlaceTTTGating, TargetGenerator, X0Source, linear_weight
-
-PREFIX = "transformer.layers.{i}.gating."
-TTT_TENSORS = ("w_down", "target_generator.conv1d.conv.weight", "target_generator.W_target.weight")
-
-
-def _x0_source(lm: LMModel) -> X0Source:
-    """Hooks that give TTT layers the current call's token embeddings (SPEC §3.2).
-
-    `input` is the sum of the audio and text token embeddings *before* any condition is added (the
-    fork's `token_embeddings`), summed in moshi's order (audio codebooks in order, then text) so that
-    it equals moshi's transformer input bit for bit when there is no condition.
-    """
-    src = getattr(lm, "_ttt_x0", None)
-    if src is None:
-        src = X0Source()
-        acc: list = [None]  # running sum of this call's audio embeddings
-
-        def grab_audio(index: int):
-            def hook(_mod, _args, out):
-                acc[0] = out if index == 0 or acc[0] is None else acc[0] + out
-            return hook
-
-        def grab_text(_mod, _args, out):
-            src.text = out
-            src.input = out if acc[0] is None else acc[0] + out
-            acc[0] = None
-
-        def clear(_mod, _args, _out):
-            src.input = src.text = None
-            acc[0] = None
-
-        src.handles = [emb.register_forward_hook(grab_audio(i)) for i, emb in enumerate(lm.emb)]
-        src.handles += [lm.text_emb.register_forward_hook(grab_text),
-                        lm.transformer.register_forward_hook(clear)]
-        lm._ttt_x0 = src
-    return src
 
 
 def _forget_streaming_children(lm: nn.Module) -> None:
     # moshi caches streaming children on first `streaming()`; layers attached later would never
-    # stream and stay at W0 (pitfall 10), so drop every cache below the LM.
+    # stream and stay at W0 (pitfall 10), so drop every cache below the LM. moshi has no public call for it.
     for m in lm.modules():
         if isinstance(m, StreamingModule):
             m._cached_children = None
 
 
-def _attach_inplace(lm: LMModel, cfg: TTTConfig, tensors: dict[str, torch.Tensor],
-                    target_init: str = "ntp") -> dict[int, FastWeightLayer]:
-    """Replaces `lm.transformer.layers[i].gating` with In-Place TTT for every i in `cfg.layers`."""
-    layers = lm.transformer.layers
-    src = _x0_source(lm)
-    out: dict[int, FastWeightLayer] = {}
-    for i in cfg.layers:
-        gating = layers[i].gating
-        if isinstance(gating, FastWeightLayer):
-            raise CheckpointError(f"layer {i} already has a TTT layer attached.")
-        if not isinstance(gating, ActivationGating):
-            raise CheckpointError(f"layer {i} has no gated MLP to make TTT (found {type(gating).__name__}).")
-        layer = InPlaceTTTGating(gating.linear_in, gating.linear_out, gating.activation, cfg, src)
-        pre = PREFIX.format(i=i)
-        if target_init == "zero":
-            layer.target_generator.init_zero()
-        else:
-            layer.target_generator.init_ntp()
-        own = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-        expected = {"w_down": layer.w_down, "target_generator.conv1d.conv.weight": layer.target_generator.conv1d.conv.weight,
-                    "target_generator.W_target.weight": layer.target_generator.W_target.weight}
-        with torch.no_grad():
-            for name, dst in expected.items():
-                if name in own:
-                    val = own[name]
-                    if tuple(val.shape) != tuple(dst.shape):
-                        raise CheckpointError(f"TTT tensor {pre + name} has shape {tuple(val.shape)}, "
-                                              f"layer {i} needs {tuple(dst.shape)} (d={layer.dim}, h={layer.hidden}, "
-                                              f"kernel {cfg.conv_kernel_size}).")
-                    dst.copy_(val.to(dst.device, torch.float32))
-        layers[i].gating = layer
-        out[i] = layer
-    return out
-
-
-def _inplace_tensor_names(cfg: TTTConfig) -> list[str]:
-    return [PREFIX.format(i=i) + n for i in cfg.layers for n in TTT_TENSORS]
-
-
-def _inplace_fresh_tensors(lm: LMModel, cfg: TTTConfig, target_init: str = "ntp") -> dict[str, torch.Tensor]:
-    """SPEC §3.6: w_down <- linear_out (float32), target generator `ntp` or `zero`."""
-    out = {}
-    for i in cfg.layers:
-        g = lm.transformer.layers[i].gating
-        w = linear_weight(g.linear_out).detach().to("cpu", torch.float32).contiguous()
-        tg = TargetGenerator(w.shape[0], cfg.conv_kernel_size, cfg.conv_padding)
-        tg.init_zero() if target_init == "zero" else tg.init_ntp()
-        pre = PREFIX.format(i=i)
-        out[pre + "w_down"] = w.clone()
-        out[pre + "target_generator.conv1d.conv.weight"] = tg.conv1d.conv.weight.detach().contiguous()
-        out[pre + "target_generator.W_target.weight"] = tg.W_target.weight.detach().contiguous()
-    return out
-
-
-def _inplace_fresh_note(cfg: TTTConfig, target_init: str = "ntp") -> str:
-    return f"initialised by SPEC §3.6 (w_down <- linear_out, target {target_init})"
+def _counted(tensor_names: tp.Callable[[tp.Any], list[str]]) -> tp.Callable[..., dict]:
+    """A variant's provenance of its tensors as counts: how many came from the checkpoint, how many are fresh."""
+    def provenance(cfg: FastWeightConfig, origins: dict[str, str], target_init: str) -> dict:
+        names = tensor_names(cfg)
+        fresh = sum(k not in origins for k in names)
+        return {"variant": cfg.variant, "fresh": fresh, "from_checkpoint": len(names) - fresh}
+    return provenance
 
 
 @dataclass(frozen=True)
@@ -129,17 +41,31 @@ class Variant:
     tensor_names: tp.Callable[[tp.Any], list[str]]                # checkpoint tensors of a config
     fresh_tensors: tp.Callable[..., dict[str, torch.Tensor]]      # (lm, cfg, target_init): documented fresh init
     fresh_note: tp.Callable[..., str]                             # (cfg, target_init): how missing tensors are made
+    provenance: tp.Callable[..., dict]                            # (cfg, {key: where from}, target_init)
+    layer: type[FastWeightLayer]                                  # its layer class (answers for its own tensors)
 
 
 VARIANTS: dict[str, Variant] = {
-    "inplace": Variant(_attach_inplace, _inplace_tensor_names, _inplace_fresh_tensors, _inplace_fresh_note),
-    "mlp": Variant(mlp.attach, mlp.tensor_names, mlp.fresh_tensors, mlp.fresh_note),
-    "linear-adapter": Variant(adapter.attach, adapter.tensor_names, adapter.fresh_tensors, adapter.fresh_note),
+    "inplace": Variant(inplace_attach.attach, inplace_attach.tensor_names, inplace_attach.fresh_tensors,
+                       inplace_attach.fresh_note, inplace_attach.provenance, inplace.InPlaceTTTGating),
+    "mlp": Variant(mlp.attach, mlp.tensor_names, mlp.fresh_tensors, mlp.fresh_note, _counted(mlp.tensor_names), mlp.HybridTTTBlock),
+    "linear-adapter": Variant(adapter.attach, adapter.tensor_names, adapter.fresh_tensors, adapter.fresh_note,
+                              _counted(adapter.tensor_names), adapter.AdapterGroup),
 }
 
 
 def variant_of(cfg: FastWeightConfig) -> Variant:
+    """The registry entry of `cfg`'s variant."""
     return VARIANTS[cfg.variant]
+
+
+def layer_class(variant: str) -> type[FastWeightLayer]:
+    """The layer class of a variant name, for checks made before any layer exists (a snapshot file's tensors).
+
+    Args:
+        variant: a variant name (`inplace`, `mlp`, `linear-adapter`).
+    """
+    return VARIANTS[variant].layer
 
 
 def attach_ttt(lm: LMModel, cfg: FastWeightConfig, tensors: dict[str, torch.Tensor] | None = None,
@@ -149,8 +75,8 @@ def attach_ttt(lm: LMModel, cfg: FastWeightConfig, tensors: dict[str, torch.Tens
     Args:
         lm: a moshi LMModel with its weights loaded.
         cfg: the validated `ttt` section.
-        tensors: TTT tensors with checkpoint key names (In-Place `transformer.layers.{i}.gating.w_down`, ...;
-            SPEC §3.10/§3.11 for the variants); missing ones get the variant's documented fresh init.
+        tensors: TTT tensors with checkpoint key names (SPEC §4.2 for In-Place, §3.10/§3.11 for the
+            variants); missing ones get the variant's documented fresh init.
         target_init: In-Place: `ntp` or `zero`, for target generators the tensors do not provide.
     Returns:
         {layer index: fast-weight layer}.

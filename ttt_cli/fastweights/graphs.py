@@ -8,6 +8,8 @@ from collections import Counter
 from moshi.models.lm import LMGen, LMModel
 from moshi.utils.compile import CUDAGraphed
 
+from .attach import ttt_layers
+
 
 class PhaseGraphs:
     """Stands in for `LMGen`'s `graphed_main`: one moshi `CUDAGraphed(lm.forward_text)` per step phase.
@@ -24,7 +26,6 @@ class PhaseGraphs:
     """
 
     def __init__(self, lm: LMModel, disable: bool):
-        from .attach import ttt_layers  # attach imports the variants, which import this package's interface
         self.lm = lm
         self.disable = disable
         self.layers = list(ttt_layers(lm).values())  # fixed while streaming: not walked again per step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
 import typing as tp
@@ -16,18 +17,6 @@ from moshi.modules.streaming import State, StreamingModule
 from .recording import UpdateRecorder, UpdateRow
 
 StateT = tp.TypeVar("StateT", bound=State)
-
-
-@dataclass
-class LayerBench:
-    """What `ttt bench` times for a variant's layer ratio (SPEC §8.5): the layer with TTT and the
-    plain layer it extends, on the same input, and the ratio of their multiply-accumulates."""
-
-    ttt: tp.Callable[[], tp.Any]    # forward with TTT, T tokens
-    plain: tp.Callable[[], tp.Any]  # the same layer without TTT, same input
-    flop_floor: float               # MACs(ttt) / MACs(plain)
-    formula: str                    # how flop_floor is computed, in words
-    what: str                       # which module is compared
 
 
 GRAPH_CAPTURE_ERROR = ("a TTT layer is captured in a CUDA graph without a step plan: the graph would freeze "
@@ -107,13 +96,63 @@ class HostClock:
                 self.pending[b], self.active[b] = 0, True
 
 
-class FastWeightLayer(StreamingModule[StateT], abc.ABC):
+class SnapshotAnswers:
+    """What snapshot code (`ttt_cli.snapshot`) asks a fast-weight layer, answered by the layer itself so that
+    snapshots never name a variant's tensors: one question per layer. Part of `FastWeightLayer`, whose
+    `capture` and moshi streaming API these defaults use; a variant overrides what it knows better."""
+
+    @contextlib.contextmanager
+    def fresh_stream(self, batch_size: int) -> tp.Iterator[StateT]:
+        """A new streaming state of `batch_size` streams for the block, streaming or not now: the current
+        state is set aside and put back after (moshi's `get/set_streaming_state`).
+
+        Args:
+            batch_size: streams in the new state.
+        """
+        saved = self.get_streaming_state()
+        self.set_streaming_state({name: None for name in saved})
+        try:
+            with self.streaming(batch_size):
+                yield self._state()
+        finally:
+            self.set_streaming_state(saved)
+
+    def fresh_capture(self) -> dict[str, torch.Tensor]:
+        """What `capture` returns for a new stream (the names and shapes a snapshot's tensors must have)."""
+        with self.fresh_stream(1):
+            return self.capture(0)
+
+    def check_capture(self, tensors: dict[str, torch.Tensor], index: int) -> list[str]:
+        """Why one stream's tensors (as `capture` returns them: a snapshot's) do not fit this layer; [] if they do.
+
+        Args:
+            tensors: {name: tensor} of one stream.
+            index: the layer's index in the model, named in the messages (`layers.{index}.<name>`).
+        """
+        return capture_mismatches(tensors, self.fresh_capture(), index)
+
+    @classmethod
+    def check_stored(cls, tensors: dict[str, torch.Tensor], chunk_size: int, pending_tokens: int | None) -> str | None:
+        """Why one layer's tensors in a file, read without a model, disagree among themselves or with the file's
+        metadata, or None. Default: nothing to check (a variant checks what its names let it).
+
+        Args:
+            tensors: {name: tensor} of the layer.
+            chunk_size: the file's chunk size.
+            pending_tokens: the pending tokens the file records for the layer (None: not recorded).
+        """
+        return None
+
+
+class FastWeightLayer(StreamingModule[StateT], SnapshotAnswers, abc.ABC):
     """A moshi `StreamingModule` whose streaming state holds per-stream fast weights.
 
     What commands need from a variant (SPEC §3.9): `capture`/`restore` of one stream's tensors,
     `reset_streaming(mask)` (inherited), `fingerprint_tensors()`, telemetry, memory arithmetic,
     its rate (`--ttt-lr`) and `config_section()` (with a `variant` key). Tensor names in
-    `capture()` are the snapshot's per-layer keys (`layers.{i}.<name>`).
+    `capture()` are the snapshot's per-layer keys (`layers.{i}.<name>`; a name with a dotted part
+    starting `pending` is update state, not a weight); whether tensors fit the layer it says
+    itself (`SnapshotAnswers`).
     """
 
     variant: tp.ClassVar[str]
@@ -198,8 +237,15 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
         setattr(self, self.rate_key, float(rate))
 
     @abc.abstractmethod
-    def layer_bench(self, tokens: int, device: str) -> LayerBench:
-        """The layer-ratio measurement of SPEC §8.5 on `tokens` random tokens."""
+    def forwards_vs_plain(self, tokens: int, generator: torch.Generator
+                          ) -> tuple[tp.Callable[[], tp.Any], tp.Callable[[], tp.Any], str]:
+        """(forward with TTT, forward of the plain moshi module this layer extends, which modules): both on the
+        same `tokens` random tokens drawn from `generator`, whole-sequence, not streaming (SPEC §8.5)."""
+
+    @abc.abstractmethod
+    def macs_vs_plain(self, tokens: int) -> tuple[float, str]:
+        """(multiply-accumulates with TTT / those of the plain module, the arithmetic with this layer's numbers)
+        for a forward over `tokens` tokens: the FLOP floor of `forwards_vs_plain`'s time ratio."""
 
     def host_clocks(self) -> list[HostClock]:
         """The host clocks of the streaming state (one per learner); empty when frozen or not streaming."""
@@ -245,3 +291,24 @@ class FastWeightLayer(StreamingModule[StateT], abc.ABC):
             h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         if not initial_only:
             h.update(json.dumps(self.structural_config(), sort_keys=True, separators=(",", ":")).encode())
+
+
+def capture_mismatches(tensors: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], index: int) -> list[str]:
+    """Other names, or other shapes than `ref` (a new stream's capture) of layer `index`'s tensors. A tensor `ref`
+    holds with 0 rows (a pending chunk) may have any row count.
+
+    Args:
+        tensors: {name: tensor} of one stream.
+        ref: what the layer captures for a new stream.
+        index: the layer's index, named in the messages.
+    """
+    if set(tensors) != set(ref):
+        return [f"layer {index} holds tensors {sorted(tensors)}, the model's layer holds {sorted(ref)}"]
+    out = []
+    for name in sorted(ref):
+        a, r = tuple(tensors[name].shape), tuple(ref[name].shape)
+        variable = len(r) >= 1 and r[0] == 0
+        if len(a) != len(r) or (a[1:] if variable else a) != (r[1:] if variable else r):
+            want = ("[n, " + ", ".join(map(str, r[1:])) + "]") if variable else str(list(r))
+            out.append(f"layers.{index}.{name} has shape {list(a)}, the model needs {want}")
+    return out

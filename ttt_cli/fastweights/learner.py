@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-if tp.TYPE_CHECKING:
-    from .interface import HostClock
+from .interface import HostClock
 
 F32 = torch.float32
 LN_EPS = 1e-6
@@ -251,7 +250,6 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
     B, _, T, _ = q.shape
     C = chunk_size
     if clock is None:
-        from .interface import HostClock
         clock = HostClock(C, st.count.tolist(), [bool(v) for v in live.tolist()])
     if T == 1:
         grads = key_gradients(inner, st.theta, k, y, gamma, beta)

@@ -65,6 +65,21 @@ class LearnerLayerState(State):
         for clock in self.clocks.values():
             clock.active = list(active)
 
+    @classmethod
+    def fresh(cls, start: dict[str, dict[str, torch.Tensor]], batch_size: int, device: torch.device,
+              chunk_size: int, frozen: bool) -> "LearnerLayerState":
+        """New streams of learners that start from (and reset to) `start` {learner: θ}."""
+        st = cls(batch_size, device, frozen=frozen)
+        for name, theta in start.items():
+            st.start[name] = theta
+            st.learners[name] = LearnerState.fresh({} if frozen else theta, batch_size, device)
+            st.clocks[name] = HostClock.fresh(chunk_size, batch_size)
+        return st
+
+    def tap(self, name: str, theta0: dict[str, torch.Tensor]) -> LearnerTap:
+        """Learner `name`'s part of the update series (the recorder must be set); `theta0`: its θ0."""
+        return LearnerTap(self.recorder, list(self.learners).index(name), theta0)
+
 
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
@@ -103,20 +118,14 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         return {k: v.detach() for k, v in self.learners()[name].theta0.items()}
 
     def _init_streaming_state(self, batch_size: int) -> LearnerLayerState:
-        st = LearnerLayerState(batch_size, self._device(), frozen=self.frozen)
-        for name in self.learners():
-            st.start[name] = self.start_theta(name)
-            st.learners[name] = LearnerState.fresh({} if st.frozen else st.start[name], batch_size, st.device)
-            st.clocks[name] = HostClock.fresh(self.chunk_size, batch_size)
+        start = {name: self.start_theta(name) for name in self.learners()}
+        st = LearnerLayerState.fresh(start, batch_size, self._device(), self.chunk_size, self.frozen)
         st.recorder = self.new_recorder(batch_size, st.device, parts=len(st.learners))
         return st
 
     def _tap(self, st: LearnerLayerState, name: str) -> LearnerTap | None:
         """Learner `name`'s part of the layer's update series (None when not recording)."""
-        if st.recorder is None:
-            return None
-        names = list(st.learners)
-        return LearnerTap(st.recorder, names.index(name), self.learners()[name].theta0)
+        return None if st.recorder is None else st.tap(name, self.learners()[name].theta0)
 
     def run_learner(self, name: str, q: torch.Tensor,
                     keys: tp.Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -192,32 +201,24 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
     # -- telemetry, memory -------------------------------------------------------------------------
     def telemetry(self, batch_index: int) -> dict[str, tp.Any]:
         st = self._state()
-        b = batch_index
-        first = next(iter(st.learners.values()))
-        nonfinite = sum(int(lst.nonfinite[b]) for lst in st.learners.values())
         self._warn_nonfinite([int(v) for v in sum(lst.nonfinite for lst in st.learners.values()).tolist()])
-        return {"tokens": int(first.tokens[b]), "updates": int(first.updates[b]), "resets": int(first.resets[b]),
-                "clip_events": 0, "nonfinite_events": nonfinite, "pending_tokens": int(first.count[b]),
-                "relative_drift": relative_drift(st, self.learners(), b)}
+        return stream_telemetry(st, self.learners(), batch_index)
 
     def host_clocks(self) -> list[HostClock]:
         st = self._streaming_state
         return [] if st is None or st.frozen else list(st.clocks.values())
 
-    def _theta_numel(self) -> int:
-        return sum(v.numel() for lrn in self.learners().values() for v in lrn.theta0.values())
-
     def state_bytes_per_stream(self) -> int:
         n = len(self.learners())
         counters = 8 * COUNTERS * n
-        return counters if self.frozen else 4 * 2 * self._theta_numel() + counters
+        return counters if self.frozen else 4 * 2 * theta_numel(self.learners()) + counters
 
     def memory_formula(self) -> str:
         """2·|θ|·4 (θ_start and the pending gradient sums, float32) + learners·5·8 (int64 counters)."""
         n = len(self.learners())
         if self.frozen:
             return f"{n}x{COUNTERS}x8"
-        return f"2x{self._theta_numel()}x4 + {n}x{COUNTERS}x8"
+        return f"2x{theta_numel(self.learners())}x4 + {n}x{COUNTERS}x8"
 
     @torch.no_grad()
     def flush_partial(self, batch_index: int | None = None) -> None:
@@ -310,6 +311,21 @@ def split_snapshot(learners: dict[str, Learner], tensors: dict[str, torch.Tensor
     if extra:
         raise StateMismatchError(f"unexpected fast-weight tensors {extra[:4]} for a {variant} layer.")
     return out
+
+
+def theta_numel(learners: dict[str, Learner]) -> int:
+    """|θ|: the numbers of every learner's θ0."""
+    return sum(v.numel() for lrn in learners.values() for v in lrn.theta0.values())
+
+
+def stream_telemetry(st: LearnerLayerState, learners: dict[str, Learner], b: int) -> dict[str, tp.Any]:
+    """Stream b's counters (the interface's `telemetry`): the first learner's token and update counts, every
+    learner's non-finite events, the drift over all of them."""
+    first = next(iter(st.learners.values()))
+    nonfinite = sum(int(lst.nonfinite[b]) for lst in st.learners.values())
+    return {"tokens": int(first.tokens[b]), "updates": int(first.updates[b]), "resets": int(first.resets[b]),
+            "clip_events": 0, "nonfinite_events": nonfinite, "pending_tokens": int(first.count[b]),
+            "relative_drift": relative_drift(st, learners, b)}
 
 
 def relative_drift(st: LearnerLayerState, learners: dict[str, Learner], b: int) -> float:

@@ -19,7 +19,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 
 from ..errors import CheckpointError
 from .config import MLPConfig
-from .interface import FastWeightLayer, LayerBench
+from .interface import FastWeightLayer
 from .learner import F32
 from .learner_layer import Learner, LearnerLayer, load_tensors, plain_layer_macs, time_bypassed
 
@@ -118,19 +118,23 @@ class HybridTTTBlock(LearnerLayer):
         return {"variant": self.variant, "chunk_size": self.chunk_size, "num_heads": self.heads,
                 "base_lr": self.base_lr}
 
-    def layer_bench(self, tokens: int, device: str) -> LayerBench:
+    def forwards_vs_plain(self, tokens: int, generator: torch.Generator
+                          ) -> tuple[tp.Callable[[], tp.Any], tp.Callable[[], tp.Any], str]:
         host = self._host
         assert host is not None
-        dt = next(host.norm1.parameters()).dtype
-        x = torch.randn(1, tokens, self.dim, generator=torch.Generator().manual_seed(0)).to(device, dt)
+        w = next(host.norm1.parameters())
+        x = torch.randn(1, tokens, self.dim, generator=generator).to(w.device, w.dtype)  # [1, T, d]
+        return (lambda: host(x)), time_bypassed(self, lambda: host(x)), \
+            "moshi StreamingTransformerLayer with the TTT-MLP block vs without"
+
+    def macs_vs_plain(self, tokens: int) -> tuple[float, str]:
+        assert self._host is not None
         d, H, p, C = self.dim, self.heads, self.head_dim, self.chunk_size
-        plain, plain_f = plain_layer_macs(host, tokens)
+        plain, plain_f = plain_layer_macs(self._host, tokens)
         # per token: projections 4d² and the lr gate Hd; per head the key pass, the gradient sums and
         # the query pass (7 products of p x 4p) and the dual form's C x C products (10Cp).
         extra = 4 * d * d + H * d + H * (28 * p * p + 10 * C * p)
-        return LayerBench(lambda: host(x), time_bypassed(self, lambda: host(x)), (plain + extra) / plain,
-                          f"(plain + 4d² + Hd + H(28p² + 10Cp)) / plain; {plain_f}, H={H}, p={p}, C={C}",
-                          "moshi StreamingTransformerLayer with the TTT-MLP block vs without")
+        return (plain + extra) / plain, f"(plain + 4d² + Hd + H(28p² + 10Cp)) / plain; {plain_f}, H={H}, p={p}, C={C}"
 
 
 _HYBRID_CLASSES: dict[type, type] = {}

@@ -59,6 +59,25 @@ def squared_norms(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor
     return step, drift, w  # type: ignore[return-value]
 
 
+def layer_event(parts: list[list[float]], index: int, step: int, theta0_sq: float) -> list[UpdateRow]:
+    """A stream's layer event from the device rows its parts wrote at one position (squares added over parts).
+    A non-finite update is a `nonfinite` row followed by the `reset` it caused.
+
+    Args:
+        parts: the rows (9 columns each) of the layer's parts at this position.
+        index: the stream's updates since its last reset (the event's `update`).
+        step: the position, from the file's start.
+        theta0_sq: ‖θ0‖² of the layer, for the relative drift.
+    """
+    tokens = int(parts[0][3])
+    if any(int(r[0]) == NONFINITE for r in parts):
+        return [UpdateRow("nonfinite", index, step, tokens, 0.0, 1.0, 0.0, 0.0, 0.0),
+                UpdateRow("reset", 0, step, 0, 0.0, 1.0, 0.0, 0.0, 0.0)]
+    delta, step_n, drift, w = (math.sqrt(sum(r[k] for r in parts)) for k in (4, 5, 6, 7))
+    return [UpdateRow("update", index, step, tokens, delta, min(r[8] for r in parts), step_n,
+                      drift / math.sqrt(theta0_sq) if theta0_sq > 0 else 0.0, w)]
+
+
 class UpdateRecorder:
     """Event rows of one fast-weight layer's streams, in a preallocated [B, capacity, 9] float64 buffer.
 
@@ -187,7 +206,9 @@ class UpdateRecorder:
 
         def close() -> None:
             for p in sorted(group):
-                out.extend(self._event(b, group[p], p - origin, theta0_sq))
+                event = layer_event(group[p], self._since_reset[b], p - origin, theta0_sq)
+                self._since_reset[b] = 0 if event[-1].event == "reset" else self._since_reset[b] + 1
+                out.extend(event)
             group.clear()
 
         for r in rows.tolist():
@@ -199,19 +220,6 @@ class UpdateRecorder:
                 group.setdefault(int(r[2]), []).append(r)
         close()
         return out
-
-    def _event(self, b: int, parts: list[list[float]], step: int, theta0_sq: float) -> list[UpdateRow]:
-        """Stream b's layer event from the rows its parts wrote at one position (squares added over parts).
-        A non-finite update is a `nonfinite` row followed by the `reset` it caused."""
-        index, tokens = self._since_reset[b], int(parts[0][3])
-        if any(int(r[0]) == NONFINITE for r in parts):
-            self._since_reset[b] = 0
-            return [UpdateRow("nonfinite", index, step, tokens, 0.0, 1.0, 0.0, 0.0, 0.0),
-                    UpdateRow("reset", 0, step, 0, 0.0, 1.0, 0.0, 0.0, 0.0)]
-        self._since_reset[b] += 1
-        delta, step_n, drift, w = (math.sqrt(sum(r[k] for r in parts)) for k in (4, 5, 6, 7))
-        return [UpdateRow("update", index, step, tokens, delta, min(r[8] for r in parts), step_n,
-                          drift / math.sqrt(theta0_sq) if theta0_sq > 0 else 0.0, w)]
 
 
 @dataclass

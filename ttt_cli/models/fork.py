@@ -7,9 +7,11 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..errors import CheckpointError, ConfigError
 from ..fastweights.config import TTTConfig
-from .tensors import TTT_KEY
+from ..fastweights.inplace import TENSOR_NAMES, W_TARGET, checkpoint_key
 
 CONSOLIDATED = "consolidated.safetensors"   # full fine-tuning, or `save_adapters: false` (merged)
 ADAPTERS = "lora.safetensors"               # LoRA and/or TTT-only training (`save_adapters: true`)
@@ -214,34 +216,38 @@ def from_fork_config(raw: dict, num_layers: int, adapters: bool = False) -> Fork
 
 
 # -- tensors ----------------------------------------------------------------------------------------
-OUR_TTT_NAMES = ("w_down", "target_generator.conv1d.conv.weight", "target_generator.W_target.weight")
-_LORA_WTARGET = ("target_generator.W_target.frozen_W.weight", "target_generator.W_target.lora_A.weight",
-                 "target_generator.W_target.lora_B.weight")
+# The fork's own names for In-Place tensors (SPEC §4.3), beside ours: a copy of W0 it keeps (ignored), and
+# W_target wrapped in LoRA (fused into our W_target on load).
+FORK_W0 = "w_down_pretrained"
+LORA_W_TARGET = tuple(f"{W_TARGET}.{part}.weight" for part in ("frozen_W", "lora_A", "lora_B"))
+_W_TARGET = f"{W_TARGET}.weight"  # ours, what the LoRA pair is fused into
 
 
-def normalise_ttt_tensors(raw: dict, layers: list[int] | None, file: Path, lora_scaling: float) -> tuple[dict, dict]:
+def fork_tensor_shape(name: str, dim: int, hidden: int) -> tuple[int, ...] | None:
+    """The shape a tensor the fork names (name after `gating.`) must have; None for a LoRA factor (rank free)
+    and for names that are not the fork's own."""
+    return {FORK_W0: (dim, hidden), LORA_W_TARGET[0]: (dim, dim)}.get(name)
+
+
+def normalise_ttt_tensors(by_layer: dict[int, dict[str, tuple[str, tp.Any]]], layers: list[int] | None, file: Path,
+                          lora_scaling: float) -> tuple[dict, dict]:
     """TTT tensors as stored (ours or the fork's names, any float dtype) -> our names in float32.
 
     `w_down_pretrained` is ignored; a LoRA-wrapped `W_target` (`frozen_W` + `lora_A` + `lora_B`) is fused
     as W + scaling·B·A, like moshi's LoRA merge (SPEC §4.3).
 
     Args:
-        raw: {key: tensor} read from `file`, TTT keys only.
+        by_layer: {layer: {name after `gating.`: (key, tensor)}} read from `file` (`tensors.by_layer`).
         layers: the layers the checkpoint's config selects; tensors of other layers are refused (the
             file and the config disagree). None: no such check (our layout, where `--ttt-layers` may
             pick a subset of what ttt.safetensors holds).
-        file: where `raw` came from, for messages and provenance.
+        file: where they came from, for messages and provenance.
         lora_scaling: the config's `lora_scaling`.
     Returns:
         (tensors with our key names, {our key: "file:key it came from"}).
     """
-    import torch
     out: dict = {}
     origin: dict = {}
-    by_layer: dict[int, dict[str, tp.Any]] = {}
-    for k, v in raw.items():
-        m = TTT_KEY.match(k)
-        by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = (k, v)
     stray = sorted(set(by_layer) - set(layers)) if layers is not None else []
     if stray:
         keys = [by_layer[i][n][0] for i in stray for n in by_layer[i]][:3]
@@ -249,22 +255,20 @@ def normalise_ttt_tensors(raw: dict, layers: list[int] | None, file: Path, lora_
                               f"config's ttt_config does not select (layers {layers}): the file and its config.json "
                               f"disagree.")
     for i, named in sorted(by_layer.items()):
-        pre = f"transformer.layers.{i}.gating."
-        plain = {n: kv for n, kv in named.items() if n in OUR_TTT_NAMES}
+        plain = {n: kv for n, kv in named.items() if n in TENSOR_NAMES}
         for n, (k, v) in plain.items():
-            out[pre + n] = v.float()
-            origin[pre + n] = f"{file.name}:{k}"
-        lora = [named.get(n) for n in _LORA_WTARGET]
-        if any(x is not None for x in lora) and "target_generator.W_target.weight" not in plain:
+            out[checkpoint_key(i, n)] = v.float()
+            origin[checkpoint_key(i, n)] = f"{file.name}:{k}"
+        lora = [named.get(n) for n in LORA_W_TARGET]
+        if any(x is not None for x in lora) and _W_TARGET not in plain:
             if any(x is None for x in lora):
-                have = [n for n, x in zip(_LORA_WTARGET, lora) if x is not None]
+                have = [n for n, x in zip(LORA_W_TARGET, lora) if x is not None]
                 raise CheckpointError(f"{file}: layer {i}'s LoRA-wrapped W_target is incomplete (has "
                                       f"{', '.join(have)}; needs frozen_W, lora_A and lora_B).")
             (kw, w), (ka, a), (kb, b) = lora
             if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                 raise CheckpointError(f"{file}: {ka} {tuple(a.shape)} and {kb} {tuple(b.shape)} are not a LoRA pair.")
             with torch.no_grad():
-                out[pre + "target_generator.W_target.weight"] = w.float() + lora_scaling * (b.float() @ a.float())
-            origin[pre + "target_generator.W_target.weight"] = (f"{file.name}:{kw} + {lora_scaling}·lora_B·lora_A "
-                                                                f"(fused)")
+                out[checkpoint_key(i, _W_TARGET)] = w.float() + lora_scaling * (b.float() @ a.float())
+            origin[checkpoint_key(i, _W_TARGET)] = f"{file.name}:{kw} + {lora_scaling}·lora_B·lora_A (fused)"
     return out, origin

@@ -7,13 +7,21 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from moshi.models import loaders
+from safetensors.torch import load_file
+
 from ..errors import CheckpointError, ConfigError
+from ..fastweights.attach import variant_of
 from ..fastweights.config import TTT_FILE, FastWeightConfig
+from ..io import atomic_dir
+from ..outputs import OutputPlan
 from .config import default_ttt_section, parse_layers, resolve_ttt_config
-from .loader import _load_lm, load_model
+from .loader import load_model
 from .presets import PRESETS
-from .resolver import FILE_KEYS, Resolved, _file_ref, checkpoint_info, resolve, ttt_file
-from .writer import add_ttt_to_checkpoint
+from .resolver import FILE_KEYS, Resolved, checkpoint_info, file_ref, resolve, ttt_file
+from .weights import load_lm
+from .writer import add_ttt_to_checkpoint, ttt_tensors_for
 from .yarn import YarnConfig
 
 
@@ -46,15 +54,13 @@ def checkpoint_is_ours(path: Path) -> bool:
 
 def _output_plan(res: Resolved, out: Path, overwrite: bool):
     """Refuses an --out that is, holds or lies inside the source, or is a directory ttt did not write (SPEC §7.1)."""
-    from ..outputs import OutputPlan
-
     plan = OutputPlan(overwrite)
     if res.directory is not None:
         plan.read(res.directory, f"the source checkpoint {res.model_id}", tree=True)
         for key in FILE_KEYS:  # files the source names outside its directory are inputs too
             name = res.config.get(key)
             if isinstance(name, str) and not name.startswith("hf://"):
-                plan.read(Path(_file_ref(res, name)), f"a file of the source checkpoint ({key})")
+                plan.read(Path(file_ref(res, name)), f"a file of the source checkpoint ({key})")
     plan.replace_tree(out, "--out", "a checkpoint directory", checkpoint_is_ours)
     return plan.check().prepare()
 
@@ -89,9 +95,6 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
         OutputError: `out` may not be written (see above); ConfigError: unwritable parent; OSError: the
             write failed (nothing of it is left).
     """
-    from ..fastweights.attach import variant_of
-    from ..io import atomic_dir
-
     out = Path(out)
     res = resolve(source)
     if res.fork is not None:
@@ -99,14 +102,7 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
                           f"--base ...); init-checkpoint makes TTT checkpoints from base models.")
     plan = _output_plan(res, out, overwrite)
     info = checkpoint_info(res)
-    num_layers = int((info.lm_config or {}).get("num_layers", 32))
-    base_cfg, _ = resolve_ttt_config(res.config, num_layers)
-    base_cfg = base_cfg or FastWeightConfig.from_dict(default_ttt_section(num_layers), num_layers)
-    overrides = dict(section or {})
-    if layers is not None:
-        overrides["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
-    overrides["ttt_name"] = TTT_FILE
-    sec = base_cfg.with_overrides(overrides, num_layers).to_dict()  # checks the keys of the target variant
+    base_cfg, sec = _sections(res, info, layers, section)
     own, why_not = _own_tensors(res, base_cfg, sec, target_init)
     init = target_init or "ntp"
     try:
@@ -117,6 +113,26 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     m = load_model(str(out), device="cpu", dtype="fp32")  # verify it loads before reporting success
     if m.ttt is None or m.ttt.layers != cfg.layers:
         raise CheckpointError(f"{out} was written but does not load back with TTT layers {cfg.layers}.")
+    notes = _notes(res, cfg, kept, init, why_not)
+    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), init, notes, kept)
+
+
+def _sections(res: Resolved, info, layers: list[int] | str | None,
+              section: dict | None) -> tuple[FastWeightConfig, dict]:
+    """(the source's `ttt` config, or the default one; the section to write: the source's with `layers` and
+    `section` applied, checked against the keys of the variant it ends up with)."""
+    num_layers = int((info.lm_config or {}).get("num_layers", 32))
+    base_cfg, _ = resolve_ttt_config(res.config, num_layers)
+    base_cfg = base_cfg or FastWeightConfig.from_dict(default_ttt_section(num_layers), num_layers)
+    overrides = dict(section or {})
+    if layers is not None:
+        overrides["layers"] = parse_layers(layers, num_layers) if isinstance(layers, str) else layers
+    overrides["ttt_name"] = TTT_FILE
+    return base_cfg, base_cfg.with_overrides(overrides, num_layers).to_dict()
+
+
+def _notes(res: Resolved, cfg: FastWeightConfig, kept: list[int], init: str, why_not: str) -> list[str]:
+    """Where the written fast-weight tensors come from: the source's own (`kept` layers) or fresh (how, and why)."""
     fresh = [i for i in cfg.layers if i not in kept]
     notes = []
     if kept:
@@ -125,7 +141,7 @@ def init_checkpoint(source: str | None, out: Path, layers: list[int] | str | Non
     if fresh:
         notes.append((f"layer(s) {fresh}: " if kept else "") + variant_of(cfg).fresh_note(cfg, init)
                      + (f" ({why_not})" if why_not else ""))
-    return InitResult(out, res.model_id, cfg.to_dict(), sorted(p.name for p in out.iterdir()), init, notes, kept)
+    return notes
 
 
 # `ttt` keys that leave the meaning of the tensors unchanged: the source's tensors stay valid.
@@ -134,8 +150,6 @@ TENSOR_NEUTRAL_KEYS = ("layers", "chunk_size", "ttt_name", "delta_clip_fro_norm"
 
 def _own_tensors(res: Resolved, own_cfg: FastWeightConfig, sec: dict, target_init: str | None) -> tuple[dict, str]:
     """The source's own TTT tensors that the section written may keep, and, where none, why (for the note)."""
-    from safetensors.torch import load_file
-
     own = res.config.get("ttt")
     if not isinstance(own, dict) or "random_weights" in res.config:
         return {}, ""
@@ -175,20 +189,15 @@ def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: st
 
     Returns (the section written, the layers whose tensors are the source's own).
     """
-    import torch
-    from .writer import ttt_tensors_for
-
     config = {k: v for k, v in res.config.items() if k not in ("ttt", "ttt_config")}
     if not config:  # legacy hub repo without config.json: moshi's default file names
-        from moshi.models import loaders
         config = {"moshi_name": loaders.MOSHI_NAME, "mimi_name": loaders.MIMI_NAME,
                   "tokenizer_name": loaders.TEXT_TOKENIZER_NAME}
     for key in [k for k in FILE_KEYS if config.get(k)]:
         name = config[key]
-        ref = _file_ref(res, name)
+        ref = file_ref(res, name)
         if copy_base or res.directory is not None and res.model_id in PRESETS:
-            from moshi.models.loaders import hf_get
-            src = hf_get(ref) if ref.startswith("hf://") else Path(ref)
+            src = loaders.hf_get(ref) if ref.startswith("hf://") else Path(ref)
             shutil.copyfile(src, tmp / Path(name).name)  # contents only: the user's umask, not the source's mode
             config[key] = Path(name).name
         else:
@@ -199,7 +208,7 @@ def _write_checkpoint(res: Resolved, info, tmp: Path, sec: dict, target_init: st
     if yarn_scale is not None:
         config["yarn_config"] = yarn_config_for(yarn_scale, config.get("context"))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    lm = _load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32).lm
+    lm = load_lm(checkpoint_info(Resolved(str(tmp), config, tmp)), "cpu", torch.float32).lm
     cfg = FastWeightConfig.from_dict(sec, int(config.get("num_layers", 32)))
     tensors = ttt_tensors_for(lm, cfg, target_init)  # may resolve keys in `cfg` (mlp: num_heads null -> the layer's)
     kept = []

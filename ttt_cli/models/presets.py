@@ -4,11 +4,22 @@ made on first use; `moshi-7b-random`, `moshi-7b-layer`: Moshi 7B's shapes, rando
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
+import sentencepiece as spm
+import torch
+from moshi.models.loaders import _lm_kwargs, get_mimi, get_moshi_lm
+from safetensors.torch import save_file
+
 from ..errors import ConfigError
+from ..fastweights.config import FastWeightConfig
+from ..io import atomic_dir
+from .writer import add_ttt_to_checkpoint, ttt_tensors_for
 
 PRESETS = ("tiny", "tiny-stt", "tiny-mlp", "tiny-adapter", "bench", "moshi-7b-random", "moshi-7b-layer")
 # Real-shape presets (SPEC §8.7): moshi 7B's own config (moshi's `loaders._lm_kwargs`), LM weights drawn at load
@@ -100,9 +111,6 @@ def _corpus() -> str:
 
 
 def _train_tokenizer(out: Path, vocab: int) -> None:
-    import io
-    import sentencepiece as spm
-
     # One thread, a fixed seed, and sentences from memory (a file input would store its temporary
     # path in the model) keep the model file byte-identical run to run.
     spm.set_random_generator_seed(SEED)
@@ -122,8 +130,6 @@ def _fit_codebooks(mimi, seconds: int = 20) -> None:
     tiny model's output would not depend on its input at all. Seeding each codebook with latents
     (the usual k-means start) makes codes follow the audio. Uses the global torch RNG (seeded).
     """
-    import math
-    import torch
     n = seconds * 24000
     t = torch.arange(n) / 24000
     env = 0.05 + 0.3 * torch.sin(2 * math.pi * 0.7 * t).abs()
@@ -144,10 +150,6 @@ def _fit_codebooks(mimi, seconds: int = 20) -> None:
 
 def _write_base(name: str, out: Path):
     """Writes a plain moshi checkpoint directory (no TTT) for preset `name`; returns its LMModel."""
-    import torch
-    from safetensors.torch import save_file
-    from moshi.models.loaders import get_mimi, get_moshi_lm
-
     cfg = LM_CONFIGS[BASES.get(name, name)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -170,10 +172,6 @@ def _write_base(name: str, out: Path):
 
 def _variant_tensors(name: str, lm, section: dict) -> dict | None:
     """The TTT tensors of a variant preset: the fresh init with VARIANT_TENSOR_STD's tensors redrawn."""
-    import torch
-    from ..fastweights.config import FastWeightConfig
-    from .writer import ttt_tensors_for
-
     stds = VARIANT_TENSOR_STD.get(name)
     if stds is None:
         return None
@@ -189,13 +187,11 @@ def _variant_tensors(name: str, lm, section: dict) -> dict | None:
 
 def random_lm_config(name: str) -> dict:
     """The LMModel config of a real-shape preset: moshi 7B's `_lm_kwargs` with the preset's changes."""
-    from moshi.models.loaders import _lm_kwargs
     return {**_lm_kwargs, **RANDOM_PRESETS[name]}
 
 
 def _write_random_preset(name: str, out: Path) -> None:
     """config.json (moshi 7B + `ttt` + `random_weights`) and tiny's Mimi and tokenizer; no LM weights file."""
-    import shutil
     tiny = ensure_preset("tiny")
     for f in ("mimi.safetensors", "mimi_config.json", "tokenizer.model"):
         shutil.copyfile(tiny / f, out / f)
@@ -216,7 +212,6 @@ def memory_estimate(lm_meta, dtype, ttt_layers: dict, streams: int = 1) -> tuple
         dtype: the run's torch dtype.
         ttt_layers: {index: fast-weight layer} of `lm_meta`.
     """
-    import torch
     ttt_ids = {id(t) for layer in ttt_layers.values() for t in list(layer.parameters()) + list(layer.buffers())
                if t.dtype == torch.float32 and not any(t is p for p in _base_params(layer))}
     base = sum(p.numel() for p in lm_meta.parameters() if id(p) not in ttt_ids)
@@ -239,7 +234,6 @@ def _base_params(layer) -> list:
 
 def device_memory(device: str) -> int:
     """Total memory of `device` in bytes (a CUDA device's, else the machine's RAM)."""
-    import torch
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_properties(torch.device(device)).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -247,8 +241,6 @@ def device_memory(device: str) -> int:
 
 def build_preset(name: str, out: Path) -> None:
     """Writes preset `name` (moshi files + `ttt` section + ttt.safetensors) into directory `out`."""
-    from .writer import add_ttt_to_checkpoint
-
     out.mkdir(parents=True, exist_ok=True)
     if name in RANDOM_PRESETS:
         return _write_random_preset(name, out)
@@ -264,7 +256,6 @@ def ensure_preset(name: str) -> Path:
     final = preset_dir(name)
     if (final / "config.json").exists():
         return final
-    from ..io import atomic_dir
     try:
         with atomic_dir(final) as tmp:  # the user's umask (mkdtemp would make it 0700)
             build_preset(name, tmp)

@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from moshi.models import loaders
+
 from ..errors import CheckpointError, ConfigError
 from .fork import FILE_ROLES, ForkLayout, find_fork_layout, folder_files, is_fork_config
-from .presets import PRESETS
+from .presets import PRESETS, ensure_preset
+from .yarn import YarnConfig
 
 DEFAULT_MODEL = "kyutai/moshiko-pytorch-bf16"
 # moshi config keys that name files rather than LMModel arguments.
@@ -69,7 +75,6 @@ def resolve(source: str | None, base: str | None = None) -> Resolved:
 
 def _resolve(source: str) -> Resolved:
     if source in PRESETS:
-        from .presets import ensure_preset
         d = ensure_preset(source)
         return Resolved(source, _read_config(d / "config.json"), d)
     p = Path(source).expanduser()
@@ -95,12 +100,10 @@ def _resolve(source: str) -> Resolved:
                               f"Use `tiny` for the built-in offline model.")
     repo, rev = m.group(1), m.group(2)
     try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
         # Without a route to the hub, use the local cache only instead of ~20 s of retries.
         cache_only = bool(os.environ.get("HF_HUB_OFFLINE")) or not _hub_reachable()
         try:
-            cfg_path = hf_hub_download(repo, "config.json", revision=rev, local_files_only=cache_only)
+            cfg_path = huggingface_hub.hf_hub_download(repo, "config.json", revision=rev, local_files_only=cache_only)
             config = _read_config(Path(cfg_path))
         except LocalEntryNotFoundError:
             raise RuntimeError("the hub cannot be reached and the file is not in the local cache") from None
@@ -118,7 +121,6 @@ def _resolve(source: str) -> Resolved:
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    import socket
     endpoint = os.environ.get("HF_ENDPOINT")
     if endpoint:
         host = re.sub(r"^\w+://", "", endpoint).split("/")[0].split(":")[0]
@@ -139,8 +141,14 @@ def _read_config(path: Path) -> dict:
     return cfg
 
 
-def _file_ref(res: Resolved, name: str) -> str:
-    """A file named in config.json, as moshi's `hf_get` takes it."""
+def file_ref(res: Resolved, name: str) -> str:
+    """A file named in config.json, as moshi's `hf_get` takes it: `hf://`, `file://` and absolute names as they
+    are, others inside the checkpoint's directory or hub repo.
+
+    Args:
+        res: the resolved checkpoint.
+        name: the file name config.json gives.
+    """
     if name.startswith(("hf://", "file://")) or os.path.isabs(name):
         return name
     if res.directory is not None:
@@ -151,13 +159,12 @@ def _file_ref(res: Resolved, name: str) -> str:
 def ttt_file(res: Resolved, name: str) -> Path:
     """The checkpoint's own TTT tensors file (`ttt_name` of its `ttt` section): local, or downloaded."""
     if res.directory is not None:
-        path = Path(_file_ref(res, name))
+        path = Path(file_ref(res, name))
         if not path.exists():
             raise CheckpointError(f"checkpoint {res.model_id}: the `ttt` section names {name}, which does not exist.")
         return path
-    from moshi.models.loaders import hf_get
     try:
-        return Path(hf_get(_file_ref(res, name), revision=res.revision))
+        return Path(loaders.hf_get(file_ref(res, name), revision=res.revision))
     except Exception as e:
         raise CheckpointError(f"could not download {name} of {res.model_id}: {e}") from None
 
@@ -171,7 +178,6 @@ NON_LM_KEYS = ("ttt", "ttt_config", "yarn_config", "random_weights")
 
 def yarn_section(cfg: dict):
     """The checkpoint's enabled `yarn_config` (ours or the fork's) as a `YarnConfig`; None when absent."""
-    from .yarn import YarnConfig  # imports torch: only when a checkpoint is read
     return YarnConfig.from_dict(cfg.get("yarn_config"), cfg.get("context"))
 
 
@@ -187,12 +193,11 @@ def moshi_config(cfg: dict) -> dict:
 
 def _base_files(base: Resolved) -> dict[str, str | None]:
     """The base's LM weights, Mimi, tokenizer and Mimi config, as refs `hf_get` takes."""
-    from moshi.models import loaders
     cfg = base.config  # {} for a legacy hub repo: moshi's default names
     names = {"moshi": cfg.get("moshi_name", loaders.MOSHI_NAME), "mimi": cfg.get("mimi_name", loaders.MIMI_NAME),
              "tokenizer": cfg.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME),
              "mimi_config": cfg.get("mimi_config_name")}
-    return {k: (_file_ref(base, v) if v else None) for k, v in names.items()}
+    return {k: (file_ref(base, v) if v else None) for k, v in names.items()}
 
 
 def _fork_files(res: Resolved) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -220,54 +225,13 @@ def checkpoint_info(res: Resolved):
     """moshi's `CheckpointInfo` for a resolved checkpoint, with the TTT and YaRN sections removed.
 
     Fills `res.provenance` with the files used (and, for fork checkpoints, which came from `--base`).
-    """
-    from moshi.models import loaders
 
+    Args:
+        res: what `resolve` found.
+    """
+    kw = _fork_kw(res) if res.fork is not None else _own_kw(res)
+    info = _moshi_info(res, kw)
     cfg = res.config
-    kw: dict = {}
-    if res.fork is not None:
-        files, where = _fork_files(res)
-        kw = dict(moshi_weights=files["moshi"], mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
-        if files["mimi_config"]:
-            kw["mimi_config_path"] = files["mimi_config"]
-        res.provenance = {"format": "moshi_in_place", "kind": res.fork.kind, "step": res.fork.step,
-                          "checkpoint": str(res.fork.folder), "weights": str(res.fork.weights),
-                          "base": res.base.model_id if res.base is not None else None, "from": where}
-    elif res.directory is not None:
-        missing = [f"{k}={cfg[k]}" for k in FILE_KEYS if k in cfg and not str(cfg[k]).startswith("hf://")
-                   and not _local(_file_ref(res, cfg[k])).exists()]
-        if missing:
-            raise CheckpointError(f"checkpoint {res.model_id} names files that do not exist: {', '.join(missing)}.")
-        for k in ("moshi_name", "mimi_name", "tokenizer_name"):
-            if k not in cfg and not (k == "moshi_name" and "random_weights" in cfg):
-                raise CheckpointError(f"checkpoint {res.model_id}: config.json has no `{k}`; a local checkpoint must "
-                                      f"name its weights, Mimi and tokenizer files.")
-    if res.fork is None and (res.directory is not None or res.config):
-        kw = dict(moshi_weights=_file_ref(res, cfg.get("moshi_name", loaders.MOSHI_NAME)),
-                  mimi_weights=_file_ref(res, cfg.get("mimi_name", loaders.MIMI_NAME)),
-                  tokenizer=_file_ref(res, cfg.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME)))
-        if cfg.get("mimi_config_name"):
-            kw["mimi_config_path"] = _file_ref(res, cfg["mimi_config_name"])
-        if cfg.get("lora_name"):
-            kw["lora_weights"] = _file_ref(res, cfg["lora_name"])
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = None
-        if res.config:
-            base = moshi_config(cfg)
-            if res.fork is not None:  # files come from kw; moshi must not look them up itself
-                for k in FILE_KEYS:
-                    base.pop(k, None)
-            cfg_path = Path(tmp) / "config.json"
-            cfg_path.write_text(json.dumps(base))
-        hub = res.base if res.fork is not None else res  # only a base can be on the hub
-        try:
-            info = loaders.CheckpointInfo.from_hf_repo(hub.hub_repo if hub and hub.hub_repo else "local",
-                                                       config_path=cfg_path, revision=hub.revision if hub else None,
-                                                       **kw)
-        except Exception as e:
-            raise CheckpointError(f"could not fetch the files of checkpoint {res.model_id} "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use "
-                                  f"`--model tiny` or a local directory when offline.") from None
     files = {"config": str(res.directory / "config.json") if res.directory is not None
              else f"hf://{res.hub_repo}/config.json",
              "lm_weights": str(info.moshi_weights), "mimi": str(info.mimi_weights), "tokenizer": str(info.tokenizer)}
@@ -282,3 +246,63 @@ def checkpoint_info(res: Resolved):
     res.provenance = {**({"format": "ttt" if "ttt" in cfg else "moshi"} if res.fork is None else res.provenance),
                       "files": files}
     return info
+
+
+def _fork_kw(res: Resolved) -> dict:
+    """`CheckpointInfo.from_hf_repo`'s file arguments for a fork checkpoint; sets the fork's part of
+    `res.provenance` (its files and which came from the base)."""
+    files, where = _fork_files(res)
+    kw = dict(moshi_weights=files["moshi"], mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
+    if files["mimi_config"]:
+        kw["mimi_config_path"] = files["mimi_config"]
+    res.provenance = {"format": "moshi_in_place", "kind": res.fork.kind, "step": res.fork.step,
+                      "checkpoint": str(res.fork.folder), "weights": str(res.fork.weights),
+                      "base": res.base.model_id if res.base is not None else None, "from": where}
+    return kw
+
+
+def _own_kw(res: Resolved) -> dict:
+    """`CheckpointInfo.from_hf_repo`'s file arguments for our layout and moshi's (none for a legacy hub repo
+    without config.json); a local checkpoint must name files that exist."""
+    cfg = res.config
+    if res.directory is not None:
+        missing = [f"{k}={cfg[k]}" for k in FILE_KEYS if k in cfg and not str(cfg[k]).startswith("hf://")
+                   and not _local(file_ref(res, cfg[k])).exists()]
+        if missing:
+            raise CheckpointError(f"checkpoint {res.model_id} names files that do not exist: {', '.join(missing)}.")
+        for k in ("moshi_name", "mimi_name", "tokenizer_name"):
+            if k not in cfg and not (k == "moshi_name" and "random_weights" in cfg):
+                raise CheckpointError(f"checkpoint {res.model_id}: config.json has no `{k}`; a local checkpoint must "
+                                      f"name its weights, Mimi and tokenizer files.")
+    if res.directory is None and not res.config:
+        return {}
+    kw = dict(moshi_weights=file_ref(res, cfg.get("moshi_name", loaders.MOSHI_NAME)),
+              mimi_weights=file_ref(res, cfg.get("mimi_name", loaders.MIMI_NAME)),
+              tokenizer=file_ref(res, cfg.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME)))
+    if cfg.get("mimi_config_name"):
+        kw["mimi_config_path"] = file_ref(res, cfg["mimi_config_name"])
+    if cfg.get("lora_name"):
+        kw["lora_weights"] = file_ref(res, cfg["lora_name"])
+    return kw
+
+
+def _moshi_info(res: Resolved, kw: dict):
+    """moshi's own `CheckpointInfo.from_hf_repo` on the config moshi may see (`moshi_config`) and the files `kw`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = None
+        if res.config:
+            base = moshi_config(res.config)
+            if res.fork is not None:  # files come from kw; moshi must not look them up itself
+                for k in FILE_KEYS:
+                    base.pop(k, None)
+            cfg_path = Path(tmp) / "config.json"
+            cfg_path.write_text(json.dumps(base))
+        hub = res.base if res.fork is not None else res  # only a base can be on the hub
+        try:
+            return loaders.CheckpointInfo.from_hf_repo(hub.hub_repo if hub and hub.hub_repo else "local",
+                                                       config_path=cfg_path, revision=hub.revision if hub else None,
+                                                       **kw)
+        except Exception as e:
+            raise CheckpointError(f"could not fetch the files of checkpoint {res.model_id} "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Use "
+                                  f"`--model tiny` or a local directory when offline.") from None

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import re
+import typing as tp
+
+import torch
+from safetensors import safe_open
 
 from ..errors import CheckpointError
+from ..fastweights.inplace import KEY_PREFIX, TARGET_GENERATOR, W0, tensor_shapes
+from .fork import FORK_W0, fork_tensor_shape
 
-# Our names and the fork's (`w_down_pretrained`, LoRA-wrapped `W_target`), with or without a prefix.
-TTT_KEY = re.compile(r"^(?:.*\.)?transformer\.layers\.(\d+)\.gating\.(w_down|w_down_pretrained|target_generator\..+)$")
+
+def _inplace_key() -> re.Pattern:
+    """In-Place tensor keys: ours and the fork's (`w_down_pretrained`, LoRA-wrapped `W_target`: any tensor below
+    the target generator), with or without a prefix; groups: layer index, name after `gating.`."""
+    prefix = re.escape(KEY_PREFIX.format(i="INDEX")).replace("INDEX", r"(\d+)")
+    names = "|".join([re.escape(W0), re.escape(FORK_W0), re.escape(TARGET_GENERATOR) + r"\..+"])
+    return re.compile(rf"^(?:.*\.)?{prefix}({names})$")
+
+
+TTT_KEY = _inplace_key()
 
 
 # The variants' tensors (SPEC §3.10 `...layers.{i}.ttt.*`, §3.11 `...layers.{i}.{target}.ttt_adapter.*`): ttt.safetensors only.
@@ -30,9 +44,17 @@ def split_ttt(state: dict) -> tuple[dict, dict]:
     return state, ttt
 
 
+def by_layer(raw: dict) -> dict[int, dict[str, tuple[str, tp.Any]]]:
+    """In-Place TTT tensors ({key: tensor}, TTT keys only) by layer: {i: {name after `gating.`: (key, tensor)}}."""
+    out: dict[int, dict[str, tuple[str, tp.Any]]] = {}
+    for k, v in raw.items():
+        m = TTT_KEY.match(k)
+        out.setdefault(int(m.group(1)), {})[m.group(2)] = (k, v)
+    return out
+
+
 def safetensors_keys(path) -> list[str]:
     """The tensor names of a safetensors file (empty for None or another format)."""
-    from safetensors import safe_open
     if path is None or not str(path).endswith((".safetensors", ".sft", ".sfts")):
         return []
     try:
@@ -43,14 +65,10 @@ def safetensors_keys(path) -> list[str]:
 
 
 def expected_ttt_shape(name: str, dim: int, hidden: int, kernel: int) -> tuple | None:
-    """The shape a TTT tensor (name after `gating.`) must have; None for a LoRA factor (rank free)."""
-    if name in ("w_down", "w_down_pretrained"):
-        return (dim, hidden)
-    if name == "target_generator.conv1d.conv.weight":
-        return (dim, dim, kernel)
-    if name in ("target_generator.W_target.weight", "target_generator.W_target.frozen_W.weight"):
-        return (dim, dim)
-    return None
+    """The shape a TTT tensor (name after `gating.`, ours or the fork's) must have; None for a LoRA factor
+    (rank free)."""
+    ours = tensor_shapes(dim, hidden, kernel)
+    return ours[name] if name in ours else fork_tensor_shape(name, dim, hidden)
 
 
 def check_ttt_tensors(raw: dict, file, shapes: dict[int, tuple[int, int]], kernel: int) -> None:
@@ -63,7 +81,6 @@ def check_ttt_tensors(raw: dict, file, shapes: dict[int, tuple[int, int]], kerne
         shapes: {layer index: (d, h)} of the layers that take TTT tensors.
         kernel: the config's conv kernel size.
     """
-    import torch
     for k, v in raw.items():
         m = TTT_KEY.match(k)
         i, name = int(m.group(1)), m.group(2)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from ..errors import CheckpointError
+from ..fastweights.attach import variant_of
 from ..fastweights.config import FastWeightConfig
 from ..io import atomic_write
 
@@ -13,7 +16,6 @@ from ..io import atomic_write
 def ttt_tensors_for(lm, cfg: FastWeightConfig, target_init: str) -> dict:
     """TTT tensors for every layer of `cfg` with the variant's documented fresh init (In-Place: SPEC §3.6,
     from the LM's `linear_out` weights; `mlp` §3.10; `linear-adapter` §3.11)."""
-    from ..fastweights.attach import variant_of
     return variant_of(cfg).fresh_tensors(lm, cfg, target_init)
 
 
@@ -28,8 +30,6 @@ def add_ttt_to_checkpoint(directory: Path, section: dict, lm, target_init: str =
         target_init: In-Place: `ntp` or `zero` (SPEC §3.6).
         tensors: the TTT tensors to write (default: the variant's fresh init).
     """
-    from safetensors.torch import save_file
-
     cfg_path = directory / "config.json"
     try:
         config = json.loads(cfg_path.read_text())

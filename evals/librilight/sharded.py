@@ -1,11 +1,4 @@
-"""`ttt eval librilight` under torchrun (SPEC §5.6): whole documents shared among ranks, rank 0 merges.
-
-Rank 0 opens (or resumes) the run's record and shares the documents still to do, balanced by
-duration; each rank scores its share and writes every finished document atomically as a record
-under `OUT/.ranks/<rank>/`; rank 0 then merges every rank's records into the resume state (in
-dataset order, the order a single process sums them in) and writes the outputs. A run that stops
-keeps the records: `--resume`, with any number of processes, takes them as finished documents.
-"""
+"""`ttt eval librilight` under torchrun (SPEC §5.6): whole documents shared among ranks, rank 0 merges."""
 
 from __future__ import annotations
 
@@ -14,11 +7,19 @@ import typing as tp
 from ttt_cli.distributed import balance, current
 from ttt_cli.errors import ConfigError
 
-from . import resume
+from .. import resume
+from .data import Document
+from .loop import score_all
+from .options import LibriLightRun
 
 
 def refuse_carrying(policies) -> None:
-    """Policies that carry fast weights from one document to the next make documents one sequence."""
+    """Policies that carry fast weights from one document to the next make documents one sequence: refused
+    under torchrun.
+
+    Args:
+        policies: the parsed policies.
+    """
     carrying = [p.name for p in policies if p.carries_across_documents]
     if carrying and current().active:
         raise ConfigError(f"policy {', '.join(carrying)} carries fast weights from one document to the next, so the "
@@ -26,15 +27,19 @@ def refuse_carrying(policies) -> None:
                           f"or leave it out of this run.", hint="run -p never in a single process")
 
 
-def score_shared(run, config: dict, open_resume: tp.Callable, score_all: tp.Callable, write_state: tp.Callable) -> bool:
+def score_shared(run: LibriLightRun, config: dict, open_resume: tp.Callable[[LibriLightRun, dict], None]) -> bool:
     """Scores the run's documents on every rank of the job; rank 0 ends with every record merged.
 
+    Rank 0 opens (or resumes) the run's record and shares the documents still to do, balanced by
+    duration; each rank scores its share and writes every finished document atomically as a record
+    under `OUT/.ranks/<rank>/`; rank 0 then merges every rank's records into the resume state (in
+    dataset order, the order a single process sums them in) and writes the outputs. A run that stops
+    keeps the records: `--resume`, with any number of processes, takes them as finished documents.
+
     Args:
-        run: the protocol's `_Run`.
+        run: the `LibriLightRun`.
         config: the run's resume configuration (`resume.run_config`).
         open_resume: `(run, config)`: loads or starts the resume record (rank 0 only).
-        score_all: `(run, todo, commit)`: scores documents, committing each; True when interrupted.
-        write_state: `(state_dir, state)`: writes the resume state atomically.
     Returns:
         True when Ctrl-C stopped some rank (rank 0: any rank; the others: their own).
     """
@@ -58,7 +63,7 @@ def score_shared(run, config: dict, open_resume: tp.Callable, score_all: tp.Call
         return interrupted
     records, notes = resume.read_rank_records(run.out)
     run.state, damaged = resume.merge_records(run.state, records, [d.id for d in docs])
-    write_state(resume.state_dir(run.out), run.state)
+    resume.write_state(resume.state_dir(run.out), run.state)
     if not damaged:
         resume.remove_ranks(run.out)  # everything is in the state file now
     for st in stats[1:]:
@@ -71,7 +76,7 @@ def score_shared(run, config: dict, open_resume: tp.Callable, score_all: tp.Call
     return any(st["interrupted"] for st in stats)
 
 
-def _commit_to_rank(run, doc, entry: dict) -> None:
+def _commit_to_rank(run: LibriLightRun, doc: Document, entry: dict) -> None:
     """Commits one finished document of this rank: its record (atomic), then the state in memory."""
     s = current()
     resume.write_rank_record(run.out, s.rank, doc.id, entry, run.state["config"])

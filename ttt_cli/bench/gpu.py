@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import typing as tp
-import warnings
 
 import torch
 
-from .units import FRAME_RATE
+from ..fastweights.attach import state_bytes_per_stream
+from ..fastweights.graphs import TTTLMGen
+from ..models.loader import TTTModel
+from ..units import FRAME_RATE
+from .options import BenchOptions, load_measured
+from .results import Figure
+from .timing import step_overhead
 
 FRAME_SECONDS = 1 / FRAME_RATE  # one LMGen step = one Mimi frame
-GPU_FIGURES = ("gpu_rtf_b1", "gpu_rtf_b8", "gpu_rtf_ratio_b1", "gpu_rtf_ratio_b8", "gpu_memory_per_stream_error")
 SKIP_NOTE = "GPU figures ({names}) skipped: no CUDA device in this run (--device {device})."
 
 
@@ -38,12 +42,11 @@ def memory_error(ttt: tuple[int, int], plain: tuple[int, int], estimate: int) ->
 
 def _peak_bytes(lm, B: int, steps: int, device: str) -> int:
     """`torch.cuda.max_memory_allocated` growth over a B-stream generation of `steps` steps (TTTLMGen)."""
-    from .fastweights.graphs import TTTLMGen
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     gen = TTTLMGen(lm, use_sampling=False)
-    x = torch.zeros(B, lm.n_q - lm.dep_q, 1, dtype=torch.long, device=device)
+    x = torch.zeros(B, lm.n_q - lm.dep_q, 1, dtype=torch.long, device=device)  # [B, K_in, 1]
     with torch.no_grad(), gen.streaming(B):
         for _ in range(steps):
             gen.step(x)
@@ -52,19 +55,19 @@ def _peak_bytes(lm, B: int, steps: int, device: str) -> int:
     return peak - base
 
 
-def gpu_figures(on, opts, names: tp.Sequence[str], progress) -> dict:
+def gpu_figures(on: TTTModel, opts: BenchOptions, names: tp.Sequence[str], progress) -> dict[str, Figure]:
     """The GPU figures of `names` for model `on` (TTT on, loaded on CUDA): real-time factor at batch 1 and 8 with
     CUDA graphs (TTTLMGen: one graph per step phase) vs plain moshi in the same run, the same without graphs
-    (in each figure's detail), and the measured vs estimated fast-weight memory per stream."""
-    from .bench import Figure, step_overhead
-    from .fastweights.attach import state_bytes_per_stream
-    from .models.loader import load_model
+    (in each figure's detail), and the measured vs estimated fast-weight memory per stream.
 
+    Args:
+        on: the model as loaded, on CUDA.
+        opts: the run's options.
+        names: the GPU figures wanted.
+        progress: a `Progress` hook (ttt_cli.progress).
+    """
     dev = str(on.device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        plain = load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=False)
-    steps = opts.steps or (320 if opts.quick else 1024)
+    plain = load_measured(opts, False)
     out: dict[str, Figure] = {}
     for B in (1, 8):
         if not {f"gpu_rtf_b{B}", f"gpu_rtf_ratio_b{B}"} & set(names):
@@ -73,7 +76,7 @@ def gpu_figures(on, opts, names: tp.Sequence[str], progress) -> dict:
         for graphs in (True, False):
             key = f"gpu{B}{'g' if graphs else ''}"
             progress.start(key, f"GPU real-time factor, batch {B}, CUDA graphs {'on' if graphs else 'off'}", None)
-            stats, _ = step_overhead(on, plain, B, steps, opts.rounds, dev, opts.seed, cuda_graphs=graphs)
+            stats, _ = step_overhead(on, plain, B, opts.lmgen_steps, opts.rounds, dev, opts.seed, cuda_graphs=graphs)
             rtf = {k: realtime_factor(v["median_ms"]) for k, v in stats.items()}
             detail["graphs" if graphs else "no_graphs"] = {"rtf_ttt": rtf["on"], "rtf_plain": rtf["off"],
                                                            "ratio": rtf["on"] / rtf["off"], "step_ms": stats}

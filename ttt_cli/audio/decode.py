@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import typing as tp
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import sphn
 
-from .errors import InputError
+from ..errors import InputError
+from ..outputs import input_problem
+from .resample import SAMPLE_RATE, Resampler, resampled, round_up
 
-SAMPLE_RATE = 24000
 FRAME_SIZE = 1920  # samples per Mimi frame (80 ms) = one LM step
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac")
 CHUNK_SECONDS = 30.0   # native audio decoded and resampled at a time by `iter_audio`
-MARGIN_SECONDS = 0.25  # native context resampled on each side of a chunk, then cut off
 
-# sphn.resample is an FFT resampler over blocks of this many input samples (rounded up to a whole
-# number of rate periods); the block length is its filter length, which sets its delay.
-_SPHN_RESAMPLE_BLOCK = 1024
 _SEEK_CHECK = 64  # native samples decoded twice at each chunk start, to verify that seeking is exact
 # A file that decodes to less than its header declares by more than this (seconds, or share of the
 # declared length) is reported as truncated: its decodable part is used, with a recorded warning.
@@ -43,58 +40,6 @@ class AudioInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-class _Resampler:
-    """`sphn.resample` to 24 kHz with its delay undone: output sample k is the input at time k / 24000.
-
-    sphn's FFT resampler delays its output by half its filter (fft_in // 2 input samples; 32 ms
-    from 16 kHz) and stops at the end of its last input block, so plain `sphn.read(...,
-    sample_rate=24000)` starts with that much silence, loses as much real audio at the end, and
-    pads the length to a whole block. Leading zeros make the delay a whole number of output
-    samples (so it can be cut exactly), trailing zeros flush the end out.
-
-    Args:
-        sample_rate: the input's rate.
-    """
-
-    def __init__(self, sample_rate: int):
-        g = math.gcd(sample_rate, SAMPLE_RATE)
-        self.sample_rate, self.p, self.q = sample_rate, sample_rate // g, SAMPLE_RATE // g
-        fft_in = _round_up(_SPHN_RESAMPLE_BLOCK, self.p)
-        half = fft_in // 2
-        self.lead = (-half) % self.p
-        self.delay = (half + self.lead) // self.p * self.q
-        self.tail = half + fft_in
-        # A chunk's output depends on its input within half a filter; the margin covers that with room.
-        self.margin = _round_up(max(int(MARGIN_SECONDS * sample_rate), fft_in), self.p)
-
-    @property
-    def identity(self) -> bool:
-        return self.p == self.q
-
-    def out_len(self, n: int) -> int:
-        """24 kHz samples of `n` input samples: those whose time falls before the input's end."""
-        return -(-n * self.q // self.p)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """[L] float32 at the input rate -> [out_len(L)] float32 at 24 kHz."""
-        if self.identity:
-            return x
-        import sphn
-
-        z = np.zeros(self.lead + x.shape[0] + self.tail, np.float32)
-        z[self.lead:self.lead + x.shape[0]] = x
-        y = sphn.resample(z[None], src_sample_rate=self.sample_rate, dst_sample_rate=SAMPLE_RATE)[0]
-        m = self.out_len(x.shape[0])
-        if y.shape[0] < self.delay + m:  # a sphn whose resampler no longer works as assumed above
-            raise RuntimeError(f"sphn.resample returned {y.shape[0]} samples for {z.shape[0]}, "
-                               f"expected at least {self.delay + m}.")
-        return np.asarray(y[self.delay:self.delay + m], dtype=np.float32)
 
 
 class _Native:
@@ -219,36 +164,7 @@ class _Native:
             start += k
 
 
-def _resampled(blocks: tp.Iterable[np.ndarray], n: int, rs: _Resampler, step: int) -> tp.Iterator[np.ndarray]:
-    """24 kHz pieces of a native waveform given as blocks covering [0, n), `step` native samples each.
-
-    Each piece is resampled with `rs.margin` native samples of context on either side (zeros
-    beyond the ends, as for the whole file) and the margins' output cut off, so the pieces
-    concatenate to resampling the whole waveform at once. `step` and the margin are whole rate
-    periods, so every piece starts on an exact 24 kHz sample.
-    """
-    m = rs.margin
-    buf, buf0 = np.zeros(0, np.float32), 0  # native samples [buf0, buf0 + len(buf))
-    a = 0
-    for blk in blocks:
-        buf = np.concatenate([buf, blk])
-        while a < n and buf0 + buf.shape[0] >= min(a + step + m, n):
-            b = min(a + step, n)
-            s, e = max(a - m, 0), min(b + m, n)
-            y = rs(buf[s - buf0:e - buf0])
-            off = s // rs.p * rs.q
-            yield y[rs.out_len(a) - off:rs.out_len(b) - off]
-            a = b
-            drop = max(a - m, 0) - buf0
-            buf, buf0 = buf[drop:], buf0 + drop
-    if a != n:
-        raise RuntimeError(f"audio blocks covered {buf0 + buf.shape[0]} of {n} samples")
-
-
 def _open(path: str | Path):
-    import sphn
-    from .outputs import input_problem
-
     p = Path(path)
     problem = input_problem(p)
     if problem is not None:
@@ -290,8 +206,8 @@ def iter_audio(path: str | Path, channel: int | None = None,
     p, reader, sr, nch = _open(path)
     if channel is not None and not 0 <= channel < nch:
         raise InputError(f"{p}: has {nch} channel(s); --channel {channel} does not exist.")
-    rs = _Resampler(sr)
-    step = _round_up(max(int(chunk_seconds * sr), 2 * _SEEK_CHECK), rs.p)
+    rs = Resampler(sr)
+    step = round_up(max(int(chunk_seconds * sr), 2 * _SEEK_CHECK), rs.p)
     native = _Native(p, reader, channel, step)
     if native.n == 0:
         raise InputError(f"{p}: decoded to 0 samples (empty or truncated file).")
@@ -303,7 +219,7 @@ def iter_audio(path: str | Path, channel: int | None = None,
     short = native.shortfall()
     info = AudioInfo(str(p), sr, nch, "mix" if channel is None else str(channel), samples / SAMPLE_RATE,
                      samples, samples // FRAME_SIZE, [short] if short else [])
-    pieces = native.blocks() if rs.identity else _resampled(native.blocks(), native.n, rs, step)
+    pieces = native.blocks() if rs.identity else resampled(native.blocks(), native.n, rs, step)
     return info, pieces
 
 
@@ -325,7 +241,6 @@ def load_audio(path: str | Path, channel: int | None = None,
     """
     info, pieces = iter_audio(path, channel)
     if moshi_compat and info.sample_rate != SAMPLE_RATE:
-        import sphn
         data, _ = sphn.read(str(path), sample_rate=SAMPLE_RATE)  # [C, N], validated above
         data = np.asarray(data, dtype=np.float32)
         out = np.ascontiguousarray(data.mean(axis=0) if channel is None else data[channel], dtype=np.float32)
@@ -341,113 +256,3 @@ def load_audio(path: str | Path, channel: int | None = None,
         i += piece.shape[0]
     return out, info
 
-
-class WavStream:
-    """A 24 kHz mono 16-bit WAV written as samples come (memory flat in its length), atomically.
-
-    The format and the float -> int16 conversion are `sphn.write_wav`'s (clip to [-1, 1], times 32767,
-    truncated), so a file written piece by piece is byte for byte the file `sphn.write_wav` writes
-    from the concatenated samples. Samples go to a temporary name (`ttt_cli.io.PendingFile`);
-    `finish()` completes the header, `commit()` renames onto `path`, `discard()` removes it.
-
-    Args:
-        path: the destination .wav.
-    """
-
-    def __init__(self, path: Path | str):
-        import wave
-        from .io import PendingFile
-
-        self.file = PendingFile(path)
-        self.samples = 0
-        self._w: tp.Any = None
-        try:
-            self._w = wave.open(str(self.file.tmp), "wb")
-            self._w.setnchannels(1)
-            self._w.setsampwidth(2)
-            self._w.setframerate(SAMPLE_RATE)
-        except BaseException:
-            self.discard()
-            raise
-
-    @property
-    def path(self) -> Path:
-        return self.file.path
-
-    def write(self, pcm: np.ndarray) -> None:
-        """Appends float32 samples [n] in [-1, 1]."""
-        x = np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * np.float32(32767)
-        self._w.writeframesraw(x.astype("<i2").tobytes())
-        self.samples += int(x.shape[0])
-
-    def finish(self) -> None:
-        """Completes the header (the file stays under its temporary name until `commit`)."""
-        if self._w is not None:
-            w, self._w = self._w, None
-            w.close()
-
-    def commit(self) -> Path:
-        """Finishes the file and renames it onto `path`."""
-        self.finish()
-        return self.file.commit()
-
-    def discard(self) -> None:
-        """Removes the temporary file (never raises)."""
-        if self._w is not None:
-            w, self._w = self._w, None
-            try:
-                w.close()
-            except Exception:
-                pass
-        self.file.discard()
-
-
-WHOLE_FILE_SECONDS = 600.0  # `ttt infer` reads files up to this long whole, as moshi.run_inference does
-
-
-@dataclass
-class FrameSource:
-    """One file as consecutive 80 ms frames at 24 kHz, silence padding included (see `open_frames`)."""
-
-    info: AudioInfo
-    n_frames: int                  # whole frames of the padded signal (a partial last frame is dropped)
-    whole: bool                    # read whole (moshi.run_inference's decoding) rather than in pieces
-    frames: tp.Iterator[np.ndarray]  # [FRAME_SIZE] float32 each
-
-
-def _framed(pieces: tp.Iterable[np.ndarray], before: int, after: int) -> tp.Iterator[np.ndarray]:
-    """`before` zeros, the pieces, `after` zeros, cut into whole frames (the partial last one dropped)."""
-    buf = np.zeros(before, np.float32)
-    for piece in itertools.chain(pieces, [np.zeros(after, np.float32)]):
-        buf = np.concatenate([buf, piece]) if buf.shape[0] else piece
-        n = buf.shape[0] // FRAME_SIZE
-        for i in range(n):
-            yield buf[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]
-        buf = buf[n * FRAME_SIZE:]
-
-
-def open_frames(path: str | Path, channel: int | None = None, pads: tuple[int, int] = (0, 0),
-                whole_file_seconds: float = WHOLE_FILE_SECONDS, chunk_seconds: float | None = None) -> FrameSource:
-    """Opens `path` for streaming: frames of 1920 samples at 24 kHz, with `pads` samples of silence around it.
-
-    A file up to `whole_file_seconds` long is decoded whole exactly as `moshi.run_inference` decodes
-    it (`load_audio(..., moshi_compat=True)`), so `ttt infer` equals moshi's own run on it. A longer
-    one is decoded in pieces of `chunk_seconds` (`iter_audio`: time-exact resampling), so memory
-    stays flat in its length; for a 24 kHz file both give the same samples.
-
-    Args:
-        path: audio file.
-        channel: take this channel instead of mixing down.
-        pads: samples of silence (before, after) the file.
-        whole_file_seconds: the longest file read whole (seconds at 24 kHz).
-        chunk_seconds: native audio per piece when reading in pieces (None: `CHUNK_SECONDS`).
-    Raises:
-        InputError: as `iter_audio` (non-finite samples of a long file only when the frames reach them).
-    """
-    info, pieces = iter_audio(path, channel, chunk_seconds or CHUNK_SECONDS)
-    whole = info.seconds <= whole_file_seconds
-    if whole:
-        wav, info = load_audio(path, channel, moshi_compat=True)
-        pieces = iter([wav])
-    n_frames = (pads[0] + info.samples + pads[1]) // FRAME_SIZE
-    return FrameSource(info, n_frames, whole, _framed(pieces, pads[0], pads[1]))

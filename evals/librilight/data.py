@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttt_cli.audio import AUDIO_EXTENSIONS
 from ttt_cli.errors import ConfigError
 
+from ..inputs import SkippedFile, natural_key, probe_seconds
+
 # Metadata keys of LibriLight's per-file JSON kept in results; `voice_activity` is summarised.
 META_KEYS = ("speaker", "snr", "book_meta")
 BOOK_META_KEYS = ("id", "title", "authors", "language", "totaltimesecs", "url_librivox")
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key where digit runs compare as numbers: `2.flac` < `10.flac`, `speaker9` < `speaker10`."""
-    parts = re.split(r"(\d+)", text)
-    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts if p != "")
 
 
 @dataclass
@@ -30,18 +25,6 @@ class AudioFile:
     seconds: float               # from the file header (decoding later gives the exact length)
     meta: dict | None = None     # LibriLight JSON metadata (summarised), when the file has one
     meta_error: str | None = None
-
-
-@dataclass
-class SkippedFile:
-    """An input file left out, and why; `failed` is False when an option excluded it (a cut, a limit)."""
-
-    path: str
-    reason: str
-    failed: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -121,7 +104,11 @@ def _summarise_meta(raw: dict) -> dict:
 
 
 def read_metadata(audio: Path) -> tuple[dict | None, str | None]:
-    """The `<file>.json` next to an audio file: (summary, None), (None, None) if absent, (None, error)."""
+    """The `<file>.json` next to an audio file: (summary, None), (None, None) if absent, (None, error).
+
+    Args:
+        audio: the audio file.
+    """
     p = audio.with_suffix(".json")
     if not p.is_file():
         return None, None
@@ -132,27 +119,6 @@ def read_metadata(audio: Path) -> tuple[dict | None, str | None]:
     if not isinstance(raw, dict):
         return None, f"{p}: metadata is not a JSON object"
     return _summarise_meta(raw), None
-
-
-def probe_seconds(path: Path) -> float:
-    """Duration from the file header; raises ValueError with a reason when the file cannot be opened."""
-    import sphn
-
-    from ttt_cli.outputs import input_problem
-
-    problem = input_problem(path)
-    if problem is not None:
-        raise ValueError(problem)
-    if path.stat().st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    try:
-        seconds = float(sphn.FileReader(str(path)).duration_sec)
-    except Exception as e:
-        detail = (str(e).replace(f'"{path}": ', "").replace(f"{path}: ", "").strip() or type(e).__name__)
-        raise ValueError(f"cannot decode as audio ({detail})") from None
-    if not seconds > 0:
-        raise ValueError("no audio (0 s)")
-    return seconds
 
 
 def _listing(d: Path) -> list[Path] | str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import typing as tp
@@ -11,9 +10,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn import functional as F
 
-from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.codes import transformer_input
+from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.streaming import block_streaming
+from ttt_cli.telemetry import recording, take_rows
 
 DEFAULT_BLOCK_STEPS = 250
 
@@ -70,8 +70,6 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
         on_block: called with the number of steps scored so far.
         record: gather the update series (SPEC §3.7) into `.updates`; a reset's step is its position s.
     """
-    from ttt_cli.telemetry import recording, take_rows
-
     if block_steps < 1:
         raise ValueError(f"block_steps must be >= 1, got {block_steps}")
     if lm.is_streaming:
@@ -86,10 +84,8 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
     # Padding one step makes the last target available; the padded value is never read.
     x = transformer_input(lm, torch.cat([codes, codes[:, -1:]], -1)[None].to(dev))  # [1, K, T + 1]
     inputs, targets = x[:, :, :T], x[:, :, 1:]  # position s reads inputs[s] and predicts targets[s]
-    dq = lm.dep_q
-    nll = torch.full((dq, T), math.nan, dtype=torch.float32)
+    nll = torch.full((lm.dep_q, T), math.nan, dtype=torch.float32)
     text_nll = torch.full((T,), math.nan, dtype=torch.float32)
-    delays = list(lm.delays)
     layers = ttt_layers(lm)
     one = torch.ones(1, dtype=torch.bool, device=dev)
     t0 = time.perf_counter()
@@ -100,29 +96,9 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
                 layer.restore(carry[i], 0)
         for a in range(0, T, block):
             b = min(a + block, T)
-            cuts = [a] + [s for s in resets if a < s < b] + [b]
-            outs, text_logits = [], []
-            for lo, hi in zip(cuts[:-1], cuts[1:]):
-                if lo in reset_set:
-                    for layer in layers.values():
-                        layer.reset_streaming(one)  # fast weights only; attention carries on
-                out, tl = lm.forward_text(inputs[:, :, lo:hi])  # [1, L, d], [1, 1, L, text_card]
-                outs.append(out)
-                text_logits.append(tl)
-            tout = torch.cat(outs, 1)  # [1, L, d]
-            tl = torch.cat(text_logits, 2)[0, 0]  # [L, text_card]
-            d0 = delays[0]
-            lo = max(a, d0)
-            if lo < b:
-                text_nll[lo - d0:b - d0] = _token_nll(tl[lo - a:], targets[0, 0, lo:b], lm.text_card).cpu()
-            if dq:
-                logits = lm.forward_depformer_training(targets[:, :, a:b], tout)[0]  # [dep_q, L, card]
-                tok = _token_nll(logits, targets[0, lm.audio_offset:lm.audio_offset + dq, a:b], lm.card).cpu()
-                for k in range(dq):
-                    d = delays[lm.audio_offset + k]  # position s predicts step s - d of codebook k
-                    lo = max(a, d)
-                    if lo < b:
-                        nll[k, lo - d:b - d] = tok[k, lo - a:]
+            resets_in = [s for s in resets if a < s < b] + ([a] if a in reset_set else [])
+            tout, tl = _transformer_block(lm, inputs, a, b, resets_in, layers, one)
+            _block_nll(lm, targets, tout, tl, a, b, nll, text_nll)
             if on_block is not None:
                 on_block(b)
         out_carry = {i: layer.capture(0) for i, layer in layers.items()} if keep_carry else None
@@ -131,30 +107,38 @@ def score_document(lm, codes: torch.Tensor, resets: tp.Iterable[int] = (), block
     return DocumentScore(nll, text_nll, resets, time.perf_counter() - t0, out_carry, telemetry, updates)
 
 
-@contextlib.contextmanager
-def policy_settings(lm, ttt_on: bool, lr: float, warm_start: dict[int, dict[str, torch.Tensor]] | None = None
-                    ) -> tp.Iterator[None]:
-    """Sets the LM up for one policy's pass and puts it back afterwards.
-
-    Args:
-        lm: moshi LMModel with fast-weight layers, not streaming.
-        ttt_on: False freezes fast weights at W0 for the pass (lr 0; SPEC §3.4b: the baseline,
-            which ignores any warm start).
-        lr: the run's learning rate, restored on exit.
-        warm_start: {layer index: tensors as captured}: streams and resets start from them instead of W0.
-    """
-    from ttt_cli.fastweights.attach import set_ttt_lr
-
-    layers = ttt_layers(lm)
-    try:
-        if not ttt_on:
-            set_ttt_lr(lm, 0.0)
-        if warm_start and ttt_on:
-            for i, layer in layers.items():
-                layer.set_warm_start(warm_start[i])
-        yield
-    finally:
-        set_ttt_lr(lm, lr)
-        if warm_start and ttt_on:
+def _transformer_block(lm, inputs: torch.Tensor, a: int, b: int, resets: list[int], layers: dict,
+                       one: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main transformer over positions [a, b) of `inputs` [1, K, T], split at `resets` (positions in [a, b)
+    before which the fast weights reset; attention carries on); returns its outputs [1, L, d] and text logits
+    [L, text_card]."""
+    cuts = sorted({a, b, *resets})
+    outs, text_logits = [], []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        if lo in resets:
             for layer in layers.values():
-                layer.set_warm_start(None)
+                layer.reset_streaming(one)  # fast weights only; attention carries on
+        out, tl = lm.forward_text(inputs[:, :, lo:hi])  # [1, L, d], [1, 1, L, text_card]
+        outs.append(out)
+        text_logits.append(tl)
+    return torch.cat(outs, 1), torch.cat(text_logits, 2)[0, 0]  # [1, L, d], [L, text_card]
+
+
+def _block_nll(lm, targets: torch.Tensor, tout: torch.Tensor, tl: torch.Tensor, a: int, b: int, nll: torch.Tensor,
+               text_nll: torch.Tensor) -> None:
+    """Writes the NLL of positions [a, b) into `nll` [dep_q, T] and `text_nll` [T]: the text from the text logits
+    `tl` [L, text_card], the audio codebooks from one depformer call on the transformer outputs `tout` [1, L, d];
+    position s predicts step s - delay of each stream."""
+    delays, dq = list(lm.delays), lm.dep_q
+    d0 = delays[0]
+    lo = max(a, d0)
+    if lo < b:
+        text_nll[lo - d0:b - d0] = _token_nll(tl[lo - a:], targets[0, 0, lo:b], lm.text_card).cpu()
+    if dq:
+        logits = lm.forward_depformer_training(targets[:, :, a:b], tout)[0]  # [dep_q, L, card]
+        tok = _token_nll(logits, targets[0, lm.audio_offset:lm.audio_offset + dq, a:b], lm.card).cpu()
+        for k in range(dq):
+            d = delays[lm.audio_offset + k]  # position s predicts step s - d of codebook k
+            lo = max(a, d)
+            if lo < b:
+                nll[k, lo - d:b - d] = tok[k, lo - a:]

@@ -9,16 +9,23 @@ import typing as tp
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import ttt_cli.codes  # encode_stream called through the module: a test stands in a fake encoder for it
+from ttt_cli.audio import FRAME_SIZE, SAMPLE_RATE, iter_audio
 from ttt_cli.codes import ENCODE_BLOCK_FRAMES
 from ttt_cli.errors import InputError
+from ttt_cli.io import atomic_write
+from ttt_cli.models.presets import cache_root
 
-from .librilight import Document, SkippedFile
+from ..inputs import SkippedFile, file_digest, mimi_fingerprint
+from .data import Document
 
 # 2: audio read without sphn's resampler delay, at its exact length. 3: entries carry the content keys
 # of their inputs and a checksum of their payload, verified on every read (SPEC §7.1).
 CACHE_VERSION = 3
-HASH_BLOCK = 1 << 20  # bytes read at a time when hashing audio files
 
 
 @dataclass
@@ -62,50 +69,27 @@ class DocumentCodes:
         return self.samples / SAMPLE_RATE
 
 
-def digest_or_none(path: Path | str) -> str | None:
-    """`file_digest`, or None for a file that cannot be read (gone, unreadable)."""
-    try:
-        return file_digest(path)
-    except OSError:
-        return None
-
-
-def file_digest(path: Path | str) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(HASH_BLOCK)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def mimi_fingerprint(mimi) -> str:
-    """sha256 over Mimi's weights (names, shapes, dtypes, bytes) and codebook count: the cache's model key."""
-    import torch
-
-    h = hashlib.sha256()
-    h.update(f"n_q={mimi.num_codebooks}".encode())
-    for name, t in sorted(mimi.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def layout_of(mimi) -> dict:
-    """What the codes' shape and range depend on besides the weights: codebooks, cardinality, frame."""
+    """What the codes' shape and range depend on besides the weights: codebooks, cardinality, frame.
+
+    Args:
+        mimi: moshi MimiModel.
+    """
     return {"n_q": int(mimi.num_codebooks), "cardinality": int(mimi.cardinality), "frame": FRAME_SIZE,
             "sr": SAMPLE_RATE}
 
 
 def cache_key(file_digests: list[str], max_samples: int | None, mimi_fp: str, block_frames: int,
               layout: dict | None = None) -> str:
-    """Key of a document's codes: its files' contents in order, the cut, Mimi's weights and layout, the block size."""
+    """Key of a document's codes: its files' contents in order, the cut, Mimi's weights and layout, the block size.
+
+    Args:
+        file_digests: `file_digest` of each file in order.
+        max_samples: the --max-seconds cut in samples (None: none).
+        mimi_fp: `mimi_fingerprint`.
+        block_frames: frames per Mimi call.
+        layout: `layout_of(mimi)`.
+    """
     blob = json.dumps({"v": CACHE_VERSION, "files": file_digests, "max_samples": max_samples, "mimi": mimi_fp,
                        "block_frames": block_frames, "layout": layout, "frame": FRAME_SIZE, "sr": SAMPLE_RATE},
                       sort_keys=True)
@@ -113,7 +97,7 @@ def cache_key(file_digests: list[str], max_samples: int | None, mimi_fp: str, bl
 
 
 def default_cache_dir() -> Path:
-    from ttt_cli.models.presets import cache_root
+    """`$TTT_CACHE/codes` (the user cache's codes folder)."""
     return cache_root() / "codes"
 
 
@@ -122,7 +106,11 @@ def _cache_path(cache_dir: Path, key: str) -> Path:
 
 
 def payload_digest(codes) -> str:
-    """sha256 over the stored codes: dtype, shape and bytes."""
+    """sha256 over the stored codes: dtype, shape and bytes.
+
+    Args:
+        codes: [n_q, T] integer tensor on CPU.
+    """
     t = codes.contiguous()
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
     h.update(t.numpy().tobytes())
@@ -135,8 +123,6 @@ class _Bad(Exception):
 
 def _verify(meta: tp.Any, codes, doc: Document, key: str, expect: dict, digest_of) -> None:
     """Checks a cache entry against what it must have been made from; raises _Bad naming the first problem."""
-    import torch
-
     if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
         raise _Bad(f"written by another cache format ({meta.get('version') if isinstance(meta, dict) else '?'}, "
                    f"this ttt writes {CACHE_VERSION})")
@@ -177,8 +163,6 @@ def _verify(meta: tp.Any, codes, doc: Document, key: str, expect: dict, digest_o
 def _load_cached(path: Path, doc: Document, key: str, expect: dict,
                  digest_of: tp.Callable[[int], str]) -> tuple["DocumentCodes | None", str | None]:
     """A verified cache entry as DocumentCodes, or (None, why it cannot be used)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})["ttt_codes"])
@@ -203,10 +187,6 @@ def _load_cached(path: Path, doc: Document, key: str, expect: dict,
 
 
 def _store(path: Path, dc: DocumentCodes, doc: Document, key: str, expect: dict) -> None:
-    import torch
-    from safetensors.torch import save_file
-    from ttt_cli.io import atomic_write
-
     index_of = {str(p): i for i, p in enumerate(doc.all_paths())}
     top = int(dc.codes.max()) if dc.codes.numel() else 0
     codes = dc.codes.to(torch.int16 if top < 2**15 else torch.int32).contiguous()  # Mimi codes < 2048
@@ -216,6 +196,56 @@ def _store(path: Path, dc: DocumentCodes, doc: Document, key: str, expect: dict)
                       for f in dc.files],
             "skipped": [{"index": index_of[s.path], "reason": s.reason, "failed": s.failed} for s in dc.skipped]}
     atomic_write(path, lambda p: save_file({"codes": codes}, str(p), metadata={"ttt_codes": json.dumps(meta)}))
+
+
+class _Feed:
+    """A document's files decoded one at a time and cut at `max_samples`: the pieces Mimi encodes, and where
+    each file ended up (an encoded span, or skipped), with the warnings met."""
+
+    def __init__(self, paths: list[Path], max_seconds: float | None):
+        self.paths, self.max_seconds = paths, max_seconds
+        self.max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
+        self.spans: list[FileSpan] = []
+        self.skipped: list[SkippedFile] = []
+        self.warnings: list[str] = []
+        self.total = 0  # samples fed so far
+
+    def pieces(self) -> tp.Iterator:
+        """Every file's waveform pieces in order, up to the cut; the files after it are listed as cut."""
+        for n, path in enumerate(self.paths):
+            if self.max_samples is not None and self.total >= self.max_samples:
+                self.skipped.extend(SkippedFile(str(q), f"after the --max-seconds cut ({self.max_seconds:g} s)", False)
+                                    for q in self.paths[n:])
+                return
+            yield from self._file(path)
+
+    def _file(self, path: Path) -> tp.Iterator:
+        try:
+            info, stream = iter_audio(path)
+        except InputError as e:
+            self.skipped.append(SkippedFile(str(path), str(e).removeprefix(f"{path}: ")))
+            return
+        take = info.samples if self.max_samples is None else min(info.samples, self.max_samples - self.total)
+        start, fed, notes = self.total, 0, list(info.warnings)
+        try:
+            for piece in stream:
+                piece = piece[:take - fed]
+                fed += piece.shape[0]
+                self.total += piece.shape[0]
+                yield piece
+                if fed >= take:
+                    break
+        except InputError as e:
+            # Found part-way: the pieces already encoded cannot be taken back, so the file ends there.
+            if not fed:
+                self.skipped.append(SkippedFile(str(path), str(e).removeprefix(f"{path}: ")))
+                return
+            notes.append(f"{e} Kept its first {fed / SAMPLE_RATE:.2f} s.")
+        finally:
+            stream.close()
+        self.warnings.extend(notes)
+        self.spans.append(FileSpan(str(path), start / SAMPLE_RATE, self.total / SAMPLE_RATE, start // FRAME_SIZE,
+                                   self.total // FRAME_SIZE, fed, fed < info.samples, notes))
 
 
 def encode_document(mimi, doc: Document, max_seconds: float | None = None, device: str = "cpu",
@@ -239,61 +269,69 @@ def encode_document(mimi, doc: Document, max_seconds: float | None = None, devic
         block_frames: frames per Mimi call.
         on_progress: called with the seconds of audio encoded so far.
     """
-    import torch
-    from ttt_cli.audio import iter_audio
-    from ttt_cli.codes import encode_stream
-
-    max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
-    spans: list[FileSpan] = []
-    skipped: list[SkippedFile] = []
-    warnings: list[str] = []
-    total = 0
-    paths = doc.all_paths()
-
-    def pieces() -> tp.Iterator:
-        nonlocal total
-        for n, path in enumerate(paths):
-            if max_samples is not None and total >= max_samples:
-                skipped.extend(SkippedFile(str(q), f"after the --max-seconds cut ({max_seconds:g} s)", False)
-                               for q in paths[n:])
-                return
-            try:
-                info, stream = iter_audio(path)
-            except InputError as e:
-                skipped.append(SkippedFile(str(path), str(e).removeprefix(f"{path}: ")))
-                continue
-            take = info.samples if max_samples is None else min(info.samples, max_samples - total)
-            start, fed, notes = total, 0, list(info.warnings)
-            try:
-                for piece in stream:
-                    piece = piece[:take - fed]
-                    fed += piece.shape[0]
-                    total += piece.shape[0]
-                    yield piece
-                    if fed >= take:
-                        break
-            except InputError as e:
-                # Found part-way: the pieces already encoded cannot be taken back, so the file ends there.
-                if not fed:
-                    skipped.append(SkippedFile(str(path), str(e).removeprefix(f"{path}: ")))
-                    continue
-                notes.append(f"{e} Kept its first {fed / SAMPLE_RATE:.2f} s.")
-            finally:
-                stream.close()
-            warnings.extend(notes)
-            spans.append(FileSpan(str(path), start / SAMPLE_RATE, total / SAMPLE_RATE, start // FRAME_SIZE,
-                                  total // FRAME_SIZE, fed, fed < info.samples, notes))
-
+    feed = _Feed(doc.all_paths(), max_seconds)
     t0 = time.perf_counter()
     parts = []
     done = 0
-    for c in encode_stream(mimi, pieces(), block_frames, device):
+    for c in ttt_cli.codes.encode_stream(mimi, feed.pieces(), block_frames, device):
         parts.append(c.to("cpu", torch.long))  # [n_q, F]
         done += c.shape[-1]
         if on_progress is not None:
             on_progress(done * FRAME_SIZE / SAMPLE_RATE)
-    codes = torch.cat(parts, -1) if parts else torch.zeros(mimi.num_codebooks, 0, dtype=torch.long)
-    return DocumentCodes(codes, spans, skipped, total, encode_seconds=time.perf_counter() - t0, warnings=warnings)
+    codes = torch.cat(parts, -1) if parts else torch.zeros(mimi.num_codebooks, 0, dtype=torch.long)  # [n_q, T]
+    return DocumentCodes(codes, feed.spans, feed.skipped, feed.total, encode_seconds=time.perf_counter() - t0,
+                         warnings=feed.warnings)
+
+
+class _Entry:
+    """A document's entry in the codes cache: its key (from its files' contents, hashed once each), its path,
+    and what a stored entry must have been made from."""
+
+    def __init__(self, cache_dir: Path, mimi, doc: Document, max_seconds: float | None, block_frames: int,
+                 mimi_fp: str | None):
+        self.doc, self.paths = doc, doc.all_paths()
+        self.digests: dict[int, str | None] = {}
+        max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
+        self.expect = {"mimi": mimi_fp or mimi_fingerprint(mimi), "layout": layout_of(mimi),
+                       "max_samples": max_samples, "block_frames": block_frames}
+        self.key = cache_key([self.digest_of(i) for i in range(len(doc.files))], max_samples, self.expect["mimi"],
+                             block_frames, self.expect["layout"])
+        self.path = _cache_path(cache_dir, self.key)
+
+    def digest_of(self, i: int) -> str | None:
+        if i not in self.digests:
+            try:
+                self.digests[i] = file_digest(self.paths[i])
+            except OSError:
+                self.digests[i] = None  # gone or unreadable: never equal to a recorded digest
+        return self.digests[i]
+
+    def load(self) -> tuple[DocumentCodes | None, str | None]:
+        return _load_cached(self.path, self.doc, self.key, self.expect, self.digest_of)
+
+    def inputs_of(self, dc: DocumentCodes) -> list[dict]:
+        """{index, sha256} of every file the encoding opened, in order (the entry's content keys)."""
+        index_of = {str(p): i for i, p in enumerate(self.paths)}
+        return [{"index": index_of[x], "sha256": self.digest_of(index_of[x])}
+                for x in sorted({f.path for f in dc.files} | {s.path for s in dc.skipped if s.failed},
+                                key=lambda x: index_of[x])]
+
+    def store(self, dc: DocumentCodes) -> None:
+        """Writes the entry and reads it back; a failure leaves no entry and a warning in `dc`."""
+        try:
+            _store(self.path, dc, self.doc, self.key, self.expect)
+            # load it back: a cache entry that does not read is useless
+            back, problem = self.load()
+            if back is None or not bool((back.codes == dc.codes).all()):
+                raise OSError(f"the written entry does not read back ({problem or 'codes differ'})")
+            dc.cache_path = str(self.path)
+        except OSError as e:
+            try:
+                self.path.unlink(missing_ok=True)  # an entry that does not read back must not be found next run
+            except OSError:
+                pass
+            dc.warnings.append(f"could not write the codes cache entry {self.path}: {e.strerror or e}; encoding will "
+                               f"repeat next run.")
 
 
 def document_codes(mimi, doc: Document, max_seconds: float | None = None, cache_dir: Path | str | None = None,
@@ -319,51 +357,19 @@ def document_codes(mimi, doc: Document, max_seconds: float | None = None, cache_
     t0 = time.perf_counter()
     if cache_dir is None:
         return encode_document(mimi, doc, max_seconds, device, block_frames, on_progress)
-    max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
-    paths = doc.all_paths()
-    digests: dict[int, str | None] = {}
-
-    def digest_of(i: int) -> str | None:
-        if i not in digests:
-            try:
-                digests[i] = file_digest(paths[i])
-            except OSError:
-                digests[i] = None  # gone or unreadable: never equal to a recorded digest
-        return digests[i]
-
-    expect = {"mimi": mimi_fp or mimi_fingerprint(mimi), "layout": layout_of(mimi), "max_samples": max_samples,
-              "block_frames": block_frames}
-    key = cache_key([digest_of(i) for i in range(len(doc.files))], max_samples, expect["mimi"], block_frames,
-                    expect["layout"])
-    path = _cache_path(Path(cache_dir), key)
+    entry = _Entry(Path(cache_dir), mimi, doc, max_seconds, block_frames, mimi_fp)
     notes = []
-    if path.exists():
-        hit, problem = _load_cached(path, doc, key, expect, digest_of)
+    if entry.path.exists():
+        hit, problem = entry.load()
         if hit is not None:
-            hit.key, hit.encode_seconds = key, time.perf_counter() - t0
+            hit.key, hit.encode_seconds = entry.key, time.perf_counter() - t0
             return hit
-        notes.append(f"codes cache entry {path} for {doc.id} was not used: {problem}; encoded again.")
+        notes.append(f"codes cache entry {entry.path} for {doc.id} was not used: {problem}; encoded again.")
     dc = encode_document(mimi, doc, max_seconds, device, block_frames, on_progress)
-    dc.key = key
+    dc.key = entry.key
     dc.warnings = notes + dc.warnings
-    index_of = {str(p): i for i, p in enumerate(paths)}
-    dc.inputs = [{"index": index_of[x], "sha256": digest_of(index_of[x])}
-                 for x in sorted({f.path for f in dc.files} | {s.path for s in dc.skipped if s.failed},
-                                 key=lambda x: index_of[x])]
+    dc.inputs = entry.inputs_of(dc)
     if dc.steps and store:
-        try:
-            _store(path, dc, doc, key, expect)
-            # load it back: a cache entry that does not read is useless
-            back, problem = _load_cached(path, doc, key, expect, digest_of)
-            if back is None or not bool((back.codes == dc.codes).all()):
-                raise OSError(f"the written entry does not read back ({problem or 'codes differ'})")
-            dc.cache_path = str(path)
-        except OSError as e:
-            try:
-                path.unlink(missing_ok=True)  # an entry that does not read back must not be found next run
-            except OSError:
-                pass
-            dc.warnings.append(f"could not write the codes cache entry {path}: {e.strerror or e}; encoding will "
-                               f"repeat next run.")
+        entry.store(dc)
     dc.encode_seconds = time.perf_counter() - t0
     return dc

@@ -1,9 +1,8 @@
-"""The one registry of `ttt bench` figures (SPEC §8, §5.5): name, target, direction, unit, meaning.
+"""The one registry of `ttt bench` figures (SPEC §8, §5.5): name, target, direction, unit, meaning."""
 
-`ttt bench` measures values; whether a figure met its target, and the exit code, come from here.
-Adding a figure is one `FigureSpec(...)` line in `FIGURES`. A variant's figures carry its name as a
-suffix (`ttt_layer_ratio_mlp`, `step_overhead_b1_adapter`) and share the base figure's entry.
-"""
+# `ttt bench` measures values; whether a figure met its target, and the exit code, come from here.
+# Adding a figure is one `FigureSpec(...)` line in `FIGURES`. A variant's figures carry its name as a
+# suffix (`ttt_layer_ratio_mlp`, `step_overhead_b1_adapter`) and share the base figure's entry.
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import math
 import typing as tp
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DIRECTIONS = ("<=", ">=")
 VARIANT_SUFFIXES = ("mlp", "adapter")

@@ -10,6 +10,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..models.loader import TTTModel
+from .options import BenchOptions
+from .processes import write_wav_chunked
+from .results import Figure
+
 BOOKS = 4                         # equal documents: 2 ranks get 2 each
 
 
@@ -26,21 +31,24 @@ def _torchrun_eval(n: int, data: Path, out: Path, common: list[str]) -> float:
     return wall
 
 
-def scaleout_figure(m, opts, progress):
+def scaleout_figure(m: TTTModel, opts: BenchOptions, progress) -> Figure:
     """`ttt eval` of BOOKS equal documents on cached codes, 1 and 2 processes interleaved (1 2 1 2), the
     faster of each counts: tokens/s with 2 / with 1, and the parallel efficiency (speedup / 2).
 
     Wall time includes torchrun's launch and each process's model load, as a user's job does; with
     long documents (the point of the tool) that share vanishes, so the figure is a lower bound.
-    """
-    from .bench import Figure, _write_wav_chunked
 
+    Args:
+        m: the model as loaded (unused: each process loads `opts.model` itself).
+        opts: the run's options (`model`, `dtype`, `quick`: 30 s documents instead of 120 s).
+        progress: a `Progress` hook (ttt_cli.progress).
+    """
     seconds = 30.0 if opts.quick else 120.0
     with tempfile.TemporaryDirectory(prefix="ttt-bench-scaleout-") as tmp:
         root = Path(tmp)
         for b in range(BOOKS):
             (root / "data" / "spk" / f"book{b}").mkdir(parents=True)
-            _write_wav_chunked(root / "data" / "spk" / f"book{b}" / "part1.wav", seconds, seed=b)
+            write_wav_chunked(root / "data" / "spk" / f"book{b}" / "part1.wav", seconds, seed=b)
         common = ["--model", opts.model, "--device", "cpu", "--dtype", opts.dtype, "-p", "document",
                   "--codes-cache", str(root / "cache"), "--overwrite"]
         progress.start("scaleout", f"ttt eval, {BOOKS} x {seconds:g} s documents: 1 vs 2 processes (torchrun, "

@@ -1,0 +1,143 @@
+"""What a `ttt bench` run measures: its options, the figure groups and the names a run selects."""
+
+from __future__ import annotations
+
+import typing as tp
+import warnings
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..models.config import resolve_ttt_config
+from ..models.loader import TTTModel, load_model
+from ..models.resolver import resolve
+from .registry import spec
+
+# Measurement groups: the figures each one produces (a run measures only the groups it needs).
+# The first three are measured per fast-weight variant, their names carrying the variant's suffix.
+GROUPS = {
+    "step": ("step_overhead_b1", "step_overhead_b8", "step_overhead_b8_floor", "step_ms_p99_b1"),
+    "layer": ("ttt_layer_ratio",),
+    "state": ("memory_per_stream_error",),
+    "score": ("eval_block_speedup", "eval_nll_max_abs_diff"),
+    "memory": ("eval_memory_ratio",),
+    "cache": ("eval_cache_encode_seconds",),
+    "infer_memory": ("infer_memory_ratio",),
+    "scaleout": ("scaleout_speedup_2",),
+    "telemetry": ("telemetry_overhead_b1",),
+}
+VARIANT_GROUPS = ("step", "layer", "state")
+# A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
+SUFFIXES = {"inplace": "", "mlp": "_mlp", "linear-adapter": "_adapter"}
+PER_VARIANT = tuple(n for g in VARIANT_GROUPS for n in GROUPS[g])
+# Measured on a CUDA device only (ttt_cli.bench.gpu); a run elsewhere notes them as skipped.
+GPU_FIGURES = ("gpu_rtf_b1", "gpu_rtf_b8", "gpu_rtf_ratio_b1", "gpu_rtf_ratio_b8", "gpu_memory_per_stream_error")
+
+
+@dataclass
+class BenchOptions:
+    """What `ttt bench` measures.
+
+    Args:
+        model: model to measure (default the `bench` preset).
+        device, dtype: as every command.
+        quick: fewer steps and shorter documents.
+        steps: steps per measurement (LMGen steps per variant and batch size; positions scored by
+            the eval figures); None = 1024 / 1500 (320 / 500 with `quick`).
+        rounds: interleaved A/B rounds.
+        seed: random seed of the synthetic inputs.
+        only: figure names to measure (None = every figure `ttt bench` measures for `variants`).
+        targets: overrides of registry targets ({name: target}, `--target NAME=VALUE`).
+        variants: fast-weight variants to attach to the model's base and measure (None = all three,
+            the model's own first); `only` may name any variant's figures instead.
+    """
+
+    model: str = "bench"
+    device: str = "auto"
+    dtype: str = "auto"
+    quick: bool = False
+    steps: int | None = None
+    rounds: int = 4
+    seed: int = 0
+    only: list[str] | None = None
+    targets: dict[str, float] = field(default_factory=dict)
+    variants: list[str] | None = None
+
+    @property
+    def lmgen_steps(self) -> int:
+        """LMGen steps per measurement: `steps`, else 1024 (320 quick), more than chunk_size 256 so updates count."""
+        return self.steps or (320 if self.quick else 1024)
+
+
+def variant_names(variant: str) -> list[str]:
+    """The per-variant figures of one variant, with its suffix."""
+    return [n + SUFFIXES[variant] for n in PER_VARIANT]
+
+
+def measured_names(variants: tp.Sequence[str] = tuple(SUFFIXES)) -> list[str]:
+    """Every figure `ttt bench` measures for these variants, in run order (variants first, then eval)."""
+    return [n for v in variants for n in variant_names(v)] + \
+        [n for g, names in GROUPS.items() if g not in VARIANT_GROUPS for n in names]
+
+
+MEASURED = tuple(measured_names())
+
+
+def selected(only: list[str] | None, variants: list[str]) -> list[str]:
+    """The figures to measure, in run order; ConfigError for names `ttt bench` cannot measure.
+
+    Without `only`: every figure of `variants` and the eval figures. With it: exactly the names given
+    (a variant's figures may be named whatever `variants` says).
+
+    Args:
+        only: `--only` values (names, comma-separated or repeated), or None.
+        variants: the variants measured, in order (`variant_order`).
+    """
+    if not only:
+        return measured_names(variants)
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    for n in names:
+        spec(n)  # unknown names: the registry's message
+        if n not in MEASURED and n not in GPU_FIGURES:
+            raise ConfigError(f"--only {n}: `ttt bench` does not measure this figure yet. It measures: "
+                              f"{', '.join(MEASURED)}.")
+    if not names:
+        raise ConfigError("--only: give at least one figure name.")
+    order = measured_names(variants + [v for v in SUFFIXES if v not in variants]) + list(GPU_FIGURES)
+    return [n for n in order if n in names]
+
+
+def variant_order(opts: BenchOptions) -> list[str]:
+    """The variants to measure: `opts.variants`, or all of them with the model's own first.
+
+    Args:
+        opts: the run's options (`variants`, and `model` whose own variant goes first).
+    """
+    if opts.variants:
+        unknown = [v for v in opts.variants if v not in SUFFIXES]
+        if unknown:
+            raise ConfigError(f"--variant {', '.join(unknown)}: choose among {', '.join(SUFFIXES)}.")
+        return list(dict.fromkeys(opts.variants))
+    res = resolve(opts.model)
+    own, _ = resolve_ttt_config(res.config, int(res.config.get("num_layers", 32)))
+    first = own.variant if own is not None else "inplace"
+    return [first] + [v for v in SUFFIXES if v != first]
+
+
+def load_measured(opts: BenchOptions, ttt: dict | bool) -> TTTModel:
+    """`opts.model` on the run's device and dtype with `ttt` overrides (a variant, a rate; False: plain moshi).
+
+    A variant the checkpoint has no tensors for warns that it takes its fresh init: expected here, silenced.
+
+    Args:
+        opts: the run's options (model, device, dtype).
+        ttt: `load_model`'s `ttt` overrides.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return load_model(opts.model, device=opts.device, dtype=opts.dtype, ttt=ttt)
+
+
+def require_ttt(m: TTTModel) -> None:
+    """ConfigError when the model has no TTT layers: the bench has nothing to measure."""
+    if not m.ttt or not m.ttt.layers:
+        raise ConfigError(f"{m.model_id} has no TTT layers: nothing to measure (pass --ttt-layers to a base model).")
