@@ -101,6 +101,7 @@ def write_position_png(path: Path, series: dict[str, list[tuple[float, float, fl
     scale, unit = (60.0, "min") if ends and max(ends) >= 600 else (1.0, "s")
     fig, ax = pyplot().subplots(figsize=(8, 4.5), dpi=120)
     styles = ("-", "--", "-.", ":")  # overlapping curves (e.g. document and never) stay visible
+    shaded = False
     for n, (name, pts) in enumerate(series.items()):
         xy = [((a + b) / 2 / scale, v) for a, b, v in pts if v is not None]
         if not xy:
@@ -113,10 +114,11 @@ def write_position_png(path: Path, series: dict[str, list[tuple[float, float, fl
             x = np.array([c for c, _ in band])
             lo, hi = (np.array([np.nan if ci is None else ci[j] for _, ci in band]) for j in (0, 1))
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0, where=~np.isnan(lo))
+            shaded = True
     ax.set_xlabel(f"position in {where} ({unit}, bin centre)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="policy", fontsize=8)
+    ax.legend(title="policy (shaded: 95% interval)" if shaded else "policy", fontsize=8)
     fig.tight_layout()
     return save_png(fig, path)
