@@ -49,7 +49,9 @@ def close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b)):
             close(x, y, f"{path}[{i}]")
     elif isinstance(a, float) and isinstance(b, float) and not (math.isnan(a) and math.isnan(b)):
-        assert abs(a - b) <= REL * max(abs(a), abs(b), 1e-12), f"{path}: {a} vs {b}"
+        # a difference of two NLLs (vs_off) is as exact as the NLLs themselves (a few nats), not relative to itself
+        floor = 10.0 if "vs_off" in path else 1e-12
+        assert abs(a - b) <= REL * max(abs(a), abs(b), floor), f"{path}: {a} vs {b}"
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
 
@@ -122,9 +124,10 @@ def test_resumed_two_process_run_equals_one_process(eval_runs):
     with open(root / "ref" / "curve.csv") as fa, open(root / "dist" / "curve.csv") as fb:
         ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
     assert len(ra) == len(rb) > 0
+    num = lambda row: {k: v if k == "policy" else (float(v) if v else None) for k, v in row.items()}
     for x, y in zip(ra, rb):
-        close({k: float(v) if k != "policy" else v for k, v in x.items()},
-              {k: float(v) if k != "policy" else v for k, v in y.items()})
+        close(num(x), num(y), "curve.csv")
+    assert b["policies"]["document"]["vs_off"]["ci"] is not None  # five documents: intervals, merged alike
     d = b["distributed"]
     assert d["world_size"] == 2 and d["backend"] == "gloo"
     # What rank 1 had not done, one document each (rank 1's record reaches rank 0's merge).

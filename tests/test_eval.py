@@ -378,10 +378,58 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes, dat
             assert bin_["tokens"] == vals.size and bin_["nll"] == pytest.approx(vals.mean(), rel=1e-9)
             assert (bin_["bin_start_s"], bin_["bin_end_s"]) == (2.0 * i, 2.0 * (i + 1))
     rows = list(csv.reader(open(res.out / "curve.csv")))
-    assert rows[0] == ["policy", "bin_start_s", "bin_end_s", "nll", "nll_semantic", "nll_acoustic", "tokens"]
+    assert rows[0] == ["policy", "bin_start_s", "bin_end_s", "nll", "nll_semantic", "nll_acoustic", "tokens",
+                       "ci_low", "ci_high", "vs_off", "vs_off_ci_low", "vs_off_ci_high"]
     assert len(rows) == 1 + sum(len(p["curve"]) for p in r["policies"].values())
+    check_intervals(r, rows, [[tn(pol.replace(":", "-"), d)["nll"].double().numpy() for d in LD.ORDER]
+                              for pol in POLICIES])
     assert (res.out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tiny.lm.transformer.layers[1].gating.lr == tiny.ttt.lr  # the model is left as it was found
+
+
+def scipy_ci(*pairs):
+    """scipy's paired percentile bootstrap of Σ num / Σ den (minus the second policy's), called here directly:
+    1000 resamples, the default --seed 0."""
+    from scipy import stats
+    arrays = [np.asarray(x, dtype=float) for p in pairs for x in zip(*p)]
+    stat = (lambda a, b, axis: a.sum(axis) / b.sum(axis)) if len(pairs) == 1 else (
+        lambda a, b, c, d, axis: a.sum(axis) / b.sum(axis) - c.sum(axis) / d.sum(axis))
+    res = stats.bootstrap(arrays, stat, n_resamples=1000, paired=True, vectorized=True, method="percentile",
+                          rng=np.random.default_rng(0))
+    return [res.confidence_interval.low, res.confidence_interval.high]
+
+
+def check_intervals(r, rows, nlls):
+    """The intervals against scipy called on per-document (Σ nll, tokens) summed here from the token NLL files
+    (`nlls`: per policy of POLICIES, per document of LD.ORDER, [dep_q, T]), overall and per 25-step bin (bins
+    only over the documents that reach them); and curve.csv's columns against results.json."""
+    assert r["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95, "method": "percentile",
+                              "unit": "document", "units": 3}
+    sums = lambda x: (float(np.nansum(x)), int((~np.isnan(x)).sum()))
+    per = {pol: [sums(x) for x in docs] for pol, docs in zip(POLICIES, nlls)}
+    for pol, docs in zip(POLICIES, nlls):
+        sec = r["policies"][pol]
+        assert sec["ci"] == pytest.approx(scipy_ci(per[pol]), rel=1e-9)
+        assert [d["scores"][pol]["tokens"] for d in r["documents"]] == [t for _, t in per[pol]]
+        if pol == "off":
+            assert sec["vs_off"] is None
+        else:
+            assert sec["vs_off"]["diff"] == pytest.approx(sec["nll"] - r["policies"]["off"]["nll"], abs=1e-9)
+            assert sec["vs_off"]["ci"] == pytest.approx(scipy_ci(per[pol], per["off"]), abs=1e-9)
+        for i, b in enumerate(sec["curve"]):
+            have = [k for k, x in enumerate(docs) if x.shape[1] > 25 * i]
+            pairs = [sums(docs[k][:, 25 * i:25 * (i + 1)]) for k in have]
+            assert b["ci"] == (None if len(have) < 2 else pytest.approx(scipy_ci(pairs), rel=1e-9)), (pol, i)
+            if pol != "off":
+                base = [sums(nlls[POLICIES.index("off")][k][:, 25 * i:25 * (i + 1)]) for k in have]
+                assert b["vs_off"]["ci"] == (None if len(have) < 2 else
+                                             pytest.approx(scipy_ci(pairs, base), abs=1e-9)), (pol, i)
+    cells = lambda v: "" if v is None else f"{v:.6f}"
+    want = [[cells(x) for x in (*(b["ci"] or (None, None)), (b["vs_off"] or {}).get("diff"),
+                                 *((b["vs_off"] or {}).get("ci") or (None, None)))]
+            for p in r["policies"].values() for b in p["curve"]]
+    assert [row[7:] for row in rows[1:]] == want
+    assert any(w[0] for w in want) and any(not w[0] for w in want)  # bins with and without an interval
 
 
 class StopAt:
@@ -416,6 +464,15 @@ def test_interrupt_then_resume_equals_full_run(tiny, data_root, cache_dir, full_
     for pol, sec in done.results["policies"].items():  # `never` needs the carried state saved at the cut
         assert sec["nll"] == pytest.approx(full[pol]["nll"], rel=1e-7), pol
         assert [c["nll"] for c in sec["curve"]] == pytest.approx([c["nll"] for c in full[pol]["curve"]], rel=1e-7)
+        # the same intervals: drawn at the end from every document's sums, in dataset order, with the seed
+        for a, b in [(sec, full[pol])] + list(zip(sec["curve"], full[pol]["curve"])):
+            assert (a["ci"] is None) == (b["ci"] is None) and (a["vs_off"] is None) == (b["vs_off"] is None)
+            assert a["ci"] is None or a["ci"] == pytest.approx(b["ci"], rel=1e-7)
+            if a["vs_off"] is not None:
+                assert a["vs_off"]["diff"] == pytest.approx(b["vs_off"]["diff"], abs=1e-7)
+                assert (a["vs_off"]["ci"] is None and b["vs_off"]["ci"] is None) or \
+                    a["vs_off"]["ci"] == pytest.approx(b["vs_off"]["ci"], abs=1e-7)
+        assert sec["ci"] is not None and (pol == "off" or sec["vs_off"]["ci"] is not None)
     other = EvalOptions(data=data_root, out=out, model="tiny", policies=["document"], codes_cache=cache_dir,
                         resume=True)
     with pytest.raises(ConfigError, match="other options"):
@@ -499,6 +556,14 @@ def test_cli_end_to_end(data_root, cache_dir, full_run, tmp_path, monkeypatch):
     assert r.exit_code == 1, r.output
     nc = json.loads(r.stdout)
     assert nc["codes_cache"] == {"dir": None, "hits": 0, "misses": 3, "read_only": False} and not fresh_cache.exists()
+    assert first["policies"]["document"]["ci"] is not None and first["policies"]["document"]["vs_off"] is None
+    # --bootstrap 0: no intervals (null), said in the table; the numbers are the same
+    r = cli(args + ["--overwrite", "--bootstrap", "0", "--seed", "3"])
+    assert r.exit_code == 1 and "no intervals: --bootstrap 0" in r.output and "no `off` policy" in r.output, r.output
+    zero = json.loads((out / "results.json").read_text())
+    assert zero["bootstrap"]["resamples"] == 0 and zero["bootstrap"]["seed"] == 3
+    assert zero["policies"]["document"]["ci"] is None and zero["policies"]["document"]["curve"][0]["ci"] is None
+    assert zero["policies"]["document"]["nll"] == pytest.approx(first["policies"]["document"]["nll"], rel=1e-9)
     assert nc["policies"]["document"]["nll"] == pytest.approx(first["policies"]["document"]["nll"], rel=1e-6)
     # usage errors: one paragraph, exit 2, nothing written
     (tmp_path / "empty").mkdir()
@@ -506,7 +571,7 @@ def test_cli_end_to_end(data_root, cache_dir, full_run, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "no audio files found" in r.output and "Traceback" not in r.output
     bad = {"--audio-stream user": "nothing to score", "-p sometimes": "unknown policy",
            "--block-steps 0": "--block-steps", "--bin-seconds 0.01": "--bin-seconds", "--resume": "exclude each other",
-           "--max-seconds soon": "soon"}
+           "--max-seconds soon": "soon", "--bootstrap -1": "--bootstrap"}
     for opt, msg in bad.items():
         r = cli(args + ["--overwrite", *opt.split()])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (opt, r.output)

@@ -102,8 +102,10 @@ def test_results_match_metrics_recomputed_from_the_hypotheses(full):
         md.version("jiwer"), md.version("whisper-normalizer"))
     assert res["dataset"]["kind"] == "manifest" and res["dataset"]["recordings"] == 2
     assert [f["path"] for f in res["policies"]["off"]["files"]] == ["library.wav", "launch.flac"]
+    units = {}  # policy -> per recording (errors, words, per-file WER, [(errors, ref_words) per bin]), from jiwer here
     for name, pol in res["policies"].items():
         errors = words = 0
+        units[name] = []
         for f, rec in zip(pol["files"], res["recordings"]):
             assert set(f) == FILE_KEYS
             hyp = json.loads((out / rec["hypotheses"][name]["json"]).read_text())
@@ -124,6 +126,10 @@ def test_results_match_metrics_recomputed_from_the_hypotheses(full):
             assert sum(b["ref_words"] for b in f["bins"]) == f["words"]
             errors += al.substitutions + al.deletions + al.insertions
             words += f["words"]
+            units[name].append((al.substitutions + al.deletions + al.insertions, f["words"], f["wer"],
+                                [(b["errors"], b["ref_words"]) for b in f["bins"]]))
+            assert rec["scores"][name] == {"errors": units[name][-1][0], "words": f["words"], "bins": {
+                "errors": [b["errors"] for b in f["bins"]], "ref_words": [b["ref_words"] for b in f["bins"]]}}
         assert pol["wer"] == pytest.approx(errors / words)                                   # corpus
         assert pol["wer_mean"] == pytest.approx(np.mean([f["wer"] for f in pol["files"]]))   # mean of files
         assert pol["substitutions"] == sum(f["substitutions"] for f in pol["files"])
@@ -134,13 +140,60 @@ def test_results_match_metrics_recomputed_from_the_hypotheses(full):
         t = pol["timing"]
         assert t["realtime_factor"] == pytest.approx(t["wall_seconds"] / t["audio_seconds"])
         assert t["audio_seconds"] == pytest.approx(sum(rec["seconds"] for rec in res["recordings"]))
-    # wer.csv holds the policies' bins; wer.png is a PNG
+    check_intervals(res, units)
+    # wer.csv holds the policies' bins and their intervals; wer.png is a PNG
     with open(out / "wer.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["policy", "bin_start_s", "bin_end_s", "wer", "errors", "ref_words"]
+    assert rows[0] == ["policy", "bin_start_s", "bin_end_s", "wer", "errors", "ref_words", "ci_low", "ci_high",
+                       "vs_off", "vs_off_ci_low", "vs_off_ci_high"]
     assert [(r[0], int(r[4]), int(r[5])) for r in rows[1:]] == [
         (n, b["errors"], b["ref_words"]) for n, p in res["policies"].items() for b in p["bins"]]
+    cell = lambda v: "" if v is None else f"{v:.6f}"
+    assert [r[6:] for r in rows[1:]] == [
+        [cell(x) for x in (*(b["ci"] or (None, None)), (b["vs_off"] or {}).get("diff"),
+                           *((b["vs_off"] or {}).get("ci") or (None, None)))]
+        for p in res["policies"].values() for b in p["bins"]]
     assert (out / "wer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def scipy_ci(*pairs):
+    """scipy's paired percentile bootstrap of Σ num / Σ den (minus the second's), called here directly: 1000
+    resamples, the default --seed 0."""
+    from scipy import stats
+    arrays = [np.asarray(x, dtype=float) for p in pairs for x in zip(*p)]
+    stat = (lambda a, b, axis: a.sum(axis) / b.sum(axis)) if len(pairs) == 1 else (
+        lambda a, b, c, d, axis: a.sum(axis) / b.sum(axis) - c.sum(axis) / d.sum(axis))
+    res = stats.bootstrap(arrays, stat, n_resamples=1000, paired=True, vectorized=True, method="percentile",
+                          rng=np.random.default_rng(0))
+    return [res.confidence_interval.low, res.confidence_interval.high]
+
+
+def check_intervals(res, units):
+    """The intervals against scipy called on the recordings' (errors, words) counted here with jiwer: corpus WER,
+    mean of per-file WERs, each bin over the recordings that reach it (a recording with the bin under one
+    policy only counts (0, 0) under the other in the paired difference)."""
+    assert res["bootstrap"] == {"resamples": 1000, "seed": 0, "level": 0.95, "method": "percentile",
+                                "unit": "recording", "units": 2}
+    for name, pol in res["policies"].items():
+        mine = units[name]
+        assert pol["ci"] == pytest.approx(scipy_ci([(e, w) for e, w, _, _ in mine]), rel=1e-12)
+        assert pol["wer_mean_ci"] == pytest.approx(scipy_ci([(x, 1) for _, _, x, _ in mine]), rel=1e-12)
+        if name == "off":
+            assert pol["vs_off"] is None
+            continue
+        off = units["off"]
+        assert pol["vs_off"]["diff"] == pytest.approx(pol["wer"] - res["policies"]["off"]["wer"])
+        assert pol["vs_off"]["ci"] == pytest.approx(scipy_ci([(e, w) for e, w, _, _ in mine],
+                                                             [(e, w) for e, w, _, _ in off]), rel=1e-12)
+        for i, b in enumerate(pol["bins"]):
+            have = [k for k in range(len(mine)) if i < len(mine[k][3])]
+            a = [mine[k][3][i] for k in have]
+            assert b["ci"] == (pytest.approx(scipy_ci(a), rel=1e-12) if len(have) > 1 else None), (name, i)
+            both = [k for k in range(len(mine)) if i < len(mine[k][3]) or i < len(off[k][3])]
+            at = lambda u, k: u[k][3][i] if i < len(u[k][3]) else (0, 0)
+            if len(both) > 1 and sum(at(off, k)[1] for k in both):
+                assert b["vs_off"]["ci"] == pytest.approx(scipy_ci([at(mine, k) for k in both],
+                                                                   [at(off, k) for k in both]), rel=1e-12)
 
 
 def test_off_is_plain_moshi_and_every_resets_on_schedule(full):
@@ -296,6 +349,11 @@ def test_interrupt_then_resume_equals_the_uninterrupted_run(small, tmp_path, mon
     got = {**got, "policies": {n: {**p, "files": [{k: v for k, v in f.items() if k != "bins"} for f in p["files"]]}
                                for n, p in got["policies"].items()}}
     assert _stable(got) == _stable(want) and got["status"] == "complete"
+    for n, p in got["policies"].items():  # the same intervals as the uninterrupted run (bins differ: 0.5 s here)
+        assert (p["ci"], p["wer_mean_ci"], p["vs_off"]) == (want["policies"][n]["ci"],
+                                                            want["policies"][n]["wer_mean_ci"],
+                                                            want["policies"][n]["vs_off"])
+        assert p["ci"] is not None and (n == "off" or p["vs_off"]["ci"] is not None)
     assert "resuming: 1 of 3 recording(s) already done" in r.stderr
     # changed audio is transcribed again (said so); the others are kept
     clip(data / "c.wav", 0.1, 1.0)

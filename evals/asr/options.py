@@ -11,6 +11,7 @@ from ttt_cli.errors import ConfigError
 from ttt_cli.units import seconds_to_steps
 
 from ..policies import Policy, parse_policies
+from ..intervals import DEFAULT_RESAMPLES
 from ..run import check_resume_flags
 from .data import AsrDataset
 from .metrics import DEFAULT_BIN_SECONDS
@@ -35,6 +36,8 @@ class AsrOptions:
         pad_before, pad_after: seconds of silence around each recording (None: 1 s; text delay + 0.5 s).
         bin_seconds: width of the WER position bins.
         whole_file_seconds: recordings up to this long are decoded whole, longer ones in pieces.
+        seed: the run's seed, also the bootstrap's.
+        bootstrap: resamples of the 95% intervals (0: none).
     """
 
     data: Path
@@ -55,6 +58,7 @@ class AsrOptions:
     ttt: dict | None = None
     base: str | None = None
     seed: int = 0
+    bootstrap: int = DEFAULT_RESAMPLES  # --bootstrap: resamples of the 95% intervals (0: none; SPEC §5.8)
 
 
 @dataclass
@@ -114,4 +118,6 @@ def validate(o: AsrOptions) -> None:
                     ("--whole-file-seconds", o.whole_file_seconds)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise ConfigError(f"{flag} must be seconds >= 0, got {v}.")
+    if o.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be a number of resamples >= 0 (0: no intervals), got {o.bootstrap}.")
     check_resume_flags(o)

@@ -11,8 +11,9 @@ from ttt_cli.fastweights.attach import state_bytes_per_stream
 from ttt_cli.outputs import InputLedger
 
 from ..inputs import rel_path
+from ..intervals import Bootstrap, UnitScores, policy_intervals, ratio_interval
 from ..policies import Policy
-from ..report import RESULTS, write_results
+from ..report import RESULTS, with_intervals, write_results
 from ..run import EvalResult, environment as run_environment, telemetry_add, write_results_or_stop
 from .data import AsrItem
 from .metrics import FileScore, score_corpus, score_file
@@ -40,6 +41,8 @@ class PolicyWer:
     longest_gap_s: float | None
     repetition_rate: float | None
     realtime_factor: float | None
+    ci: list[float] | None = None          # 95% interval of `wer` (None: see results.json's bootstrap note)
+    vs_off: dict | None = None             # {"diff", "ci"} of wer − off's wer (None: off itself, or no off)
 
 
 def describe(p: Policy) -> str:
@@ -143,6 +146,10 @@ def build_results(run: AsrRun, interrupted: bool) -> tuple[dict, InputLedger, li
     if interrupted:
         ledger.not_run("interrupted (Ctrl-C)")
     sections = {p.name: accs[p.name].section(p, run.lr, run.warm is not None) for p in run.policies}
+    boot = Bootstrap(o.bootstrap, o.seed, "recording")
+    sections = add_intervals(sections, {name: a.scores for name, a in accs.items()}, boot)
+    for i, rec in enumerate(recordings):
+        rec["scores"] = {name: unit_record(a.scores[i]) for name, a in accs.items()}
     results = {
         "format_version": RESULTS_VERSION, "kind": "asr",
         "status": "interrupted" if interrupted else "complete",
@@ -152,6 +159,7 @@ def build_results(run: AsrRun, interrupted: bool) -> tuple[dict, InputLedger, li
                     "skipped": [{"path": r.path, "reason": r.reason, "failed": r.failed} for r in ledger.skipped]},
         "protocol": run.protocol,
         "policies": sections,
+        "bootstrap": boot.record(len(recordings)),
         "recordings": recordings,
         "timing": {"wall_seconds": time.perf_counter() - run.t_start,
                    "transcribe_seconds": sum(a.wall for a in accs.values())},
@@ -161,6 +169,40 @@ def build_results(run: AsrRun, interrupted: bool) -> tuple[dict, InputLedger, li
         "inputs": ledger.to_dict(),
     }
     return results, ledger, [_summary(name, s) for name, s in sections.items()]
+
+
+def add_intervals(sections: dict[str, dict], scores: dict[str, list[FileScore]], boot: Bootstrap) -> dict[str, dict]:
+    """The sections with their 95% intervals (SPEC §5.8): `ci` and `vs_off` of the corpus WER overall and per
+    bin, resampling recordings' (errors, words) pairs, and `wer_mean_ci` of the mean of per-file WERs.
+
+    Args:
+        sections: results.json's `policies`.
+        scores: policy -> its recordings' scores, the same recording at the same index for every policy.
+        boot: resamples, seed.
+    """
+    units = {name: [UnitScores((f.errors, f.words), None if f.bins is None else
+                               [(b.errors, b.ref_words) for b in f.bins]) for f in files]
+             for name, files in scores.items()}
+    out = with_intervals(sections, policy_intervals(units, boot), "wer", "bins")
+    for name, s in out.items():
+        mean_ci = ratio_interval([(f.wer, 1.0) for f in scores[name]], boot)  # a mean: Σ wer_i / Σ 1
+        out[name] = {}
+        for k, v in s.items():
+            out[name][k] = v
+            if k == "wer_mean":
+                out[name]["wer_mean_ci"] = mean_ci
+    return out
+
+
+def unit_record(f: FileScore) -> dict:
+    """A recording's sums under one policy in results.json's `recordings[].scores`, what the intervals resample.
+
+    Args:
+        f: its score.
+    """
+    return {"errors": f.errors, "words": f.words,
+            "bins": None if f.bins is None else {"errors": [b.errors for b in f.bins],
+                                                 "ref_words": [b.ref_words for b in f.bins]}}
 
 
 def _ledger(run: AsrRun) -> InputLedger:
@@ -177,8 +219,8 @@ def _ledger(run: AsrRun) -> InputLedger:
 
 def _summary(name: str, s: dict) -> PolicyWer:
     return PolicyWer(name, s["wer"], s["wer_mean"], s["cer"], s["substitutions"], s["deletions"], s["insertions"],
-               s["words"], s["longest_deletion_run"], s["longest_gap_s"], s["repetition_rate"],
-               s["timing"]["realtime_factor"])
+                     s["words"], s["longest_deletion_run"], s["longest_gap_s"], s["repetition_rate"],
+                     s["timing"]["realtime_factor"], s["ci"], s["vs_off"])
 
 
 def environment(m) -> dict:

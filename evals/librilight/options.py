@@ -11,6 +11,7 @@ from ttt_cli.errors import ConfigError
 from ttt_cli.units import seconds_to_steps
 
 from ..policies import Policy
+from ..intervals import DEFAULT_RESAMPLES
 from ..run import check_resume_flags
 from .data import Dataset
 from .scoring import DEFAULT_BLOCK_STEPS
@@ -51,6 +52,7 @@ class EvalOptions:
     ttt: dict | None = None           # overrides of the `ttt` section
     base: str | None = None           # --base of a fine-tuning fork checkpoint (SPEC §4.3)
     seed: int = 0
+    bootstrap: int = DEFAULT_RESAMPLES  # --bootstrap: resamples of the 95% intervals (0: none; SPEC §5.8)
     telemetry: Path | None = None     # --telemetry: the update series per policy and document (SPEC §3.7)
 
 
@@ -73,6 +75,8 @@ def validate(o: EvalOptions) -> None:
         raise ConfigError(f"--audio-stream must be one of {', '.join(AUDIO_STREAMS)}, got {o.audio_stream!r}.")
     if o.text_stream not in TEXT_STREAMS:
         raise ConfigError(f"--text-stream must be one of {', '.join(TEXT_STREAMS)}, got {o.text_stream!r}.")
+    if o.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be a number of resamples >= 0 (0: no intervals), got {o.bootstrap}.")
     check_resume_flags(o)
 
 

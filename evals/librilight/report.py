@@ -11,9 +11,12 @@ from safetensors.torch import load_file, save_file
 from ttt_cli.io import atomic_write
 from ttt_cli.tables import csv_cell, write_table_csv
 
-from ..report import write_position_png
+from ..report import interval_cells, position_bands, write_position_png
 
-CURVE_COLUMNS = ("policy", "bin_start_s", "bin_end_s", "nll", "nll_semantic", "nll_acoustic", "tokens")
+# ci_low/ci_high: the 95% interval of `nll`; vs_off*: nll − off's nll and its paired interval (SPEC §5.8),
+# appended so that readers of the first seven columns keep working; empty cells where there is none.
+CURVE_COLUMNS = ("policy", "bin_start_s", "bin_end_s", "nll", "nll_semantic", "nll_acoustic", "tokens",
+                 "ci_low", "ci_high", "vs_off", "vs_off_ci_low", "vs_off_ci_high")
 CURVE_CSV = "curve.csv"
 CURVE_PNG = "curve.png"
 TOKEN_NLL_DIR = "token_nll"
@@ -29,7 +32,8 @@ def curve_rows(policies: dict) -> list[list[str]]:
     for name, p in policies.items():
         for b in p["curve"]:
             rows.append([name, csv_cell(b["bin_start_s"]), csv_cell(b["bin_end_s"]), csv_cell(b["nll"]),
-                         csv_cell(b["nll_semantic"]), csv_cell(b["nll_acoustic"]), str(b["tokens"])])
+                         csv_cell(b["nll_semantic"]), csv_cell(b["nll_acoustic"]), str(b["tokens"]),
+                         *interval_cells(b)])
     return rows
 
 
@@ -44,7 +48,7 @@ def write_curve_csv(path: Path, policies: dict) -> Path:
 
 
 def write_curve_png(path: Path, policies: dict, title: str) -> Path:
-    """curve.png: NLL vs position in the document, one line per policy (matplotlib, Agg backend).
+    """curve.png: NLL vs position in the document, one line per policy, its 95% interval shaded (matplotlib).
 
     Args:
         path: where to write.
@@ -54,7 +58,8 @@ def write_curve_png(path: Path, policies: dict, title: str) -> Path:
     series = {name: [(b["bin_start_s"], b["bin_end_s"], b["nll"]) for b in p["curve"]]
               for name, p in policies.items()}
     labels = {name: f"{name} (mean {p['nll']:.3f})" for name, p in policies.items() if p.get("nll") is not None}
-    return write_position_png(path, series, "NLL (nats per audio token)", title, labels)
+    return write_position_png(path, series, "NLL (nats per audio token)", title, labels,
+                              bands=position_bands({name: p["curve"] for name, p in policies.items()}))
 
 
 def token_nll_path(out: Path, policy_dir: str, doc_id: str) -> Path:

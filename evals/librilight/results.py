@@ -9,7 +9,8 @@ from ttt_cli.distributed import current
 from ttt_cli.fastweights.attach import state_bytes_per_stream
 
 from ..inputs import rel_path
-from ..report import RESULTS, write_results
+from ..intervals import Bootstrap, UnitScores, policy_intervals
+from ..report import RESULTS, with_intervals, write_results
 from ..run import EvalResult, Setup, environment, telemetry_add, write_results_or_stop
 from . import report  # write_curve_png called through its module: a test stands in for it
 from .accum import Accum, policy_section
@@ -31,6 +32,8 @@ class PolicySummary:
     nll_text: float | None
     tokens: int
     steps_per_second: float | None
+    ci: list[float] | None = None          # 95% interval of `nll` (None: see results.json's bootstrap note)
+    vs_off: dict | None = None             # {"diff", "ci"} of nll − off's nll (None: off itself, or no off)
 
 
 @dataclass
@@ -109,6 +112,9 @@ def finish(run: LibriLightRun, setup: Setup, interrupted: bool) -> EvalResult:
     f = gather(run)
     sections = {p.name: policy_section(p, f.accs[p.name], run.bin_steps, f.telemetry[p.name], run.lr,
                                        run.warm is not None) for p in policies}
+    boot = Bootstrap(run.o.bootstrap, run.o.seed, "document")
+    documents, scores = unit_scores(run, f.documents)
+    sections = with_intervals(sections, policy_intervals(scores, boot), "nll", "curve")
     results = {
         "format_version": RESULTS_VERSION,
         "status": "interrupted" if interrupted else "complete",
@@ -127,14 +133,41 @@ def finish(run: LibriLightRun, setup: Setup, interrupted: bool) -> EvalResult:
         "environment": environment(run.m),
         "warnings": f.warnings,
         "distributed": distributed_record(state["done"]),
-        "documents": f.documents,
+        "bootstrap": boot.record(len(documents)),
+        "documents": documents,
     }
     files = write_outputs(run, results, sections, len(f.documents))
     summaries = [PolicySummary(p.name, s["nll"], s["perplexity"], s["nll_semantic"], s["nll_acoustic"],
-                               s["nll_text"], s["tokens"]["all"], s["timing"]["steps_per_second"])
-                 for p, s in zip(policies, sections.values())]
+                               s["nll_text"], s["tokens"]["all"], s["timing"]["steps_per_second"], s["ci"],
+                               s["vs_off"]) for p, s in zip(policies, sections.values())]
     return EvalResult(run.out, results, summaries, files + run.written_nll + run.written_series, f.failed,
                       f.warnings, interrupted, len(state["done"]), len(run.dataset.documents))
+
+
+def unit_scores(run: LibriLightRun, records: list[dict]) -> tuple[list[dict], dict[str, list[UnitScores | None]]]:
+    """The scored documents in dataset order, each with its `scores` (per policy: Σ nll and tokens of all
+    Moshi-stream codebooks, overall and per bin: what the intervals resample), and those sums per policy.
+
+    Args:
+        run: the run (its state holds each document's sums per policy and bin).
+        records: the scored documents' results.json entries (`Finished.documents`).
+    """
+    rank = {d.id: i for i, d in enumerate(run.dataset.documents)}
+    docs, scores = [], {p.name: [] for p in run.policies}
+    for rec in sorted(records, key=lambda r: rank.get(r["id"], len(rank))):  # the order a single process has
+        per = run.state["docs"][rec["id"]]["policies"]
+        mine = {}
+        for p in run.policies:
+            a = per.get(p.name)
+            if a is None:
+                scores[p.name].append(None)
+                continue
+            sums, counts = a["sums"]["all"], a["counts"]["all"]
+            mine[p.name] = {"nll_sum": sum(sums), "tokens": sum(counts),
+                            "bins": {"nll_sum": list(sums), "tokens": list(counts)}}
+            scores[p.name].append(UnitScores((sum(sums), sum(counts)), list(zip(sums, counts))))
+        docs.append({**rec, "scores": mine})
+    return docs, scores
 
 
 def distributed_record(done: list[str]) -> dict:

@@ -69,6 +69,8 @@ TTTChunkOpt = Annotated[tp.Optional[int], typer.Option("--ttt-chunk-size", min=1
 TTTLayersOpt = Annotated[tp.Optional[str], typer.Option("--ttt-layers", help="0,6,12 | every:6 | every:6@3 | none.")]
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed (0 .. 2**32 - 1).")]
+BootstrapOpt = Annotated[int, typer.Option("--bootstrap", min=0, help="Resamples of the 95% intervals (percentile "
+                                           "bootstrap over documents or recordings, drawn with --seed); 0: none.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result on stdout, nothing else "
                                        "(one JSON object, also on errors).")]
 TTTClipOpt = Annotated[tp.Optional[str], typer.Option("--ttt-clip", help="Override the delta clip (Frobenius "
@@ -247,6 +249,30 @@ def err(msg: str, always: bool = False) -> None:
 def fmt_or_dash(v: float | None, spec: str = ".4f") -> str:
     """A table cell: `v` formatted, or "-" when there is no value."""
     return "-" if v is None else format(v, spec)
+
+
+def fmt_interval(ci: tp.Sequence[float] | None, spec: str = ".4f", scale: float = 1.0) -> str:
+    """A table cell for a 95% interval: `[low, high]`, or "-" when there is none."""
+    return "-" if not ci else f"[{format(scale * ci[0], spec)}, {format(scale * ci[1], spec)}]"
+
+
+def fmt_vs_off(vs: dict | None, spec: str = ".4f", scale: float = 1.0) -> str:
+    """A table cell for a paired difference with the `off` policy: `+d [low, high]`, or "-"."""
+    if not vs:
+        return "-"
+    d = format(scale * vs["diff"], "+" + spec)
+    return f"{d} {fmt_interval(vs['ci'], spec, scale)}" if vs["ci"] else d
+
+
+def interval_notes(res) -> list[str]:
+    """Why the table shows no interval or no difference with `off` (SPEC §5.8), as lines for stderr."""
+    notes = []
+    note = (res.results.get("bootstrap") or {}).get("note")
+    if note:
+        notes.append(note)
+    if "off" not in res.results.get("policies", {}):
+        notes.append("no `off` policy in this run: no paired differences (add -p off)")
+    return notes
 
 
 def eval_model_loader(opts, seed: int, force: bool) -> tp.Callable[[], tp.Any]:

@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from .common import (AudioStream, BaseOpt, DebugOpt, Device, DistTimeoutOpt, DeviceOpt, DType, DTypeOpt, err,
-                     eval_model_loader, fmt_or_dash, ForceOpt, ForceStateOpt, handle_errors, JsonOpt, ModelOpt,
-                     OverwriteOpt, print_table, report_eval, ResumeOpt, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt,
-                     TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
+from .common import (AudioStream, BaseOpt, BootstrapOpt, DebugOpt, Device, DistTimeoutOpt, DeviceOpt, DType, DTypeOpt,
+                     err, eval_model_loader, fmt_interval, fmt_or_dash, fmt_vs_off, ForceOpt, ForceStateOpt,
+                     handle_errors, interval_notes, JsonOpt, ModelOpt, OverwriteOpt, print_table, report_eval,
+                     ResumeOpt, SeedOpt, TelemetryOpt, TextStream, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt,
+                     TTTOpt, WarmStartOpt)
 
 eval_app = typer.Typer(name="eval", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                        help="Evaluations: long-context perplexity on LibriLight-style audiobooks (librilight); "
@@ -60,6 +61,7 @@ def librilight_cmd(
     ttt_layers: TTTLayersOpt = None,
     ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
+    bootstrap: BootstrapOpt = 1000,
     force: ForceOpt = False,
     dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = False,
@@ -99,7 +101,7 @@ def librilight_cmd(
         save_token_nll=save_token_nll, resume=resume, overwrite=overwrite, init_state=init_state,
         force_state=force_state, device=session.device(device.value), dtype=dtype.value,
         ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, seed=seed, base=base,
-        telemetry=telemetry)
+        telemetry=telemetry, bootstrap=bootstrap)
 
     with distributed.progress(quiet=json_out) as progress:
         res = evaluate_librilight(opts, progress, model=eval_model_loader(opts, seed, force))
@@ -109,15 +111,19 @@ def librilight_cmd(
 
 
 def _table(res) -> None:
-    """The policies' table (NLL, perplexity, per group, tokens, speed) and the files written."""
+    """The policies' table (NLL with its 95% interval and difference with off, perplexity, per group, tokens,
+    speed), why an interval is missing, and the files written."""
     text = any(q.nll_text is not None for q in res.policies)
-    rows = [[p.name, fmt_or_dash(p.nll), fmt_or_dash(p.perplexity, ".2f"), fmt_or_dash(p.nll_semantic),
-             fmt_or_dash(p.nll_acoustic), *([fmt_or_dash(p.nll_text)] if text else []),
+    rows = [[p.name, fmt_or_dash(p.nll), fmt_interval(p.ci, ".3f"), fmt_vs_off(p.vs_off, ".3f"),
+             fmt_or_dash(p.perplexity, ".2f"), fmt_or_dash(p.nll_semantic), fmt_or_dash(p.nll_acoustic),
+             *([fmt_or_dash(p.nll_text)] if text else []),
              p.tokens, fmt_or_dash(p.steps_per_second, ".1f")] for p in res.policies]
-    cols = ["policy", "NLL", "PPL", "NLL semantic", "NLL acoustic", *(["NLL text"] if text else []), "tokens",
-            "steps/s"]
+    cols = ["policy", "NLL", "95% CI", "vs off [95% CI]", "PPL", "NLL semantic", "NLL acoustic",
+            *(["NLL text"] if text else []), "tokens", "steps/s"]
     print_table(f"{res.documents_done}/{res.documents_total} document(s), "
                 f"{res.results['dataset']['seconds']:.1f} s of audio", cols, rows)
+    for note in interval_notes(res):
+        err(note)
     err(f"wrote {', '.join(res.files[:3])}" + (f" and {len(res.files) - 3} token NLL file(s)"
                                                if len(res.files) > 3 else ""))
 

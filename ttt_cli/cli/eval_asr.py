@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
-from .common import (BaseOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, eval_model_loader, fmt_or_dash,
-                     ForceOpt, ForceStateOpt, JsonOpt, ModelOpt, OverwriteOpt, print_table, report_eval, ResumeOpt,
-                     SeedOpt, TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
+from .common import (BaseOpt, BootstrapOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, eval_model_loader,
+                     fmt_interval, fmt_or_dash, fmt_vs_off, ForceOpt, ForceStateOpt, interval_notes, JsonOpt, ModelOpt,
+                     OverwriteOpt, print_table, report_eval, ResumeOpt, SeedOpt, TTTChunkOpt, TTTClipOpt,
+                     TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
 
 
 class AsrMode(str, enum.Enum):
@@ -61,6 +62,7 @@ def asr_cmd(
     ttt_layers: TTTLayersOpt = None,
     ttt_clip: TTTClipOpt = None,
     seed: SeedOpt = 0,
+    bootstrap: BootstrapOpt = 1000,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -103,7 +105,7 @@ def asr_cmd(
         bin_seconds=parse_seconds(bin_seconds), whole_file_seconds=parse_seconds(whole_file_seconds),
         resume=resume, overwrite=overwrite, init_state=init_state, force_state=force_state, device=device.value,
         dtype=dtype.value, ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, base=base,
-        seed=seed)
+        seed=seed, bootstrap=bootstrap)
 
     with make_progress(quiet=json_out) as progress:
         res = evaluate_asr(opts, progress, model=eval_model_loader(opts, seed, force))
@@ -111,12 +113,17 @@ def asr_cmd(
 
 
 def _table(res) -> None:
-    """The policies' table (WER, CER, S/D/I, failure signals, real-time factor) and the files written."""
-    rows = [[p.name, _pct(p.wer), _pct(p.wer_mean), _pct(p.cer), f"{p.substitutions}/{p.deletions}/{p.insertions}",
-             p.words, fmt_or_dash(p.longest_deletion_run, "d"), fmt_or_dash(p.longest_gap_s, ".1f"),
+    """The policies' table (WER with its 95% interval and difference with off, CER, S/D/I, failure signals,
+    real-time factor), why an interval is missing, and the files written."""
+    rows = [[p.name, _pct(p.wer), fmt_interval(p.ci, ".1f", 100), fmt_vs_off(p.vs_off, ".1f", 100), _pct(p.wer_mean),
+             _pct(p.cer), f"{p.substitutions}/{p.deletions}/{p.insertions}", p.words,
+             fmt_or_dash(p.longest_deletion_run, "d"), fmt_or_dash(p.longest_gap_s, ".1f"),
              fmt_or_dash(p.repetition_rate, ".2f"), fmt_or_dash(p.realtime_factor, ".2f")] for p in res.policies]
     print_table(f"{res.documents_done}/{res.documents_total} recording(s), "
                 f"{res.results['dataset']['seconds']:.1f} s of audio, {res.results['protocol']['mode']} "
                 f"(WER/CER in %; maxima over recordings)",
-                ["policy", "WER", "mean", "CER", "S/D/I", "words", "del run", "gap s", "repeat", "RTF"], rows)
+                ["policy", "WER", "95% CI", "vs off [95% CI]", "mean", "CER", "S/D/I", "words", "del run", "gap s",
+                 "repeat", "RTF"], rows)
+    for note in interval_notes(res):
+        err(note)
     err(f"wrote {', '.join(res.files)} and the hypotheses in {res.out / 'hyp'}")
