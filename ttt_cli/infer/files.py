@@ -193,7 +193,7 @@ def _write_files(res: FileResult, run: InferRun, out_dir: Path, state_path: Path
     paths = output_paths(out_dir, res.job, run.mode, formats=run.formats)
     series = series_paths(Path(run.telemetry), res.job.stem) if run.telemetry is not None else None
     texts = {"txt": res.text + "\n"} if "txt" in paths else {}
-    texts.update(subtitle_texts(res.words, paths, **(run.subtitles or {})))
+    texts.update(subtitle_texts(res.words, run.formats, **(run.subtitles or {})))
     for k, text in texts.items():
         unit.current = paths[k]
         write_text(paths[k], text)
