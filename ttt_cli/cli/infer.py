@@ -81,7 +81,7 @@ def infer_cmd(
                                                     "whole, exactly as moshi.run_inference does; longer ones in "
                                                     "bounded pieces (memory flat in their length): 600, 10m, 1h.")]
     = "600",
-    formats: Annotated[str, typer.Option("--format", "-f", help="Transcript files per input, a comma list of txt, "
+    formats: Annotated[str, typer.Option("--format", help="Transcript files per input, a comma list of txt, "
                                          "json, srt, vtt, tsv (openai/whisper's formats), or all. <stem>.json is "
                                          "always written (the record of the input's outputs).")] = "txt,json",
     max_line_width: Annotated[tp.Optional[int], typer.Option("--max-line-width", help="srt/vtt/tsv: characters per "
