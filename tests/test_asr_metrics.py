@@ -275,6 +275,47 @@ def test_manifest_discovery_accounts_for_every_line(tmp_path):
     assert ds.skipped[0].path == f"{tmp_path / 'm.jsonl'}:4"
 
 
+def test_nemo_manifest_lines(tmp_path):
+    _wav(tmp_path / "a.wav", 0.5)
+    _wav(tmp_path / "b.wav", 2.0)
+    _wav(tmp_path / "c.wav", 1.0)
+    _wav(tmp_path / "d.wav", 1.0)
+    lines = [
+        {"audio_filepath": "a.wav", "text": "one", "duration": 0.55},                     # 1 within 0.1 s: fine
+        {"audio_filepath": str(tmp_path / "b.wav"), "text": "two", "duration": 1.5},      # 2 0.5 s off: a warning
+        {"audio_filepath": "c.wav", "text": "three", "duration": "long"},                 # 3 not seconds: a warning
+        {"audio_filepath": "d.wav", "text": "four"},                                      # 4 no duration: fine
+        {"audio_filepath": "a.wav", "audio": "a.wav", "text": "x"},                       # 5 both keys
+        {"audio_filepath": "b.wav", "text": "x", "duration": 1.0, "offset": 0.5},         # 6 a segment
+        {"audio_filepath": "", "text": "x", "duration": 1.0},                             # 7 no path
+        {"audio_filepath": "missing.wav", "text": "x", "duration": 1.0},                  # 8
+        {"audio_filepath": "d.wav", "duration": 1.0},                                     # 9 no text
+    ]
+    (tmp_path / "train_manifest.json").write_text("\n".join(map(json.dumps, lines)) + "\n")  # NeMo's .json name
+    ds = discover_asr(tmp_path / "train_manifest.json")
+    assert (ds.kind, ds.manifest_format) == ("manifest", "nemo")
+    assert [(it.key, it.line, it.reference) for it in ds.items] == [
+        ("a.wav", 1, "one"), (str(tmp_path / "b.wav"), 2, "two"), ("c.wav", 3, "three"), ("d.wav", 4, "four")]
+    assert [it.seconds for it in ds.items] == pytest.approx([0.5, 2.0, 1.0, 1.0])  # the audio's, not the hint's
+    assert len(ds.warnings) == 2
+    assert "line 2" in ds.warnings[0] and "1.5 s" in ds.warnings[0] and "2.000 s" in ds.warnings[0]
+    assert "line 3" in ds.warnings[1] and "'long'" in ds.warnings[1]
+    reasons = [s.reason for s in ds.skipped]
+    assert [r.split(":")[0] for r in reasons] == [f"line {n}" for n in (5, 6, 7, 8, 9)]
+    assert "give one" in reasons[0] and "segment" in reasons[1] and "audio_filepath" in reasons[2]
+    assert "not found" in reasons[3] and '"text"' in reasons[4]
+    # both forms in one manifest
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "one"}) + "\n" +
+                                      json.dumps({"audio_filepath": "b.wav", "text": "two", "duration": 2.0}) + "\n")
+    ds = discover_asr(tmp_path / "m.jsonl")
+    assert ds.manifest_format == "mixed" and len(ds.items) == 2 and not ds.warnings
+    assert discover_asr(MANIFEST).manifest_format == "audio-text" and discover_asr(EXAMPLES).manifest_format is None
+    # a pretty-printed JSON list is not a manifest: said so, not one error per line
+    (tmp_path / "list.json").write_text(json.dumps(lines[:2], indent=2))
+    with pytest.raises(ConfigError, match="one JSON document, not a manifest"):
+        discover_asr(tmp_path / "list.json")
+
+
 def test_discovery_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         discover_asr(tmp_path / "nope")

@@ -164,7 +164,7 @@ def clips(tmp_path_factory):
     return root, paths + [root / "short.wav"]
 
 
-INFER = ["--model", "tiny", "--mode", "transcribe", "--greedy", "--json"]
+INFER = ["--model", "tiny", "--mode", "transcribe", "--greedy", "--json", "--format", "all", "--max-line-width", "16"]
 
 
 def test_infer_two_processes_equal_one(clips):
@@ -184,4 +184,7 @@ def test_infer_two_processes_equal_one(clips):
         on_disk = json.loads(Path(y["outputs"]["json"]).read_text())
         assert on_disk["text"] == x["text"] and on_disk["distributed"] == y["distributed"]
         assert Path(y["outputs"]["txt"]).read_text() == Path(x["outputs"]["txt"]).read_text()
+        for f in ("srt", "vtt", "tsv"):  # subtitles planned and written by each rank as by one process
+            assert Path(y["outputs"][f]).parent == root / "i2"
+            assert Path(y["outputs"][f]).read_text() == Path(x["outputs"][f]).read_text() != ""
     assert x["distributed"]["world_size"] == 1 and len(x["distributed"]["shares"]) == 1

@@ -287,6 +287,30 @@ def test_refusals_before_any_work(small, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_nemo_manifest_scores_like_the_directory(small, tmp_path):
+    """The `small` recordings listed in a NeMo manifest (`audio_filepath`, `text`, `duration`; one duration
+    wrong) give the directory run's hypotheses and WERs; the duration only warns."""
+    data, ref, ref_res = small
+    lines = []
+    for i, name in enumerate(("a", "b", "c")):
+        seconds = 1.0 if name != "b" else 7.5  # b's hint is wrong: reported, never used
+        lines.append(json.dumps({"audio_filepath": str(data / f"{name}.wav"), "duration": seconds,
+                                 "text": (data / f"{name}.txt").read_text()}))
+    (tmp_path / "nemo.json").write_text("\n".join(lines) + "\n")
+    r = cli("eval", "asr", tmp_path / "nemo.json", "--model", "tiny-stt", "-p", "off", "--out", tmp_path / "out",
+            "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert (res["dataset"]["kind"], res["dataset"]["manifest_format"]) == ("manifest", "nemo")
+    assert ref_res["dataset"]["manifest_format"] is None
+    assert [w for w in res["warnings"] if "manifest says 7.5 s" in w and "b.wav" in w]
+    got, want = res["policies"]["off"], ref_res["policies"]["off"]
+    assert [f["hypothesis"] for f in got["files"]] == [f["hypothesis"] for f in want["files"]]
+    for k in ("wer", "wer_mean", "cer", "substitutions", "deletions", "insertions"):
+        assert got[k] == pytest.approx(want[k]), k
+    assert [rec["seconds"] for rec in res["recordings"]] == [rec["seconds"] for rec in ref_res["recordings"]]
+
+
 def test_skipped_inputs_are_accounted_and_exit_1(small, tmp_path):
     data = tmp_path / "data"
     clip(data / "good.wav", 0.0, 1.0)

@@ -1,10 +1,12 @@
-"""`ttt eval asr` inputs: audio files with same-stem .txt references, or a JSONL manifest (SPEC §5.7)."""
+"""`ttt eval asr` inputs: audio files with same-stem .txt references, or a JSONL manifest, ttt's or NeMo's (SPEC §5.7)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+import typing as tp
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ttt_cli.audio import AUDIO_EXTENSIONS
@@ -15,6 +17,12 @@ from .normalize import normalize_text
 
 REFERENCE_SUFFIX = ".txt"
 MANIFEST_SUFFIX = ".jsonl"
+MANIFEST_SUFFIXES = (".jsonl", ".json")   # NeMo names its JSON-lines manifests `*.json`
+# Manifest line forms: ttt's {"audio", "text"} and NeMo's {"audio_filepath", "text", "duration"}.
+AUDIO_KEYS = {"audio": "audio-text", "audio_filepath": "nemo"}
+# NeMo's `duration` is a hint: the audio is what is scored; a difference beyond this is reported (docs/asr.md).
+DURATION_TOLERANCE_S = 0.1
+DURATION_TOLERANCE_REL = 0.01
 # A reference that is only this marker is left out of scoring, as kyutai's evaluation (after the
 # open ASR leaderboard) does.
 IGNORE_MARKER = "ignore time segment in scoring"
@@ -45,6 +53,8 @@ class AsrDataset:
     kind: str                      # "directory" | "manifest"
     items: list[AsrItem]
     skipped: list[SkippedFile]
+    manifest_format: str | None = None   # the lines' form: "audio-text", "nemo" or "mixed" (None: a directory)
+    warnings: list[str] = field(default_factory=list)   # e.g. a NeMo duration the audio does not have
 
     @property
     def documents(self) -> list[AsrItem]:
@@ -179,8 +189,8 @@ def discover_directory(root: Path, probe: bool = True) -> AsrDataset:
     return AsrDataset(root, "directory", items, skipped)
 
 
-def _manifest_entry(raw: bytes, n: int, manifest: Path) -> tuple[str, Path, str] | SkippedFile:
-    """(key, audio path, text) of one manifest line, or why it cannot be used."""
+def _manifest_entry(raw: bytes, n: int, manifest: Path) -> tuple[str, Path, str, str, tp.Any] | SkippedFile:
+    """(key, audio path, text, line form, NeMo `duration` or None) of one manifest line, or why it cannot be used."""
     where, base = f"{manifest}:{n}", manifest.parent
     try:
         obj = json.loads(raw.decode("utf-8"))
@@ -190,13 +200,20 @@ def _manifest_entry(raw: bytes, n: int, manifest: Path) -> tuple[str, Path, str]
         return SkippedFile(where, f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
     if not isinstance(obj, dict):
         return SkippedFile(where, f"line {n}: not a JSON object with \"audio\" and \"text\"")
-    audio, text = obj.get("audio"), obj.get("text")
+    keys = [k for k in AUDIO_KEYS if k in obj]
+    if len(keys) > 1:
+        return SkippedFile(where, f"line {n}: both \"audio\" and NeMo's \"audio_filepath\"; give one")
+    key = keys[0] if keys else "audio"
+    audio, text = obj.get(key), obj.get("text")
     if not isinstance(audio, str) or not audio.strip():
-        return SkippedFile(where, f"line {n}: no \"audio\" path (a non-empty string)")
+        return SkippedFile(where, f"line {n}: no \"audio\" path (or NeMo's \"audio_filepath\"; a non-empty string)")
     path = Path(audio).expanduser()
     path = path if path.is_absolute() else base / path
     if not isinstance(text, str):
         return SkippedFile(str(path), f"line {n}: no \"text\" transcript (a string)")
+    if obj.get("offset") not in (None, 0, 0.0):
+        return SkippedFile(str(path), f"line {n}: a NeMo segment (\"offset\": {obj['offset']!r}); ttt eval asr scores "
+                                      f"whole recordings: cut the segment into a file of its own")
     if path.suffix.lower() not in AUDIO_EXTENSIONS:
         return SkippedFile(str(path), f"line {n}: not an audio file ({', '.join(AUDIO_EXTENSIONS)})")
     if not path.is_file():
@@ -204,23 +221,59 @@ def _manifest_entry(raw: bytes, n: int, manifest: Path) -> tuple[str, Path, str]
     why = check_reference(text)
     if why:
         return _skipped(str(path), f"line {n}: {why}")
-    return audio, path, text
+    return audio, path, text, AUDIO_KEYS[key], obj.get("duration")
+
+
+def duration_warning(item: AsrItem, duration: tp.Any) -> str | None:
+    """What is wrong with a manifest line's `duration` hint (None: nothing, or no audio length to compare).
+
+    The audio decides: `duration` is never used, only compared with the probed length, so that a
+    manifest line pointing at the wrong file or at a cut-down copy is noticed.
+
+    Args:
+        item: the recording (its `seconds` probed, or None).
+        duration: the line's `duration` value as read (None: none given).
+    """
+    if duration is None:
+        return None
+    where = f"{item.audio} (manifest line {item.line})"
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration) \
+            or duration < 0:
+        return f"{where}: \"duration\" {duration!r} is not a number of seconds; ignored (the audio is used)"
+    if item.seconds is None:
+        return None
+    if abs(duration - item.seconds) > max(DURATION_TOLERANCE_S, DURATION_TOLERANCE_REL * item.seconds):
+        return (f"{where}: the manifest says {duration:g} s, the audio holds {item.seconds:.3f} s; the whole audio "
+                f"is scored (\"duration\" is only a hint): check that the line names the right file")
+    return None
+
+
+def _manifest_format(forms: set[str]) -> str | None:
+    return None if not forms else forms.pop() if len(forms) == 1 else "mixed"
 
 
 def discover_manifest(manifest: Path, probe: bool = True) -> AsrDataset:
-    """One `{"audio": PATH, "text": REFERENCE}` object per line; relative paths are relative to the
-    manifest's directory; blank lines are ignored; a bad line is skipped with its line number.
+    """One JSON object per line: `{"audio": PATH, "text": REFERENCE}` or NeMo's `{"audio_filepath": PATH,
+    "text": REFERENCE, "duration": SECONDS}`; relative paths are relative to the manifest's directory;
+    blank lines are ignored; a bad line is skipped with its line number. NeMo's `duration` is only
+    compared with the audio (a warning when they differ, `duration_warning`); a line with a non-zero
+    NeMo `offset` (a segment of a longer file) is skipped with the reason.
 
     Args:
-        manifest: the .jsonl file.
+        manifest: the .jsonl (or NeMo .json) file.
         probe: read each audio header (duration); an unreadable audio file is skipped with the reason.
+    Raises:
+        ConfigError: the manifest cannot be read, or it is one JSON document rather than one object a line.
     """
     try:
-        lines = manifest.read_bytes().split(b"\n")
+        data = manifest.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read the manifest {manifest}: {e.strerror or e}.") from None
+    lines = data.split(b"\n")
     items: list[AsrItem] = []
     skipped: list[SkippedFile] = []
+    warnings: list[str] = []
+    forms: set[str] = set()
     seen: dict[Path, int] = {}
     for n, raw in enumerate(lines, start=1):
         if not raw.strip():
@@ -229,7 +282,7 @@ def discover_manifest(manifest: Path, probe: bool = True) -> AsrDataset:
         if isinstance(entry, SkippedFile):
             skipped.append(entry)
             continue
-        key, path, text = entry
+        key, path, text, form, duration = entry
         first = seen.setdefault(path.resolve(), n)
         if first != n:
             skipped.append(SkippedFile(str(path), f"line {n}: the same audio file as line {first}"))
@@ -238,9 +291,25 @@ def discover_manifest(manifest: Path, probe: bool = True) -> AsrDataset:
         why = _probe(item, probe)
         if why is None:
             items.append(item)
+            forms.add(form)
+            w = duration_warning(item, duration)
+            warnings += [w] if w else []
         else:
             skipped.append(SkippedFile(str(path), f"line {n}: {why}"))
-    return AsrDataset(manifest, "manifest", items, skipped)
+    if not items and skipped and _one_document(data):
+        raise ConfigError(f"{manifest} is one JSON document, not a manifest: a manifest holds one JSON object per "
+                          f"line (JSON lines), e.g. {{\"audio_filepath\": \"a.wav\", \"text\": \"...\", "
+                          f"\"duration\": 12.3}}.")
+    return AsrDataset(manifest, "manifest", items, skipped, _manifest_format(forms), warnings)
+
+
+def _one_document(data: bytes) -> bool:
+    """The whole file is one JSON value spread over several lines (a pretty-printed list or object)."""
+    try:
+        json.loads(data.decode("utf-8"))
+    except ValueError:
+        return False
+    return len(data.strip().splitlines()) > 1
 
 
 def discover_asr(data: Path | str, probe: bool = True) -> AsrDataset:
@@ -248,7 +317,8 @@ def discover_asr(data: Path | str, probe: bool = True) -> AsrDataset:
 
     Args:
         data: a directory (audio files with a same-stem .txt reference beside each, searched at
-            any depth) or a .jsonl manifest (`audio`, `text` per line).
+            any depth) or a .jsonl manifest (`audio`, `text` per line; or NeMo's `audio_filepath`, `text`,
+            `duration`, also as `.json`).
         probe: read each audio header for its duration (unreadable audio is skipped up front).
     Raises:
         ConfigError: DATA is missing or of another kind, or holds no usable recording (the message
@@ -259,12 +329,14 @@ def discover_asr(data: Path | str, probe: bool = True) -> AsrDataset:
         raise ConfigError(f"DATA {src} does not exist.")
     if src.is_dir():
         ds = discover_directory(src, probe)
-    elif src.suffix.lower() == MANIFEST_SUFFIX:
+    elif src.suffix.lower() in MANIFEST_SUFFIXES:
         ds = discover_manifest(src, probe)
     else:
         raise ConfigError(f"{src} is neither a directory nor a {MANIFEST_SUFFIX} manifest: DATA is a "
                           f"directory of audio files each with a same-stem {REFERENCE_SUFFIX} reference, or "
-                          f"a JSONL file with one {{\"audio\": PATH, \"text\": REFERENCE}} per line.")
+                          f"a JSONL file (.jsonl, or NeMo's .json) with one {{\"audio\": PATH, \"text\": "
+                          f"REFERENCE}} or {{\"audio_filepath\": PATH, \"text\": REFERENCE, \"duration\": "
+                          f"SECONDS}} per line.")
     if not ds.items:
         if not ds.skipped:
             what = ("no audio file with a .txt reference" if ds.kind == "directory" else "no entry")

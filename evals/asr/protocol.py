@@ -95,13 +95,13 @@ class AsrTask:
         return plan_outputs(self.o, self.dataset, self.policies, self.out)
 
     def prepare(self, m) -> list[str]:
-        """Settles the mode (checked against the model) and the padding; notes on the text delay."""
+        """Settles the mode (checked against the model) and the padding; notes on the text delay and the data."""
         o = self.o
         self.mode = transcription_mode(m, o.mode)
         self.delay, notes = text_delay(m, self.mode)
         self.pads = (PAD_BEFORE if o.pad_before is None else o.pad_before,
                      self.delay + PAD_AFTER_EXTRA if o.pad_after is None else o.pad_after)
-        return notes
+        return notes + list(self.dataset.warnings)  # e.g. a manifest `duration` the audio does not have
 
     def protocol(self, init_state: dict | None) -> dict:
         """results.json's `protocol` section."""

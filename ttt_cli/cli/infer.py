@@ -81,6 +81,14 @@ def infer_cmd(
                                                     "whole, exactly as moshi.run_inference does; longer ones in "
                                                     "bounded pieces (memory flat in their length): 600, 10m, 1h.")]
     = "600",
+    formats: Annotated[str, typer.Option("--format", help="Transcript files per input, a comma list of txt, "
+                                         "json, srt, vtt, tsv (openai/whisper's formats), or all. <stem>.json is "
+                                         "always written (the record of the input's outputs).")] = "txt,json",
+    max_line_width: Annotated[tp.Optional[int], typer.Option("--max-line-width", help="srt/vtt/tsv: characters per "
+                                                             "cue line (default 42; a longer word gets its own "
+                                                             "line).", show_default=False)] = None,
+    max_line_count: Annotated[tp.Optional[int], typer.Option("--max-line-count", help="srt/vtt/tsv: lines per cue "
+                                                             "(default 2).", show_default=False)] = None,
     json_out: JsonOpt = False,
     overwrite: OverwriteOpt = False,
     force: ForceOpt = False,
@@ -90,7 +98,8 @@ def infer_cmd(
 ) -> None:
     """Stream audio files through Mimi and Moshi (LMGen) with TTT fast weights, frame by frame as live.
 
-    Writes OUT/<stem>.txt, OUT/<stem>.json and, in dialog mode, OUT/<stem>.wav (Moshi's voice).
+    Writes OUT/<stem>.txt, OUT/<stem>.json and, in dialog mode, OUT/<stem>.wav (Moshi's voice); with
+    --format also subtitles (.srt, .vtt, .tsv) cut from the word times.
     Bad inputs are reported and skipped (exit 1); usage or checkpoint errors exit 2.
 
     Examples:
@@ -107,11 +116,13 @@ def infer_cmd(
 
       ttt infer talk.wav --model tiny --telemetry series/   (series/talk.updates.csv and .png)
 
+      ttt infer talk.wav --model kyutai/stt-1b-en_fr --format all --max-line-width 32   (+ .srt .vtt .tsv)
+
       torchrun --nproc-per-node 8 -m ttt_cli infer talks/*.wav --greedy --out out/talks   (one rank per GPU)
     """
     from .. import distributed
     from ..errors import ConfigError
-    from ..infer import InferOptions, batch_slots, plan_directory, validate_options
+    from ..infer import InferOptions, batch_slots, parse_formats, plan_directory, validate_options
     from ..models.loader import load_model
     from ..outputs import InputLedger
     from ..units import parse_seconds
@@ -119,7 +130,8 @@ def infer_cmd(
     opts = InferOptions(mode=mode.value, channel=channel, batch_size=batch_size, reset_policy=reset_policy.value,
                         temp=temp, temp_text=temp_text, top_k=top_k, top_k_text=top_k_text, greedy=greedy,
                         seed=seed, init_state=init_state, save_state=save_state, force=force_state,
-                        telemetry=telemetry, whole_file_seconds=parse_seconds(whole_file_seconds))
+                        telemetry=telemetry, whole_file_seconds=parse_seconds(whole_file_seconds),
+                        formats=parse_formats(formats), max_line_width=max_line_width, max_line_count=max_line_count)
     validate_options(opts, len(audio))
     session = distributed.start(dist_timeout, device.value, "finished outputs are kept; run again on the inputs "
                                 "not done")

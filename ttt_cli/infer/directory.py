@@ -78,7 +78,8 @@ def plan_directory(paths: tp.Sequence[str | Path], out: Path, opts: InferOptions
     plan.write_into(out)
     if save_state is not None and (several or save_state.is_dir()):
         plan.write_into(save_state, "--save-state")
-    plan_outputs(plan, out, jobs, opts.mode if opts.mode != "auto" else None, states, telemetry=opts.telemetry)
+    plan_outputs(plan, out, jobs, opts.mode if opts.mode != "auto" else None, states, telemetry=opts.telemetry,
+                 formats=opts.formats)
     plan.check().prepare()
     return DirectoryPlan(out, opts, jobs, states, plan)
 

@@ -18,6 +18,7 @@ from ..outputs import json_with_keys, named_in, safetensors_with_metadata
 from ..state import save_state
 from ..telemetry import FLAG, plan_series, series_paths, write_series
 from .results import FileResult, InferRun, Job, result_json
+from .subtitles import DEFAULT_FORMATS, SUBTITLE_FORMATS, subtitle_texts
 
 
 def plan_jobs(paths: tp.Sequence[str | Path]) -> list[Job]:
@@ -47,7 +48,8 @@ def plan_jobs(paths: tp.Sequence[str | Path]) -> list[Job]:
     return out
 
 
-def output_paths(out_dir: Path, job: Job, mode: str, telemetry: Path | None = None) -> dict[str, Path]:
+def output_paths(out_dir: Path, job: Job, mode: str, telemetry: Path | None = None,
+                 formats: tp.Collection[str] = DEFAULT_FORMATS) -> dict[str, Path]:
     """The files one input writes (with `telemetry`, its update series `updates_csv`, `updates_png` there).
 
     Args:
@@ -55,8 +57,10 @@ def output_paths(out_dir: Path, job: Job, mode: str, telemetry: Path | None = No
         job: the input.
         mode: the resolved mode (dialog adds the .wav).
         telemetry: the --telemetry directory, or None.
+        formats: the transcript formats (`txt`, `json`, `srt`, `vtt`, `tsv`): `<stem>.<format>` each;
+            `<stem>.json` always.
     """
-    d = {"txt": out_dir / f"{job.stem}.txt", "json": out_dir / f"{job.stem}.json"}
+    d = {f: out_dir / f"{job.stem}.{f}" for f in ("txt", "json", *SUBTITLE_FORMATS) if f in formats or f == "json"}
     if mode == "dialog":
         d["wav"] = out_dir / f"{job.stem}.wav"
     if telemetry is not None:
@@ -83,7 +87,8 @@ def state_paths(save_state: Path | None, jobs: list[Job], reset_policy: str) -> 
     return {j.index: Path(save_state) / f"{j.stem}.end.safetensors" for j in jobs}
 
 
-def output_recognisers(out_dir: Path, job: Job, mode: str) -> dict[str, tp.Callable[[Path], bool]]:
+def output_recognisers(out_dir: Path, job: Job, mode: str,
+                       formats: tp.Collection[str] = DEFAULT_FORMATS) -> dict[str, tp.Callable[[Path], bool]]:
     """How an existing output of an earlier `ttt infer` run is recognised (replaceable with --overwrite):
     `<stem>.json` is a result object, and it names the other files among its `outputs`.
 
@@ -91,14 +96,16 @@ def output_recognisers(out_dir: Path, job: Job, mode: str) -> dict[str, tp.Calla
         out_dir: --out.
         job: the input.
         mode: the resolved mode.
+        formats: the transcript formats (as `output_paths`).
     """
-    paths = output_paths(out_dir, job, mode)
+    paths = output_paths(out_dir, job, mode, formats=formats)
     record = json_with_keys("input", "mode", "outputs")
     return {k: (record if k == "json" else named_in(paths["json"], record)) for k in paths}
 
 
 def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states: dict[int, Path],
-                 kinds: tp.Collection[str] = ("txt", "json", "wav", "updates"), telemetry: Path | None = None) -> None:
+                 kinds: tp.Collection[str] = ("txt", "json", *SUBTITLE_FORMATS, "wav", "updates"),
+                 telemetry: Path | None = None, formats: tp.Collection[str] = DEFAULT_FORMATS) -> None:
     """Declares the outputs of an infer run on an `OutputPlan` (mode None: not known yet, no .wav).
 
     Args:
@@ -109,14 +116,15 @@ def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states:
         states: --save-state paths by job index.
         kinds: which per-input outputs to declare (e.g. only "wav" once the mode is known).
         telemetry: the --telemetry directory (the update series of each input).
+        formats: the transcript formats (`InferOptions.formats`).
     """
     if telemetry is not None and "updates" in kinds:
         plan.write_into(telemetry, FLAG)
         for j in jobs:
             plan_series(plan, series_paths(telemetry, j.stem), j.path.name)
     for j in jobs:
-        rec = output_recognisers(out_dir, j, mode or "transcribe")
-        for k, p in output_paths(out_dir, j, mode or "transcribe").items():
+        rec = output_recognisers(out_dir, j, mode or "transcribe", formats)
+        for k, p in output_paths(out_dir, j, mode or "transcribe", formats=formats).items():
             if k in kinds:
                 plan.write(p, "--out", f"the .{k} output of {j.path.name}", rec[k])
     for i, p in states.items():
@@ -126,7 +134,8 @@ def plan_outputs(plan, out_dir: Path, jobs: list[Job], mode: str | None, states:
 
 def write_result(res: FileResult, run: InferRun, out_dir: Path, state_path: Path | None = None,
                  overwrite: bool = False) -> None:
-    """Writes `<stem>.txt`, `<stem>.wav` (dialog), the snapshot and `<stem>.json` as one unit.
+    """Writes `<stem>.txt`, the subtitle files (`run.formats`), `<stem>.wav` (dialog), the snapshot and
+    `<stem>.json` as one unit.
 
     Each file is written atomically and read back; `<stem>.json` comes last, so it exists only when
     the rest does. On any failure (a full disk, Ctrl-C, a file that does not read back) the files of
@@ -181,14 +190,17 @@ class _Unit:
 
 def _write_files(res: FileResult, run: InferRun, out_dir: Path, state_path: Path | None, unit: _Unit) -> None:
     """`write_result`'s files in order, `<stem>.json` last; each one's path goes to `unit` before it is written."""
-    paths = output_paths(out_dir, res.job, run.mode)
+    paths = output_paths(out_dir, res.job, run.mode, formats=run.formats)
     series = series_paths(Path(run.telemetry), res.job.stem) if run.telemetry is not None else None
-    unit.current = paths["txt"]
-    write_text(paths["txt"], res.text + "\n")
-    unit.written.append(paths["txt"])
-    if paths["txt"].read_text(encoding="utf-8") != res.text + "\n":
-        raise OSError(errno.EIO, "does not read back as written", str(paths["txt"]))
-    res.outputs["txt"] = str(paths["txt"])
+    texts = {"txt": res.text + "\n"} if "txt" in paths else {}
+    texts.update(subtitle_texts(res.words, run.formats, **(run.subtitles or {})))
+    for k, text in texts.items():
+        unit.current = paths[k]
+        write_text(paths[k], text)
+        unit.written.append(paths[k])
+        if paths[k].read_text(encoding="utf-8") != text:
+            raise OSError(errno.EIO, "does not read back as written", str(paths[k]))
+        res.outputs[k] = str(paths[k])
     if "wav" in paths:
         unit.current = paths["wav"]
         expected = _write_wav(res, paths["wav"])

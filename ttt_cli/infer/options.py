@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..audio import SAMPLE_RATE, WHOLE_FILE_SECONDS
 from ..errors import ConfigError
+from .subtitles import DEFAULT_FORMATS, FORMATS, MAX_LINE_COUNT, MAX_LINE_WIDTH, SUBTITLE_FORMATS, check_limits
 
 MODES = ("auto", "dialog", "transcribe", "stt")
 RESET_POLICIES = ("file", "carry")
@@ -42,6 +43,10 @@ class InferOptions:
             the silence before.
         reset_every_steps: reset every stream's fast weights (not its attention) before its LMGen
             steps N, 2N, ... (counted from the stream's first step; None: never inside a stream).
+        formats: the files written per input, among `txt json srt vtt tsv` (`json` always;
+            `ttt_cli.infer.subtitles.parse_formats` reads `--format`).
+        max_line_width, max_line_count: how subtitle cues are cut (characters per line, lines per cue);
+            None: 42 and 2. Only with a subtitle format (srt, vtt, tsv) among `formats`.
     """
 
     mode: str = "auto"
@@ -61,6 +66,16 @@ class InferOptions:
     whole_file_seconds: float = WHOLE_FILE_SECONDS
     pad_seconds: tuple[float, float] | None = None
     reset_every_steps: int | None = None
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_line_width: int | None = None
+    max_line_count: int | None = None
+
+    def cue_limits(self) -> dict[str, int] | None:
+        """{"max_line_width", "max_line_count"} the subtitle cues are cut at, or None without a subtitle format."""
+        if not any(f in SUBTITLE_FORMATS for f in self.formats):
+            return None
+        return {"max_line_width": MAX_LINE_WIDTH if self.max_line_width is None else self.max_line_width,
+                "max_line_count": MAX_LINE_COUNT if self.max_line_count is None else self.max_line_count}
 
 
 def validate_options(opts: InferOptions, n_inputs: int) -> None:
@@ -85,8 +100,26 @@ def validate_options(opts: InferOptions, n_inputs: int) -> None:
         raise ConfigError(f"padding must be seconds >= 0, got {opts.pad_seconds}.")
     if opts.reset_every_steps is not None and opts.reset_every_steps < 1:
         raise ConfigError(f"fast-weight resets every {opts.reset_every_steps} steps: the period must be >= 1 step.")
+    _check_formats(opts)
     if n_inputs < 1:
         raise ConfigError("give at least one audio file.")
+
+
+def _check_formats(opts: InferOptions) -> None:
+    """`formats` known and holding `json`; cue limits only with a subtitle format, and keepable."""
+    unknown = [f for f in opts.formats if f not in FORMATS]
+    if unknown or "json" not in opts.formats:
+        raise ConfigError(f"output formats {', '.join(opts.formats)}: expected some of {', '.join(FORMATS)}, "
+                          f"json among them (the record of each input).")
+    limits = opts.cue_limits()
+    if limits is None:
+        given = [f"--max-line-{k}" for k, v in (("width", opts.max_line_width), ("count", opts.max_line_count))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} shape(s) subtitle cues, but --format asks for none: add srt, "
+                              f"vtt or tsv to --format (e.g. --format txt,json,srt), or leave {given[0]} out.")
+        return
+    check_limits(**limits)
 
 
 def batch_slots(opts: InferOptions, n_jobs: int) -> int:

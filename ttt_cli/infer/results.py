@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..audio import AudioInfo, WavStream
 from ..units import FRAME_RATE
+from .subtitles import DEFAULT_FORMATS
 
 
 @dataclass
@@ -95,6 +96,8 @@ class InferRun:
     results: list[FileResult]
     telemetry: str | None = None   # --telemetry directory
     distributed: dict | None = None   # world size, backend, shares (SPEC §5.6), set by the command
+    formats: tuple[str, ...] = DEFAULT_FORMATS   # the files written per input (--format)
+    subtitles: dict | None = None     # how cues were cut (max_line_width, max_line_count), with a subtitle format
 
     @property
     def failed(self) -> list[FileResult]:
@@ -130,6 +133,8 @@ def result_json(res: FileResult, run: InferRun) -> dict:
         "reset_policy": run.reset_policy,
         "outputs": dict(res.outputs),
     }
+    if run.subtitles is not None:
+        d["subtitles"] = run.subtitles
     if run.distributed is not None:
         d["distributed"] = run.distributed
     if run.reset_policy == "carry":

@@ -61,7 +61,8 @@ def infer(model, paths: tp.Sequence[str | Path] | list[Job], opts: InferOptions,
     run = InferRun(mode=mode, model=model_facts(model), ttt=ttt_summary(model), sampling=sampling, seed=opts.seed,
                    batch_size=B, reset_policy=opts.reset_policy,
                    init_state=str(opts.init_state) if opts.init_state else None, results=[],
-                   telemetry=str(opts.telemetry) if opts.telemetry is not None else None)
+                   telemetry=str(opts.telemetry) if opts.telemetry is not None else None,
+                   formats=tuple(opts.formats), subtitles=opts.cue_limits())
     results: dict[int, FileResult] = {}
 
     def deliver(res: FileResult) -> None:
