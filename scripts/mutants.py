@@ -1,0 +1,205 @@
+"""Mutation check: applies each deliberate break of scripts/mutants.tsv in a throw-away copy and runs its tests."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIST = ROOT / "scripts" / "mutants.tsv"
+PYTEST_FLAGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-n", "0"]
+
+
+@dataclass
+class Mutant:
+    """One deliberate break: replace `find` (which must occur exactly once in `path`) by `replace`."""
+
+    id: str
+    path: str
+    find: str
+    replace: str
+    tests: list[str]
+    line: int
+
+
+def unescape(s: str) -> str:
+    """The list's escapes: \\n newline, \\t tab, \\\\ backslash (anything else stays as written)."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[s[i + 1]])
+            i += 2
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def read_list(path: Path) -> list[Mutant]:
+    """Parses the list (format at its top). A malformed line is an error naming the line."""
+    mutants, seen = [], set()
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        parts = raw.split("\t")
+        if len(parts) != 5:
+            sys.exit(f"{path.name}:{n}: expected 5 tab-separated fields, found {len(parts)}")
+        mid, file, find, repl, tests = parts
+        if mid in seen:
+            sys.exit(f"{path.name}:{n}: duplicate id {mid}")
+        seen.add(mid)
+        mutants.append(Mutant(mid, file, unescape(find), unescape(repl), shlex.split(tests), n))
+    return mutants
+
+
+def make_copy(dest: Path) -> None:
+    """Copies the tracked files of the checkout (as they are in its working tree) into `dest`."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    for rel in files.decode().split("\0"):
+        src = ROOT / rel
+        if rel and src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def env_for(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(copy), NO_TORCH_COMPILE="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("TTT_CACHE", None)  # each pytest run builds its presets from this copy's code, in its own cache
+    return env
+
+
+def check_imports(python: str, copy: Path) -> None:
+    """The copy must import its own code, not the checkout's (else every break would be 'missed')."""
+    code = "import ttt_cli, evals; print(ttt_cli.__file__); print(evals.__file__)"
+    out = subprocess.run([python, "-c", code], cwd=copy, env=env_for(copy), capture_output=True, text=True)
+    paths = out.stdout.split()
+    if out.returncode or len(paths) != 2 or not all(Path(p).resolve().is_relative_to(copy.resolve()) for p in paths):
+        sys.exit(f"the copy does not import its own code: {out.stdout}{out.stderr}")
+
+
+def pytest(python: str, copy: Path, tests: list[str], log: Path, first_failure: bool = True) -> int:
+    flags = PYTEST_FLAGS if first_failure else [f for f in PYTEST_FLAGS if f != "-x"]
+    with open(log, "w") as fh:
+        return subprocess.run([python, "-m", "pytest", *flags, *tests], cwd=copy, env=env_for(copy),
+                              stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+def stale_reason(copy: Path, m: Mutant) -> str | None:
+    f = copy / m.path
+    if not f.is_file():
+        return "file not found"
+    n = f.read_text(encoding="utf-8").count(m.find)
+    if n != 1:
+        return "snippet not found" if n == 0 else f"snippet occurs {n} times"
+    return None
+
+
+def run_one(python: str, copy: Path, m: Mutant, logdir: Path) -> tuple[str, str]:
+    """Applies `m` in `copy`, runs its tests, restores the file. Returns (verdict, note)."""
+    reason = stale_reason(copy, m)
+    if reason:
+        return "stale", reason
+    f = copy / m.path
+    original = f.read_text(encoding="utf-8")
+    try:
+        f.write_text(original.replace(m.find, m.replace), encoding="utf-8")
+        if m.path.endswith(".py"):
+            c = subprocess.run([python, "-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())", str(f)],
+                               capture_output=True, text=True)
+            if c.returncode:  # a syntax error would be 'caught' by any test: the entry is wrong
+                return "invalid", "the mutated file does not parse"
+        log = logdir / f"{m.id}.log"
+        rc = pytest(python, copy, m.tests, log)
+    finally:
+        f.write_text(original, encoding="utf-8")
+    if rc == 1:
+        return "caught", ""
+    if rc == 0:
+        return "missed", ""
+    return "error", f"pytest exit {rc}, see {log}"  # 2-5: usage/collection problems, not a caught break
+
+
+def baseline(python: str, copy: Path, mutants: list[Mutant], logdir: Path) -> list[tuple[str, ...]]:
+    """Runs each distinct test selection on the unmodified copy, exactly as a break's run will (its own
+    pytest process: a union run would change the tests' order and module fixtures). Returns the
+    selections that fail there: a break whose tests fail unmodified gets no verdict."""
+    failing = []
+    selections = list(dict.fromkeys(tuple(m.tests) for m in mutants))
+    t0 = time.monotonic()
+    for i, tests in enumerate(selections):
+        rc = pytest(python, copy, list(tests), logdir / f"baseline-{i}.log", first_failure=False)
+        if rc != 0:
+            failing.append(tests)
+            print(f"baseline FAIL (exit {rc}): {' '.join(tests)}", flush=True)
+    print(f"baseline: {len(selections) - len(failing)} / {len(selections)} test selections pass unmodified"
+          f"  {time.monotonic() - t0:.0f}s", flush=True)
+    return failing
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--only", help="comma-separated ids to run")
+    p.add_argument("--list", action="store_true", help="print the entries and whether each applies, then exit")
+    p.add_argument("--keep-logs", action="store_true", help="keep the pytest logs (their folder is printed)")
+    args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # so that the copy is removed on kill too
+    mutants = read_list(LIST)
+    if args.only:
+        want = args.only.split(",")
+        unknown = [w for w in want if w not in {m.id for m in mutants}]
+        if unknown:
+            print(f"unknown ids: {', '.join(unknown)}", file=sys.stderr)
+            return 2
+        mutants = [m for m in mutants if m.id in want]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:28} {m.path:40} {stale_reason(ROOT, m) or 'applies'}  -> {' '.join(m.tests)}")
+        return 0
+    python = str(ROOT / ".venv" / "bin" / "python")
+    work = Path(tempfile.mkdtemp(prefix="ttt-mutants-"))
+    copy, logdir = work / "repo", work / "logs"
+    logdir.mkdir()
+    t_start = time.monotonic()
+    try:
+        make_copy(copy)
+        check_imports(python, copy)
+        applicable = [m for m in mutants if not stale_reason(copy, m)]
+        failing = set(baseline(python, copy, applicable, logdir))
+        verdicts = {}
+        for m in mutants:
+            t0 = time.monotonic()
+            if tuple(m.tests) in failing:
+                verdict, note = "no-baseline", "its tests fail on the unmodified copy"
+            else:
+                verdict, note = run_one(python, copy, m, logdir)
+            verdicts[m.id] = verdict
+            print(f"{m.id:30} {verdict:7} {time.monotonic() - t0:5.0f}s  {note}".rstrip(), flush=True)
+        caught = sum(v == "caught" for v in verdicts.values())
+        others = {v: sum(x == v for x in verdicts.values()) for v in ("missed", "stale", "invalid", "error", "no-baseline")}
+        rest = ", ".join(f"{k} {n}" for k, n in others.items() if n)
+        print(f"caught {caught} / {len(mutants)}" + (f" ({rest})" if rest else "") +
+              f" in {time.monotonic() - t_start:.0f}s", flush=True)
+        return 0 if caught == len(mutants) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep_logs:
+            shutil.rmtree(copy, ignore_errors=True)
+            print(f"logs kept in {logdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
