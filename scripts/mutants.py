@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +89,37 @@ def check_imports(python: str, copy: Path) -> None:
         sys.exit(f"the copy does not import its own code: {out.stdout}{out.stderr}")
 
 
+RUNNING: set[subprocess.Popen] = set()  # pytest processes now running (stopped on Ctrl-C or SIGTERM)
+STOP = threading.Event()
+
+
 def pytest(python: str, copy: Path, tests: list[str], log: Path, first_failure: bool = True) -> int:
     flags = PYTEST_FLAGS if first_failure else [f for f in PYTEST_FLAGS if f != "-x"]
+    if STOP.is_set():
+        return -1
     with open(log, "w") as fh:
-        return subprocess.run([python, "-m", "pytest", *flags, *tests], cwd=copy, env=env_for(copy),
-                              stdout=fh, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen([python, "-m", "pytest", *flags, *tests], cwd=copy, env=env_for(copy),
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        RUNNING.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            RUNNING.discard(proc)
+
+
+def stop_all() -> None:
+    """Stops every running pytest (and what it started: each runs in its own process group)."""
+    STOP.set()
+    for proc in list(RUNNING):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for proc in list(RUNNING):
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def stale_reason(copy: Path, m: Mutant) -> str | None:
@@ -129,18 +157,61 @@ def run_one(python: str, copy: Path, m: Mutant, logdir: Path) -> tuple[str, str]
     return "error", f"pytest exit {rc}, see {log}"  # 2-5: usage/collection problems, not a caught break
 
 
-def baseline(python: str, copy: Path, mutants: list[Mutant], logdir: Path) -> list[tuple[str, ...]]:
-    """Runs each distinct test selection on the unmodified copy, exactly as a break's run will (its own
+class Copies:
+    """One throw-away copy of the checkout per worker, handed out to one run at a time."""
+
+    def __init__(self, work: Path, jobs: int, python: str):
+        self.free = []
+        for j in range(jobs):
+            copy = work / f"repo{j}"
+            make_copy(copy)
+            check_imports(python, copy)
+            self.free.append(copy)
+        self.lock = threading.Lock()
+
+    def take(self) -> Path:
+        with self.lock:
+            return self.free.pop()
+
+    def give(self, copy: Path) -> None:
+        with self.lock:
+            self.free.append(copy)
+
+
+def in_parallel(jobs: int, copies: Copies, items: list, fn) -> list:
+    """fn(copy, item) for every item, `jobs` at a time, each on a copy of its own; results in item order."""
+    def one(item):
+        copy = copies.take()
+        try:
+            return fn(copy, item)
+        finally:
+            copies.give(copy)
+    ex = ThreadPoolExecutor(jobs)
+    try:
+        futures = [ex.submit(one, item) for item in items]
+        return [f.result() for f in futures]
+    except BaseException:
+        stop_all()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def baseline(python: str, copies: Copies, jobs: int, mutants: list[Mutant], logdir: Path) -> set[tuple[str, ...]]:
+    """Runs each distinct test selection on an unmodified copy, exactly as a break's run will (its own
     pytest process: a union run would change the tests' order and module fixtures). Returns the
     selections that fail there: a break whose tests fail unmodified gets no verdict."""
-    failing = []
     selections = list(dict.fromkeys(tuple(m.tests) for m in mutants))
     t0 = time.monotonic()
-    for i, tests in enumerate(selections):
+
+    def run(copy: Path, item: tuple[int, tuple[str, ...]]) -> int:
+        i, tests = item
         rc = pytest(python, copy, list(tests), logdir / f"baseline-{i}.log", first_failure=False)
         if rc != 0:
-            failing.append(tests)
-            print(f"baseline FAIL (exit {rc}): {' '.join(tests)}", flush=True)
+            print(f"baseline FAIL (exit {rc}, see baseline-{i}.log): {' '.join(tests)}", flush=True)
+        return rc
+    rcs = in_parallel(jobs, copies, list(enumerate(selections)), run)
+    failing = {t for t, rc in zip(selections, rcs) if rc != 0}
     print(f"baseline: {len(selections) - len(failing)} / {len(selections)} test selections pass unmodified"
           f"  {time.monotonic() - t0:.0f}s", flush=True)
     return failing
@@ -150,6 +221,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", help="comma-separated ids to run")
     p.add_argument("--list", action="store_true", help="print the entries and whether each applies, then exit")
+    p.add_argument("--jobs", type=int, default=2, help="breaks run at once, each in its own copy (default 2)")
     p.add_argument("--keep-logs", action="store_true", help="keep the pytest logs (their folder is printed)")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # so that the copy is removed on kill too
@@ -167,23 +239,23 @@ def main() -> int:
         return 0
     python = str(ROOT / ".venv" / "bin" / "python")
     work = Path(tempfile.mkdtemp(prefix="ttt-mutants-"))
-    copy, logdir = work / "repo", work / "logs"
+    logdir = work / "logs"
     logdir.mkdir()
     t_start = time.monotonic()
     try:
-        make_copy(copy)
-        check_imports(python, copy)
-        applicable = [m for m in mutants if not stale_reason(copy, m)]
-        failing = set(baseline(python, copy, applicable, logdir))
-        verdicts = {}
-        for m in mutants:
+        copies = Copies(work, args.jobs, python)
+        applicable = [m for m in mutants if not stale_reason(ROOT, m)]
+        failing = baseline(python, copies, args.jobs, applicable, logdir)
+
+        def run(copy: Path, m: Mutant) -> str:
             t0 = time.monotonic()
             if tuple(m.tests) in failing:
                 verdict, note = "no-baseline", "its tests fail on the unmodified copy"
             else:
                 verdict, note = run_one(python, copy, m, logdir)
-            verdicts[m.id] = verdict
             print(f"{m.id:30} {verdict:7} {time.monotonic() - t0:5.0f}s  {note}".rstrip(), flush=True)
+            return verdict
+        verdicts = dict(zip((m.id for m in mutants), in_parallel(args.jobs, copies, mutants, run)))
         caught = sum(v == "caught" for v in verdicts.values())
         others = {v: sum(x == v for x in verdicts.values()) for v in ("missed", "stale", "invalid", "error", "no-baseline")}
         rest = ", ".join(f"{k} {n}" for k, n in others.items() if n)
@@ -195,7 +267,8 @@ def main() -> int:
         return 130
     finally:
         if args.keep_logs:
-            shutil.rmtree(copy, ignore_errors=True)
+            for d in work.glob("repo*"):
+                shutil.rmtree(d, ignore_errors=True)
             print(f"logs kept in {logdir}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
