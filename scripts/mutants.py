@@ -207,7 +207,7 @@ def baseline(python: str, copies: Copies, jobs: int, mutants: list[Mutant], logd
     def run(copy: Path, item: tuple[int, tuple[str, ...]]) -> int:
         i, tests = item
         rc = pytest(python, copy, list(tests), logdir / f"baseline-{i}.log", first_failure=False)
-        if rc != 0:
+        if rc != 0 and not STOP.is_set():
             print(f"baseline FAIL (exit {rc}, see baseline-{i}.log): {' '.join(tests)}", flush=True)
         return rc
     rcs = in_parallel(jobs, copies, list(enumerate(selections)), run)
@@ -253,7 +253,8 @@ def main() -> int:
                 verdict, note = "no-baseline", "its tests fail on the unmodified copy"
             else:
                 verdict, note = run_one(python, copy, m, logdir)
-            print(f"{m.id:30} {verdict:7} {time.monotonic() - t0:5.0f}s  {note}".rstrip(), flush=True)
+            if not STOP.is_set():  # a run stopped by Ctrl-C has no verdict to print
+                print(f"{m.id:30} {verdict:7} {time.monotonic() - t0:5.0f}s  {note}".rstrip(), flush=True)
             return verdict
         verdicts = dict(zip((m.id for m in mutants), in_parallel(args.jobs, copies, mutants, run)))
         caught = sum(v == "caught" for v in verdicts.values())
