@@ -217,6 +217,24 @@ def baseline(python: str, copies: Copies, jobs: int, mutants: list[Mutant], logd
     return failing
 
 
+def verdicts_of(mutants: list[Mutant], jobs: int, work: Path, logdir: Path) -> dict[str, str]:
+    """Copies, baseline, then each break in a copy of its own; prints each verdict as it comes."""
+    python = str(ROOT / ".venv" / "bin" / "python")
+    copies = Copies(work, jobs, python)
+    failing = baseline(python, copies, jobs, [m for m in mutants if not stale_reason(ROOT, m)], logdir)
+
+    def run(copy: Path, m: Mutant) -> str:
+        t0 = time.monotonic()
+        if tuple(m.tests) in failing:
+            verdict, note = "no-baseline", "its tests fail on the unmodified copy"
+        else:
+            verdict, note = run_one(python, copy, m, logdir)
+        if not STOP.is_set():  # a run stopped by Ctrl-C has no verdict to print
+            print(f"{m.id:30} {verdict:7} {time.monotonic() - t0:5.0f}s  {note}".rstrip(), flush=True)
+        return verdict
+    return dict(zip((m.id for m in mutants), in_parallel(jobs, copies, mutants, run)))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", help="comma-separated ids to run")
@@ -224,7 +242,9 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="breaks run at once, each in its own copy (default 2)")
     p.add_argument("--keep-logs", action="store_true", help="keep the pytest logs (their folder is printed)")
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # so that the copy is removed on kill too
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))  # so that the copies are removed on kill too
     mutants = read_list(LIST)
     if args.only:
         want = args.only.split(",")
@@ -235,28 +255,14 @@ def main() -> int:
         mutants = [m for m in mutants if m.id in want]
     if args.list:
         for m in mutants:
-            print(f"{m.id:28} {m.path:40} {stale_reason(ROOT, m) or 'applies'}  -> {' '.join(m.tests)}")
+            print(f"{m.id:30} {m.path:40} {stale_reason(ROOT, m) or 'applies'}  -> {' '.join(m.tests)}")
         return 0
-    python = str(ROOT / ".venv" / "bin" / "python")
     work = Path(tempfile.mkdtemp(prefix="ttt-mutants-"))
     logdir = work / "logs"
     logdir.mkdir()
     t_start = time.monotonic()
     try:
-        copies = Copies(work, args.jobs, python)
-        applicable = [m for m in mutants if not stale_reason(ROOT, m)]
-        failing = baseline(python, copies, args.jobs, applicable, logdir)
-
-        def run(copy: Path, m: Mutant) -> str:
-            t0 = time.monotonic()
-            if tuple(m.tests) in failing:
-                verdict, note = "no-baseline", "its tests fail on the unmodified copy"
-            else:
-                verdict, note = run_one(python, copy, m, logdir)
-            if not STOP.is_set():  # a run stopped by Ctrl-C has no verdict to print
-                print(f"{m.id:30} {verdict:7} {time.monotonic() - t0:5.0f}s  {note}".rstrip(), flush=True)
-            return verdict
-        verdicts = dict(zip((m.id for m in mutants), in_parallel(args.jobs, copies, mutants, run)))
+        verdicts = verdicts_of(mutants, args.jobs, work, logdir)
         caught = sum(v == "caught" for v in verdicts.values())
         others = {v: sum(x == v for x in verdicts.values()) for v in ("missed", "stale", "invalid", "error", "no-baseline")}
         rest = ", ".join(f"{k} {n}" for k, n in others.items() if n)
@@ -273,7 +279,6 @@ def main() -> int:
             print(f"logs kept in {logdir}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())
