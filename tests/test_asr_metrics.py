@@ -79,6 +79,9 @@ def test_wer_with_substitution_deletion_insertion():
     assert s.wer == pytest.approx(3 / 9)
     assert s.reference_normalized == "the quick brown fox jumps over the lazy dog"
     assert s.longest_deletion_run == 1 and s.bins is None and s.longest_gap_s is None
+    # deletions without insertions: the word count is the reference's (H + S + D), not the hypothesis's
+    d = score_file("red green blue gold", "red green")
+    assert (d.deletions, d.insertions, d.words, d.wer) == (2, 0, 4, pytest.approx(2 / 4))
     # numbers and punctuation normalise on both sides: no error
     same = score_file("It cost twenty-five dollars.", "it cost $25")
     assert same.wer == 0.0 and same.cer == 0.0 and same.words == 3

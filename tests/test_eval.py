@@ -371,6 +371,8 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes, dat
         assert r["policies"][pol]["perplexity"] == pytest.approx(math.exp(allv.mean()), rel=1e-9)
         sem = np.concatenate([x[0][~np.isnan(x[0])] for x in nlls])
         assert r["policies"][pol]["nll_semantic"] == pytest.approx(sem.mean(), rel=1e-9)
+        aco = np.concatenate([x[1:][~np.isnan(x[1:])] for x in nlls])  # the acoustic codebooks 1..7
+        assert r["policies"][pol]["nll_acoustic"] == pytest.approx(aco.mean(), rel=1e-9)
         assert r["policies"][pol]["tokens"]["all"] == allv.size
         for i, bin_ in enumerate(r["policies"][pol]["curve"]):  # 2 s = 25 steps per bin
             vals = np.concatenate([x[:, 25 * i:25 * (i + 1)].ravel() for x in nlls])
