@@ -337,7 +337,9 @@ def run_eval(tiny, data_root, cache_dir, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny, data_root, cache_dir, tmp_path_factory):
+def full_run(tiny, data_root, cache_dir, doc_codes, tmp_path_factory):
+    # doc_codes first: the documents are in the cache before the run, whatever order the tests run in
+    # (the run's `codes_cache.hits == 3` below depends on it).
     return run_eval(tiny, data_root, cache_dir, tmp_path_factory.mktemp("eval") / "out")
 
 
