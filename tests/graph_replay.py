@@ -16,6 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
 from moshi.utils.compile import CUDAGraphed
+from ttt_cli.fastweights.interface import HostClock
 
 # Tensor methods that read device data on the host (a sync, and under CUDA-graph capture an error or a value
 # frozen into the graph), or whose output shape depends on device data (same).
@@ -174,8 +175,12 @@ def drive(model, snapshot: Path, telemetry_dir: Path, graphed: bool, device: str
     n_user = lm.n_q - lm.dep_q
     run = BatchRun([], logits, [], [], [], [], [], {})
     emulate = graphed and device == "cpu"
-    patch = (contextlib.nullcontext() if not emulate else
-             _patched(graphs, "CUDAGraphed", ReplayEmulator))
+    patch = contextlib.ExitStack()
+    if emulate:
+        patch.enter_context(_patched(graphs, "CUDAGraphed", ReplayEmulator))
+        # the step's kind (PhaseGraphs' key) comes from the host clocks alone: deciding reads no device data
+        plan = HostClock.plan
+        patch.enter_context(_patched(HostClock, "plan", lambda clock: _guarded(plan, clock)))
     ctx = torch.no_grad() if graphed else _no_graphs(device)
     with patch, ctx, slots.streaming():
         pg = slots.lm_gen.phase_graphs()
@@ -204,6 +209,11 @@ def drive(model, snapshot: Path, telemetry_dir: Path, graphed: bool, device: str
             run.telemetry.append(slots.telemetry(b))
             run.updates.append(slots.updates(b))
     return run
+
+
+def _guarded(fn, *args):
+    with HostSyncGuard():
+        return fn(*args)
 
 
 @contextlib.contextmanager
