@@ -182,3 +182,55 @@ def test_infer_two_processes_equal_one(clips):
         assert on_disk["text"] == x["text"] and on_disk["distributed"] == y["distributed"]
         assert Path(y["outputs"]["txt"]).read_text() == Path(x["outputs"]["txt"]).read_text()
     assert x["distributed"]["world_size"] == 1 and len(x["distributed"]["shares"]) == 1
+
+
+# -- eval asr: a run begun in one process, resumed and finished by two ---------------------------------------
+
+ASR = ["-p", "off", "-p", "document", "--model", "tiny-stt", "--bin-seconds", "0.5"]
+# Shares of the two recordings left after the first (by seconds, longest first): rank 0 = b, rank 1 = c.
+CLIPS = {"a.wav": 1.2, "b.wav": 1.0, "c.wav": 0.8}
+
+
+def test_eval_asr_resumed_by_two_processes_equals_one(tmp_path):
+    import ttt_cli.infer as inference
+    from safety_helpers import clip
+    data = tmp_path / "data"
+    for i, (name, seconds) in enumerate(CLIPS.items()):
+        clip(data / name, 0.3 * i, seconds)
+        (data / name).with_suffix(".txt").write_text(f"Recording {name[0]}: hello there.")
+    ref = single("eval", "asr", data, *ASR, "--out", tmp_path / "ref")
+    assert ref.exit_code == 0, ref.output
+    # One process stops (Ctrl-C) in the second recording: a.wav is committed, b.wav and c.wav are left.
+    real, calls = inference.infer, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "infer", interrupted)
+        part = single("eval", "asr", data, *ASR, "--out", tmp_path / "dist")
+    assert part.exit_code == 130, part.output
+    dist = torchrun(2, "eval", "asr", data, *ASR, "--out", tmp_path / "dist", "--resume", "--json")
+    assert dist.returncode == 0, dist.stderr[-3000:]
+    a = json.loads((tmp_path / "ref" / "results.json").read_text())
+    b = json.loads((tmp_path / "dist" / "results.json").read_text())
+    assert json.loads(dist.stdout)["policies"] == b["policies"]  # rank 0's --json: the job's
+    assert b["status"] == "complete"
+    for k in ("policies", "recordings", "dataset", "inputs", "protocol", "model"):
+        close(_untimed(a[k]), _untimed(b[k]), k)
+    assert a["distributed"] == {"world_size": 1, "backend": None, "shares": {"0": list(CLIPS)}}
+    assert b["distributed"] == {"world_size": 2, "backend": "gloo", "shares": {"0": ["b.wav"], "1": ["c.wav"]}}
+    assert (tmp_path / "ref" / "wer.csv").read_text() == (tmp_path / "dist" / "wer.csv").read_text()
+    hyps = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref" / "hyp").rglob("*.*"))
+    assert hyps == sorted(p.relative_to(tmp_path / "dist") for p in (tmp_path / "dist" / "hyp").rglob("*.*"))
+    assert len(hyps) == 2 * 2 * len(CLIPS)
+    for h in hyps:
+        x, y = ((tmp_path / run / h).read_text().replace(str(tmp_path / run), "OUT") for run in ("ref", "dist"))
+        if h.suffix == ".json":  # the same words and tokens; timings differ between runs
+            x, y = ({k: v for k, v in json.loads(t).items() if k not in ("ms_per_step", "realtime_factor")}
+                    for t in (x, y))
+        assert x == y, h
+    assert not (tmp_path / "dist" / RANKS_DIR).exists()  # merged completely: removed

@@ -63,7 +63,7 @@ def outputs_of_a_run(out: Path) -> list[Path]:
     Args:
         out: --out.
     """
-    return [out / RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), out / HYP_DIR]
+    return [out / RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), resume.ranks_dir(out), out / HYP_DIR]
 
 
 def _foreign_in_hyp(root: Path) -> Path | None:
@@ -131,11 +131,12 @@ def _check_earlier_run(o, out: Path) -> None:
 
 
 def clear_earlier_run(out: Path) -> None:
-    """Removes the resume record and hypotheses of an earlier run (checked to be ours by `plan_outputs`).
+    """Removes the resume record, the ranks' records and the hypotheses of an earlier run (checked to be ours by
+    `plan_outputs`).
 
     Args:
         out: --out.
     """
-    for d in (resume.state_dir(out), Path(out) / HYP_DIR):
+    for d in (resume.state_dir(out), resume.ranks_dir(out), Path(out) / HYP_DIR):
         if d.is_dir():
             shutil.rmtree(d)

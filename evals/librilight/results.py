@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ttt_cli.distributed import current
 from ttt_cli.fastweights.attach import state_bytes_per_stream
 
 from ..inputs import rel_path
 from ..report import RESULTS, write_results
 from ..run import EvalResult, Setup, environment, telemetry_add, write_results_or_stop
+from ..sharding import distributed_record
 from . import report  # write_curve_png called through its module: a test stands in for it
 from .accum import Accum, policy_section
 from .options import LibriLightRun
@@ -135,16 +135,6 @@ def finish(run: LibriLightRun, setup: Setup, interrupted: bool) -> EvalResult:
                  for p, s in zip(policies, sections.values())]
     return EvalResult(run.out, results, summaries, files + run.written_nll + run.written_series, f.failed,
                       f.warnings, interrupted, len(state["done"]), len(run.dataset.documents))
-
-
-def distributed_record(done: list[str]) -> dict:
-    """SPEC §5.6 provenance: world size, backend and each rank's documents (one share without torchrun).
-
-    Args:
-        done: the finished documents.
-    """
-    s = current()
-    return s.record() if s.active else {"world_size": 1, "backend": None, "shares": {"0": list(done)}}
 
 
 def rank_result(run: LibriLightRun, interrupted: bool) -> EvalResult:
