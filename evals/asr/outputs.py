@@ -66,6 +66,11 @@ def outputs_of_a_run(out: Path) -> list[Path]:
     return [out / RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), resume.ranks_dir(out), out / HYP_DIR]
 
 
+def _holds_a_file(root: Path) -> bool:
+    """Some file (not a folder) lies under `root`."""
+    return any(names for _, _, names in os.walk(root))
+
+
 def _foreign_in_hyp(root: Path) -> Path | None:
     """The first file under hyp/ that `ttt eval asr` did not write (None: all ours)."""
     record = _hyp_record()
@@ -121,7 +126,10 @@ def plan_outputs(o, dataset, policies: tp.Sequence, out: Path) -> OutputPlan:
 
 def _check_earlier_run(o, out: Path) -> None:
     """Every eval's rules for an earlier run's record and outputs, and hyp/ must hold only ttt's files."""
-    check_earlier_run(out, o.resume, o.overwrite, outputs_of_a_run(out))
+    # hyp/ holding no file is no earlier run: under torchrun another rank's output plan may have made its
+    # folders already (before the barrier that follows the check, no rank writes a file).
+    outputs = [p for p in outputs_of_a_run(out) if p.name != HYP_DIR or not p.is_dir() or _holds_a_file(p)]
+    check_earlier_run(out, o.resume, o.overwrite, outputs)
     hyp = out / HYP_DIR
     if hyp.exists():
         foreign = _foreign_in_hyp(hyp) if hyp.is_dir() else hyp
