@@ -184,25 +184,33 @@ def test_infer_two_processes_equal_one(clips):
     assert x["distributed"]["world_size"] == 1 and len(x["distributed"]["shares"]) == 1
 
 
-# -- eval asr: a run begun in one process, resumed and finished by two ---------------------------------------
+# -- eval asr: runs begun by one process finished by two, and begun by two (a rank killed) finished by one ------
 
 ASR = ["-p", "off", "-p", "document", "--model", "tiny-stt", "--bin-seconds", "0.5"]
-# Shares of the two recordings left after the first (by seconds, longest first): rank 0 = b, rank 1 = c.
+# Shares of 2 ranks by seconds, longest first: all three -> rank 0 = a, rank 1 = b, c; b and c -> b, c.
 CLIPS = {"a.wav": 1.2, "b.wav": 1.0, "c.wav": 0.8}
 
 
-def test_eval_asr_resumed_by_two_processes_equals_one(tmp_path):
-    import ttt_cli.infer as inference
+@pytest.fixture(scope="module")
+def asr_ref(tmp_path_factory):
+    """Three short recordings with references, and the one-process run over them (the reference)."""
     from safety_helpers import clip
-    data = tmp_path / "data"
+    root = tmp_path_factory.mktemp("asr")
+    data = root / "data"
     for i, (name, seconds) in enumerate(CLIPS.items()):
         clip(data / name, 0.3 * i, seconds)
         (data / name).with_suffix(".txt").write_text(f"Recording {name[0]}: hello there.")
     for pol in ("off", "document"):  # what another rank's output plan makes before the check's barrier
-        (tmp_path / "ref" / "hyp" / pol).mkdir(parents=True)
-    ref = single("eval", "asr", data, *ASR, "--out", tmp_path / "ref")
+        (root / "ref" / "hyp" / pol).mkdir(parents=True)
+    ref = single("eval", "asr", data, *ASR, "--out", root / "ref")
     assert ref.exit_code == 0, ref.output  # empty hypothesis folders are no earlier run
-    # One process stops (Ctrl-C) in the second recording: a.wav is committed, b.wav and c.wav are left.
+    return root, data
+
+
+def test_eval_asr_begun_by_one_process_finished_by_two(asr_ref):
+    import ttt_cli.infer as inference
+    tmp_path, data = asr_ref
+    # One process stops (Ctrl-C) in the second recording (a.wav committed), two processes finish.
     real, calls = inference.infer, []
 
     def interrupted(*a, **k):
@@ -213,26 +221,47 @@ def test_eval_asr_resumed_by_two_processes_equals_one(tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(inference, "infer", interrupted)
-        part = single("eval", "asr", data, *ASR, "--out", tmp_path / "dist")
+        part = single("eval", "asr", data, *ASR, "--out", tmp_path / "up")
     assert part.exit_code == 130, part.output
-    dist = torchrun(2, "eval", "asr", data, *ASR, "--out", tmp_path / "dist", "--resume", "--json")
-    assert dist.returncode == 0, dist.stderr[-3000:]
-    a = json.loads((tmp_path / "ref" / "results.json").read_text())
-    b = json.loads((tmp_path / "dist" / "results.json").read_text())
-    assert json.loads(dist.stdout)["policies"] == b["policies"]  # rank 0's --json: the job's
+    up = torchrun(2, "eval", "asr", data, *ASR, "--out", tmp_path / "up", "--resume", "--json")
+    assert up.returncode == 0, up.stderr[-3000:]
+    b = _same_asr_outputs(tmp_path, "up")
+    assert json.loads(up.stdout)["policies"] == b["policies"]  # rank 0's --json: the job's
+    assert b["distributed"] == {"world_size": 2, "backend": "gloo", "shares": {"0": ["b.wav"], "1": ["c.wav"]}}
+
+
+def test_eval_asr_rank_killed_then_finished_by_one_process(asr_ref):
+    tmp_path, data = asr_ref
+    # Rank 1 leaves silently after its first recording: rank 0 stops within --dist-timeout keeping both ranks'
+    # records (a.wav; b.wav), and one process finishes the run (c.wav).
+    killed = torchrun(2, "eval", "asr", data, *ASR, "--out", tmp_path / "down", "--dist-timeout", "5",
+                      env={FAULT_ENV: "1:1"})
+    assert killed.returncode == 1 and "rank 1 stopped answering: no sign of life for 5 s" in killed.stderr, \
+        killed.stderr[-3000:]
+    assert sorted(p.parent.name for p in (tmp_path / "down" / RANKS_DIR).rglob("*.json")) == ["0", "1"]
+    down = single("eval", "asr", data, *ASR, "--out", tmp_path / "down", "--resume")
+    assert down.exit_code == 0 and "resuming: 2 of 3 recording(s) already done" in down.stderr, down.output
+    assert _same_asr_outputs(tmp_path, "down")["distributed"]["world_size"] == 1
+
+
+def _same_asr_outputs(root: Path, name: str) -> dict:
+    """Asserts that run `name` wrote what the one-process run `ref` did (results.json up to timings and float
+    summation order, wer.csv and the hypotheses' texts and words); returns its results.json."""
+    a = json.loads((root / "ref" / "results.json").read_text())
+    b = json.loads((root / name / "results.json").read_text())
     assert b["status"] == "complete"
     for k in ("policies", "recordings", "dataset", "inputs", "protocol", "model"):
         close(_untimed(a[k]), _untimed(b[k]), k)
     assert a["distributed"] == {"world_size": 1, "backend": None, "shares": {"0": list(CLIPS)}}
-    assert b["distributed"] == {"world_size": 2, "backend": "gloo", "shares": {"0": ["b.wav"], "1": ["c.wav"]}}
-    assert (tmp_path / "ref" / "wer.csv").read_text() == (tmp_path / "dist" / "wer.csv").read_text()
-    hyps = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref" / "hyp").rglob("*.*"))
-    assert hyps == sorted(p.relative_to(tmp_path / "dist") for p in (tmp_path / "dist" / "hyp").rglob("*.*"))
+    assert (root / "ref" / "wer.csv").read_text() == (root / name / "wer.csv").read_text()
+    hyps = sorted(p.relative_to(root / "ref") for p in (root / "ref" / "hyp").rglob("*.*"))
+    assert hyps == sorted(p.relative_to(root / name) for p in (root / name / "hyp").rglob("*.*"))
     assert len(hyps) == 2 * 2 * len(CLIPS)
     for h in hyps:
-        x, y = ((tmp_path / run / h).read_text().replace(str(tmp_path / run), "OUT") for run in ("ref", "dist"))
+        x, y = ((root / run / h).read_text().replace(str(root / run), "OUT") for run in ("ref", name))
         if h.suffix == ".json":  # the same words and tokens; timings differ between runs
             x, y = ({k: v for k, v in json.loads(t).items() if k not in ("ms_per_step", "realtime_factor")}
                     for t in (x, y))
         assert x == y, h
-    assert not (tmp_path / "dist" / RANKS_DIR).exists()  # merged completely: removed
+    assert not (root / name / RANKS_DIR).exists()  # merged completely: removed
+    return b
