@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ttt_cli import __version__, load_model
+from ttt_cli.distributed import current
 from ttt_cli.errors import ConfigError, OutputError, TTTError, WriteError
 from ttt_cli.fastweights.attach import ttt_layers
 from ttt_cli.io import as_os_error, describe_os_error
@@ -116,6 +117,7 @@ def evaluate(task: Task, options, progress=None, model=None) -> EvalResult:
     """
     plan = task.check()
     try:
+        current().sync("eval-checked")  # under torchrun: no rank writes before every rank checked --out
         return task.run(begin(task, options, progress or NullProgress(), model))
     finally:
         plan.cleanup()

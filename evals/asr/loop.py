@@ -47,25 +47,43 @@ class _Labelled:
         self.p.log(message)
 
 
-def transcribe_pending(run: AsrRun) -> bool:
-    """Transcribes every recording not done yet under every policy, committing each to the resume record as
-    it finishes; True when Ctrl-C stopped it (the recording in progress leaves nothing behind).
+Commit = tp.Callable[[AsrRun, AsrItem, dict], None]
+
+
+def commit(run: AsrRun, item: AsrItem, entry: dict) -> None:
+    """Commits one finished recording to the resume record; it counts once written.
+
+    Args:
+        run: the run.
+        item: the recording.
+        entry: its resume entry.
+    """
+    state = resume.with_document(run.state, item.key, entry)
+    resume.write_state(resume.state_dir(run.out), state)
+    run.state = state
+
+
+def transcribe_pending(run: AsrRun, todo: list[AsrItem] | None = None, commit: Commit = commit) -> bool:
+    """Transcribes the recordings `todo` (default: every one not done yet) under every policy, handing each
+    finished one to `commit(run, item, entry)`; True when Ctrl-C stopped it (the recording in progress leaves
+    nothing behind).
 
     Args:
         run: the run (its resume record open).
+        todo: the recordings to transcribe (under torchrun: this rank's share).
+        commit: what records a finished recording (under torchrun: a rank record).
     """
     items = run.dataset.items
     done = set(run.state["done"])
-    todo = [it for it in items if it.key not in done]
+    first, of = (len(done) + 1, len(items)) if todo is None else (1, len(todo))  # torchrun: this rank's share
+    todo = [it for it in items if it.key not in done] if todo is None else todo
     run.progress.log(f"transcribing {len(todo)} of {len(items)} recording(s) x {len(run.policies)} policy(ies) "
                      f"({run.mode}): {', '.join(p.name for p in run.policies)}")
-    for n, item in enumerate(todo, start=len(done) + 1):
+    for n, item in enumerate(todo, start=first):
         written: list[Path] = []
         try:
-            entry = transcribe_recording(run, item, f"[{n}/{len(items)}] {item.key}", written)
-            state = resume.with_document(run.state, item.key, entry)
-            resume.write_state(resume.state_dir(run.out), state)
-            run.state = state
+            entry = transcribe_recording(run, item, f"[{n}/{of}] {item.key}", written)
+            commit(run, item, entry)
         except KeyboardInterrupt:
             _remove(written)
             return True

@@ -63,7 +63,12 @@ def outputs_of_a_run(out: Path) -> list[Path]:
     Args:
         out: --out.
     """
-    return [out / RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), out / HYP_DIR]
+    return [out / RESULTS, out / WER_CSV, out / WER_PNG, resume.state_dir(out), resume.ranks_dir(out), out / HYP_DIR]
+
+
+def _holds_a_file(root: Path) -> bool:
+    """Some file (not a folder) lies under `root`."""
+    return any(names for _, _, names in os.walk(root))
 
 
 def _foreign_in_hyp(root: Path) -> Path | None:
@@ -121,7 +126,10 @@ def plan_outputs(o, dataset, policies: tp.Sequence, out: Path) -> OutputPlan:
 
 def _check_earlier_run(o, out: Path) -> None:
     """Every eval's rules for an earlier run's record and outputs, and hyp/ must hold only ttt's files."""
-    check_earlier_run(out, o.resume, o.overwrite, outputs_of_a_run(out))
+    # hyp/ holding no file is no earlier run: under torchrun another rank's output plan may have made its
+    # folders already (before the barrier that follows the check, no rank writes a file).
+    outputs = [p for p in outputs_of_a_run(out) if p.name != HYP_DIR or not p.is_dir() or _holds_a_file(p)]
+    check_earlier_run(out, o.resume, o.overwrite, outputs)
     hyp = out / HYP_DIR
     if hyp.exists():
         foreign = _foreign_in_hyp(hyp) if hyp.is_dir() else hyp
@@ -131,11 +139,12 @@ def _check_earlier_run(o, out: Path) -> None:
 
 
 def clear_earlier_run(out: Path) -> None:
-    """Removes the resume record and hypotheses of an earlier run (checked to be ours by `plan_outputs`).
+    """Removes the resume record, the ranks' records and the hypotheses of an earlier run (checked to be ours by
+    `plan_outputs`).
 
     Args:
         out: --out.
     """
-    for d in (resume.state_dir(out), Path(out) / HYP_DIR):
+    for d in (resume.state_dir(out), resume.ranks_dir(out), Path(out) / HYP_DIR):
         if d.is_dir():
             shutil.rmtree(d)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ttt_cli import infer as inference
+from ttt_cli.distributed import current
 from ttt_cli.outputs import OutputPlan
 
 from .. import resume
 from ..inputs import digest_or_none
 from ..run import EvalResult, Setup, evaluate
+from . import sharded
 from .data import AsrItem, discover_asr
 from .loop import stop, transcribe_pending
 from .options import ASR_FLAGS, AsrOptions, AsrRun, parse_asr_policies, validate
@@ -120,20 +122,28 @@ class AsrTask:
         run = AsrRun(self.o, self.policies, self.dataset, self.out, setup.m, self.mode, self.pads, setup.lr,
                      setup.warm, setup.protocol, setup.model_rec, setup.progress, warnings=setup.warnings,
                      t_start=setup.t_start)
-        open_record(run)
-        return merge(run, transcribe_pending(run))
+        config = resume.run_config(run.protocol, run.model_rec, ASR_FLAGS)
+        if current().active:
+            interrupted = sharded.transcribe_shared(run, config, open_record)
+            if not current().is_main:  # rank 0 writes the outputs
+                return sharded.rank_result(run, interrupted)
+        else:
+            open_record(run, config)
+            interrupted = transcribe_pending(run)
+        return merge(run, interrupted)
 
 
-def open_record(run: AsrRun) -> None:
-    """Loads and verifies the resume record (audio content, hypothesis files), or starts one; written at
-    once, so that a run interrupted before its first recording finished resumes like any other.
+def open_record(run: AsrRun, config: dict) -> None:
+    """Loads and verifies the resume record (audio content, hypothesis files; the records of ranks under
+    torchrun included), or starts one; written at once, so that a run interrupted before its first
+    recording finished resumes like any other.
 
     Args:
         run: the run (its `state` is set).
+        config: the run's `resume.run_config`.
     """
-    config = resume.run_config(run.protocol, run.model_rec, ASR_FLAGS)
     sdir = resume.state_dir(run.out)
-    if run.o.resume and (sdir / resume.STATE_FILE).is_file():
+    if run.o.resume and ((sdir / resume.STATE_FILE).is_file() or resume.ranks_dir(run.out).is_dir()):
         run.state, notes = resume.open_state(run.out, config, run.dataset, False,
                                              lambda e, it: changed(run, e, it))
         run.warnings += notes
@@ -146,6 +156,7 @@ def open_record(run: AsrRun) -> None:
     try:
         sdir.mkdir(parents=True, exist_ok=True)
         resume.write_state(sdir, run.state)
+        resume.remove_ranks(run.out)  # their recordings are in the state file now (checked to be ours)
     except OSError as e:
         stop(run, e)
 

@@ -15,6 +15,7 @@ from ..intervals import Bootstrap, UnitScores, policy_intervals, ratio_interval
 from ..policies import Policy
 from ..report import RESULTS, with_intervals, write_results
 from ..run import EvalResult, environment as run_environment, telemetry_add, write_results_or_stop
+from ..sharding import distributed_record
 from .data import AsrItem
 from .metrics import FileScore, score_corpus, score_file
 from .options import AsrRun
@@ -168,6 +169,7 @@ def build_results(run: AsrRun, interrupted: bool) -> tuple[dict, InputLedger, li
         "environment": environment(run.m),
         "warnings": warnings,
         "inputs": ledger.to_dict(),
+        "distributed": distributed_record(run.state["done"]),
     }
     return results, ledger, [_summary(name, s) for name, s in sections.items()]
 

@@ -64,7 +64,6 @@ class LibriLightTask:
         if o.use_codes_cache:
             self.cache_dir = Path(o.codes_cache) if o.codes_cache else default_cache_dir()
         plan, self.store, self.notes = output_plan(o, self.dataset, self.out, self.cache_dir, self.policies)
-        current().sync("eval-checked")  # under torchrun: no rank writes before every rank checked --out
         return plan
 
     def prepare(self, m) -> list[str]:

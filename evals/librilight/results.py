@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ttt_cli.distributed import current
 from ttt_cli.fastweights.attach import state_bytes_per_stream
 
 from ..inputs import rel_path
 from ..intervals import Bootstrap, UnitScores, policy_intervals
 from ..report import RESULTS, with_intervals, write_results
 from ..run import EvalResult, Setup, environment, telemetry_add, write_results_or_stop
+from ..sharding import distributed_record
 from . import report  # write_curve_png called through its module: a test stands in for it
 from .accum import Accum, policy_section
 from .options import LibriLightRun
@@ -168,16 +168,6 @@ def unit_scores(run: LibriLightRun, records: list[dict]) -> tuple[list[dict], di
             scores[p.name].append(UnitScores((sum(sums), sum(counts)), list(zip(sums, counts))))
         docs.append({**rec, "scores": mine})
     return docs, scores
-
-
-def distributed_record(done: list[str]) -> dict:
-    """SPEC §5.6 provenance: world size, backend and each rank's documents (one share without torchrun).
-
-    Args:
-        done: the finished documents.
-    """
-    s = current()
-    return s.record() if s.active else {"world_size": 1, "backend": None, "shares": {"0": list(done)}}
 
 
 def rank_result(run: LibriLightRun, interrupted: bool) -> EvalResult:

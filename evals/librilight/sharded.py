@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import typing as tp
 
-from ttt_cli.distributed import balance, current
+from ttt_cli.distributed import current
 from ttt_cli.errors import ConfigError
 
-from .. import resume
+from .. import resume, sharding
 from .data import Document
 from .loop import score_all
 from .options import LibriLightRun
@@ -45,40 +45,31 @@ def score_shared(run: LibriLightRun, config: dict, open_resume: tp.Callable[[Lib
     """
     s = current()
     docs = run.dataset.documents
-    shares = None
+    pending = None
     if s.is_main:
         open_resume(run, config)
         done = set(run.state["done"])
-        shares = balance([(d.id, min(d.seconds, run.o.max_seconds)) for d in docs if d.id not in done], s.world_size)
-    s.set_shares(s.share("eval-plan", shares))
+        pending = [(d.id, min(d.seconds, run.o.max_seconds)) for d in docs if d.id not in done]
+    mine = sharding.share_pending(pending)
     if not s.is_main:
         run.state = resume.new_state(config)
         run.carries = {p.name: None for p in run.policies}
-    mine = set(s.mine())
     interrupted = score_all(run, [d for d in docs if d.id in mine], _commit_to_rank)
-    stats = s.gather("eval-stats", {"interrupted": interrupted, "encode_seconds": run.enc_seconds,
-                                    "hits": run.hits, "misses": run.misses, "warnings": run.warnings,
-                                    "token_nll": run.written_nll})
-    if not s.is_main:
+    merged = sharding.hand_over(run.out, run.state, [d.id for d in docs],
+                                {"interrupted": interrupted, "encode_seconds": run.enc_seconds, "hits": run.hits,
+                                 "misses": run.misses, "warnings": run.warnings, "token_nll": run.written_nll})
+    if merged is None:  # not rank 0
         return interrupted
-    records, notes = resume.read_rank_records(run.out)
-    run.state, damaged = resume.merge_records(run.state, records, [d.id for d in docs])
-    resume.write_state(resume.state_dir(run.out), run.state)
-    if not damaged:
-        resume.remove_ranks(run.out)  # everything is in the state file now
+    run.state, notes, stats = merged
     for st in stats[1:]:
         run.enc_seconds += st["encode_seconds"]
         run.hits, run.misses = run.hits + st["hits"], run.misses + st["misses"]
         run.warnings += [w for w in st["warnings"] if w not in run.warnings]
         run.written_nll += st["token_nll"]
-    run.warnings += notes + [f"{d}: its record under {resume.ranks_dir(run.out)} is damaged; --resume computes it "
-                                     f"again." for d in damaged]
+    run.warnings += notes
     return any(st["interrupted"] for st in stats)
 
 
 def _commit_to_rank(run: LibriLightRun, doc: Document, entry: dict) -> None:
     """Commits one finished document of this rank: its record (atomic), then the state in memory."""
-    s = current()
-    resume.write_rank_record(run.out, s.rank, doc.id, entry, run.state["config"])
-    run.state = resume.with_document(run.state, doc.id, entry)
-    s.after_item()
+    run.state = sharding.commit_to_rank(run.out, run.state, doc.id, entry)

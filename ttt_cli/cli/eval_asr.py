@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
-from .common import (BaseOpt, BootstrapOpt, DebugOpt, Device, DeviceOpt, DType, DTypeOpt, err, eval_model_loader,
-                     fmt_interval, fmt_or_dash, fmt_vs_off, ForceOpt, ForceStateOpt, interval_notes, JsonOpt, ModelOpt,
-                     OverwriteOpt, print_table, report_eval, ResumeOpt, SeedOpt, TTTChunkOpt, TTTClipOpt,
-                     TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
+from .common import (BaseOpt, BootstrapOpt, DebugOpt, Device, DeviceOpt, DistTimeoutOpt, DType, DTypeOpt, err,
+                     eval_model_loader, fmt_interval, fmt_or_dash, fmt_vs_off, ForceOpt, ForceStateOpt,
+                     interval_notes, JsonOpt, ModelOpt, OverwriteOpt, print_table, report_eval, ResumeOpt, SeedOpt,
+                     TTTChunkOpt, TTTClipOpt, TTTLayersOpt, TTTLrOpt, TTTOpt, WarmStartOpt)
 
 
 class AsrMode(str, enum.Enum):
@@ -64,6 +64,7 @@ def asr_cmd(
     seed: SeedOpt = 0,
     bootstrap: BootstrapOpt = 1000,
     force: ForceOpt = False,
+    dist_timeout: DistTimeoutOpt = 600.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -84,31 +85,31 @@ def asr_cmd(
       ttt eval asr talks.jsonl --model kyutai/moshiko-pytorch-bf16 --mode transcribe --out results/ted
 
       ttt eval asr rev16/ --out results/rev16 --resume
+
+      torchrun --nproc-per-node 8 -m ttt_cli eval asr rev16/ --out results/rev16   (one rank per GPU)
     """
-    import os
-    from ..errors import ConfigError
-    from ..progress import make_progress
+    from .. import distributed
     from ..units import parse_seconds
     from evals.asr.options import AsrOptions
     from evals.asr.protocol import evaluate_asr
     from .common import ttt_overrides
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # every rank would transcribe everything into one --out
-        raise ConfigError("ttt eval asr does not run under torchrun yet (SPEC §5.6 covers eval librilight, infer "
-                          "and export-state); run it in one process, or split the manifest and give each part "
-                          "its own --out.")
-
+    session = distributed.start(dist_timeout, device.value, "finished recordings are kept: run the same command "
+                                "with --resume (any number of processes) to continue")
     opts = AsrOptions(
         data=data, out=out, model=model, policies=list(policy or ["document"]), mode=mode.value,
         pad_before=None if pad_before is None else parse_seconds(pad_before),
         pad_after=None if pad_after is None else parse_seconds(pad_after),
         bin_seconds=parse_seconds(bin_seconds), whole_file_seconds=parse_seconds(whole_file_seconds),
-        resume=resume, overwrite=overwrite, init_state=init_state, force_state=force_state, device=device.value,
-        dtype=dtype.value, ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, base=base,
+        resume=resume, overwrite=overwrite, init_state=init_state, force_state=force_state,
+        device=session.device(device.value), dtype=dtype.value,
+        ttt=ttt_overrides(ttt, ttt_lr, ttt_chunk_size, ttt_layers, ttt_clip) or None, base=base,
         seed=seed, bootstrap=bootstrap)
 
-    with make_progress(quiet=json_out) as progress:
+    with distributed.progress(quiet=json_out) as progress:
         res = evaluate_asr(opts, progress, model=eval_model_loader(opts, seed, force))
+    if distributed.quiet():  # rank 0 reports for the job; this rank's exit code counts in the agreed one
+        raise typer.Exit(res.exit_code)
     report_eval(res, json_out, "recording", lambda: _table(res))
 
 
