@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing as tp
 
+from ttt_cli import timeline
 from ttt_cli.distributed import balance, current
 from ttt_cli.errors import ConfigError
 
@@ -58,7 +59,7 @@ def score_shared(run: LibriLightRun, config: dict, open_resume: tp.Callable[[Lib
     interrupted = score_all(run, [d for d in docs if d.id in mine], _commit_to_rank)
     stats = s.gather("eval-stats", {"interrupted": interrupted, "encode_seconds": run.enc_seconds,
                                     "hits": run.hits, "misses": run.misses, "warnings": run.warnings,
-                                    "token_nll": run.written_nll})
+                                    "token_nll": run.written_nll, "points": timeline.points()})
     if not s.is_main:
         return interrupted
     records, notes = resume.read_rank_records(run.out)
@@ -66,6 +67,7 @@ def score_shared(run: LibriLightRun, config: dict, open_resume: tp.Callable[[Lib
     resume.write_state(resume.state_dir(run.out), run.state)
     if not damaged:
         resume.remove_ranks(run.out)  # everything is in the state file now
+    run.rank_points = {str(r): st["points"] for r, st in enumerate(stats) if r}
     for st in stats[1:]:
         run.enc_seconds += st["encode_seconds"]
         run.hits, run.misses = run.hits + st["hits"], run.misses + st["misses"]
