@@ -65,8 +65,8 @@ class Sizes:
 # in the same ratios (6:1 documents, 12:1 files).
 FULL = Sizes(steps=1024, layer_reps=5, score_steps=1500, eval_seconds=(1800.0, 300.0), infer_seconds=(3600.0, 300.0),
              infer_whole_file_seconds=600.0, scaleout_seconds=120.0, scaleout_rounds=2)
-QUICK = Sizes(steps=64, layer_reps=2, score_steps=300, eval_seconds=(60.0, 10.0), infer_seconds=(36.0, 3.0),
-              infer_whole_file_seconds=10.0, scaleout_seconds=30.0, scaleout_rounds=1)
+QUICK = Sizes(steps=48, layer_reps=2, score_steps=250, eval_seconds=(30.0, 5.0), infer_seconds=(12.0, 1.0),
+              infer_whole_file_seconds=6.0, scaleout_seconds=30.0, scaleout_rounds=1)
 
 
 @dataclass
@@ -105,12 +105,12 @@ class BenchOptions:
 
     @property
     def lmgen_steps(self) -> int:
-        """LMGen steps per measurement: `steps`, else the sizes' (1024, or 64 with `quick`)."""
+        """LMGen steps per measurement: `steps`, else the sizes' (1024, or 48 with `quick`)."""
         return self.steps or self.sizes.steps
 
     @property
     def score_steps(self) -> int:
-        """Positions scored by the block vs step-by-step figures: `steps`, else the sizes' (1500, or 300 quick)."""
+        """Positions scored by the block vs step-by-step figures: `steps`, else the sizes' (1500, or 250 quick)."""
         return self.steps or self.sizes.score_steps
 
 
