@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ttt_cli import __version__, load_model
+from ttt_cli import __version__, load_model, timeline
 from ttt_cli.distributed import current
 from ttt_cli.errors import ConfigError, OutputError, TTTError, WriteError
 from ttt_cli.fastweights.attach import ttt_layers
@@ -133,7 +133,9 @@ def begin(task: Task, o, progress, model) -> Setup:
         model: as `evaluate`'s.
     """
     t_start = time.perf_counter()
+    timeline.mark("model_load_started")
     m = obtain_model(o, model)
+    timeline.mark("model_loaded")
     notes = list(m.warnings) + task.prepare(m)
     warm, init_rec = None, None
     if o.init_state is not None:

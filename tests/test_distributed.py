@@ -134,6 +134,18 @@ def test_resumed_two_process_run_equals_one_process(eval_runs):
     assert d["shares"] == {"0": ["30/book2"], "1": ["30/book10"]}
     assert a["distributed"] == {"world_size": 1, "backend": None, "shares": {"0": ORDER}}
     assert not (root / "dist" / RANKS_DIR).exists()  # merged completely: removed
+    # Each rank's timeline (results.json timing.ranks, what `ttt bench` splits scale-out's wall time by): every
+    # point, in the order a run reaches them; rank 0 alone merges. One process: one rank.
+    assert set(b["timing"]["ranks"]) == {"0", "1"} and set(a["timing"]["ranks"]) == {"0"}
+    for timeline in (*b["timing"]["ranks"].values(), a["timing"]["ranks"]["0"]):
+        points = [p for p in TIMELINE if p in timeline]
+        assert points == TIMELINE[:len(points)] and len(points) >= len(TIMELINE) - 1, timeline
+        assert [timeline[p] for p in points] == sorted(timeline[p] for p in points), timeline
+    assert "merged" in b["timing"]["ranks"]["0"] and "merged" not in b["timing"]["ranks"]["1"]
+
+
+TIMELINE = ["process", "command", "torch_imported", "imported", "joined", "model_load_started", "model_loaded",
+            "scoring_started", "scoring_done", "merged"]
 
 
 def _untimed(d):

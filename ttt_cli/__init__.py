@@ -1,5 +1,9 @@
 """ttt: Moshi with In-Place Test-Time Training (load_model, ttt_layers; see SPEC §5.0)."""
 
+from . import timeline
+
+timeline.mark("process")  # the first point of a run's timeline (scale-out's fixed costs are measured from it)
+
 __version__ = "0.1.0"
 __all__ = ["load_model", "ttt_layers", "__version__"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import typing as tp
 
-from ttt_cli import telemetry
+from ttt_cli import telemetry, timeline
 from ttt_cli.codes import lm_input_codes
 from ttt_cli.errors import TTTError
 from ttt_cli.io import as_os_error
@@ -80,6 +80,7 @@ def score_all(run: LibriLightRun, todo: list[Document] | None = None, commit: Co
                      f"{', '.join(p.name for p in run.policies)}")
     run.progress.start("eval", "scoring", est_steps)
     t_loop = time.perf_counter()
+    timeline.mark("scoring_started")
     interrupted = False
     try:
         for n_doc, doc in enumerate(todo, start=first):
@@ -91,6 +92,7 @@ def score_all(run: LibriLightRun, todo: list[Document] | None = None, commit: Co
         if isinstance(e, TTTError) or as_os_error(e) is None:
             raise
         stop(run, e)
+    timeline.mark("scoring_done")
     run.progress.finish("eval", documents=len(run.state["done"]), steps_scored=int(run.scored_steps))
     return interrupted
 

@@ -123,3 +123,5 @@ class LibriLightRun:
     enc_seconds: float = 0.0
     hits: int = 0
     misses: int = 0
+    # {rank: its `ttt_cli.timeline` points} of the other ranks of a torchrun job (rank 0 gathers them)
+    rank_points: dict = field(default_factory=dict)

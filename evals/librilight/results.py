@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ttt_cli import timeline
 from ttt_cli.fastweights.attach import state_bytes_per_stream
 
 from ..inputs import rel_path
@@ -109,6 +110,7 @@ def finish(run: LibriLightRun, setup: Setup, interrupted: bool) -> EvalResult:
         interrupted: Ctrl-C stopped the scoring.
     """
     policies, state = run.policies, run.state
+    timeline.mark("merged")
     f = gather(run)
     sections = {p.name: policy_section(p, f.accs[p.name], run.bin_steps, f.telemetry[p.name], run.lr,
                                        run.warm is not None) for p in policies}
@@ -125,7 +127,8 @@ def finish(run: LibriLightRun, setup: Setup, interrupted: bool) -> EvalResult:
         "timing": {"wall_seconds": time.perf_counter() - setup.t_start, "encode_seconds_this_run": run.enc_seconds,
                    "mimi_fingerprint_seconds": setup.fp_seconds,
                    "encode_seconds_all_runs": f.encode_seconds,
-                   "score_seconds": sum(a.seconds for a in f.accs.values())},
+                   "score_seconds": sum(a.seconds for a in f.accs.values()),
+                   "ranks": {"0": timeline.points(), **run.rank_points}},
         "codes_cache": {"dir": str(run.cache_dir) if run.cache_dir else None, "hits": run.hits,
                         "misses": run.misses, "read_only": run.cache_dir is not None and not run.store},
         "fast_weight_bytes_per_stream": state_bytes_per_stream(run.m.lm),

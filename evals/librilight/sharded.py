@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing as tp
 
+from ttt_cli import timeline
 from ttt_cli.distributed import current
 from ttt_cli.errors import ConfigError
 
@@ -57,10 +58,12 @@ def score_shared(run: LibriLightRun, config: dict, open_resume: tp.Callable[[Lib
     interrupted = score_all(run, [d for d in docs if d.id in mine], _commit_to_rank)
     merged = sharding.hand_over(run.out, run.state, [d.id for d in docs],
                                 {"interrupted": interrupted, "encode_seconds": run.enc_seconds, "hits": run.hits,
-                                 "misses": run.misses, "warnings": run.warnings, "token_nll": run.written_nll})
+                                 "misses": run.misses, "warnings": run.warnings, "token_nll": run.written_nll,
+                                 "points": timeline.points()})
     if merged is None:  # not rank 0
         return interrupted
     run.state, notes, stats = merged
+    run.rank_points = {str(r): st["points"] for r, st in enumerate(stats) if r}
     for st in stats[1:]:
         run.enc_seconds += st["encode_seconds"]
         run.hits, run.misses = run.hits + st["hits"], run.misses + st["misses"]

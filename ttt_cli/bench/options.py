@@ -22,7 +22,7 @@ GROUPS = {
     "memory": ("eval_memory_ratio",),
     "cache": ("eval_cache_encode_seconds",),
     "infer_memory": ("infer_memory_ratio",),
-    "scaleout": ("scaleout_speedup_2",),
+    "scaleout": ("scaleout_speedup_2", "scaleout_steady_speedup_2", "scaleout_fixed_s_per_rank"),
     "telemetry": ("telemetry_overhead_b1",),
 }
 VARIANT_GROUPS = ("step", "layer", "state")
@@ -33,6 +33,42 @@ PER_VARIANT = tuple(n for g in VARIANT_GROUPS for n in GROUPS[g])
 GPU_FIGURES = ("gpu_rtf_b1", "gpu_rtf_b8", "gpu_rtf_ratio_b1", "gpu_rtf_ratio_b8", "gpu_memory_per_stream_error")
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How much each measurement runs: a figure measures the same thing at either size, --quick on less.
+
+    Args:
+        steps: LMGen steps per measurement (each variant and batch size, TTT on and off; telemetry).
+        layer_reps: timed rounds of a layer's forward on T = 4096 tokens (after one warm-up round).
+        score_steps: positions scored by block and by step-by-step scoring (a reset at a third).
+        eval_seconds: eval_memory_ratio's long and short documents.
+        infer_seconds: infer_memory_ratio's long and short files.
+        infer_whole_file_seconds: `ttt infer --whole-file-seconds` of those runs: between the two lengths, so
+            the long file is read in pieces and the short one whole (as moshi.run_inference reads it).
+        scaleout_seconds: each of the scale-out jobs' 4 documents.
+        scaleout_rounds: pairs of scale-out jobs (1 process, 2 processes); the best of each counts.
+    """
+
+    steps: int
+    layer_reps: int
+    score_steps: int
+    eval_seconds: tuple[float, float]
+    infer_seconds: tuple[float, float]
+    infer_whole_file_seconds: float
+    scaleout_seconds: float
+    scaleout_rounds: int
+
+
+# Full: SPEC §8's sizes (a 30- vs 5-minute document, a 60- vs 5-minute file), steps over several chunks
+# (chunk_size 256). --quick (SPEC §8.11, every figure in <= 3 minutes on 2 CPU cores): fewer steps than a
+# chunk (the medians are of token steps either way: a chunk completes once in 256 steps) and shorter inputs
+# in the same ratios (6:1 documents, 12:1 files).
+FULL = Sizes(steps=1024, layer_reps=5, score_steps=1500, eval_seconds=(1800.0, 300.0), infer_seconds=(3600.0, 300.0),
+             infer_whole_file_seconds=600.0, scaleout_seconds=120.0, scaleout_rounds=2)
+QUICK = Sizes(steps=48, layer_reps=2, score_steps=250, eval_seconds=(30.0, 5.0), infer_seconds=(12.0, 1.0),
+              infer_whole_file_seconds=6.0, scaleout_seconds=30.0, scaleout_rounds=1)
+
+
 @dataclass
 class BenchOptions:
     """What `ttt bench` measures.
@@ -40,9 +76,9 @@ class BenchOptions:
     Args:
         model: model to measure (default the `bench` preset).
         device, dtype: as every command.
-        quick: fewer steps and shorter documents.
+        quick: fewer steps and shorter inputs (`QUICK`'s sizes instead of `FULL`'s).
         steps: steps per measurement (LMGen steps per variant and batch size; positions scored by
-            the eval figures); None = 1024 / 1500 (320 / 500 with `quick`).
+            the eval figures); None = the sizes' `steps` / `score_steps`.
         rounds: interleaved A/B rounds.
         seed: random seed of the synthetic inputs.
         only: figure names to measure (None = every figure `ttt bench` measures for `variants`).
@@ -63,9 +99,19 @@ class BenchOptions:
     variants: list[str] | None = None
 
     @property
+    def sizes(self) -> Sizes:
+        """How much each measurement runs: `QUICK` with `quick`, else `FULL`."""
+        return QUICK if self.quick else FULL
+
+    @property
     def lmgen_steps(self) -> int:
-        """LMGen steps per measurement: `steps`, else 1024 (320 quick), more than chunk_size 256 so updates count."""
-        return self.steps or (320 if self.quick else 1024)
+        """LMGen steps per measurement: `steps`, else the sizes' (1024, or 48 with `quick`)."""
+        return self.steps or self.sizes.steps
+
+    @property
+    def score_steps(self) -> int:
+        """Positions scored by the block vs step-by-step figures: `steps`, else the sizes' (1500, or 250 quick)."""
+        return self.steps or self.sizes.score_steps
 
 
 def variant_names(variant: str) -> list[str]:

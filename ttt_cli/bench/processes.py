@@ -91,8 +91,7 @@ def eval_run_figures(m: TTTModel, opts: BenchOptions, memory: bool, cache: bool,
         progress: a `Progress` hook (ttt_cli.progress).
     """
     out: dict[str, Figure] = {}
-    # Full: the §8 pair (30 vs 5 minutes). --quick keeps the 6:1 ratio on 12 vs 2 minutes.
-    long_s, short_s = (720.0, 120.0) if opts.quick else (1800.0, 300.0)
+    long_s, short_s = opts.sizes.eval_seconds  # full: the §8 pair (30 vs 5 minutes); --quick: the same 6:1 ratio
     with tempfile.TemporaryDirectory(prefix="ttt-bench-") as tmp:
         root = Path(tmp)
         docs = (("short", short_s), ("long", long_s)) if memory else (("short", short_s),)
@@ -104,7 +103,7 @@ def eval_run_figures(m: TTTModel, opts: BenchOptions, memory: bool, cache: bool,
                   "--codes-cache", str(root / "cache"), "--overwrite", "--max-seconds", "7200"]
         rss = {}
         for name, secs in docs:
-            progress.start(f"mem-{name}", f"ttt eval on a {secs / 60:.0f}-minute document (own process)", None)
+            progress.start(f"mem-{name}", f"ttt eval on a {secs:g} s document (own process)", None)
             t = time.perf_counter()
             rss[name] = peak_rss_of(["eval", "librilight", str(root / name), "--out", str(root / f"out-{name}"), *common])
             progress.finish(f"mem-{name}", peak_rss_mib=rss[name] / 2**20, seconds=time.perf_counter() - t)
@@ -133,23 +132,26 @@ def infer_memory_figures(m: TTTModel, opts: BenchOptions, progress) -> dict[str,
         opts: the run's options (`quick`, `dtype`).
         progress: a `Progress` hook (ttt_cli.progress).
     """
-    # Full: the SPEC pair (60 vs 5 minutes); --quick keeps the 12:1 ratio on 12 vs 1 minutes. 16 kHz input,
-    # so the long file goes through the piecewise resampler and the short one through moshi's whole read.
-    long_s, short_s = (720.0, 60.0) if opts.quick else (3600.0, 300.0)
+    # Full: the SPEC pair (60 vs 5 minutes); --quick the same 12:1 ratio. 16 kHz input, and --whole-file-seconds
+    # between the two: the long file goes through the piecewise resampler, the short one through moshi's whole read.
+    long_s, short_s = opts.sizes.infer_seconds
+    whole = f"{opts.sizes.infer_whole_file_seconds:g}"
     rss, wall = {}, {}
     with tempfile.TemporaryDirectory(prefix="ttt-bench-infer-") as tmp:
         root = Path(tmp)
         for name, secs in (("short", short_s), ("long", long_s)):
             wav = root / f"{name}.wav"
             write_wav_chunked(wav, secs, seed=2, sr=16000)
-            progress.start(f"infer-{name}", f"ttt infer on a {secs / 60:.0f}-minute file (own process)", None)
+            progress.start(f"infer-{name}", f"ttt infer on a {secs:g} s file (own process)", None)
             t = time.perf_counter()
             rss[name] = peak_rss_of(["infer", str(wav), "--model", "tiny", "--out", str(root / f"out-{name}"),
-                                     "--device", m.device, "--dtype", opts.dtype, "--greedy"])
+                                     "--device", m.device, "--dtype", opts.dtype, "--greedy",
+                                     "--whole-file-seconds", whole])
             wall[name] = time.perf_counter() - t
             progress.finish(f"infer-{name}", peak_rss_mib=rss[name] / 2**20, seconds=wall[name])
             wav.unlink()
     return {"infer_memory_ratio": Figure("infer_memory_ratio", rss["long"] / rss["short"], detail={
         "peak_rss_long_mib": rss["long"] / 2**20, "peak_rss_short_mib": rss["short"] / 2**20,
-        "long_seconds": long_s, "short_seconds": short_s, "wall_seconds_long": wall["long"],
+        "long_seconds": long_s, "short_seconds": short_s, "whole_file_seconds": opts.sizes.infer_whole_file_seconds,
+        "wall_seconds_long": wall["long"],
         "wall_seconds_short": wall["short"], "model": "tiny", "mode": "dialog"})}

@@ -62,6 +62,10 @@ FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
                "without, batch 1, medians (issue 15's target; the SPEC names the figure only)"),
     FigureSpec("scaleout_speedup_2", None, ">=", "x", "ttt eval tokens/s, 2 torchrun processes / 1 (CPU, gloo; "
                "launch and load included); parallel efficiency = value / 2"),
+    FigureSpec("scaleout_steady_speedup_2", 1.8, ">=", "x", "ttt eval tokens/s in the steady state (first rank "
+               "starting to score to the last one done, as the ranks record it), 2 torchrun processes / 1 (SPEC §8.10)"),
+    FigureSpec("scaleout_fixed_s_per_rank", None, "<=", "s", "seconds of the 2-process job outside its steady state "
+               "(launch, imports, model load, setup, merge, writing, exit): what every rank pays once"),
     FigureSpec("gpu_rtf_b1", None, ">=", "x", "audio seconds per wall second, TTT on, bf16, batch 1, graphed"),
     FigureSpec("gpu_rtf_b8", None, ">=", "x", "audio seconds per wall second per stream, TTT on, bf16, batch 8"),
     FigureSpec("gpu_rtf_ratio_b1", None, ">=", "x", "real-time factor TTT on / plain moshi LMGen, batch 1"),

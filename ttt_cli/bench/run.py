@@ -15,7 +15,7 @@ from .options import GPU_FIGURES, GROUPS, SUFFIXES, VARIANT_GROUPS, BenchOptions
     variant_names, variant_order
 from .processes import eval_run_figures, infer_memory_figures
 from .results import BenchResult, Figure, device_name, judged, versions
-from .scaleout import scaleout_figure
+from .scaleout import scaleout_figures
 from .scoring import score_figures
 from .variants import telemetry_figures, variant_figures
 
@@ -83,7 +83,7 @@ def _model_figures(own: TTTModel, opts: BenchOptions, wanted: list[str], progres
     if "infer_memory" in need:
         values.update(infer_memory_figures(own, opts, progress))
     if "scaleout" in need:
-        values["scaleout_speedup_2"] = scaleout_figure(own, opts, progress)
+        values.update(scaleout_figures(own, opts, set(GROUPS["scaleout"]) & set(wanted), progress))
     if "telemetry" in need:
         values.update(telemetry_figures(own, opts, progress))
     return values

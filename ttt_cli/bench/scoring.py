@@ -18,11 +18,11 @@ def score_figures(m: TTTModel, opts: BenchOptions, progress) -> dict[str, Figure
 
     Args:
         m: the model scored.
-        opts: the run's options (`steps` = positions scored: default 1500, 500 quick; `seed`).
+        opts: the run's options (`score_steps` = positions scored; `seed`).
         progress: a `Progress` hook (ttt_cli.progress).
     """
     lm = m.lm
-    T = opts.steps or (500 if opts.quick else 1500)
+    T = opts.score_steps
     g = torch.Generator().manual_seed(opts.seed)
     codes = torch.full((lm.num_codebooks, T), lm.zero_token_id, dtype=torch.long)  # [K, T]
     codes[1:1 + lm.dep_q] = torch.randint(0, lm.card, (lm.dep_q, T), generator=g)

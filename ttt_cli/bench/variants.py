@@ -48,7 +48,7 @@ def variant_figures(opts: BenchOptions, variant: str, wanted: list[str], progres
     if "ttt_layer_ratio" in want:
         progress.start(f"layer{sfx}", f"{variant}: TTT layer vs plain layer, T={LAYER_T}", None)
         first_i, first = next(iter(layers.items()))
-        lr = layer_ratio(first, on.device)
+        lr = layer_ratio(first, on.device, reps=opts.sizes.layer_reps)
         progress.finish(f"layer{sfx}", ratio=lr["ratio"])
         out["ttt_layer_ratio" + sfx] = Figure("ttt_layer_ratio" + sfx, lr["ratio"],
                                               detail={"variant": variant, "layer": first_i, **lr})
@@ -137,7 +137,7 @@ def layer_ratio(layer: FastWeightLayer, device: str, T: int = LAYER_T, reps: int
     flop_floor, formula = layer.macs_vs_plain(T)
     t_ttt, t_plain = alternating_medians((ttt, plain), device, reps)
     return {"ttt_ms": 1e3 * t_ttt, "plain_ms": 1e3 * t_plain, "ratio": t_ttt / t_plain, "flop_floor": flop_floor,
-            "flop_floor_formula": formula, "compared": compared, "T": T}
+            "flop_floor_formula": formula, "compared": compared, "T": T, "reps": reps}
 
 
 def _tensor_bytes(obj: tp.Any, seen: set[int]) -> int:

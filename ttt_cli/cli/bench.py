@@ -59,7 +59,10 @@ def bench_cmd(
     eval_nll_max_abs_diff (block vs step-by-step scoring), eval_memory_ratio (peak RSS, 30-min vs
     5-min document, separate processes), eval_cache_encode_seconds (second run on cached codes),
     infer_memory_ratio (peak RSS of ttt infer on the tiny model, 60-min vs 5-min file, separate
-    processes; --quick: 12 vs 1 min), scaleout_speedup_2 (eval tokens/s, 2 torchrun processes / 1).
+    processes), scaleout_speedup_2 (eval tokens/s, 2 torchrun processes / 1, whole jobs),
+    scaleout_steady_speedup_2 (the same while the ranks score), scaleout_fixed_s_per_rank (the rest:
+    launch, imports, model load, merge). --quick measures the same figures on fewer steps and shorter
+    inputs (README: Benchmarks).
 
     Exit code: 0 when every measured target is met, 1 when one is missed (named in the table and
     on stderr), 2 on usage errors.

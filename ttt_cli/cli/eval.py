@@ -85,14 +85,20 @@ def librilight_cmd(
 
       torchrun --nproc-per-node 8 -m ttt_cli eval librilight DATA --out results/run1   (one rank per GPU)
     """
+    from .. import timeline
+    timeline.begin()
+    import torch  # noqa: F401 - first: the run's timeline tells torch's import apart from ours
+    timeline.mark("torch_imported")
     from .. import distributed
     from ..units import parse_seconds
     from evals.librilight.options import EvalOptions
     from evals.librilight.protocol import evaluate_librilight
     from .common import ttt_overrides
 
+    timeline.mark("imported")
     session = distributed.start(dist_timeout, device.value, "finished documents are kept: run the same command "
                                 "with --resume (any number of processes) to continue")
+    timeline.mark("joined")
     opts = EvalOptions(
         data=data, out=out, model=model, policies=list(policy or ["document"]),
         max_seconds=parse_seconds(max_seconds), min_seconds=parse_seconds(min_seconds), limit_books=limit_books,

@@ -79,7 +79,10 @@ class Link:
         self._beat.set()
 
     def poll(self) -> float:
-        return max(0.02, min(0.5, self.timeout / 20))
+        # How long a waiting rank sleeps between looks at the store. Every wait (the plan, the results, the exit
+        # code) costs half of it on average, several times per job: short for a few ranks (a look is a few
+        # local store calls), longer for many so that their looks do not crowd the store.
+        return max(0.02, min(0.5, self.timeout / 20, 0.025 * self.world_size))
 
     def count(self, key: str) -> int:
         return int(self.store.add(key, 0))
