@@ -93,7 +93,8 @@ def eval_runs(tmp_path_factory):
     killed = torchrun(2, "eval", "librilight", data, *EVAL, "--out", out, "--codes-cache", root / "cache",
                       "--dist-timeout", "5", env={FAULT_ENV: "1:1"})
     killed_s = time.monotonic() - t0
-    ranks = sorted(p.relative_to(out / RANKS_DIR).as_posix() for p in (out / RANKS_DIR).rglob("*.json"))
+    # (rank, document) of every record kept
+    ranks = sorted((p.parent.name, json.loads(p.read_text())["doc_id"]) for p in (out / RANKS_DIR).rglob("*.json"))
     resumed = torchrun(2, "eval", "librilight", data, *EVAL, "--out", out, "--codes-cache", root / "cache",
                        "--resume", "--json")
     return ref, killed, killed_s, ranks, resumed, root
@@ -106,12 +107,14 @@ def test_killed_rank_stops_the_others_within_the_timeout(eval_runs):
     # would have (a job takes 10-40 s on 2 busy cores; waiting for the default alone takes DEFAULT_TIMEOUT)
     assert "rank 1 stopped answering: no sign of life for 5 s" in killed.stderr and "--resume" in killed.stderr
     assert killed_s < DEFAULT_TIMEOUT / 2, killed_s
-    # Every finished document is kept as a record: rank 0's whole share and rank 1's first document.
-    assert [r.split("/")[0] for r in ranks] == ["0", "0", "1"], ranks
+    # Every finished document is kept as a record: rank 1's first document, and what rank 0 finished of its
+    # share (two documents) before it stopped: how many depends on the machine's speed, not on the code.
+    by_rank = [r for r, _ in ranks]
+    assert by_rank.count("1") == 1 and by_rank.count("0") <= 2 and set(by_rank) <= {"0", "1"}, ranks
 
 
 def test_resumed_two_process_run_equals_one_process(eval_runs):
-    ref, _, _, _, resumed, root = eval_runs
+    ref, _, _, ranks, resumed, root = eval_runs
     assert ref.exit_code == 1, ref.stderr  # the broken file of the test set: skipped, reported, exit 1
     assert resumed.returncode == 1, resumed.stderr[-3000:]
     out = json.loads(resumed.stdout)
@@ -130,8 +133,10 @@ def test_resumed_two_process_run_equals_one_process(eval_runs):
     assert b["policies"]["document"]["vs_off"]["ci"] is not None  # five documents: intervals, merged alike
     d = b["distributed"]
     assert d["world_size"] == 2 and d["backend"] == "gloo"
-    # What rank 1 had not done, one document each (rank 1's record reaches rank 0's merge).
-    assert d["shares"] == {"0": ["30/book2"], "1": ["30/book10"]}
+    # What the killed run had not finished, shared among both ranks (rank 1's record reaches rank 0's merge:
+    # its document is not done again).
+    kept = {doc for _, doc in ranks}
+    assert sorted(sum(d["shares"].values(), [])) == sorted(set(ORDER) - kept) and set(d["shares"]) == {"0", "1"}
     assert a["distributed"] == {"world_size": 1, "backend": None, "shares": {"0": ORDER}}
     assert not (root / "dist" / RANKS_DIR).exists()  # merged completely: removed
     # Each rank's timeline (results.json timing.ranks, what `ttt bench` splits scale-out's wall time by): every
@@ -256,9 +261,12 @@ def test_eval_asr_rank_killed_then_finished_by_one_process(asr_ref):
                       env={FAULT_ENV: "1:1"})
     assert killed.returncode == 1 and "rank 1 stopped answering: no sign of life for 5 s" in killed.stderr, \
         killed.stderr[-3000:]
-    assert sorted(p.parent.name for p in (tmp_path / "down" / RANKS_DIR).rglob("*.json")) == ["0", "1"]
+    # rank 1's first recording is kept; rank 0's, when it finished it before stopping (the machine's speed)
+    by_rank = sorted(p.parent.name for p in (tmp_path / "down" / RANKS_DIR).rglob("*.json"))
+    assert by_rank in (["0", "1"], ["1"]), by_rank
     down = single("eval", "asr", data, *ASR, "--out", tmp_path / "down", "--resume")
-    assert down.exit_code == 0 and "resuming: 2 of 3 recording(s) already done" in down.stderr, down.output
+    assert down.exit_code == 0 and f"resuming: {len(by_rank)} of 3 recording(s) already done" in down.stderr, \
+        down.output
     assert _same_asr_outputs(tmp_path, "down")["distributed"]["world_size"] == 1
 
 
