@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from moshi.modules.streaming import StreamingModule
 
 import librilight_data as LD
+from bootstrap_reference import scipy_ci
 from naive_ttt import checkpoint_ttt, naive_ttt
 from evals.inputs import natural_key
 from evals.librilight.codes_cache import document_codes
@@ -389,18 +390,6 @@ def test_protocol_outputs_match_references(tiny, plain, full_run, doc_codes, dat
                               for pol in POLICIES])
     assert (res.out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tiny.lm.transformer.layers[1].gating.lr == tiny.ttt.lr  # the model is left as it was found
-
-
-def scipy_ci(*pairs):
-    """scipy's paired percentile bootstrap of Σ num / Σ den (minus the second policy's), called here directly:
-    1000 resamples, the default --seed 0."""
-    from scipy import stats
-    arrays = [np.asarray(x, dtype=float) for p in pairs for x in zip(*p)]
-    stat = (lambda a, b, axis: a.sum(axis) / b.sum(axis)) if len(pairs) == 1 else (
-        lambda a, b, c, d, axis: a.sum(axis) / b.sum(axis) - c.sum(axis) / d.sum(axis))
-    res = stats.bootstrap(arrays, stat, n_resamples=1000, paired=True, vectorized=True, method="percentile",
-                          rng=np.random.default_rng(0))
-    return [res.confidence_interval.low, res.confidence_interval.high]
 
 
 def check_intervals(r, rows, nlls):

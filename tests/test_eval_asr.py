@@ -18,6 +18,7 @@ import sphn
 import torch
 from whisper_normalizer.english import EnglishTextNormalizer
 
+from bootstrap_reference import scipy_ci
 from safety_helpers import cli, clip, float_wav
 from ttt_cli import load_model
 
@@ -154,18 +155,6 @@ def test_results_match_metrics_recomputed_from_the_hypotheses(full):
                            *((b["vs_off"] or {}).get("ci") or (None, None)))]
         for p in res["policies"].values() for b in p["bins"]]
     assert (out / "wer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def scipy_ci(*pairs):
-    """scipy's paired percentile bootstrap of Σ num / Σ den (minus the second's), called here directly: 1000
-    resamples, the default --seed 0."""
-    from scipy import stats
-    arrays = [np.asarray(x, dtype=float) for p in pairs for x in zip(*p)]
-    stat = (lambda a, b, axis: a.sum(axis) / b.sum(axis)) if len(pairs) == 1 else (
-        lambda a, b, c, d, axis: a.sum(axis) / b.sum(axis) - c.sum(axis) / d.sum(axis))
-    res = stats.bootstrap(arrays, stat, n_resamples=1000, paired=True, vectorized=True, method="percentile",
-                          rng=np.random.default_rng(0))
-    return [res.confidence_interval.low, res.confidence_interval.high]
 
 
 def check_intervals(res, units):
