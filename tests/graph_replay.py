@@ -137,8 +137,9 @@ class BatchRun:
     telemetry: list[dict]
     updates: list[dict]
     maps: list[tuple[str, dict]]
-    phases: list[tuple[bool, ...]]
-    replays: dict[tuple[bool, ...], int]  # per phase
+    phases: list[tuple[tuple[int, ...], ...]]  # PhaseGraphs' keys: per host clock, the streams completing a chunk
+    replays: dict[tuple[tuple[int, ...], ...], int]  # per phase
+    calls: dict[tuple[tuple[int, ...], ...], int]  # per phase, the steps run in it
 
 
 B = 3
@@ -173,7 +174,7 @@ def drive(model, snapshot: Path, telemetry_dir: Path, graphed: bool, device: str
     slots.lm_gen.on_text_logits_hook = lambda t: logits.append(t.detach().clone())
     g = torch.Generator().manual_seed(11)
     n_user = lm.n_q - lm.dep_q
-    run = BatchRun([], logits, [], [], [], [], [], {})
+    run = BatchRun([], logits, [], [], [], [], [], {}, {})
     emulate = graphed and device == "cpu"
     patch = contextlib.ExitStack()
     if emulate:
@@ -200,6 +201,7 @@ def drive(model, snapshot: Path, telemetry_dir: Path, graphed: bool, device: str
             run.tokens.append(out.detach().clone().cpu())
             run.maps.append((f"step {t}", storage_map(lm)))
         run.phases = sorted(pg.calls)
+        run.calls = dict(pg.calls)
         # moshi's graphs: one warm-up call, one capture (which runs the step), then replays
         run.replays = {k: (gr.replays if emulate else max(pg.calls[k] - 2, 0)) for k, gr in pg.graphs.items()}
         from ttt_cli.fastweights.attach import ttt_layers

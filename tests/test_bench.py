@@ -47,6 +47,10 @@ def test_registry_holds_the_spec_figures():
     assert judge("step_overhead_b8", 1.2, {"step_overhead_b8_floor": 1.1}) == (1.15, True)  # within 10% of floor
     assert judge("step_overhead_b8", 1.2, {"step_overhead_b8_floor": 1.0}) == (1.15, False)
     assert judge("step_ms_p99_b1", 99.0, {}) == (None, None)
+    # a target relative to another figure of the run (SPEC §8.9: refilled within 5% of in phase)
+    assert judge("step_overhead_b8_refill", 1.10, {"step_overhead_b8_mean": 1.06}) == (pytest.approx(1.113), True)
+    assert judge("step_overhead_b8_refill", 1.12, {"step_overhead_b8_mean": 1.06}) == (pytest.approx(1.113), False)
+    assert judge("step_overhead_b8_refill", 1.0, {})[1] is False  # without the figure it is relative to: missed
     assert judge("ttt_layer_ratio", math.nan, {}) == (2.0, False)
     assert parse_targets(["ttt_layer_ratio=1.5", "eval_block_speedup = 3"]) == {"ttt_layer_ratio": 1.5,
                                                                                 "eval_block_speedup": 3.0}
@@ -137,6 +141,28 @@ def test_gpu_figure_arithmetic():
     # TTT model grows 1000 + 300 bytes per added stream, plain moshi 300: the fast weights are 1000 bytes
     err, measured = memory_error((5000, 6300), (4000, 4300), 1050)
     assert measured == 1000 and err == pytest.approx(50 / 1050)
+
+
+def test_refill_figures_on_tiny(tmp_path):
+    """`step_overhead_b8_refill` measures what SPEC §8.9 says: in the staggered batch each stream's chunk
+    completes on its own step and only that stream is updated, in the batch in phase all eight together; both
+    batches time whole chunks (the same learning), and the target is 1.05 × the in-phase figure of the run."""
+    r = bench("--only", "step_overhead_b8_refill,step_overhead_b8_mean", "--json", "--out", tmp_path / "b.json")
+    assert r.exit_code in (0, 1), r.output
+    by = {f["name"]: f for f in json.loads(r.stdout)["figures"]}
+    refill, mean = by["step_overhead_b8_refill"], by["step_overhead_b8_mean"]
+    C = refill["chunk_size"]
+    assert C == 16  # tiny's chunk: 8 slots restarted 2 steps apart during the warm-up chunk
+    assert refill["slot_restart_steps"] == [2 * k for k in range(1, 8)]
+    assert refill["staggered"]["update_sets"] == [[b] for b in range(8)]
+    assert refill["in_phase"]["update_sets"] == [list(range(8))]
+    assert refill["off"]["update_sets"] == []  # TTT off: frozen layers, no host clock, nothing updated
+    for k in ("staggered", "in_phase", "off"):
+        assert refill[k]["steps"] == 4 * C  # whole chunks: every stream completes once per chunk in both batches
+    assert refill["value"] == pytest.approx(refill["staggered"]["mean_ms"] / refill["off"]["mean_ms"])
+    assert mean["value"] == pytest.approx(refill["in_phase"]["mean_ms"] / refill["off"]["mean_ms"])
+    assert refill["target"] == pytest.approx(1.05 * mean["value"]) and mean["target"] is None
+    assert refill["pass"] is (refill["value"] <= 1.05 * mean["value"])
 
 
 def test_scaleout_figures_on_tiny(tmp_path):

@@ -184,19 +184,46 @@ def test_reset_exec_mask_and_isolation(one_token):
     assert rel(out[1], ref1[0, -3:]) < 1e-4
 
 
+def test_nonfinite_update_out_of_phase_resets_only_its_stream():
+    """One-token steps with the streams out of phase (the update of only the completing stream, SPEC §8.9): a
+    non-finite Δ resets that stream to W0 as the test drew it and is counted; the stream completing on another
+    step, and the one not completing, keep the naive loop's weights."""
+    layer, src, drawn = make_layer(C=2, lr=0.5)
+    B, T = 3, 4
+    x, x0 = torch.randn(B, T, D), torch.randn(B, T, D)
+    x0[1, 3] = float("inf")  # stream 1's second chunk (tokens 2, 3 after its restart) is non-finite
+    with torch.no_grad(), layer.streaming(B), pytest.warns(UserWarning, match="non-finite"):
+        call(layer, src, x[:, :1], x0[:, :1])
+        layer.reset_streaming(torch.tensor([False, True, False]))  # stream 1 restarts one token later
+        layer.set_exec_mask(torch.tensor([True, True, False]))      # stream 2 never steps again
+        for t in range(T):
+            call(layer, src, x[:, t:t + 1], x0[:, t:t + 1])
+        st = layer._streaming_state
+        tel = [layer.telemetry(b) for b in range(B)]
+    assert torch.equal(st.w[1], drawn.w0) and tel[1]["nonfinite_events"] == 1 and tel[1]["updates"] == 1
+    _, w_ref = reference(drawn, torch.cat([x[:1, :1], x[:1]], 1), torch.cat([x0[:1, :1], x0[:1]], 1))
+    assert rel(st.w[0], w_ref[0]) < 1e-4 and tel[0]["updates"] == 2 and tel[0]["nonfinite_events"] == 0
+    assert torch.equal(st.w[2], drawn.w0) and tel[2]["updates"] == 0  # one pending token, never updated
+
+
 def test_nonfinite_update_resets_to_w0():
+    """A non-finite chunk (whole-batch update) resets its stream to W0 as drawn, from weights that had moved
+    away from it, is counted, and the stream learns on from W0 like a fresh one (the naive loop)."""
     layer, src, drawn = make_layer(C=2, lr=1.0)
-    x, x0 = torch.randn(2, 4, D), torch.randn(2, 4, D)
-    x0[1, 1] = float("inf")
+    x, x0 = torch.randn(2, 6, D), torch.randn(2, 6, D)
+    x0[1, 3] = float("inf")  # stream 1's second chunk
     with torch.no_grad(), layer.streaming(2), pytest.warns(UserWarning, match="non-finite"):
         call(layer, src, x[:, :2], x0[:, :2])
         st = layer._streaming_state
+        assert not torch.equal(st.w[1], drawn.w0)  # the first chunk moved it
+        call(layer, src, x[:, 2:4], x0[:, 2:4])
         assert torch.isfinite(st.w).all()
         assert torch.equal(st.w[1], drawn.w0) and not torch.equal(st.w[0], drawn.w0)
-        call(layer, src, x[:, 2:], x0[:, 2:])  # the stream goes on from W0
+        call(layer, src, x[:, 4:], x0[:, 4:])  # the stream goes on from W0
         assert layer.telemetry(1)["nonfinite_events"] == 1 and layer.telemetry(0)["nonfinite_events"] == 0
-        assert layer.telemetry(0)["updates"] == 2 and layer.telemetry(1)["updates"] == 1
-
+        assert layer.telemetry(0)["updates"] == 3 and layer.telemetry(1)["updates"] == 2
+        _, w_ref = reference(drawn, x[1:, 4:], x0[1:, 4:])
+        assert rel(st.w[1], w_ref[0]) < 1e-4
 
 def test_flush_partial_applies_pending_chunk():
     layer, src, drawn = make_layer(C=4)

@@ -24,6 +24,7 @@ GROUPS = {
     "infer_memory": ("infer_memory_ratio",),
     "scaleout": ("scaleout_speedup_2", "scaleout_steady_speedup_2", "scaleout_fixed_s_per_rank"),
     "telemetry": ("telemetry_overhead_b1",),
+    "refill": ("step_overhead_b8_mean", "step_overhead_b8_refill"),
 }
 VARIANT_GROUPS = ("step", "layer", "state")
 # A variant's figure-name suffix (SPEC §5.5): In-Place's figures carry §8's names.
@@ -47,6 +48,8 @@ class Sizes:
             the long file is read in pieces and the short one whole (as moshi.run_inference reads it).
         scaleout_seconds: each of the scale-out jobs' 4 documents.
         scaleout_rounds: pairs of scale-out jobs (1 process, 2 processes); the best of each counts.
+        refill_rounds: timed chunks of batch-8 steps per model of the refill figures.
+        refill_chunk: the TTT layers' chunk size in the refill figures (None: the model's own).
     """
 
     steps: int
@@ -57,16 +60,21 @@ class Sizes:
     infer_whole_file_seconds: float
     scaleout_seconds: float
     scaleout_rounds: int
+    refill_rounds: int
+    refill_chunk: int | None
 
 
 # Full: SPEC §8's sizes (a 30- vs 5-minute document, a 60- vs 5-minute file), steps over several chunks
 # (chunk_size 256). --quick (SPEC §8.11, every figure in <= 3 minutes on 2 CPU cores): fewer steps than a
 # chunk (the medians are of token steps either way: a chunk completes once in 256 steps) and shorter inputs
-# in the same ratios (6:1 documents, 12:1 files).
+# in the same ratios (6:1 documents, 12:1 files); the refill figures time one chunk of 64 steps per batch
+# instead of four of the model's 256 (the update then weighs 4× more per step: a stricter check, not a looser one).
 FULL = Sizes(steps=1024, layer_reps=5, score_steps=1500, eval_seconds=(1800.0, 300.0), infer_seconds=(3600.0, 300.0),
-             infer_whole_file_seconds=600.0, scaleout_seconds=120.0, scaleout_rounds=2)
+             infer_whole_file_seconds=600.0, scaleout_seconds=120.0, scaleout_rounds=2, refill_rounds=4,
+             refill_chunk=None)
 QUICK = Sizes(steps=48, layer_reps=2, score_steps=250, eval_seconds=(30.0, 5.0), infer_seconds=(12.0, 1.0),
-              infer_whole_file_seconds=6.0, scaleout_seconds=30.0, scaleout_rounds=1)
+              infer_whole_file_seconds=6.0, scaleout_seconds=30.0, scaleout_rounds=1, refill_rounds=1,
+              refill_chunk=64)
 
 
 @dataclass

@@ -29,6 +29,8 @@ class FigureSpec:
         floor: name of another figure; a value within `floor_slack` of that figure's value also meets
             the target (SPEC §8.1: a memory-bound batch-8 step).
         floor_slack: the factor applied to `floor`.
+        relative_to: name of another figure of the same run; the target is then a factor of that figure's
+            value (SPEC §8.9: the refilled batch within 5% of the batch in phase).
     """
 
     name: str
@@ -38,6 +40,7 @@ class FigureSpec:
     meaning: str
     floor: str | None = None
     floor_slack: float = 1.10
+    relative_to: str | None = None
 
 
 FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
@@ -47,6 +50,11 @@ FIGURES: dict[str, FigureSpec] = {f.name: f for f in (
                "of its memory floor)", floor="step_overhead_b8_floor"),
     FigureSpec("step_overhead_b8_floor", None, "<=", "x", "1 + time to read 8 streams' fp32 fast weights at the "
                "measured bandwidth / batch-8 step time"),
+    FigureSpec("step_overhead_b8_mean", None, "<=", "x", "LMGen.step TTT on / off, batch 8 in phase, mean step "
+               "times over whole chunks (the chunk updates amortised: a median skips them)"),
+    FigureSpec("step_overhead_b8_refill", 1.05, "<=", "x", "as step_overhead_b8_mean with the 8 streams started at "
+               "staggered steps (refilled slots: chunks complete on 8 different steps); target: a factor of "
+               "step_overhead_b8_mean (SPEC §8.9)", relative_to="step_overhead_b8_mean"),
     FigureSpec("step_ms_p99_b1", None, "<=", "ms", "p99 of the TTT-on batch-1 step (chunk completions spike)"),
     FigureSpec("ttt_layer_ratio", 2.0, "<=", "x", "one TTT layer forward on T = 4096 tokens / moshi's gating"),
     FigureSpec("memory_per_stream_error", 0.10, "<=", "x", "|bytes one more stream adds to the fast-weight state "
@@ -83,7 +91,7 @@ def spec(name: str) -> FigureSpec:
     if suffix in VARIANT_SUFFIXES and base in FIGURES:
         b = FIGURES[base]
         return FigureSpec(name, b.target, b.direction, b.unit, f"{b.meaning} ({suffix} variant)", b.floor and
-                          f"{b.floor}_{suffix}", b.floor_slack)
+                          f"{b.floor}_{suffix}", b.floor_slack, b.relative_to and f"{b.relative_to}_{suffix}")
     raise ConfigError(f"unknown bench figure {name!r}. Known figures: {', '.join(FIGURES)} (and variant suffixes "
                       f"{', '.join('_' + s for s in VARIANT_SUFFIXES)}).")
 
@@ -106,7 +114,8 @@ def parse_targets(items: tp.Iterable[str]) -> dict[str, float]:
 
 def judge(name: str, value: float, measured: dict[str, float], targets: dict[str, float] | None = None
           ) -> tuple[float | None, bool | None]:
-    """(target, met) of one measured figure: None, None without a target.
+    """(target, met) of one measured figure: None, None without a target. A target relative to another
+    figure is that figure's value times the registry's (or `targets`') factor.
 
     Args:
         name: the figure.
@@ -118,6 +127,8 @@ def judge(name: str, value: float, measured: dict[str, float], targets: dict[str
     target = (targets or {}).get(name, s.target)
     if target is None:
         return None, None
+    if s.relative_to is not None:
+        target *= measured.get(s.relative_to, math.nan)
     ok = value <= target if s.direction == "<=" else value >= target
     if not ok and s.floor is not None and s.floor in measured:
         ok = value <= s.floor_slack * measured[s.floor]

@@ -17,7 +17,7 @@ from .processes import eval_run_figures, infer_memory_figures
 from .results import BenchResult, Figure, device_name, judged, versions
 from .scaleout import scaleout_figures
 from .scoring import score_figures
-from .variants import telemetry_figures, variant_figures
+from .variants import refill_figures, telemetry_figures, variant_figures
 
 
 def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
@@ -73,7 +73,8 @@ def _plan(opts: BenchOptions) -> tuple[list[str], list[str], list[str]]:
 
 
 def _model_figures(own: TTTModel, opts: BenchOptions, wanted: list[str], progress) -> dict[str, Figure]:
-    """The model's own figures among `wanted` (eval scoring, eval and infer processes, scale-out, telemetry)."""
+    """The model's own figures among `wanted` (eval scoring, eval and infer processes, scale-out, telemetry,
+    refilled batches)."""
     need = {g for g, names in GROUPS.items() if g not in VARIANT_GROUPS and set(names) & set(wanted)}
     values: dict[str, Figure] = {}
     if "score" in need:
@@ -86,4 +87,6 @@ def _model_figures(own: TTTModel, opts: BenchOptions, wanted: list[str], progres
         values.update(scaleout_figures(own, opts, set(GROUPS["scaleout"]) & set(wanted), progress))
     if "telemetry" in need:
         values.update(telemetry_figures(own, opts, progress))
+    if "refill" in need:
+        values.update(refill_figures(own, opts, progress))
     return values

@@ -73,6 +73,54 @@ def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: i
     return stats, times
 
 
+def refill_overhead(staggered, in_phase, off, B: int, chunk: int, rounds: int, device: str, seed: int) -> dict:
+    """Mean step times of TTT on with the B streams out of phase and in phase, and of TTT off (SPEC §8.9).
+
+    The out-of-phase batch is made as `ttt infer --batch-size B` makes it on files of different lengths: slot
+    k's stream ends and a new one starts (`LMGen.reset_streaming` of slot k) at warm-up step k·C/B, so each
+    stream's chunk then completes on its own step. Each timed block is C steps per model: any C consecutive
+    steps complete exactly one chunk of every stream, in phase or not, so the means compare the same
+    learning, done by B updates of one stream or by one update of B streams.
+
+    Args:
+        staggered, in_phase, off: three models (`TTTModel`): two TTT-on copies and TTT off, stepped in turn
+            on the same random codes.
+        B: streams.
+        chunk: the TTT layers' chunk size C (steps per timed block).
+        rounds: interleaved blocks.
+        device: where the models run.
+        seed: seed of the random input codes.
+
+    Returns:
+        {"staggered"|"in_phase"|"off": {"mean_ms", "median_ms", "steps", "update_sets": the sets of streams
+        updated together on a step}, "starts": the warm-up steps where a slot restarted}.
+    """
+    g = torch.Generator().manual_seed(seed)
+    models = {"staggered": staggered, "in_phase": in_phase, "off": off}
+    gens = {k: TTTLMGen(m.lm, use_sampling=False) for k, m in models.items()}
+    starts = {k * chunk // B: k for k in range(1, B)}  # warm-up step -> slot restarted there
+    times: dict[str, list[float]] = {k: [] for k in gens}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(no_cuda_graph())
+        for gen in gens.values():
+            stack.enter_context(gen.streaming(B))
+        for name, gen in gens.items():  # warm-up; the staggered batch's slots restarted in turn
+            for t in range(max(starts, default=0) + 1 if name == "staggered" else 4):
+                if name == "staggered" and t in starts:
+                    gen.reset_streaming(torch.arange(B, device=device) == starts[t])
+                _gen_steps(gen, B, 1, device, g)
+        for _ in range(rounds):
+            for name, gen in gens.items():
+                times[name] += _gen_steps(gen, B, chunk, device, g)
+        # what each batch's steps updated (the phases' keys: per host clock, the streams completing a chunk)
+        updated = {k: sorted({s for key in gen.phase_graphs().calls for s in key if s}) for k, gen in gens.items()}
+    out: dict = {k: {"mean_ms": 1e3 * statistics.fmean(v), "median_ms": 1e3 * statistics.median(v), "steps": len(v),
+                     "update_sets": [list(s) for s in updated[k]]} for k, v in times.items()}
+    out["starts"] = sorted(starts)
+    return out
+
+
 def alternating_medians(fns: tp.Sequence[tp.Callable[[], tp.Any]], device: str, reps: int) -> list[float]:
     """Median seconds of each of `fns`, run in turn `reps` times after one warm-up round.
 

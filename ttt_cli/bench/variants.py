@@ -13,7 +13,7 @@ from ..models.loader import TTTModel
 from ..telemetry import recording
 from .options import GROUPS, PER_VARIANT, SUFFIXES, BenchOptions, load_measured, require_ttt
 from .results import Figure
-from .timing import alternating_medians, memory_bandwidth, step_overhead
+from .timing import alternating_medians, memory_bandwidth, refill_overhead, step_overhead
 
 LAYER_T = 4096  # SPEC §8.5: a layer's forward on T = 4096 tokens
 
@@ -119,6 +119,31 @@ def telemetry_figures(own: TTTModel, opts: BenchOptions, progress) -> dict[str, 
     del rec
     return {"telemetry_overhead_b1": Figure("telemetry_overhead_b1", ratio, detail={
         "variant": own.ttt.variant, "with_telemetry": stats["on"], "without": stats["off"]})}
+
+
+def refill_figures(own: TTTModel, opts: BenchOptions, progress) -> dict[str, Figure]:
+    """Batch-8 TTT on / off, mean step times over whole chunks, streams in phase and refilled (SPEC §8.9).
+
+    Args:
+        own: the model as loaded (its variant is the one measured; two more copies are loaded, one TTT off).
+        opts: the run's options.
+        progress: a `Progress` hook.
+    """
+    v = own.ttt.variant
+    C = min(opts.sizes.refill_chunk or own.ttt.chunk_size, own.ttt.chunk_size)
+    rechunk = {} if C == own.ttt.chunk_size else {"chunk_size": C}
+    staggered = load_measured(opts, {"variant": v, **rechunk}) if rechunk else own
+    in_phase = load_measured(opts, {"variant": v, **rechunk})
+    off = load_measured(opts, {"variant": v, "lr": 0.0, **rechunk})
+    progress.start("refill", f"{v}: LMGen.step batch 8, streams refilled at staggered steps / in phase", None)
+    st = refill_overhead(staggered, in_phase, off, 8, C, opts.sizes.refill_rounds, own.device, opts.seed)
+    del staggered, in_phase, off
+    mean = {k: st[k]["mean_ms"] / st["off"]["mean_ms"] for k in ("staggered", "in_phase")}
+    progress.finish("refill", ratio=mean["staggered"])
+    detail = {"variant": v, "chunk_size": C, "staggered": st["staggered"], "in_phase": st["in_phase"],
+              "off": st["off"], "slot_restart_steps": st["starts"]}
+    return {"step_overhead_b8_mean": Figure("step_overhead_b8_mean", mean["in_phase"], detail=detail),
+            "step_overhead_b8_refill": Figure("step_overhead_b8_refill", mean["staggered"], detail=detail)}
 
 
 def layer_ratio(layer: FastWeightLayer, device: str, T: int = LAYER_T, reps: int = 5) -> dict:

@@ -1,4 +1,4 @@
-"""moshi's CUDA graphs with TTT on: one captured `forward_text` per step phase ("step", "step + update")."""
+"""moshi's CUDA graphs with TTT on: one captured `forward_text` per step phase ("step", "step + update of streams S")."""
 
 from __future__ import annotations
 
@@ -10,15 +10,19 @@ from moshi.utils.compile import CUDAGraphed
 
 from .attach import ttt_layers
 
+Phase = tp.Tuple[tp.Tuple[int, ...], ...]  # per host clock, the streams whose chunk completes on the step
+
 
 class PhaseGraphs:
     """Stands in for `LMGen`'s `graphed_main`: one moshi `CUDAGraphed(lm.forward_text)` per step phase.
 
-    Before each step the host clocks of the TTT layers decide, from counters the host owns, whether a live
-    stream's chunk completes on this token (SPEC §8.6); the phase key (one decision per clock) picks the
-    graph, captured the first time the phase repeats (moshi's warm-up of one eager call). A replay runs no
-    Python inside the layers, so the clocks are advanced here, before the call, and the layers read the
-    plan instead of deciding. In phase streams give two graphs: "step" and "step + update".
+    Before each step the host clocks of the TTT layers decide, from counters the host owns, which live
+    streams' chunks complete on this token (SPEC §8.6); the phase key (one decision per clock: the tuple of
+    completing streams) picks the graph, captured the first time the phase repeats (moshi's warm-up of one
+    eager call). A replay runs no Python inside the layers, so the clocks are advanced here, before the call,
+    and the layers read the plan instead of deciding. Streams in phase give two graphs ("step" and "step +
+    update of every stream"); B streams out of phase (refilled slots) at most B + 1, each graph updating
+    only the streams it names (SPEC §8.9).
 
     Args:
         lm: the LM whose `forward_text` is graphed.
@@ -29,8 +33,8 @@ class PhaseGraphs:
         self.lm = lm
         self.disable = disable
         self.layers = list(ttt_layers(lm).values())  # fixed while streaming: not walked again per step
-        self.graphs: dict[tuple[bool, ...], CUDAGraphed] = {}
-        self.calls: Counter[tuple[bool, ...]] = Counter()
+        self.graphs: dict[Phase, CUDAGraphed] = {}
+        self.calls: Counter[Phase] = Counter()
 
     def __call__(self, *args: tp.Any) -> tp.Any:
         clocks = [c for layer in self.layers for c in layer.host_clocks()]
@@ -49,7 +53,7 @@ class PhaseGraphs:
             for c in clocks:
                 c.planned = None
 
-    def captured(self) -> dict[tuple[bool, ...], bool]:
+    def captured(self) -> dict[Phase, bool]:
         """Per phase key, whether its CUDA graph has been captured (replays follow)."""
         return {k: g._graph is not None for k, g in self.graphs.items()}
 

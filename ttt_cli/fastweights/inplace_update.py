@@ -74,13 +74,30 @@ class UpdateRule:
     w0: torch.Tensor          # [d, h] θ0, what the update series measures drift from
 
 
-def step_one(st: InPlaceState, rule: UpdateRule, z: torch.Tensor, x0: torch.Tensor, completes: bool) -> torch.Tensor:
+_STREAMS: dict[tuple[tuple[int, ...], int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def stream_index(streams: tuple[int, ...], batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [N] long, mask [B] bool) of `streams`, made once per set and device and kept: a CUDA graph
+    captured for the set reads them as constants, and making them again would copy from the host on the step."""
+    key = (streams, batch_size, torch.device(device))
+    if key not in _STREAMS:
+        mask = torch.tensor([b in streams for b in range(batch_size)], dtype=torch.bool)
+        _STREAMS[key] = (torch.tensor(streams, dtype=torch.long).to(device), mask.to(device))
+    return _STREAMS[key]
+
+
+def step_one(st: InPlaceState, rule: UpdateRule, z: torch.Tensor, x0: torch.Tensor,
+             completing: tuple[int, ...]) -> torch.Tensor:
     """One token of every stream as tensor arithmetic only (SPEC §8.6): apply W, write the token's pending
-    row, count the live streams, and, when the host clock says a live stream's chunk completes (`completes`), the
-    masked update of the streams whose count reached C. Nothing is read back to the host.
+    row, count the live streams, and, for the streams whose chunk the host clock says completes on this token
+    (`completing`), the masked update. The update reads only those streams' chunks, so streams out of phase
+    (refilled slots) cost in proportion to the completing streams, not to B (SPEC §8.9). Nothing is read
+    back to the host.
 
     Args:
         z: [B, 1, h] hidden activations; x0: [B, 1, d] token embeddings (float32).
+        completing: the live streams whose count reaches C on this token (the host clock's decision).
     """
     B, C = st.batch_size, rule.chunk_size
     out = torch.bmm(z, st.w.transpose(1, 2))  # [B, 1, d] with each stream's W
@@ -93,9 +110,16 @@ def step_one(st: InPlaceState, rule: UpdateRule, z: torch.Tensor, x0: torch.Tens
     st.pending_x0.view(B * C, -1).index_copy_(0, rows, x0[:, 0])
     st.count.add_(live.long())
     st.tokens.add_(live.long())
-    if completes:
+    if len(completing) == B:  # in phase: every stream's chunk, no gather
         done = live & (st.count == C)  # [B]
         update(st, rule, None, st.pending_z, st.pending_x0, done)
+        st.count.masked_fill_(done, 0)
+    elif completing:
+        items, chosen = stream_index(completing, B, st.w.device)  # [N], [B]
+        # The device counts agree with the host clock; the mask keeps a stream that does not complete
+        # from being updated should they ever disagree.
+        done = chosen & live & (st.count == C)  # [B]
+        update(st, rule, items, st.pending_z[items], st.pending_x0[items], done[items])
         st.count.masked_fill_(done, 0)
     return out
 
@@ -200,12 +224,12 @@ def update(st: InPlaceState, rule: UpdateRule, items: torch.Tensor | None, z: to
     before = (st.w if items is None else st.w[items]).clone() if rec is not None else None
     if items is None:
         st.w.add_(delta, alpha=rule.lr)
-        bad_all = bad
-    else:
+        if masked:
+            torch.where(bad[:, None, None], st.w_reset, st.w, out=st.w)
+    else:  # only the N streams' weights are read and written (SPEC §8.9: the cost of the completing streams)
         st.w.index_add_(0, items, delta, alpha=rule.lr)
-        bad_all = torch.zeros(st.batch_size, dtype=torch.bool, device=bad.device).index_copy(0, items, bad)
-    if masked:
-        torch.where(bad_all[:, None, None], st.w_reset, st.w, out=st.w)
+        if masked:
+            st.w.index_copy_(0, items, torch.where(bad[:, None, None], st.w_reset, st.w[items]))
     for count, events in ((st.updates, apply), (st.clip_events, clipped), (st.nonfinite_events, bad)):
         if items is None:
             count.add_(events.long())

@@ -54,36 +54,37 @@ class HostClock:
     """Host-owned mirror of one learner's per-stream pending counts (SPEC §8.6).
 
     It moves only with what the host does: one-token steps (`plan`/`take`), the exec masks and resets it
-    issues, restores and flushes. From it the host knows, without reading the device, whether a
-    one-token step completes some live stream's chunk, so the step can pick its code path ("step" or
-    "step + update") outside a CUDA graph, and a graph replay needs no Python inside the layer.
+    issues, restores and flushes. From it the host knows, without reading the device, which live streams'
+    chunks a one-token step completes, so the step can pick its code path ("step", or "step + update of
+    these streams") outside a CUDA graph, and a graph replay needs no Python inside the layer. A
+    decision is the tuple of completing streams: empty (falsy) when no chunk completes.
     """
 
     chunk_size: int
     pending: list[int] = field(default_factory=list)   # tokens pending per stream
     active: list[bool] = field(default_factory=list)   # the exec mask the host set
-    planned: bool | None = None  # the decision `PhaseGraphs` took for the step being run
+    planned: tuple[int, ...] | None = None  # the decision `PhaseGraphs` took for the step being run
 
     @classmethod
     def fresh(cls, chunk_size: int, batch_size: int) -> "HostClock":
         return cls(chunk_size, [0] * batch_size, [True] * batch_size)
 
-    def completes_next(self) -> bool:
-        """Whether the next one-token step completes a live stream's chunk."""
-        return any(a and n + 1 == self.chunk_size for n, a in zip(self.pending, self.active))
+    def completes_next(self) -> tuple[int, ...]:
+        """The live streams whose chunk the next one-token step completes (empty: none)."""
+        return tuple(b for b, (n, a) in enumerate(zip(self.pending, self.active)) if a and n + 1 == self.chunk_size)
 
     def advance(self, tokens: int = 1) -> None:
         """`tokens` tokens read by every live stream, chunk counting wrapping at completion."""
         self.pending = [(n + tokens) % self.chunk_size if a else n for n, a in zip(self.pending, self.active)]
 
-    def plan(self) -> bool:
+    def plan(self) -> tuple[int, ...]:
         """Decides the next one-token step before it runs (graphed or not) and advances the clock."""
         self.planned = self.completes_next()
         self.advance()
         return self.planned
 
-    def take(self) -> bool:
-        """The completion decision of the one-token step being run: the plan made for it, else decided now."""
+    def take(self) -> tuple[int, ...]:
+        """The completing streams of the one-token step being run: the plan made for it, else decided now."""
         if self.planned is not None:
             return self.planned
         done = self.completes_next()
