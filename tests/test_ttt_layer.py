@@ -360,3 +360,28 @@ def test_fast_weights_stay_float32_in_bf16():
         _, logits = m.lm.forward_text(transformer_input(m.lm, codes)[:, :, :20].to(torch.long))
         assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
         assert layer._streaming_state.w.dtype == torch.float32
+
+
+def test_folded_target_follows_its_weights():
+    """The folded target (W_target folded into the conv kernel, cached) against the naive loop, in both paddings,
+    and again after each weight changes in place, is reloaded and is replaced: a stale cached fold shows."""
+    from ttt_cli.fastweights.inplace_target import TargetGenerator
+    g = torch.Generator().manual_seed(5)
+    for padding, K in (("right", 2), ("center", 3)):
+        tg = TargetGenerator(D, K, padding)
+        x0 = torch.randn(2, 7, D, generator=g)
+
+        def check(what):
+            conv_w, w_t = tg.conv1d.conv.weight.detach(), tg.W_target.weight.detach()
+            ref = torch.stack([naive_target(x0[n], conv_w, w_t, padding) for n in range(2)])
+            assert rel(tg(x0, folded=True), ref) < 1e-5, (padding, what)
+        with torch.no_grad():
+            check("first")
+            tg.conv1d.conv.weight.mul_(-2.0)
+            check("conv changed in place")
+            tg.W_target.weight.add_(torch.randn(D, D, generator=g))
+            check("W_target changed in place")
+            tg.load_state_dict({k: torch.randn(v.shape, generator=g) for k, v in tg.state_dict().items()})
+            check("reloaded")
+            tg.W_target.weight = nn.Parameter(torch.randn(D, D, generator=g))
+            check("W_target replaced")

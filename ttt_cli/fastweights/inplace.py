@@ -296,8 +296,9 @@ class InPlaceTTTGating(InPlaceGating):
 
     def macs_vs_plain(self, tokens: int) -> tuple[float, str]:
         d, h, k = self.dim, self.hidden, self.target_generator.conv1d.kernel_size
-        # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target ((K+1)d²).
-        return (4 * h * d + (k + 1) * d * d) / (3 * h * d), f"(4hd + (K+1)d²) / 3hd (d={d}, h={h}, K={k})"
+        # MACs per token: plain = gate+up (2hd) + down (hd); TTT adds Δ = V̂ᵀZ (hd) and the target, one
+        # convolution with W_target folded into its kernel (K d²; the fold, K d³ once, is cached across calls).
+        return (4 * h * d + k * d * d) / (3 * h * d), f"(4hd + Kd²) / 3hd (d={d}, h={h}, K={k})"
 
     def flush_partial(self, batch_index: int | None = None) -> None:
         flush(self._state(), self._rule(), batch_index)

@@ -49,9 +49,34 @@ class TargetGenerator(nn.Module):
         super().__init__()
         self.conv1d = ChunkConv1d(dim, kernel_size, padding)
         self.W_target = nn.Linear(dim, dim, bias=False, dtype=F32)
+        self._fold: tuple | None = None  # (conv weight, W_target, their versions/places, the folded kernel)
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, folded: bool = False) -> torch.Tensor:
+        """V̂ [N, L, d] of x0 [N, L, d]. `folded`: as one convolution with W_target folded into its kernel
+        (K d² MACs a token instead of (K+1) d²), from a cached kernel: for calls outside a captured graph
+        (a graph would keep the kernel it captured after the weights change). The result is then a
+        transposed view whose transpose, what Δ = V̂ᵀZ reads, is contiguous."""
+        if folded:
+            # The convolution as one GEMM over the chunk's K-token windows (faster than mkldnn's conv1d on
+            # CPU, and no transposed copy of X0): windows[n, t, i·K + k] = X0[n, t + k - left, i].
+            N, L, d = x0.shape
+            windows = F.pad(x0, (0, 0, *self.conv1d.pads())).unfold(1, self.conv1d.kernel_size, 1)  # [N, L, d, K]
+            y = torch.matmul(self.folded_kernel(), windows.reshape(N, L, -1).transpose(1, 2))  # [N, d, L]
+            return y.transpose(1, 2)
         return F.linear(self.conv1d(x0), self.W_target.weight)  # [N, L, d]
+
+    @torch.no_grad()
+    def folded_kernel(self) -> torch.Tensor:
+        """W_target folded into the conv kernel, kernel'_k = W_target · conv_k, as [d, d·K] (column i·K + k;
+        V̂_t = Σ_k kernel'_k X0_{t+k-left}), cached until either weight changes (in place, replaced, moved or
+        cast): the fold costs K d³ MACs, what K d tokens' targets save."""
+        conv, wt = self.conv1d.conv.weight, self.W_target.weight  # [d, d, K], [d, d]
+        key = (conv._version, wt._version, conv.data_ptr(), wt.data_ptr(), conv.device, conv.dtype, wt.dtype)
+        c = self._fold
+        if c is None or c[0] is not conv or c[1] is not wt or c[2] != key:
+            kernel = wt @ conv.reshape(conv.shape[0], -1)  # [d, d·K]: conv's [d, d, K] with (i, k) flattened
+            c = self._fold = (conv, wt, key, kernel)
+        return c[3]
 
     @torch.no_grad()
     def init_ntp(self) -> None:

@@ -203,7 +203,7 @@ def update(st: InPlaceState, rule: UpdateRule, items: torch.Tensor | None, z: to
     Args:
         z: [N, L, h] the chunk's hidden activations; x0: [N, L, d] its token embeddings.
     """
-    v = rule.target(x0)  # [N, L, d]
+    v = rule.target(x0, folded=host)  # [N, L, d]; host calls are never captured: the cached fold may serve
     delta = torch.bmm(v.transpose(1, 2), z)  # [N, d, h]
     # The norm serves the clip and the non-finite guard: a non-finite (or overflowing) Δ norm
     # is the only way W can become non-finite, so W itself is never re-scanned.
