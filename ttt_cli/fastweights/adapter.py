@@ -48,6 +48,18 @@ class AdapterParams(Float32Module):
         self.ttt_norm_weight = nn.Parameter(torch.ones(1, rank, **kw))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(1, rank, **kw))
         self.lr_gate = nn.Parameter(torch.tensor(LR_GATE_INIT, **kw))
+        self._qkv: tuple[tuple, torch.Tensor] | None = None  # (version key, [3r, in]): see `qkv_weight`
+
+    def qkv_weight(self) -> torch.Tensor:
+        """[wq; wk; wv] as one [3r, in] matrix (one product instead of three per call), rebuilt only when one
+        of them changed (a load, a device move): keyed on their storage and in-place version counters."""
+        parts = (self.wq, self.wk, self.wv)
+        if torch.is_grad_enabled() and self.wq.requires_grad:
+            return torch.cat(parts, 0)  # a training forward: the product must carry the gradient
+        key = tuple((t.data_ptr(), t._version) for t in parts)
+        if self._qkv is None or self._qkv[0] != key:
+            self._qkv = (key, torch.cat([t.detach() for t in parts], 0))
+        return self._qkv[1]
 
     @torch.no_grad()
     def init_fresh(self, generator: torch.Generator) -> None:
@@ -136,26 +148,32 @@ class AdapterGroup(LearnerLayer):
         return self._adapters[target].ttt_adapter
 
     def learners(self) -> dict[str, Learner]:
-        out = {}
-        for t in self.targets:
-            p = self.params(t)
-            out[t] = Learner({"W1": p.W1, "b1": p.b1}, p.ttt_norm_weight, p.ttt_norm_bias, "linear")
-        return out
+        return {t: self.learner(t) for t in self.targets}
+
+    def learner(self, name: str) -> Learner:
+        p = self.params(name)
+        return Learner({"W1": p.W1, "b1": p.b1}, p.ttt_norm_weight, p.ttt_norm_bias, "linear")
 
     def adapt(self, target: str, x: torch.Tensor) -> torch.Tensor:
         """A(x) = scale · o Wo^T for one adapter, x [B, T, in] -> [B, T, out] float32."""
         P = self.params(target)
         h = x.to(F32)
         B, T, _ = h.shape
-        q = (h @ P.wq.T)[:, None]  # [B, 1, T, r]
+        r = self.rank
+        st = self._streaming_state
+        if st is not None and st.frozen:
+            qkv = h @ P.wq.T  # [B, T, r]: a frozen learner reads the query only
+        else:
+            qkv = h @ P.qkv_weight().T  # [B, T, 3r]: q, k, v in one product
+        q = qkv[:, None, :, :r]  # [B, 1, T, r]
 
         def keys():
-            k = (h @ P.wk.T)[:, None]
-            v = (h @ P.wv.T)[:, None]
-            return k, v - k, (self.lr_scale * torch.sigmoid(P.lr_gate)).expand(B, 1, T)
+            k = qkv[:, None, :, r:2 * r]
+            return k, qkv[:, None, :, 2 * r:] - k, (self.lr_scale * torch.sigmoid(P.lr_gate)).expand(B, 1, T)
 
         o = self.run_learner(target, q, keys)  # [B, 1, T, r]
-        return self.scale * (o[:, 0] @ P.wo.T)
+        out = o[:, 0] @ P.wo.T  # [B, T, out]
+        return out if self.scale == 1.0 else self.scale * out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("an AdapterGroup holds state; its adapters run inside the linears they sit beside.")

@@ -104,6 +104,10 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
     def learners(self) -> dict[str, Learner]:
         """The layer's learners by name (snapshot prefix)."""
 
+    def learner(self, name: str) -> Learner:
+        """Learner `name` alone (what a call needs; a layer with several learners builds just this one)."""
+        return self.learners()[name]
+
     @property
     def frozen(self) -> bool:
         return self.get_rate() == 0.0
@@ -135,7 +139,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
             q: queries [B,H,T,p] float32.
             keys: makes (keys [B,H,T,p], targets [B,H,T,p], η [B,H,T]); not called when frozen.
         """
-        lrn = self.learners()[name]
+        lrn = self.learner(name)
         st = self._streaming_state
         if st is None:
             st = self._init_streaming_state(q.shape[0])
