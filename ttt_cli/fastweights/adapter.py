@@ -23,7 +23,8 @@ from ..errors import CheckpointError
 from .config import AdapterConfig
 from .interface import FastWeightLayer
 from .learner import F32
-from .learner_layer import Float32Module, Learner, LearnerLayer, load_tensors, plain_layer_macs, time_bypassed
+from .learner_layer import (Float32Module, Learner, LearnerLayer, StackedWeights, load_tensors, plain_layer_macs,
+                            time_bypassed)
 
 PREFIX = "transformer.layers.{i}.{target}.ttt_adapter."
 FRESH_SEED = 31415  # fresh adapters are deterministic: seed + 16·layer + target index
@@ -48,18 +49,11 @@ class AdapterParams(Float32Module):
         self.ttt_norm_weight = nn.Parameter(torch.ones(1, rank, **kw))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(1, rank, **kw))
         self.lr_gate = nn.Parameter(torch.tensor(LR_GATE_INIT, **kw))
-        self._qkv: tuple[tuple, torch.Tensor] | None = None  # (version key, [3r, in]): see `qkv_weight`
+        self._qkv = StackedWeights()
 
     def qkv_weight(self) -> torch.Tensor:
-        """[wq; wk; wv] as one [3r, in] matrix (one product instead of three per call), rebuilt only when one
-        of them changed (a load, a device move): keyed on their storage and in-place version counters."""
-        parts = (self.wq, self.wk, self.wv)
-        if torch.is_grad_enabled() and self.wq.requires_grad:
-            return torch.cat(parts, 0)  # a training forward: the product must carry the gradient
-        key = tuple((t.data_ptr(), t._version) for t in parts)
-        if self._qkv is None or self._qkv[0] != key:
-            self._qkv = (key, torch.cat([t.detach() for t in parts], 0))
-        return self._qkv[1]
+        """[wq; wk; wv] as one [3r, in] matrix: one product per call instead of three."""
+        return self._qkv([self.wq, self.wk, self.wv])
 
     @torch.no_grad()
     def init_fresh(self, generator: torch.Generator) -> None:

@@ -261,9 +261,12 @@ def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, 
         z = torch.addcmul(z, corr, neg_inv_i)
         if j < len(grads):
             h = gelu_tanh(z)
-        # S += η aᵀg (an outer product for L = 1), only for live streams
-        Sw.add_(torch.where(mask, (e * a).transpose(-1, -2) * g, 0.0))
-        Sb.add_(torch.where(mask[..., 0], (e * g)[:, :, 0], 0.0))
+        # S += aᵀ(η g), in place: a masked-out stream adds an exact 0 (both factors zeroed, so even a
+        # non-finite key of a stream that is not live leaves its sums alone) and no [B,H,n_in,n_out]
+        # temporary is made (at B = 8 the mlp's sums are megabytes: a copy costs more than the ops)
+        eg = torch.where(mask, e * g, 0.0)  # [B,H,1,n_out]
+        Sw.addcmul_(torch.where(mask, a, 0.0).transpose(-1, -2), eg)
+        Sb.add_(eg[:, :, 0])
     inc = live.long()
     st.count.add_(inc)
     st.tokens.add_(inc)
