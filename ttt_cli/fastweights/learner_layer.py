@@ -35,7 +35,8 @@ class StackedWeights:
 
     Rebuilt only when a part changed: keyed on the parts' storage and in-place version counters (a load
     copies in place, a device move gives new storage); the parts it was built from stay referenced, so a
-    freed storage cannot come back at the same address. A forward that trains gets a fresh `torch.cat`.
+    freed storage cannot come back at the same address. A forward that trains, or one torch.compile traces,
+    gets a fresh `torch.cat`.
     """
 
     def __init__(self) -> None:
@@ -45,8 +46,8 @@ class StackedWeights:
 
     def __call__(self, parts: tp.Sequence[torch.Tensor]) -> torch.Tensor:
         """The stacked tensor of `parts` (each [n_i, ...], same trailing shape)."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in parts):
-            return torch.cat(list(parts), 0)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parts)):
+            return torch.cat(list(parts), 0)  # a traced graph (no storage addresses there) or a training forward
         key = tuple((t.data_ptr(), t._version) for t in parts)
         if self._value is None or key != self._key:
             self._parts = [t.detach() for t in parts]
