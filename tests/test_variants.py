@@ -392,3 +392,19 @@ def test_flush_partial_is_the_last_tokens_theta(variant):
         want = v - s[pre + "pending_sum." + k.split(".")[-1]] / 2
         assert rel(f[k], want) < 1e-6
     assert all(float(v) == 0 for k, v in f.items() if k.endswith("pending_count"))
+
+
+def test_stacked_projection_follows_loads_and_moves():
+    """The adapter's one-product q/k/v (a cached stack of wq, wk, wv) always equals the three matrices as
+    they are now: after an in-place load of one of them and after its storage is replaced (a device move)."""
+    from ttt_cli.fastweights.adapter import AdapterParams
+
+    p = AdapterParams(12, 10, 4)
+    p.init_fresh(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(p.qkv_weight(), torch.cat([p.wq, p.wk, p.wv]))
+        p.wk.copy_(torch.randn(4, 12))  # what load_tensors does
+        assert torch.equal(p.qkv_weight()[4:8], p.wk)
+        p.wv.data = torch.randn(4, 12)  # what a device move does: new storage
+        assert torch.equal(p.qkv_weight()[8:], p.wv)
+        assert torch.equal(p.qkv_weight()[:4], p.wq)

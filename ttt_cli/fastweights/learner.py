@@ -225,6 +225,54 @@ def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | N
             st.sums[name].add_(torch.where(live.view(-1, *([1] * (v.dim() - 1))), v, 0.0))
 
 
+def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
+                gamma: torch.Tensor, beta: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """The one-token call of `learn` without the completion: `key_gradients`, `query_outputs` and the sums'
+    update for L = 1, in fewer and fused tensor ops (the step's cost at small d is per op, not per FLOP).
+
+    The key and query pass of the first inner layer are one product; the query side is
+    z = h·W + b − (1/i)·[h·S_W + S_b + η (h·a + 1) g] (the dual form with s = t only).
+
+    Args:
+        st: the learner's per-stream state (sums and counters updated in place).
+        q, k, y: [B,H,1,p] float32; eta: [B,H,1]; live: [B] bool.
+    Returns:
+        o [B,H,1,p] float32.
+    """
+    th, S = st.theta, st.sums
+    neg_inv_i = (-1 - st.count).reciprocal()[:, None, None, None]  # [B,1,1,1]: −1/i, i = count + 1
+    e = eta[..., None]  # [B,H,1,1]
+    z1 = torch.cat([k, q], 2) @ th["W1"] + th["b1"][:, :, None]  # [B,H,2,n1]: key and query, one product
+    zk = z1[:, :, :1]
+    if inner == "linear":
+        grads = [(k, ln_l2_grad(zk, y, gamma, beta))]
+    else:
+        x2 = gelu_tanh(zk)  # [B,H,1,4p]
+        g2 = ln_l2_grad(x2 @ th["W2"] + th["b2"][:, :, None], y, gamma, beta)
+        grads = [(k, torch.ops.aten.gelu_backward(g2 @ th["W2"].transpose(-1, -2), zk, approximate="tanh")), (x2, g2)]
+    h, z = q, z1[:, :, 1:]
+    mask = live[:, None, None, None]  # [B,1,1,1]
+    for j, (a, g) in enumerate(grads, 1):
+        W, Sw, Sb = f"W{j}", S[f"W{j}"], S[f"b{j}"]
+        if j > 1:
+            z = h @ th[W] + th[f"b{j}"][:, :, None]
+        c = torch.addcmul(e, e, h @ a.transpose(-1, -2))  # [B,H,1,1]: η (h·a + 1)
+        corr = torch.addcmul(h @ Sw + Sb[:, :, None], c, g)  # h·S_W + S_b + η (h·a + 1) g
+        z = torch.addcmul(z, corr, neg_inv_i)
+        if j < len(grads):
+            h = gelu_tanh(z)
+        # S += aᵀ(η g), in place: a masked-out stream adds an exact 0 (both factors zeroed, so even a
+        # non-finite key of a stream that is not live leaves its sums alone) and no [B,H,n_in,n_out]
+        # temporary is made (at B = 8 the mlp's sums are megabytes: a copy costs more than the ops)
+        eg = torch.where(mask, e * g, 0.0)  # [B,H,1,n_out]
+        Sw.addcmul_(torch.where(mask, a, 0.0).transpose(-1, -2), eg)
+        Sb.add_(eg[:, :, 0])
+    inc = live.long()
+    st.count.add_(inc)
+    st.tokens.add_(inc)
+    return q + layer_norm(z, gamma, beta)
+
+
 def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
           gamma: torch.Tensor, beta: torch.Tensor, chunk_size: int, live: torch.Tensor,
           start: dict[str, torch.Tensor], clock: "HostClock | None" = None, tap: tp.Any = None) -> torch.Tensor:
@@ -252,11 +300,7 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
     if clock is None:
         clock = HostClock(C, st.count.tolist(), [bool(v) for v in live.tolist()])
     if T == 1:
-        grads = key_gradients(inner, st.theta, k, y, gamma, beta)
-        o = query_outputs(st.theta, st.sums, q, grads, eta, (st.count + 1).to(F32)[:, None], gamma, beta)
-        _add_sums(st, grads, eta, live)
-        st.count.add_(live.long())
-        st.tokens.add_(live.long())
+        o = learn_token(st, inner, q, k, y, eta, gamma, beta, live)
         if clock.take():  # "step + update": decided on the host, never by reading the device
             st.complete(live & (st.count == C), C, start, tap)
         return o

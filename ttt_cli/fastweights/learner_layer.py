@@ -30,6 +30,31 @@ class Float32Module(nn.Module):
         return self
 
 
+class StackedWeights:
+    """[w1; w2; ...]: parameters stacked along dim 0 so that several projections of one input are one product.
+
+    Rebuilt only when a part changed: keyed on the parts' storage and in-place version counters (a load
+    copies in place, a device move gives new storage); the parts it was built from stay referenced, so a
+    freed storage cannot come back at the same address. A forward that trains, or one torch.compile traces,
+    gets a fresh `torch.cat`.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._parts: list[torch.Tensor] = []
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, parts: tp.Sequence[torch.Tensor]) -> torch.Tensor:
+        """The stacked tensor of `parts` (each [n_i, ...], same trailing shape)."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parts)):
+            return torch.cat(list(parts), 0)  # a traced graph (no storage addresses there) or a training forward
+        key = tuple((t.data_ptr(), t._version) for t in parts)
+        if self._value is None or key != self._key:
+            self._parts = [t.detach() for t in parts]
+            self._key, self._value = key, torch.cat(self._parts, 0)
+        return self._value
+
+
 @dataclass
 class Learner:
     """One learner of a layer: its θ0 parameters, LayerNorm (γ, β) and inner model."""
@@ -104,6 +129,10 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
     def learners(self) -> dict[str, Learner]:
         """The layer's learners by name (snapshot prefix)."""
 
+    def learner(self, name: str) -> Learner:
+        """Learner `name` alone (what a call needs; a layer with several learners builds just this one)."""
+        return self.learners()[name]
+
     @property
     def frozen(self) -> bool:
         return self.get_rate() == 0.0
@@ -135,7 +164,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
             q: queries [B,H,T,p] float32.
             keys: makes (keys [B,H,T,p], targets [B,H,T,p], η [B,H,T]); not called when frozen.
         """
-        lrn = self.learners()[name]
+        lrn = self.learner(name)
         st = self._streaming_state
         if st is None:
             st = self._init_streaming_state(q.shape[0])

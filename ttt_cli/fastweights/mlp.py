@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from .config import MLPConfig
 from .interface import FastWeightLayer
 from .learner import F32
-from .learner_layer import Learner, LearnerLayer, load_tensors, plain_layer_macs, time_bypassed
+from .learner_layer import Learner, LearnerLayer, StackedWeights, load_tensors, plain_layer_macs, time_bypassed
 
 PREFIX = "transformer.layers.{i}.ttt."
 FRESH_SEED = 20240  # fresh blocks are deterministic per layer: seed + layer index
@@ -66,6 +66,7 @@ class HybridTTTBlock(LearnerLayer):
         self.post_norm = nn.LayerNorm(dim, eps=POST_NORM_EPS, **kw)
         self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **kw))
         self._host: StreamingTransformerLayer | None = None  # set by `attach` (not a child module)
+        self._proj_w, self._proj_b = StackedWeights(), StackedWeights()  # wq, wk, wv, lr gate: one product
 
     @torch.no_grad()
     def init_fresh(self, generator: torch.Generator, alpha: float) -> None:
@@ -98,12 +99,18 @@ class HybridTTTBlock(LearnerLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         h = x.to(F32)  # [B, T, d]
-        q = F.normalize(self._heads(self.wq(h)), dim=-1)  # [B, H, T, p]
+        st = self._streaming_state
+        if st.frozen if st is not None else self.frozen:
+            proj = self.wq(h)  # [B, T, d]: a frozen learner reads the query only
+        else:  # q, k, v and the lr gate of every head in one product: [B, T, 3d + H]
+            proj = F.linear(h, self._proj_w([self.wq.weight, self.wk.weight, self.wv.weight, self.lr_weight]),
+                            self._proj_b([self.wq.bias, self.wk.bias, self.wv.bias, self.lr_bias]))
+        q = F.normalize(self._heads(proj[..., :d]), dim=-1)  # [B, H, T, p]
 
         def keys():
-            k = F.normalize(self._heads(self.wk(h)), dim=-1)
-            y = self.target(self._heads(self.wv(h)) - k)
-            gate = torch.einsum("btd,hd->bht", h, self.lr_weight) + self.lr_bias[:, None]  # [B, H, T]
+            k = F.normalize(self._heads(proj[..., d:2 * d]), dim=-1)
+            y = self.target(self._heads(proj[..., 2 * d:3 * d]) - k)
+            gate = proj[..., 3 * d:].transpose(1, 2)  # [B, H, T]
             return k, y, self.base_lr * torch.sigmoid(gate) / self.head_dim
 
         o = self.run_learner("", q, keys)  # [B, H, T, p]
