@@ -1,7 +1,7 @@
 """Refill figures (SPEC §8.9) on the bench preset with the update of the completing streams only (new) or of all B
 streams, masked (old: the code before issue 26.3), in one process. Usage: python scripts/refill_compare.py new|old quick|full"""
-import json, sys, time
-import torch
+import sys
+import time
 from ttt_cli.fastweights import inplace_update as iu, inplace
 from ttt_cli.bench.options import BenchOptions
 from ttt_cli.bench.variants import refill_figures
