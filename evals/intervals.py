@@ -7,7 +7,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 LEVEL = 0.95
 # Percentile, not BCa: a percentile interval is a continuous function of the units' sums, so a sharded run
@@ -89,6 +88,10 @@ def _draw(samples: tuple[np.ndarray, ...], statistic, boot: Bootstrap) -> list[f
     n = len(samples[0])
     if boot.why_none(n):
         return None
+    # Imported here, not at the top: `scipy.stats` takes 1.3-1.5 s to import, and every eval process imports
+    # this module (its options name DEFAULT_RESAMPLES) while only the process that merges draws intervals:
+    # each other torchrun rank paid that second for nothing (ttt bench's scaleout_fixed_s_per_rank).
+    from scipy import stats
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")  # a degenerate distribution: said by a None, not a warning
         res = stats.bootstrap(samples, statistic, n_resamples=boot.resamples, paired=True, vectorized=True,

@@ -28,6 +28,17 @@ def pytest_report_header(config):
     return f"torch intra-op threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
 
 
+# Files that keep a worker busy for half a minute or more (real torchrun jobs, ttt bench's scale-out run):
+# collected first, so that `--dist loadfile` starts them first and the short files fill in around them.
+# Left for last, one of them alone decided the suite's wall time. Only the order changes (stable within a file).
+LONG_FILES = ("test_distributed.py", "test_distributed_files.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # A shuffled run (`-p randomly`, which reorders first) stays shuffled within each of the two groups.
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
