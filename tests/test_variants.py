@@ -219,6 +219,44 @@ def test_learner_state_matches_the_naive_loop(inner_model):
     assert int(st.updates[0]) == T // C and int(st.tokens[0]) == T
 
 
+@pytest.mark.parametrize("inner_model", ["linear", "mlp"])
+def test_whole_mini_batches_in_one_call_with_a_nonfinite_one(inner_model):
+    """One call of three whole mini-batches (the learner's scan path) on two streams, stream 1's second one with
+    an infinite key: stream 0 as the naive loop; stream 1 as the loop over its first mini-batch, reset to θ0 after
+    the second (SPEC §3.7) and the loop from θ0 over its third. Also with the bad key in the first mini-batch."""
+    H, p, C = 2, 4, 3
+    g = torch.Generator().manual_seed(5)
+    shapes = {"W1": (H, p, p), "b1": (H, p)} if inner_model == "linear" else \
+        {"W1": (H, p, 4 * p), "b1": (H, 4 * p), "W2": (H, 4 * p, p), "b2": (H, p)}
+    theta0 = {n: torch.randn(s, generator=g) * 0.5 for n, s in shapes.items()}
+    gamma, beta = 1 + 0.3 * torch.randn(H, p, generator=g), 0.3 * torch.randn(H, p, generator=g)
+    q, k, y = (torch.randn(2, H, 3 * C, p, generator=g) for _ in range(3))
+    eta = torch.rand(2, H, 3 * C, generator=g)
+    for bad in (C + 1, 0):
+        kb = k.clone()
+        kb[1, :, bad] = float("inf")
+        st = LearnerState.fresh(theta0, 2, torch.device("cpu"))
+        with torch.no_grad():
+            out = learn(st, inner_model, q, kb, y, eta, gamma, beta, C, torch.ones(2, dtype=torch.bool), theta0)
+        ref0, fin0 = naive_learner(inner_model, theta0, gamma, beta, q[0], k[0], y[0], eta[0], C)
+        assert rel(out[0], ref0) < 1e-4
+        first = bad // C  # the mini-batch whose update is not finite
+        kept = range(0, first * C)  # before it: the loop from θ0
+        if first:
+            ref1, _ = naive_learner(inner_model, theta0, gamma, beta, q[1, :, kept], k[1, :, kept], y[1, :, kept],
+                                    eta[1, :, kept], C)
+            assert rel(out[1, :, kept], ref1) < 1e-4
+        after = slice((first + 1) * C, 3 * C)  # after it: the loop from θ0 again, on what follows
+        ref2, fin2 = naive_learner(inner_model, theta0, gamma, beta, q[1, :, after], k[1, :, after], y[1, :, after],
+                                   eta[1, :, after], C)
+        assert rel(out[1, :, after], ref2) < 1e-4
+        for hd in range(H):
+            for name in shapes:
+                assert rel(st.theta[name][0, hd], fin0[hd][0][name]) < 1e-4
+                assert rel(st.theta[name][1, hd], fin2[hd][0][name]) < 1e-4
+        assert st.nonfinite.tolist() == [0, 1] and st.updates.tolist() == [3, 2] and st.count.tolist() == [0, 0]
+
+
 def test_mlp_full_sequence_equals_ttt_lm_dual_form_by_hand():
     """Two mini-batches of ttt-lm's TTTMLP dual form, written from its equations (η_ts = lr_s / t)."""
     H, p, C = 1, 3, 4

@@ -22,7 +22,7 @@ from moshi.modules.lora import LoRALinear
 from ..errors import CheckpointError
 from .config import AdapterConfig
 from .interface import FastWeightLayer
-from .learner import F32
+from .learner_math import F32
 from .learner_layer import (Float32Module, Learner, LearnerLayer, StackedWeights, load_tensors, plain_layer_macs,
                             time_bypassed)
 
@@ -98,7 +98,7 @@ class TTTAdapterLinear(nn.Linear):
         group: AdapterGroup = self._group  # type: ignore[assignment]
         if group.bypass:
             return base
-        return base + group.adapt(self.target, x).to(base.dtype)
+        return group.adapt(self.target, x, base)
 
 
 _GATING_CLASSES: dict[type, type] = {}
@@ -148,8 +148,8 @@ class AdapterGroup(LearnerLayer):
         p = self.params(name)
         return Learner({"W1": p.W1, "b1": p.b1}, p.ttt_norm_weight, p.ttt_norm_bias, "linear")
 
-    def adapt(self, target: str, x: torch.Tensor) -> torch.Tensor:
-        """A(x) = scale · o Wo^T for one adapter, x [B, T, in] -> [B, T, out] float32."""
+    def adapt(self, target: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """base + A(x), A(x) = scale · o Wo^T for one adapter: x [B, T, in], base [B, T, out] (the linear's output)."""
         P = self.params(target)
         h = x.to(F32)
         B, T, _ = h.shape
@@ -165,9 +165,11 @@ class AdapterGroup(LearnerLayer):
             k = qkv[:, None, :, r:2 * r]
             return k, qkv[:, None, :, 2 * r:] - k, (self.lr_scale * torch.sigmoid(P.lr_gate)).expand(B, 1, T)
 
-        o = self.run_learner(target, q, keys)  # [B, 1, T, r]
-        out = o[:, 0] @ P.wo.T  # [B, T, out]
-        return out if self.scale == 1.0 else self.scale * out
+        o = self.run_learner(target, q, keys)[:, 0]  # [B, T, r]
+        if base.dtype == F32:  # one product-and-add (no [B, T, out] temporary: at T = 4096 it costs as much)
+            return torch.baddbmm(base, o, P.wo.T.expand(B, -1, -1), alpha=self.scale)
+        out = o @ P.wo.T  # [B, T, out]
+        return base + (out if self.scale == 1.0 else self.scale * out).to(base.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("an AdapterGroup holds state; its adapters run inside the linears they sit beside.")

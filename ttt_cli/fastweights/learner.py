@@ -6,6 +6,8 @@ last token. Every gradient is taken at θ_start, so for an inner layer z = h·W 
 of outer products a_sᵀ g_s (a_s: the layer input for key s, g_s = ∂ℓ_s/∂z) and the query side is
 h_t·W − (1/i)·[h_t·S_W + S_b + Σ_{s≤t} η_s (h_t·a_s + 1) g_s] with (S_W, S_b) the running sums of the
 pending tokens of earlier calls: ttt-lm-pytorch's dual form, extended across calls. All math float32.
+This module holds the per-stream state and the calls; the closed-form pieces are `learner_math`'s, and whole
+mini-batches that every stream starts empty take `learner_scan`'s fast path.
 """
 
 from __future__ import annotations
@@ -14,113 +16,13 @@ import typing as tp
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
 from .interface import HostClock
+from .learner_math import (F32, frozen_outputs, gelu_tanh, gradient_sums, key_gradients, layer_norm, ln_l2_grad,
+                           query_outputs)
+from .learner_scan import scan_mini_batches
 
-F32 = torch.float32
-LN_EPS = 1e-6
-
-
-# -- closed-form pieces ---------------------------------------------------------------------------
-
-def _bcast(v: torch.Tensor) -> torch.Tensor:
-    return v[:, None, :]  # [H, p] -> [H, 1, p], against [B, H, L, p]
-
-
-def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """LN_h(z) = γ_h ⊙ (z − mean) / sqrt(var + 1e-6) + β_h over the last dim (population variance)."""
-    return F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * _bcast(gamma) + _bcast(beta)
-
-
-def ln_l2_grad(z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """∂/∂z of ½‖LN(z) − y‖² in closed form: ∂ℓ/∂x̂ = γ ⊙ (LN(z) − y), then the LayerNorm backward
-    rstd·(g − mean g − x̂·mean(g ⊙ x̂)) (ttt-lm's `ln_fused_l2_bwd`), here ATen's LayerNorm kernels."""
-    p = z.shape[-1:]
-    xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, p, None, None, LN_EPS)
-    g = _bcast(gamma)
-    gx = (g * xhat + _bcast(beta) - y) * g
-    return torch.ops.aten.native_layer_norm_backward(gx, z, p, mean, rstd, None, None, [True, False, False])[0]
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-def key_gradients(inner: str, theta: dict[str, torch.Tensor], k: torch.Tensor, y: torch.Tensor,
-                  gamma: torch.Tensor, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per inner layer j, (a_s, g_s) for every key: ∇_{Wj} ℓ_s = a_sᵀ g_s and ∇_{bj} ℓ_s = g_s, at θ (= θ_start).
-
-    Args:
-        theta: W1 [B,H,p,n1], b1 [B,H,n1] (and W2, b2 for mlp).
-        k, y: keys and targets [B,H,L,p].
-    """
-    z1 = k @ theta["W1"] + theta["b1"][:, :, None]  # [B,H,L,n1]
-    if inner == "linear":
-        return [(k, ln_l2_grad(z1, y, gamma, beta))]
-    x2 = gelu_tanh(z1)
-    z2 = x2 @ theta["W2"] + theta["b2"][:, :, None]  # [B,H,L,p]
-    g2 = ln_l2_grad(z2, y, gamma, beta)
-    # g1 = (g2 W2ᵀ) ⊙ gelu_tanh'(z1), with ATen's closed-form gelu backward
-    g1 = torch.ops.aten.gelu_backward(g2 @ theta["W2"].transpose(-1, -2), z1, approximate="tanh")  # [B,H,L,4p]
-    return [(k, g1), (x2, g2)]
-
-
-_LOWER: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _lower(L: int, device: torch.device) -> torch.Tensor:
-    """[L, L] float mask of s ≤ t (cached: torch.tril on tiny tensors is slow under CPU contention)."""
-    key = (L, torch.device(device))
-    if key not in _LOWER:
-        _LOWER[key] = torch.ones(L, L, dtype=F32).tril().to(device)
-    return _LOWER[key]
-
-
-def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None, q: torch.Tensor,
-                  grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor, idx: torch.Tensor,
-                  gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """o_t = q_t + LN(f_θt(q_t)) in dual form for a segment of one mini-batch.
-
-    Args:
-        sums: running sums of the mini-batch's earlier tokens (None: there are none).
-        grads: `key_gradients` of the segment's tokens.
-        eta: η_s [B,H,L].
-        idx: i, the 1-based position of each token in its mini-batch, [B,L] float.
-    """
-    inv_i = (1.0 / idx)[:, None, :, None]  # [B,1,L,1]
-    causal = eta[:, :, None, :] * _lower(q.shape[2], q.device)  # [B,H,L,L]: η_s where s ≤ t
-    h = q
-    z = q
-    n = len(grads)
-    for j, (a, g) in enumerate(grads, 1):
-        z = h @ theta[f"W{j}"] + theta[f"b{j}"][:, :, None]
-        corr = ((h @ a.transpose(-1, -2) + 1.0) * causal) @ g  # Σ_{s≤t} η_s (h_t·a_s + 1) g_s
-        if sums is not None:
-            corr = corr + h @ sums[f"W{j}"] + sums[f"b{j}"][:, :, None]
-        z = z - corr * inv_i
-        if j < n:
-            h = gelu_tanh(z)
-    return q + layer_norm(z, gamma, beta)
-
-
-def gradient_sums(grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Σ_s η_s ∇ℓ_s over a segment: {Wj: Σ η a_sᵀ g_s [B,H,n_in,n_out], bj: Σ η g_s [B,H,n_out]}."""
-    out = {}
-    e = eta[..., None]  # [B,H,L,1]
-    for j, (a, g) in enumerate(grads, 1):
-        out[f"W{j}"] = (e * a).transpose(-1, -2) @ g
-        out[f"b{j}"] = (e * g).sum(-2)
-    return out
-
-
-def frozen_outputs(inner: str, theta: dict[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor,
-                   beta: torch.Tensor) -> torch.Tensor:
-    """o = q + LN(f_θ(q)) with θ shared by every stream ([H, ...]): the learner with η = 0."""
-    z = q @ theta["W1"] + theta["b1"][:, None]
-    if inner == "mlp":
-        z = gelu_tanh(z) @ theta["W2"] + theta["b2"][:, None]
-    return q + layer_norm(z, gamma, beta)
+__all__ = ["F32", "LearnerState", "flush", "frozen_outputs", "learn", "learn_token"]
 
 
 # -- per-stream state -----------------------------------------------------------------------------
@@ -273,6 +175,26 @@ def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, 
     return q + layer_norm(z, gamma, beta)
 
 
+def _scan_run(st: LearnerState, inner: str, segments: list, i: int, qkye: tuple[torch.Tensor, ...],
+              gamma: torch.Tensor, beta: torch.Tensor, C: int) -> tuple[int, torch.Tensor | None]:
+    """`learner_scan` over the run of whole mini-batches that every stream starts empty from `segments[i]`:
+    (the index after the run, its outputs); (i, None) without such a run, (j, None) when a result in it was not
+    finite (the state untouched)."""
+    j = i
+    while j < len(segments) and segments[j][1] - segments[j][0] == C and not any(segments[j][2]):
+        j += 1
+    if j == i:
+        return i, None
+    a, e = segments[i][0], segments[j - 1][1]
+    res = scan_mini_batches(st.theta, inner, *(x[:, :, a:e] for x in qkye), gamma, beta, C)
+    if res is None:
+        return j, None
+    for name, v in res[1].items():
+        st.theta[name].copy_(v)  # in place: the state's tensors keep their storage
+    st.updates.add_(j - i)  # every stream is live and completed each mini-batch
+    return j, res[0]
+
+
 def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
           gamma: torch.Tensor, beta: torch.Tensor, chunk_size: int, live: torch.Tensor,
           start: dict[str, torch.Tensor], clock: "HostClock | None" = None, tap: tp.Any = None) -> torch.Tensor:
@@ -281,7 +203,8 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
     A one-token call (`LMGen.step`) is pure tensor arithmetic (SPEC §8.6): the host clock says whether a
     live stream's mini-batch completes on this token, and only then is the masked completion part of
     the step; no device value is read on the host. A longer call cuts itself where a live stream's
-    mini-batch completes, from the clock too (a per-mini-batch scan; the dual form inside).
+    mini-batch completes, from the clock too (a per-mini-batch scan; the dual form inside); its whole
+    mini-batches that every stream starts empty go through `learner_scan` (one host read of finiteness).
 
     Args:
         st: the learner's per-stream state (updated in place).
@@ -306,8 +229,21 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         return o
     counts, alive = list(clock.pending), list(clock.active)
     segments, final = _segments(counts, alive, T, C)
+    # Runs of whole mini-batches that every stream starts empty take the scan (learner_scan), unless the update
+    # series is recorded (a row per completion) or a result there is not finite (then this path resets exactly).
+    scan = all(alive) and not (tap is not None and tap.active)
     outs = []
-    for a, b, c0 in segments:
+    i = 0
+    while i < len(segments):
+        if scan:
+            j, o = _scan_run(st, inner, segments, i, (q, k, y, eta), gamma, beta, C)
+            if o is not None:
+                outs.append(o)
+                i = j
+                continue
+            scan = j == i  # no run here: try the next; a non-finite one: this path from now on
+        a, b, c0 = segments[i]
+        i += 1
         grads = key_gradients(inner, st.theta, k[:, :, a:b], y[:, :, a:b], gamma, beta)
         outs.append(query_outputs(st.theta, st.sums if any(c0) else None, q[:, :, a:b], grads, eta[:, :, a:b],
                                   _positions(c0, b - a, q.device), gamma, beta))

@@ -20,7 +20,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from ..errors import CheckpointError
 from .config import MLPConfig
 from .interface import FastWeightLayer
-from .learner import F32
+from .learner_math import F32
 from .learner_layer import Learner, LearnerLayer, StackedWeights, load_tensors, plain_layer_macs, time_bypassed
 
 PREFIX = "transformer.layers.{i}.ttt."
