@@ -16,7 +16,7 @@ from .config import TTTConfig
 from ..errors import StateMismatchError
 from .inplace_target import F32, TargetGenerator, X0Source, linear_weight
 from .inplace_update import InPlaceState, UpdateRule, counter, flush, run_tokens, step_one
-from .interface import FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
+from .interface import DerivedTensor, FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
 
 # `activation` of the `ttt` section: "gelu" is exact (erf) GELU, what the fine-tuning fork's TTT layers use.
 ACTIVATIONS: dict[str, tp.Callable[[torch.Tensor], torch.Tensor]] = {"gelu": F.gelu, "silu": F.silu}
@@ -76,7 +76,7 @@ class InPlaceGating(FastWeightLayer[InPlaceState]):
         self.target_source = cfg.target_source
         self._x0 = x0
         self._warm_start: torch.Tensor | None = None  # [d, h] replaces W0 as the reset target
-        self._w_cast: tuple | None = None  # (reset target, its version/device/dtype, its model-dtype copy)
+        self._w_cast = DerivedTensor()  # the reset target in the model dtype
 
     # -- keep fast-weight tensors float32 whatever dtype the LM is moved to ------------------
     def _apply(self, fn, recurse=True):
@@ -134,10 +134,7 @@ class InPlaceGating(FastWeightLayer[InPlaceState]):
     def _frozen_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The reset target cast to the model dtype, cached until it changes (in place or replaced)."""
         w = self._reset_target()
-        c = self._w_cast
-        if c is None or c[0] is not w or c[1] != (w._version, w.device, dtype):
-            c = self._w_cast = (w, (w._version, w.device, dtype), w.to(dtype))
-        return c[2]
+        return self._w_cast.get((w,), lambda: w.to(dtype), dtype)
 
     def _frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
         """TTT off: moshi's gating computation in the model dtype with W0 as the down projection (SPEC

@@ -11,6 +11,8 @@ from torch.nn import functional as F
 from moshi.models.lm import LMModel
 from moshi.modules.lora import LoRALinear
 
+from .interface import DerivedTensor
+
 F32 = torch.float32
 
 
@@ -49,7 +51,7 @@ class TargetGenerator(nn.Module):
         super().__init__()
         self.conv1d = ChunkConv1d(dim, kernel_size, padding)
         self.W_target = nn.Linear(dim, dim, bias=False, dtype=F32)
-        self._fold: tuple | None = None  # (conv weight, W_target, their versions/places, the folded kernel)
+        self._fold = DerivedTensor()  # the folded kernel
 
     def forward(self, x0: torch.Tensor, folded: bool = False) -> torch.Tensor:
         """V̂ [N, L, d] of x0 [N, L, d]. `folded`: as one convolution with W_target folded into its kernel
@@ -71,12 +73,8 @@ class TargetGenerator(nn.Module):
         V̂_t = Σ_k kernel'_k X0_{t+k-left}), cached until either weight changes (in place, replaced, moved or
         cast): the fold costs K d³ MACs, what K d tokens' targets save."""
         conv, wt = self.conv1d.conv.weight, self.W_target.weight  # [d, d, K], [d, d]
-        key = (conv._version, wt._version, conv.data_ptr(), wt.data_ptr(), conv.device, conv.dtype, wt.dtype)
-        c = self._fold
-        if c is None or c[0] is not conv or c[1] is not wt or c[2] != key:
-            kernel = wt @ conv.reshape(conv.shape[0], -1)  # [d, d·K]: conv's [d, d, K] with (i, k) flattened
-            c = self._fold = (conv, wt, key, kernel)
-        return c[3]
+        # [d, d·K]: conv's [d, d, K] with (i, k) flattened
+        return self._fold.get((conv, wt), lambda: wt @ conv.reshape(conv.shape[0], -1))
 
     @torch.no_grad()
     def init_ntp(self) -> None:

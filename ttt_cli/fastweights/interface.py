@@ -49,6 +49,28 @@ def refuse_graph_capture(t: torch.Tensor, planned: bool = False) -> None:
         raise RuntimeError(GRAPH_CAPTURE_ERROR)
 
 
+
+class DerivedTensor:
+    """A tensor computed from parameters (a cast, a stack, a fold), made again only when one of them changed.
+
+    Keyed on each part's identity, storage, in-place version counter, device and dtype: a checkpoint load copies
+    in place (the version moves), a device move or cast gives new storage, a replaced parameter is another
+    object. The parts it was made from stay referenced, so a freed storage cannot come back at the same address.
+    """
+
+    def __init__(self) -> None:
+        self._parts: tuple[torch.Tensor, ...] = ()
+        self._key: tuple | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, parts: tp.Sequence[torch.Tensor], make: tp.Callable[[], torch.Tensor], *extra: tp.Hashable
+            ) -> torch.Tensor:
+        """The value `make()` gave for `parts` as they are now (and `extra`, e.g. a target dtype)."""
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in parts) + extra
+        if self._value is None or key != self._key or any(a is not b for a, b in zip(self._parts, parts)):
+            self._parts, self._key, self._value = tuple(parts), key, make()
+        return self._value
+
 @dataclass
 class HostClock:
     """Host-owned mirror of one learner's per-stream pending counts (SPEC §8.6).

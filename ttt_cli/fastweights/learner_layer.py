@@ -13,7 +13,7 @@ from torch import nn
 from moshi.modules.streaming import State
 
 from ..errors import CheckpointError, StateMismatchError
-from .interface import FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
+from .interface import DerivedTensor, FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
 from .learner import F32, LearnerState, flush, frozen_outputs, learn
 from .recording import LearnerTap, UpdateRecorder
 
@@ -31,28 +31,18 @@ class Float32Module(nn.Module):
 
 
 class StackedWeights:
-    """[w1; w2; ...]: parameters stacked along dim 0 so that several projections of one input are one product.
-
-    Rebuilt only when a part changed: keyed on the parts' storage and in-place version counters (a load
-    copies in place, a device move gives new storage); the parts it was built from stay referenced, so a
-    freed storage cannot come back at the same address. A forward that trains, or one torch.compile traces,
-    gets a fresh `torch.cat`.
-    """
+    """[w1; w2; ...]: parameters stacked along dim 0 so that several projections of one input are one product,
+    made again only when a part changed (`DerivedTensor`). A forward that trains, or one torch.compile traces,
+    gets a fresh `torch.cat`."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._parts: list[torch.Tensor] = []
-        self._value: torch.Tensor | None = None
+        self._stack = DerivedTensor()
 
     def __call__(self, parts: tp.Sequence[torch.Tensor]) -> torch.Tensor:
         """The stacked tensor of `parts` (each [n_i, ...], same trailing shape)."""
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parts)):
             return torch.cat(list(parts), 0)  # a traced graph (no storage addresses there) or a training forward
-        key = tuple((t.data_ptr(), t._version) for t in parts)
-        if self._value is None or key != self._key:
-            self._parts = [t.detach() for t in parts]
-            self._key, self._value = key, torch.cat(self._parts, 0)
-        return self._value
+        return self._stack.get(parts, lambda: torch.cat([t.detach() for t in parts], 0))
 
 
 @dataclass
