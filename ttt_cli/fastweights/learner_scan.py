@@ -4,9 +4,11 @@ When a call's tokens fill whole mini-batches that every stream begins with nothi
 over a sequence, eval's block scoring, streams in phase), the dual form's terms that do not depend on θ are made
 once for the whole call, batched over the mini-batches: the query-key weights (q̃_t·k̃_s) η_s / i_t, the keys
 scaled by η_s / C of the update, γ ⊙ (β − y) of the LayerNorm gradient. What is left per mini-batch is what
-θ_start changes: one product of keys and queries with θ_start, the LayerNorm gradient, the query correction and
-the update: a handful of tensor ops instead of some forty. At the variants' sizes (rank 32, mini-batches of 8)
-the per-mini-batch path's cost is its op count, not its FLOPs.
+θ_start changes: the keys' product with θ_start, the LayerNorm gradient and the update (`linear`: five tensor
+ops; it keeps every mini-batch's θ̃ and reads all queries after the loop in two batched products), plus the
+queries' correction and second layer for `mlp`, whose second layer needs the corrected hidden activations:
+instead of some forty ops. At the variants' sizes (rank 32, mini-batches of 8) the per-mini-batch path's cost
+is its op count, not its FLOPs.
 
 The bias rides in θ̃ = [W; b] against inputs x̃ = [x, 1]: h·a + 1 = h̃·ã, and one product serves both. Same
 arithmetic as the per-mini-batch path of `learner.learn` up to float summation order; `learn` falls back to that
@@ -20,8 +22,9 @@ from torch.nn import functional as F
 
 from .learner_math import F32, LN_EPS, gelu_tanh, layer_norm, lower
 
-# The query-key weights of the mini-batches scanned at once take N·B·H·C² floats: groups of mini-batches are
-# scanned one after the other so that they stay under this (a chunk of 512 on many heads would not fit at once).
+# The query-key weights of the mini-batches scanned at once take N·B·H·C² floats (and the linear scan keeps each
+# mini-batch's θ̃): groups of mini-batches are scanned one after the other so that they stay under this (a chunk
+# of 512 on many heads would not fit at once).
 GROUP_BYTES = 32 << 20
 
 
@@ -63,7 +66,8 @@ def scan_mini_batches(theta: dict[str, torch.Tensor], inner: str, q: torch.Tenso
     consts = (g * g, g * beta.repeat(B, 1)[:, None], g)
     # w[t, s] = [s ≤ t] / i_t: every mini-batch starts empty, so token t is its (t + 1)-th
     w = lower(C, q.device) / torch.arange(1, C + 1, dtype=F32, device=q.device)[:, None]  # [C, C]
-    group = max(1, GROUP_BYTES // (4 * BH * C * C)) * C
+    per_batch_bytes = 4 * BH * (C * C + th[0].shape[1] * th[0].shape[2])  # its weights, its kept θ̃ (linear)
+    group = max(1, GROUP_BYTES // per_batch_bytes) * C
     zs = []
     for a in range(0, T, group):
         b = min(T, a + group)
@@ -94,28 +98,35 @@ def _scan(th: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, y: torch.Ten
     c = gb - g * per_batch(y)  # [N,BH,C,p]: γ ⊙ (β − y)
     wn = e.transpose(-1, -2) * w  # [N,BH,C,C]: η_s [s ≤ t] / i_t
     m1 = torch.matmul(qt, kt.transpose(-1, -2)).mul_(wn)  # [N,BH,C,C]: (q̃_t·k̃_s) η_s [s ≤ t] / i_t
-    kq = torch.cat([kt, qt], 2)  # [N,BH,2C,p+1]: keys, then queries
     u1 = (kt * (e / C)).transpose(-1, -2).contiguous()  # [N,BH,p+1,C]: θ̃1 −= u1 @ g1 at the mini-batch end
-    z = torch.empty(N, BH, C, p, dtype=F32, device=q.device)
     if len(th) == 1:  # linear: z = q̃ θ̃ − Σ_{s≤t} w η (q̃·k̃) g
+        # Only the keys need θ̃ mini-batch by mini-batch; each θ̃ is kept, so that the queries of every
+        # mini-batch are two batched products after the loop (the loop is then five ops a mini-batch).
         (t1,) = th
-        # unbind: every mini-batch's views in one call (indexing each in the loop costs more than its ops)
-        for kq_n, c_n, m_n, z_n, u_n in zip(*(x.unbind(0) for x in (kq, c, m1, z, u1))):
-            z1 = torch.bmm(kq_n, t1)  # [BH,2C,p]
-            g1 = _ln_grad(z1[:, :C], g2, c_n)  # [BH,C,p]
-            torch.baddbmm(z1[:, C:], m_n, g1, alpha=-1.0, out=z_n)
-            t1.baddbmm_(u_n, g1, alpha=-1.0)
-    else:  # mlp: the same for the first layer; the second's weights depend on the hidden activations
-        t1, t2 = th
-        for kq_n, c_n, m_n, z_n, u_n, w_n, e_n in zip(*(x.unbind(0) for x in (kq, c, m1, z, u1, wn, e / C))):
-            z1 = torch.bmm(kq_n, t1)  # [BH,2C,n1]
-            zk = z1[:, :C]
-            x2 = _tilde(gelu_tanh(zk))  # [BH,C,n1+1]
-            g2n = _ln_grad(torch.bmm(x2, t2), g2, c_n)  # [BH,C,p]
-            g1 = torch.ops.aten.gelu_backward(torch.bmm(g2n, t2[:, :-1].transpose(1, 2)), zk, approximate="tanh")
-            h = _tilde(gelu_tanh(torch.baddbmm(z1[:, C:], m_n, g1, alpha=-1.0)))  # [BH,C,n1+1]
-            m2 = torch.bmm(h, x2.transpose(1, 2)).mul_(w_n)  # [BH,C,C]: (h̃_t·x̃2_s) η_s [s ≤ t] / i_t
-            torch.baddbmm(torch.bmm(h, t2), m2, g2n, alpha=-1.0, out=z_n)
-            t1.baddbmm_(u_n, g1, alpha=-1.0)
-            t2.baddbmm_((x2 * e_n).transpose(1, 2), g2n, alpha=-1.0)
+        thetas = torch.empty(N + 1, *t1.shape, dtype=F32, device=q.device)  # [N+1,BH,p+1,p]: θ̃ before each
+        thetas[0].copy_(t1)
+        views = thetas.unbind(0)
+        gs = []
+        for k_n, c_n, u_n, t_n, t_next in zip(kt.unbind(0), c.unbind(0), u1.unbind(0), views, views[1:]):
+            gs.append(_ln_grad(torch.bmm(k_n, t_n), g2, c_n))  # [BH,C,p]
+            torch.baddbmm(t_n, u_n, gs[-1], alpha=-1.0, out=t_next)
+        t1.copy_(views[N])
+        zq = torch.matmul(qt, thetas[:N]).view(N * BH, C, p)  # [N·BH,C,p]
+        z = torch.baddbmm(zq, m1.view(N * BH, C, C), torch.stack(gs).view(N * BH, C, p), alpha=-1.0)
+        return z.view(N, BH, C, p).transpose(0, 1).reshape(B, H, L, p)
+    # mlp: the first layer as above; the second's weights depend on the hidden activations
+    kq = torch.cat([kt, qt], 2)  # [N,BH,2C,p+1]: keys, then queries
+    z = torch.empty(N, BH, C, p, dtype=F32, device=q.device)
+    t1, t2 = th
+    for kq_n, c_n, m_n, z_n, u_n, w_n, e_n in zip(*(x.unbind(0) for x in (kq, c, m1, z, u1, wn, e / C))):
+        z1 = torch.bmm(kq_n, t1)  # [BH,2C,n1]
+        zk = z1[:, :C]
+        x2 = _tilde(gelu_tanh(zk))  # [BH,C,n1+1]
+        g2n = _ln_grad(torch.bmm(x2, t2), g2, c_n)  # [BH,C,p]
+        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2n, t2[:, :-1].transpose(1, 2)), zk, approximate="tanh")
+        h = _tilde(gelu_tanh(torch.baddbmm(z1[:, C:], m_n, g1, alpha=-1.0)))  # [BH,C,n1+1]
+        m2 = torch.bmm(h, x2.transpose(1, 2)).mul_(w_n)  # [BH,C,C]: (h̃_t·x̃2_s) η_s [s ≤ t] / i_t
+        torch.baddbmm(torch.bmm(h, t2), m2, g2n, alpha=-1.0, out=z_n)
+        t1.baddbmm_(u_n, g1, alpha=-1.0)
+        t2.baddbmm_((x2 * e_n).transpose(1, 2), g2n, alpha=-1.0)
     return z.transpose(0, 1).reshape(B, H, L, p)
