@@ -230,8 +230,9 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
     counts, alive = list(clock.pending), list(clock.active)
     segments, final = _segments(counts, alive, T, C)
     # Runs of whole mini-batches that every stream starts empty take the scan (learner_scan), unless the update
-    # series is recorded (a row per completion) or a result there is not finite (then this path resets exactly).
-    scan = all(alive) and not (tap is not None and tap.active)
+    # series is recorded (a row per completion), a result there is not finite (then this path resets exactly)
+    # or autograd follows the inputs (the scan writes its θ̃ in place: inference only).
+    scan = all(alive) and not (tap is not None and tap.active) and not any(t.requires_grad for t in (q, k, y, eta))
     outs = []
     i = 0
     while i < len(segments):
