@@ -22,11 +22,17 @@ def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torc
 def ln_l2_grad(z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """∂/∂z of ½‖LN(z) − y‖² in closed form: ∂ℓ/∂x̂ = γ ⊙ (LN(z) − y), then the LayerNorm backward
     rstd·(g − mean g − x̂·mean(g ⊙ x̂)) (ttt-lm's `ln_fused_l2_bwd`), here ATen's LayerNorm kernels."""
+    g = _bcast(gamma)
+    return ln_l2_grad_given(z, g * g, g * (_bcast(beta) - y))
+
+
+def ln_l2_grad_given(z: torch.Tensor, g2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`ln_l2_grad` from γ² and c = γ ⊙ (β − y), broadcastable against z: ∂ℓ/∂x̂ = γ² ⊙ x̂ + c (the scan of
+    `learner_scan` makes both once for many mini-batches)."""
     p = z.shape[-1:]
     xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, p, None, None, LN_EPS)
-    g = _bcast(gamma)
-    gx = (g * xhat + _bcast(beta) - y) * g
-    return torch.ops.aten.native_layer_norm_backward(gx, z, p, mean, rstd, None, None, [True, False, False])[0]
+    return torch.ops.aten.native_layer_norm_backward(torch.addcmul(c, g2, xhat), z, p, mean, rstd, None, None,
+                                                     [True, False, False])[0]
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .learner_math import F32, LN_EPS, gelu_tanh, layer_norm, lower
+from .learner_math import F32, gelu_tanh, layer_norm, ln_l2_grad_given, lower
 
 # The query-key weights of the mini-batches scanned at once take N·B·H·C² floats (and the linear scan keeps each
 # mini-batch's θ̃): groups of mini-batches are scanned one after the other so that they stay under this (a chunk
@@ -31,15 +31,6 @@ GROUP_BYTES = 32 << 20
 def _tilde(x: torch.Tensor) -> torch.Tensor:
     """x̃ = [x, 1] along the last dim."""
     return F.pad(x, (0, 1), value=1.0)
-
-
-def _ln_grad(z: torch.Tensor, g2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """`learner_math.ln_l2_grad` with γ² and c = γ ⊙ (β − y) given: ∂ℓ/∂x̂ = γ² ⊙ x̂ + c, then ATen's LayerNorm
-    backward (the same kernels)."""
-    p = z.shape[-1:]
-    xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, p, None, None, LN_EPS)
-    return torch.ops.aten.native_layer_norm_backward(torch.addcmul(c, g2, xhat), z, p, mean, rstd, None, None,
-                                                     [True, False, False])[0]
 
 
 def scan_mini_batches(theta: dict[str, torch.Tensor], inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
@@ -108,7 +99,7 @@ def _scan(th: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, y: torch.Ten
         views = thetas.unbind(0)
         gs = []
         for k_n, c_n, u_n, t_n, t_next in zip(kt.unbind(0), c.unbind(0), u1.unbind(0), views, views[1:]):
-            gs.append(_ln_grad(torch.bmm(k_n, t_n), g2, c_n))  # [BH,C,p]
+            gs.append(ln_l2_grad_given(torch.bmm(k_n, t_n), g2, c_n))  # [BH,C,p]
             torch.baddbmm(t_n, u_n, gs[-1], alpha=-1.0, out=t_next)
         t1.copy_(views[N])
         zq = torch.matmul(qt, thetas[:N]).view(N * BH, C, p)  # [N·BH,C,p]
@@ -122,7 +113,7 @@ def _scan(th: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, y: torch.Ten
         z1 = torch.bmm(kq_n, t1)  # [BH,2C,n1]
         zk = z1[:, :C]
         x2 = _tilde(gelu_tanh(zk))  # [BH,C,n1+1]
-        g2n = _ln_grad(torch.bmm(x2, t2), g2, c_n)  # [BH,C,p]
+        g2n = ln_l2_grad_given(torch.bmm(x2, t2), g2, c_n)  # [BH,C,p]
         g1 = torch.ops.aten.gelu_backward(torch.bmm(g2n, t2[:, :-1].transpose(1, 2)), zk, approximate="tanh")
         h = _tilde(gelu_tanh(torch.baddbmm(z1[:, C:], m_n, g1, alpha=-1.0)))  # [BH,C,n1+1]
         m2 = torch.bmm(h, x2.transpose(1, 2)).mul_(w_n)  # [BH,C,C]: (h̃_t·x̃2_s) η_s [s ≤ t] / i_t
