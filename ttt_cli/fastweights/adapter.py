@@ -156,14 +156,14 @@ class AdapterGroup(LearnerLayer):
         r = self.rank
         st = self._streaming_state
         if st is not None and st.frozen:
-            qkv = h @ P.wq.T  # [B, T, r]: a frozen learner reads the query only
+            qkv = F.linear(h, P.wq).unsqueeze(1)  # [B, 1, T, r]: a frozen learner reads the query only
         else:
-            qkv = h @ P.qkv_weight().T  # [B, T, 3r]: q, k, v in one product
-        q = qkv[:, None, :, :r]  # [B, 1, T, r]
+            qkv = F.linear(h, P.qkv_weight()).unsqueeze(1)  # [B, 1, T, 3r]: q, k, v in one product
+        q = qkv[..., :r]  # [B, 1, T, r]
 
         def keys():
-            k = qkv[:, None, :, r:2 * r]
-            return k, qkv[:, None, :, 2 * r:] - k, (self.lr_scale * torch.sigmoid(P.lr_gate)).expand(B, 1, T)
+            k = qkv[..., r:2 * r]
+            return k, qkv[..., 2 * r:] - k, (self.lr_scale * torch.sigmoid(P.lr_gate)).expand(B, 1, T)
 
         o = self.run_learner(target, q, keys)[:, 0]  # [B, T, r]
         if base.dtype == F32:  # one product-and-add (no [B, T, out] temporary: at T = 4096 it costs as much)

@@ -13,7 +13,7 @@ mini-batches that every stream starts empty take `learner_scan`'s fast path.
 from __future__ import annotations
 
 import typing as tp
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,36 +25,52 @@ from .learner_scan import scan_mini_batches
 __all__ = ["F32", "LearnerState", "flush", "frozen_outputs", "learn", "learn_token"]
 
 
+def tilde_of(theta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """θ̃_j = [W_j; b_j] of each inner layer j: {W1 [..., n_in, n_out], b1 [..., n_out], ...} -> [[..., n_in + 1, n_out]]."""
+    return [torch.cat([theta[f"W{j}"], theta[f"b{j}"].unsqueeze(-2)], -2) for j in range(1, len(theta) // 2 + 1)]
+
+
 # -- per-stream state -----------------------------------------------------------------------------
 
 @dataclass
 class LearnerState:
     """One learner's per-stream tensors: θ_start, the pending tokens' gradient sums and counters.
 
-    Counters are tensors, so that a one-token step never reads device data on the host.
+    Each inner layer j keeps θ̃_j = [W_j; b_j] in one tensor (and its pending sum S̃_j likewise), so that a token
+    reads and learns with one product against x̃ = [x, 1]; `theta` and `sums` name views of them (W_j, b_j), which
+    every in-place write goes through. Counters are tensors, so that a one-token step never reads device data
+    on the host.
     """
 
-    theta: dict[str, torch.Tensor]   # θ_start [B, H, ...]
-    sums: dict[str, torch.Tensor]    # Σ η_s ∇ℓ_s(θ_start) of the pending tokens [B, H, ...]
+    theta: dict[str, torch.Tensor]   # θ_start [B, H, ...]: views of `tilde`
+    sums: dict[str, torch.Tensor]    # Σ η_s ∇ℓ_s(θ_start) of the pending tokens [B, H, ...]: views of `tilde_sums`
     count: torch.Tensor              # [B] long: pending tokens
     tokens: torch.Tensor             # [B] long: tokens since the last reset
     updates: torch.Tensor            # [B] long
     resets: torch.Tensor             # [B] long
     nonfinite: torch.Tensor          # [B] long
+    tilde: list[torch.Tensor] = field(default_factory=list)       # θ̃_j [B, H, n_in + 1, n_out]
+    tilde_sums: list[torch.Tensor] = field(default_factory=list)  # S̃_j [B, H, n_in + 1, n_out]
 
     @classmethod
     def fresh(cls, start: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> "LearnerState":
-        """Every stream at `start` ({name: [H, ...]}; empty for a frozen learner: counters only)."""
-        theta = {k: v.detach().to(device, F32).expand(batch_size, *v.shape).clone() for k, v in start.items()}
+        """Every stream at `start` ({W1, b1, ...: [H, ...]}; empty for a frozen learner: counters only)."""
+        tilde, tilde_sums, theta, sums = [], [], {}, {}
+        for j, t0 in enumerate(tilde_of(start), 1):
+            t = t0.detach().to(device, F32).expand(batch_size, -1, -1, -1).clone()
+            s = torch.zeros_like(t)
+            tilde.append(t)
+            tilde_sums.append(s)
+            theta[f"W{j}"], theta[f"b{j}"] = t[:, :, :-1], t[:, :, -1]
+            sums[f"W{j}"], sums[f"b{j}"] = s[:, :, :-1], s[:, :, -1]
         z = lambda: torch.zeros(batch_size, dtype=torch.long, device=device)  # noqa: E731
-        return cls(theta, {k: torch.zeros_like(v) for k, v in theta.items()}, z(), z(), z(), z(), z())
+        return cls(theta, sums, z(), z(), z(), z(), z(), tilde, tilde_sums)
 
     def reset(self, mask: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
         """Streams in `mask` go back to `start` with nothing pending (masked arithmetic, no host sync)."""
-        for k, th in self.theta.items():
-            shape = (-1, *([1] * (th.dim() - 1)))
-            torch.where(mask.view(shape), start[k], th, out=th)
-            self.sums[k].masked_fill_(mask.view(shape), 0.0)
+        for th, s, s0 in zip(self.tilde, self.tilde_sums, tilde_of(start)):
+            torch.where(mask.view(-1, 1, 1, 1), s0, th, out=th)
+            s.masked_fill_(mask.view(-1, 1, 1, 1), 0.0)
         self.count.masked_fill_(mask, 0)
         self.tokens.masked_fill_(mask, 0)
         self.resets.add_(mask.long())
@@ -67,17 +83,18 @@ class LearnerState:
         `tap` (a `recording.LearnerTap`) records the update series' rows: `back` positions of the call
         follow the completion, `tokens` were in the mini-batch (default C)."""
         before = {k: v.clone() for k, v in self.theta.items()} if tap is not None and tap.active else None
-        finite = torch.stack([torch.isfinite(v.flatten(1).sum(1)) for v in self.sums.values()]).all(0)  # [B]
+        finite = torch.stack([torch.isfinite(s.flatten(1).sum(1)) for s in self.tilde_sums]).all(0)  # [B]
         ok, bad = (finite, ~finite) if done is None else (done & finite, done & ~finite)
-        for k, th in self.theta.items():
-            shape = (-1, *([1] * (th.dim() - 1)))
+        mask = (-1, 1, 1, 1)
+        for th, s in zip(self.tilde, self.tilde_sums):
             if done is None:
-                th.sub_(self.sums[k], alpha=1.0 / chunk_size)
-                self.sums[k].zero_()
+                th.sub_(s, alpha=1.0 / chunk_size)
+                s.zero_()
             else:
-                th.sub_(torch.where(done.view(shape), self.sums[k], 0.0), alpha=1.0 / chunk_size)
-                self.sums[k].masked_fill_(done.view(shape), 0.0)
-            torch.where(bad.view(shape), start[k], th, out=th)
+                th.sub_(torch.where(done.view(mask), s, 0.0), alpha=1.0 / chunk_size)
+                s.masked_fill_(done.view(mask), 0.0)
+        for th, t0 in zip(self.tilde, tilde_of(start)):
+            torch.where(bad.view(mask), t0, th, out=th)
         if done is None:
             self.count.zero_()
         else:
@@ -129,11 +146,12 @@ def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | N
 
 def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
                 gamma: torch.Tensor, beta: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """The one-token call of `learn` without the completion: `key_gradients`, `query_outputs` and the sums'
-    update for L = 1, in fewer and fused tensor ops (the step's cost at small d is per op, not per FLOP).
+    """The one-token call of `learn` without the completion: `key_gradients`, the sums' update and
+    `query_outputs` for L = 1, in fewer and fused tensor ops (the step's cost at small d is per op, not per FLOP).
 
-    The key and query pass of the first inner layer are one product; the query side is
-    z = h·W + b − (1/i)·[h·S_W + S_b + η (h·a + 1) g] (the dual form with s = t only).
+    With x̃ = [x, 1] against θ̃ = [W; b] the key and the query pass of the first inner layer are one product, and
+    the dual form with s = t only, z = h̃·θ̃ − (1/i)·[h̃·S̃ + η (h̃·ã) g], is z = h̃·θ̃ − (1/i)·h̃·S̃' once the
+    token's own gradient is in the sum (S̃' = S̃ + ãᵀ η g): the sums are updated first, then read.
 
     Args:
         st: the learner's per-stream state (sums and counters updated in place).
@@ -141,38 +159,50 @@ def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, 
     Returns:
         o [B,H,1,p] float32.
     """
-    th, S = st.theta, st.sums
-    neg_inv_i = (-1 - st.count).reciprocal()[:, None, None, None]  # [B,1,1,1]: −1/i, i = count + 1
-    e = eta[..., None]  # [B,H,1,1]
-    z1 = torch.cat([k, q], 2) @ th["W1"] + th["b1"][:, :, None]  # [B,H,2,n1]: key and query, one product
-    zk = z1[:, :, :1]
+    B, H, _, p = q.shape
+    BH = B * H
+    neg_inv_i = (-1 - st.count).reciprocal().view(-1, 1, 1, 1)  # [B,1,1,1]: −1/i, i = count + 1
+    mask = live.view(-1, 1, 1, 1)  # [B,1,1,1]
+    # products as bmm on [B·H, ...] views: a 4-d matmul costs several dispatches more per call
+    x = torch.cat([torch.cat([k, q], 2).view(BH, 2, p), _ones(BH, q.device)], 2)  # [BH,2,p+1]: x̃ of key, query
+    t1 = st.tilde[0].view(BH, p + 1, -1)
+    z1 = torch.bmm(x, t1)  # [BH,2,n1]: key and query, one product
+    zk = z1[:, :1]  # [BH,1,n1]
     if inner == "linear":
-        grads = [(k, ln_l2_grad(zk, y, gamma, beta))]
+        grads = [(x[:, :1], ln_l2_grad(zk.view(B, H, 1, -1), y, gamma, beta))]
     else:
-        x2 = gelu_tanh(zk)  # [B,H,1,4p]
-        g2 = ln_l2_grad(x2 @ th["W2"] + th["b2"][:, :, None], y, gamma, beta)
-        grads = [(k, torch.ops.aten.gelu_backward(g2 @ th["W2"].transpose(-1, -2), zk, approximate="tanh")), (x2, g2)]
-    h, z = q, z1[:, :, 1:]
-    mask = live[:, None, None, None]  # [B,1,1,1]
-    for j, (a, g) in enumerate(grads, 1):
-        W, Sw, Sb = f"W{j}", S[f"W{j}"], S[f"b{j}"]
-        if j > 1:
-            z = h @ th[W] + th[f"b{j}"][:, :, None]
-        c = torch.addcmul(e, e, h @ a.transpose(-1, -2))  # [B,H,1,1]: η (h·a + 1)
-        corr = torch.addcmul(h @ Sw + Sb[:, :, None], c, g)  # h·S_W + S_b + η (h·a + 1) g
-        z = torch.addcmul(z, corr, neg_inv_i)
-        if j < len(grads):
-            h = gelu_tanh(z)
-        # S += aᵀ(η g), in place: a masked-out stream adds an exact 0 (both factors zeroed, so even a
-        # non-finite key of a stream that is not live leaves its sums alone) and no [B,H,n_in,n_out]
-        # temporary is made (at B = 8 the mlp's sums are megabytes: a copy costs more than the ops)
-        eg = torch.where(mask, e * g, 0.0)  # [B,H,1,n_out]
-        Sw.addcmul_(torch.where(mask, a, 0.0).transpose(-1, -2), eg)
-        Sb.add_(eg[:, :, 0])
-    inc = live.long()
-    st.count.add_(inc)
-    st.tokens.add_(inc)
+        t2 = st.tilde[1].view(BH, zk.shape[-1] + 1, p)
+        x2 = torch.cat([gelu_tanh(zk), _ones(BH, q.device)[:, :1]], 2)  # [BH,1,n1+1]
+        g2 = ln_l2_grad(torch.bmm(x2, t2).view(B, H, 1, p), y, gamma, beta)  # [B,H,1,p]
+        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2.view(BH, 1, p), t2[:, :-1].transpose(1, 2)), zk,
+                                          approximate="tanh")  # [BH,1,n1]
+        grads = [(x[:, :1], g1), (x2, g2)]
+    # S̃ += ãᵀ(η g), in place: a masked-out stream adds an exact 0 (both factors zeroed, so even a non-finite key
+    # of a stream that is not live leaves its sums alone) and no [B,H,n_in+1,n_out] temporary is made (at B = 8
+    # the mlp's sums are megabytes: a copy costs more than the ops)
+    e = eta.unsqueeze(-1)  # [B,H,1,1]
+    sums = [S.view(BH, *S.shape[2:]) for S in st.tilde_sums]
+    for (a, g), S in zip(grads, sums):
+        a = torch.where(mask, a.view(B, H, 1, -1), 0.0).view(BH, 1, -1)
+        S.baddbmm_(a.transpose(1, 2), torch.where(mask, e * g.view(B, H, 1, -1), 0.0).view(BH, 1, -1))
+    z = torch.addcmul(z1[:, 1:].view(B, H, 1, -1), torch.bmm(x[:, 1:], sums[0]).view(B, H, 1, -1), neg_inv_i)
+    if inner == "mlp":
+        h = torch.cat([gelu_tanh(z).view(BH, 1, -1), _ones(BH, q.device)[:, :1]], 2)  # [BH,1,n1+1]
+        z = torch.addcmul(torch.bmm(h, t2).view(B, H, 1, p), torch.bmm(h, sums[1]).view(B, H, 1, p), neg_inv_i)
+    st.count.add_(live)
+    st.tokens.add_(live)
     return q + layer_norm(z, gamma, beta)
+
+
+_ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _ones(n: int, device: torch.device) -> torch.Tensor:
+    """A cached [n, 2, 1] float32 of ones: the 1 of x̃ = [x, 1] for a one-token step's key and query."""
+    key = (n, torch.device(device))
+    if key not in _ONES:
+        _ONES[key] = torch.ones(n, 2, 1, dtype=F32, device=device)
+    return _ONES[key]
 
 
 def _scan_run(st: LearnerState, inner: str, segments: list, i: int, qkye: tuple[torch.Tensor, ...],

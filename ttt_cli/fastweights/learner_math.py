@@ -11,7 +11,7 @@ LN_EPS = 1e-6
 
 
 def _bcast(v: torch.Tensor) -> torch.Tensor:
-    return v[:, None, :]  # [H, p] -> [H, 1, p], against [B, H, L, p]
+    return v.unsqueeze(1)  # [H, p] -> [H, 1, p], against [B, H, L, p]
 
 
 def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
