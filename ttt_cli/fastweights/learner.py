@@ -19,15 +19,10 @@ import torch
 
 from .interface import HostClock
 from .learner_math import (F32, frozen_outputs, gelu_tanh, gradient_sums, key_gradients, layer_norm, ln_l2_grad,
-                           query_outputs)
+                           query_outputs, tilde_of)
 from .learner_scan import scan_mini_batches
 
 __all__ = ["F32", "LearnerState", "flush", "frozen_outputs", "learn", "learn_token"]
-
-
-def tilde_of(theta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """θ̃_j = [W_j; b_j] of each inner layer j: {W1 [..., n_in, n_out], b1 [..., n_out], ...} -> [[..., n_in + 1, n_out]]."""
-    return [torch.cat([theta[f"W{j}"], theta[f"b{j}"].unsqueeze(-2)], -2) for j in range(1, len(theta) // 2 + 1)]
 
 
 # -- per-stream state -----------------------------------------------------------------------------
@@ -85,16 +80,16 @@ class LearnerState:
         before = {k: v.clone() for k, v in self.theta.items()} if tap is not None and tap.active else None
         finite = torch.stack([torch.isfinite(s.flatten(1).sum(1)) for s in self.tilde_sums]).all(0)  # [B]
         ok, bad = (finite, ~finite) if done is None else (done & finite, done & ~finite)
-        mask = (-1, 1, 1, 1)
+        shape = (-1, 1, 1, 1)  # [B] against [B, H, n_in + 1, n_out]
         for th, s in zip(self.tilde, self.tilde_sums):
             if done is None:
                 th.sub_(s, alpha=1.0 / chunk_size)
                 s.zero_()
             else:
-                th.sub_(torch.where(done.view(mask), s, 0.0), alpha=1.0 / chunk_size)
-                s.masked_fill_(done.view(mask), 0.0)
+                th.sub_(torch.where(done.view(shape), s, 0.0), alpha=1.0 / chunk_size)
+                s.masked_fill_(done.view(shape), 0.0)
         for th, t0 in zip(self.tilde, tilde_of(start)):
-            torch.where(bad.view(mask), t0, th, out=th)
+            torch.where(bad.view(shape), t0, th, out=th)
         if done is None:
             self.count.zero_()
         else:

@@ -14,6 +14,11 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(1)  # [H, p] -> [H, 1, p], against [B, H, L, p]
 
 
+def tilde_of(theta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """θ̃_j = [W_j; b_j] of each inner layer j: {W1 [..., n_in, n_out], b1 [..., n_out], ...} -> [[..., n_in + 1, n_out]]."""
+    return [torch.cat([theta[f"W{j}"], theta[f"b{j}"].unsqueeze(-2)], -2) for j in range(1, len(theta) // 2 + 1)]
+
+
 def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """LN_h(z) = γ_h ⊙ (z − mean) / sqrt(var + 1e-6) + β_h over the last dim (population variance)."""
     return F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * _bcast(gamma) + _bcast(beta)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .learner_math import F32, gelu_tanh, layer_norm, ln_l2_grad_given, lower
+from .learner_math import F32, gelu_tanh, layer_norm, ln_l2_grad_given, lower, tilde_of
 
 # The query-key weights of the mini-batches scanned at once take N·B·H·C² floats (and the linear scan keeps each
 # mini-batch's θ̃): groups of mini-batches are scanned one after the other so that they stay under this (a chunk
@@ -51,8 +51,7 @@ def scan_mini_batches(theta: dict[str, torch.Tensor], inner: str, q: torch.Tenso
     B, H, T, p = q.shape
     C, BH = chunk_size, B * H
     # θ̃_j = [W_j; b_j] per stream and head: [BH, n_in + 1, n_out]
-    th = [torch.cat([theta[f"W{j}"], theta[f"b{j}"][:, :, None]], 2).reshape(BH, -1, theta[f"W{j}"].shape[-1])
-          for j in range(1, 3 if inner == "mlp" else 2)]
+    th = [t.reshape(BH, *t.shape[2:]) for t in tilde_of(theta)]  # a copy: the state is written only at the end
     g = gamma.repeat(B, 1)[:, None]  # [BH, 1, p]
     consts = (g * g, g * beta.repeat(B, 1)[:, None], g)
     # w[t, s] = [s ≤ t] / i_t: every mini-batch starts empty, so token t is its (t + 1)-th
