@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from streaming_checks import rel
 from ttt_cli.fastweights.adapter import AdapterGroup, TTTAdapterLinear
@@ -433,16 +434,29 @@ def test_flush_partial_is_the_last_tokens_theta(variant):
 
 
 def test_stacked_projection_follows_loads_and_moves():
-    """The adapter's one-product q/k/v (a cached stack of wq, wk, wv) always equals the three matrices as
-    they are now: after an in-place load of one of them and after its storage is replaced (a device move)."""
+    """The adapter's one-product projection (a cached stack made from wk, wq, wv) always gives [k, 1, q, 1, v − k]
+    of the three matrices as they are now, and its cached η = lr_scale·sigmoid(lr_gate) follows lr_gate: after an
+    in-place load of one of them and after its storage is replaced (a device move)."""
     from ttt_cli.fastweights.adapter import AdapterParams
 
     p = AdapterParams(12, 10, 4)
     p.init_fresh(torch.Generator().manual_seed(0))
+    h = torch.randn(3, 12)
+    one = torch.ones(3, 1)
+
+    def expected():
+        k, q, v = h @ p.wk.T, h @ p.wq.T, h @ p.wv.T
+        return torch.cat([k, one, q, one, v - k], 1)
+
     with torch.no_grad():
-        assert torch.equal(p.qkv_weight(), torch.cat([p.wq, p.wk, p.wv]))
+        torch.testing.assert_close(F.linear(h, *p.learning_projection()), expected())
         p.wk.copy_(torch.randn(4, 12))  # what load_tensors does
-        assert torch.equal(p.qkv_weight()[4:8], p.wk)
+        torch.testing.assert_close(F.linear(h, *p.learning_projection()), expected())
         p.wv.data = torch.randn(4, 12)  # what a device move does: new storage
-        assert torch.equal(p.qkv_weight()[8:], p.wv)
-        assert torch.equal(p.qkv_weight()[:4], p.wq)
+        torch.testing.assert_close(F.linear(h, *p.learning_projection()), expected())
+        p.wq.data = torch.randn(4, 12)
+        torch.testing.assert_close(F.linear(h, *p.learning_projection()), expected())
+        assert float(p.eta(2.0)) == pytest.approx(2.0 / (1.0 + math.exp(2.0)))  # lr_gate −2
+        p.lr_gate.fill_(0.5)
+        assert float(p.eta(2.0)) == pytest.approx(2.0 / (1.0 + math.exp(-0.5)))
+        assert float(p.eta(3.0)) == pytest.approx(3.0 / (1.0 + math.exp(-0.5)))

@@ -22,9 +22,9 @@ from moshi.modules.lora import LoRALinear
 from ..errors import CheckpointError
 from .config import AdapterConfig
 from .interface import FastWeightLayer
-from .learner_math import F32
-from .learner_layer import (Float32Module, Learner, LearnerLayer, StackedWeights, load_tensors, plain_layer_macs,
-                            time_bypassed)
+from .learner import TokenInputs
+from .learner_math import F32, Norm
+from .learner_layer import Derived, Float32Module, Learner, LearnerLayer, load_tensors, plain_layer_macs, time_bypassed
 
 PREFIX = "transformer.layers.{i}.{target}.ttt_adapter."
 FRESH_SEED = 31415  # fresh adapters are deterministic: seed + 16·layer + target index
@@ -49,11 +49,17 @@ class AdapterParams(Float32Module):
         self.ttt_norm_weight = nn.Parameter(torch.ones(1, rank, **kw))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(1, rank, **kw))
         self.lr_gate = nn.Parameter(torch.tensor(LR_GATE_INIT, **kw))
-        self._qkv = StackedWeights()
+        self._proj = Derived(_learning_projection)
+        self._eta = Derived(lambda parts, scale: (scale * parts[0].sigmoid()).view(1, 1, 1))
 
-    def qkv_weight(self) -> torch.Tensor:
-        """[wq; wk; wv] as one [3r, in] matrix: one product per call instead of three."""
-        return self._qkv([self.wq, self.wk, self.wv])
+    def learning_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [3r+2, in], bias [3r+2]) of one product giving [k, 1, q, 1, v − k] per token: the learner's
+        x̃ of the key and the query (`learn_token`'s layout) and the target, in one call."""
+        return self._proj([self.wk, self.wq, self.wv])
+
+    def eta(self, lr_scale: float) -> torch.Tensor:
+        """η = lr_scale · sigmoid(lr_gate), [1, 1, 1]."""
+        return self._eta([self.lr_gate], lr_scale)
 
     @torch.no_grad()
     def init_fresh(self, generator: torch.Generator) -> None:
@@ -68,6 +74,16 @@ class AdapterParams(Float32Module):
             t.zero_()
         self.ttt_norm_weight.fill_(1.0)
         self.lr_gate.fill_(LR_GATE_INIT)
+
+
+def _learning_projection(parts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`AdapterParams.learning_projection` from [wk, wq, wv]: rows wk, 0, wq, 0, wv − wk with bias 1 on the zero rows."""
+    wk, wq, wv = parts
+    r, n = wk.shape
+    zero = wk.new_zeros(1, n)
+    bias = wk.new_zeros(3 * r + 2)
+    bias[r] = bias[2 * r + 1] = 1.0
+    return torch.cat([wk, zero, wq, zero, wv - wk], 0), bias
 
 
 class TTTAdapterLinear(nn.Linear):
@@ -131,6 +147,7 @@ class AdapterGroup(LearnerLayer):
         self.targets = list(cfg.targets)
         self._adapters: dict[str, TTTAdapterLinear] = {}
         self._host: nn.Module | None = None
+        self._grad_norms: dict[str, Derived] = {}
 
     def add(self, adapter: TTTAdapterLinear) -> None:
         """Registers an adapter whose learner state this group holds (by reference, not as a child)."""
@@ -151,25 +168,37 @@ class AdapterGroup(LearnerLayer):
     def adapt(self, target: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """base + A(x), A(x) = scale · o Wo^T for one adapter: x [B, T, in], base [B, T, out] (the linear's output)."""
         P = self.params(target)
-        h = x.to(F32)
+        h = x if x.dtype == F32 else x.to(F32)
         B, T, _ = h.shape
         r = self.rank
         st = self._streaming_state
         if st is not None and st.frozen:
-            qkv = F.linear(h, P.wq).unsqueeze(1)  # [B, 1, T, r]: a frozen learner reads the query only
+            q = F.linear(h, P.wq).unsqueeze(1)  # [B, 1, T, r]: a frozen learner reads the query only
+            keys = token = None
         else:
-            qkv = F.linear(h, P.qkv_weight()).unsqueeze(1)  # [B, 1, T, 3r]: q, k, v in one product
-        q = qkv[..., :r]  # [B, 1, T, r]
+            proj = F.linear(h, *P.learning_projection())  # [B, T, 3r+2]: k, 1, q, 1, v − k in one product
+            q = proj[..., r + 1:2 * r + 1].unsqueeze(1)  # [B, 1, T, r]
 
-        def keys():
-            k = qkv[..., r:2 * r]
-            return k, qkv[..., 2 * r:] - k, (self.lr_scale * torch.sigmoid(P.lr_gate)).expand(B, 1, T)
+            def keys():
+                k = proj[..., :r].unsqueeze(1)
+                return k, proj[..., 2 * r + 2:].unsqueeze(1), P.eta(self.lr_scale).expand(B, 1, T)
 
-        o = self.run_learner(target, q, keys)[:, 0]  # [B, T, r]
+            def token():  # T = 1: x̃ [B, 2, r+1] and the target [B, 1, r] are views of the projection
+                return TokenInputs(proj[..., :2 * r + 2].view(B, 2, r + 1), proj[..., 2 * r + 2:],
+                                   self.grad_norm(target, P))
+
+        o = self.run_learner(target, q, keys, token)[:, 0]  # [B, T, r]
         if base.dtype == F32:  # one product-and-add (no [B, T, out] temporary: at T = 4096 it costs as much)
             return torch.baddbmm(base, o, P.wo.T.expand(B, -1, -1), alpha=self.scale)
         out = o @ P.wo.T  # [B, T, out]
         return base + (out if self.scale == 1.0 else self.scale * out).to(base.dtype)
+
+    def grad_norm(self, target: str, P: AdapterParams) -> Norm:
+        """The adapter's `Norm.scaled(η)` (η = lr_scale · sigmoid(lr_gate) is one number per adapter), cached."""
+        if target not in self._grad_norms:
+            self._grad_norms[target] = Derived(lambda parts, scale: Norm.of(*parts[:2]).scaled(
+                (scale * parts[2].sigmoid()).view(1, 1, 1)))
+        return self._grad_norms[target]([P.ttt_norm_weight, P.ttt_norm_bias, P.lr_gate], self.lr_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("an AdapterGroup holds state; its adapters run inside the linears they sit beside.")

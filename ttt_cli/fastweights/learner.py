@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .interface import HostClock
-from .learner_math import (F32, frozen_outputs, gelu_tanh, gradient_sums, key_gradients, layer_norm, ln_l2_grad,
-                           query_outputs, tilde_of)
+from .learner_math import F32, Norm, frozen_outputs, gelu_tanh, gradient_sums, key_gradients, query_outputs, tilde_of
 from .learner_scan import scan_mini_batches
 
-__all__ = ["F32", "LearnerState", "flush", "frozen_outputs", "learn", "learn_token"]
+__all__ = ["F32", "LearnerState", "Norm", "TokenInputs", "flush", "frozen_outputs", "learn", "learn_token",
+           "learn_token_one_head"]
 
 
 # -- per-stream state -----------------------------------------------------------------------------
@@ -33,8 +33,9 @@ class LearnerState:
 
     Each inner layer j keeps θ̃_j = [W_j; b_j] in one tensor (and its pending sum S̃_j likewise), so that a token
     reads and learns with one product against x̃ = [x, 1]; `theta` and `sums` name views of them (W_j, b_j), which
-    every in-place write goes through. Counters are tensors, so that a one-token step never reads device data
-    on the host.
+    every in-place write goes through; `tilde_bh` and `sums_bh` are the same tensors as [B·H, n_in + 1, n_out] views,
+    made once, for a one-token step's `bmm`s. Counters are tensors, so that a one-token step never reads device
+    data on the host; `count` and `tokens` are the rows of `steps`, which a token advances in one op.
     """
 
     theta: dict[str, torch.Tensor]   # θ_start [B, H, ...]: views of `tilde`
@@ -46,6 +47,9 @@ class LearnerState:
     nonfinite: torch.Tensor          # [B] long
     tilde: list[torch.Tensor] = field(default_factory=list)       # θ̃_j [B, H, n_in + 1, n_out]
     tilde_sums: list[torch.Tensor] = field(default_factory=list)  # S̃_j [B, H, n_in + 1, n_out]
+    tilde_bh: list[torch.Tensor] = field(default_factory=list)    # θ̃_j viewed [B·H, n_in + 1, n_out]
+    sums_bh: list[torch.Tensor] = field(default_factory=list)     # S̃_j viewed [B·H, n_in + 1, n_out]
+    steps: torch.Tensor | None = None                             # [2, B] long: the rows `count`, `tokens`
 
     @classmethod
     def fresh(cls, start: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> "LearnerState":
@@ -59,7 +63,10 @@ class LearnerState:
             theta[f"W{j}"], theta[f"b{j}"] = t[:, :, :-1], t[:, :, -1]
             sums[f"W{j}"], sums[f"b{j}"] = s[:, :, :-1], s[:, :, -1]
         z = lambda: torch.zeros(batch_size, dtype=torch.long, device=device)  # noqa: E731
-        return cls(theta, sums, z(), z(), z(), z(), z(), tilde, tilde_sums)
+        steps = torch.zeros(2, batch_size, dtype=torch.long, device=device)
+        bh = [t.view(-1, *t.shape[2:]) for t in tilde]
+        sums_bh = [s.view(-1, *s.shape[2:]) for s in tilde_sums]
+        return cls(theta, sums, steps[0], steps[1], z(), z(), z(), tilde, tilde_sums, bh, sums_bh, steps)
 
     def reset(self, mask: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
         """Streams in `mask` go back to `start` with nothing pending (masked arithmetic, no host sync)."""
@@ -139,8 +146,8 @@ def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | N
             st.sums[name].add_(torch.where(live.view(-1, *([1] * (v.dim() - 1))), v, 0.0))
 
 
-def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
-                gamma: torch.Tensor, beta: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
+                eta: torch.Tensor, norm: Norm, live: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """The one-token call of `learn` without the completion: `key_gradients`, the sums' update and
     `query_outputs` for L = 1, in fewer and fused tensor ops (the step's cost at small d is per op, not per FLOP).
 
@@ -151,42 +158,98 @@ def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, 
     Args:
         st: the learner's per-stream state (sums and counters updated in place).
         q, k, y: [B,H,1,p] float32; eta: [B,H,1]; live: [B] bool.
+        norm: the learner's LayerNorm.
+        chunk_size: C (−1/i is read from a table of C entries).
     Returns:
         o [B,H,1,p] float32.
     """
     B, H, _, p = q.shape
     BH = B * H
-    neg_inv_i = (-1 - st.count).reciprocal().view(-1, 1, 1, 1)  # [B,1,1,1]: −1/i, i = count + 1
-    mask = live.view(-1, 1, 1, 1)  # [B,1,1,1]
+    dev = q.device
+    neg_inv_i = _neg_inv(chunk_size, dev).index_select(0, st.count).view(-1, 1, 1, 1)  # [B,1,1,1]: −1/i, i = count + 1
+    mask = live.view(-1, 1, 1) if H == 1 else live.view(-1, 1, 1).expand(B, H, 1).reshape(BH, 1, 1)  # [B·H,1,1]
     # products as bmm on [B·H, ...] views: a 4-d matmul costs several dispatches more per call
-    x = torch.cat([torch.cat([k, q], 2).view(BH, 2, p), _ones(BH, q.device)], 2)  # [BH,2,p+1]: x̃ of key, query
-    t1 = st.tilde[0].view(BH, p + 1, -1)
-    z1 = torch.bmm(x, t1)  # [BH,2,n1]: key and query, one product
+    x = torch.cat([torch.cat([k, q], 2).view(BH, 2, p), _ones(BH, dev)], 2)  # [BH,2,p+1]: x̃ of key, query
+    z1 = torch.bmm(x, st.tilde_bh[0])  # [BH,2,n1]: key and query, one product
     zk = z1[:, :1]  # [BH,1,n1]
     if inner == "linear":
-        grads = [(x[:, :1], ln_l2_grad(zk.view(B, H, 1, -1), y, gamma, beta))]
+        grads = [(x[:, :1], norm.l2_grad(zk.view(B, H, 1, -1), y).view(BH, 1, p))]
     else:
-        t2 = st.tilde[1].view(BH, zk.shape[-1] + 1, p)
-        x2 = torch.cat([gelu_tanh(zk), _ones(BH, q.device)[:, :1]], 2)  # [BH,1,n1+1]
-        g2 = ln_l2_grad(torch.bmm(x2, t2).view(B, H, 1, p), y, gamma, beta)  # [B,H,1,p]
-        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2.view(BH, 1, p), t2[:, :-1].transpose(1, 2)), zk,
-                                          approximate="tanh")  # [BH,1,n1]
+        t2 = st.tilde_bh[1]  # [BH,n1+1,p]
+        x2 = torch.cat([gelu_tanh(zk), _ones(BH, dev)[:, :1]], 2)  # [BH,1,n1+1]
+        g2 = norm.l2_grad(torch.bmm(x2, t2).view(B, H, 1, p), y).view(BH, 1, p)  # [BH,1,p]
+        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, t2[:, :-1].transpose(1, 2)), zk, approximate="tanh")  # [BH,1,n1]
         grads = [(x[:, :1], g1), (x2, g2)]
     # S̃ += ãᵀ(η g), in place: a masked-out stream adds an exact 0 (both factors zeroed, so even a non-finite key
     # of a stream that is not live leaves its sums alone) and no [B,H,n_in+1,n_out] temporary is made (at B = 8
     # the mlp's sums are megabytes: a copy costs more than the ops)
-    e = eta.unsqueeze(-1)  # [B,H,1,1]
-    sums = [S.view(BH, *S.shape[2:]) for S in st.tilde_sums]
-    for (a, g), S in zip(grads, sums):
-        a = torch.where(mask, a.view(B, H, 1, -1), 0.0).view(BH, 1, -1)
-        S.baddbmm_(a.transpose(1, 2), torch.where(mask, e * g.view(B, H, 1, -1), 0.0).view(BH, 1, -1))
-    z = torch.addcmul(z1[:, 1:].view(B, H, 1, -1), torch.bmm(x[:, 1:], sums[0]).view(B, H, 1, -1), neg_inv_i)
+    e = eta.reshape(BH, 1, 1)
+    zero = _zero(dev)
+    for (a, g), S in zip(grads, st.sums_bh):
+        S.baddbmm_(torch.where(mask, a, zero).transpose(1, 2), torch.where(mask, e * g, zero))
+    z = torch.addcmul(z1[:, 1:].view(B, H, 1, -1), torch.bmm(x[:, 1:], st.sums_bh[0]).view(B, H, 1, -1), neg_inv_i)
     if inner == "mlp":
-        h = torch.cat([gelu_tanh(z).view(BH, 1, -1), _ones(BH, q.device)[:, :1]], 2)  # [BH,1,n1+1]
-        z = torch.addcmul(torch.bmm(h, t2).view(B, H, 1, p), torch.bmm(h, sums[1]).view(B, H, 1, p), neg_inv_i)
-    st.count.add_(live)
-    st.tokens.add_(live)
-    return q + layer_norm(z, gamma, beta)
+        h = torch.cat([gelu_tanh(z).view(BH, 1, -1), _ones(BH, dev)[:, :1]], 2)  # [BH,1,n1+1]
+        z = torch.addcmul(torch.bmm(h, t2).view(B, H, 1, p), torch.bmm(h, st.sums_bh[1]).view(B, H, 1, p), neg_inv_i)
+    st.steps.add_(live)  # count and tokens
+    return norm.out(q, z)
+
+
+@dataclass
+class TokenInputs:
+    """One token of a one-head `linear` learner whose η is a constant of the learner, laid out by the layer's own
+    projection (`learn_token_one_head`): nothing is concatenated, reshaped or scaled per token."""
+
+    x: torch.Tensor     # [B, 2, p+1]: x̃ of the key and of the query (rows [k, 1] and [q, 1])
+    y: torch.Tensor     # [B, 1, p]: the target
+    grad_norm: Norm     # the learner's `Norm.scaled(η)`: its `l2_grad` is η·∇ℓ
+
+
+def learn_token_one_head(st: LearnerState, tok: TokenInputs, norm: Norm, live: torch.Tensor,
+                         chunk_size: int) -> torch.Tensor:
+    """`learn_token` for a `linear` inner model of one head on a `TokenInputs`: the same dual form in [B, L, ·]
+    layout (no head axis to view in and out of), η folded into the gradient's constants.
+
+    Args:
+        st: the learner's per-stream state (sums and counters updated in place).
+        tok: the token's x̃, target and η-scaled norm.
+        norm: the learner's LayerNorm (for the output).
+        live: [B] bool.
+        chunk_size: C.
+    Returns:
+        o [B,1,p] float32.
+    """
+    x = tok.x
+    dev = x.device
+    neg_inv_i = _neg_inv(chunk_size, dev).index_select(0, st.count).view(-1, 1, 1)  # [B,1,1]: −1/i, i = count + 1
+    mask = live.view(-1, 1, 1)  # [B,1,1]
+    zero = _zero(dev)
+    z1 = torch.bmm(x, st.tilde_bh[0])  # [B,2,p]: key and query, one product
+    eg = tok.grad_norm.l2_grad(z1[:, :1], tok.y)  # [B,1,p]: η g
+    # S̃ += ãᵀ(η g) as in `learn_token`: a stream that is not live adds an exact 0
+    st.sums_bh[0].baddbmm_(torch.where(mask, x[:, :1], zero).transpose(1, 2), torch.where(mask, eg, zero))
+    z = torch.addcmul(z1[:, 1:], torch.bmm(x[:, 1:], st.sums_bh[0]), neg_inv_i)  # [B,1,p]
+    st.steps.add_(live)  # count and tokens
+    return norm.out(x[:, 1:, :-1], z)
+
+
+_NEG_INV: dict[tuple[int, torch.device], torch.Tensor] = {}
+_ZERO: dict[torch.device, torch.Tensor] = {}
+
+
+def _zero(device: torch.device) -> torch.Tensor:
+    """A cached float32 0-d zero: `torch.where` against it costs less than against a Python 0.0."""
+    if device not in _ZERO:
+        _ZERO[device] = torch.zeros((), dtype=F32, device=device)
+    return _ZERO[device]
+
+
+def _neg_inv(C: int, device: torch.device) -> torch.Tensor:
+    """A cached [C] float32 table of −1/i for count = i − 1 = 0 .. C − 1 (one lookup instead of two ops a token)."""
+    key = (C, device)
+    if key not in _NEG_INV:
+        _NEG_INV[key] = (-1.0 / torch.arange(1, C + 1, dtype=torch.float64)).to(device, F32)
+    return _NEG_INV[key]
 
 
 _ONES: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -222,7 +285,8 @@ def _scan_run(st: LearnerState, inner: str, segments: list, i: int, qkye: tuple[
 
 def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
           gamma: torch.Tensor, beta: torch.Tensor, chunk_size: int, live: torch.Tensor,
-          start: dict[str, torch.Tensor], clock: "HostClock | None" = None, tap: tp.Any = None) -> torch.Tensor:
+          start: dict[str, torch.Tensor], clock: "HostClock | None" = None, tap: tp.Any = None,
+          norm: Norm | None = None, token: TokenInputs | None = None) -> torch.Tensor:
     """Reads and learns T tokens of every stream (apply, then update at each mini-batch end).
 
     A one-token call (`LMGen.step`) is pure tensor arithmetic (SPEC §8.6): the host clock says whether a
@@ -240,18 +304,31 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         clock: the host-side mirror of the pending counts (advanced here unless a step plan was made);
             None: made from the device counts (one host read; for calls outside a streaming layer).
         tap: a `recording.LearnerTap` that records each completion (the update series), or None.
+        norm: `Norm.of(gamma, beta)` if the caller keeps it (made here otherwise).
+        token: for T = 1, the token as `learn_token_one_head` takes it (k, y and eta are then unused).
     Returns:
         o [B,H,T,p] float32.
     """
-    B, _, T, _ = q.shape
+    T = q.shape[2]
     C = chunk_size
     if clock is None:
         clock = HostClock(C, st.count.tolist(), [bool(v) for v in live.tolist()])
     if T == 1:
-        o = learn_token(st, inner, q, k, y, eta, gamma, beta, live)
+        norm = norm or Norm.of(gamma, beta)
+        o = learn_token(st, inner, q, k, y, eta, norm, live, C) if token is None else \
+            learn_token_one_head(st, token, norm, live, C).unsqueeze(1)
         if clock.take():  # "step + update": decided on the host, never by reading the device
             st.complete(live & (st.count == C), C, start, tap)
         return o
+    return _learn_segments(st, inner, q, k, y, eta, gamma, beta, C, live, start, clock, tap)
+
+
+def _learn_segments(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
+                    eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, C: int, live: torch.Tensor,
+                    start: dict[str, torch.Tensor], clock: HostClock, tap: tp.Any) -> torch.Tensor:
+    """`learn` for T > 1: segment by segment (cut where a live stream's mini-batch completes), whole mini-batches
+    that every stream starts empty through `learner_scan`."""
+    B, _, T, _ = q.shape
     counts, alive = list(clock.pending), list(clock.active)
     segments, final = _segments(counts, alive, T, C)
     # Runs of whole mini-batches that every stream starts empty take the scan (learner_scan), unless the update

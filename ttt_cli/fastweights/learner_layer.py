@@ -14,7 +14,7 @@ from moshi.modules.streaming import State
 
 from ..errors import CheckpointError, StateMismatchError
 from .interface import DerivedTensor, FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
-from .learner import F32, LearnerState, flush, frozen_outputs, learn
+from .learner import F32, LearnerState, Norm, TokenInputs, flush, frozen_outputs, learn
 from .recording import LearnerTap, UpdateRecorder
 
 PENDING_SUM = "pending_sum."
@@ -30,19 +30,27 @@ class Float32Module(nn.Module):
         return self
 
 
-class StackedWeights:
-    """[w1; w2; ...]: parameters stacked along dim 0 so that several projections of one input are one product,
-    made again only when a part changed (`DerivedTensor`). A forward that trains, or one torch.compile traces,
-    gets a fresh `torch.cat`."""
+class Derived:
+    """A value made from parameters by `make(parts, *extra)`, made again only when a part or `extra` changed
+    (`DerivedTensor`). A forward that trains, or one torch.compile traces, gets it made fresh (no storage
+    addresses in a traced graph)."""
+
+    def __init__(self, make: tp.Callable[..., tp.Any]) -> None:
+        self._make = make
+        self._cache = DerivedTensor()
+
+    def __call__(self, parts: tp.Sequence[torch.Tensor], *extra: tp.Hashable) -> tp.Any:
+        """The value for `parts` as they are now and `extra` (hashable constants `make` also takes)."""
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parts)):
+            return self._make(list(parts), *extra)
+        return self._cache.get(parts, lambda: self._make([t.detach() for t in parts], *extra), *extra)
+
+
+class StackedWeights(Derived):
+    """[w1; w2; ...]: parameters stacked along dim 0 so that several projections of one input are one product."""
 
     def __init__(self) -> None:
-        self._stack = DerivedTensor()
-
-    def __call__(self, parts: tp.Sequence[torch.Tensor]) -> torch.Tensor:
-        """The stacked tensor of `parts` (each [n_i, ...], same trailing shape)."""
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in parts)):
-            return torch.cat(list(parts), 0)  # a traced graph (no storage addresses there) or a training forward
-        return self._stack.get(parts, lambda: torch.cat([t.detach() for t in parts], 0))
+        super().__init__(lambda parts: torch.cat(parts, 0))
 
 
 @dataclass
@@ -53,6 +61,18 @@ class Learner:
     gamma: torch.Tensor              # [H, p]
     beta: torch.Tensor               # [H, p]
     inner: str                       # linear | mlp
+
+
+class Norms:
+    """Each learner's `Norm` by name, made again only when its γ or β changed."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Derived] = {}
+
+    def __call__(self, name: str, lrn: Learner) -> Norm:
+        if name not in self._by_name:
+            self._by_name[name] = Derived(lambda gb: Norm.of(*gb))
+        return self._by_name[name]([lrn.gamma, lrn.beta])
 
 
 @dataclass
@@ -114,6 +134,7 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
     def __init__(self) -> None:
         super().__init__()
         self._warm: dict[str, dict[str, torch.Tensor]] | None = None
+        self.norms = Norms()
 
     @abc.abstractmethod
     def learners(self) -> dict[str, Learner]:
@@ -147,14 +168,17 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
         return None if st.recorder is None else st.tap(name, self.learners()[name].theta0)
 
     def run_learner(self, name: str, q: torch.Tensor,
-                    keys: tp.Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                    keys: tp.Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
+                    token: tp.Callable[[], TokenInputs] | None = None) -> torch.Tensor:
         """o [B,H,T,p] of learner `name` for this call, in the stream's state (a fresh one outside streaming).
 
         Args:
             q: queries [B,H,T,p] float32.
-            keys: makes (keys [B,H,T,p], targets [B,H,T,p], η [B,H,T]); not called when frozen.
+            keys: makes (keys [B,H,T,p], targets [B,H,T,p], η [B,H,T]); not called when frozen or when `token` is.
+            token: for T = 1 of a one-head linear learner, makes the token's `TokenInputs` (its own layout).
         """
         lrn = self.learner(name)
+        norm = self.norms(name, lrn)
         st = self._streaming_state
         if st is None:
             st = self._init_streaming_state(q.shape[0])
@@ -165,12 +189,13 @@ class LearnerLayer(FastWeightLayer[LearnerLayerState], Float32Module):
             tap.recorder.advance(tap.part, st.exec_mask, q.shape[2])
         if st.frozen:
             lst.tokens.add_(st.exec_mask.long() * q.shape[2])
-            return frozen_outputs(lrn.inner, st.start[name], q, lrn.gamma, lrn.beta)
+            return frozen_outputs(lrn.inner, st.start[name], q, norm)
         clock = st.clocks[name]
         refuse_graph_capture(q, planned=q.shape[2] == 1 and clock.planned is not None)
-        k, y, eta = keys()
+        tok = token() if token is not None and q.shape[2] == 1 else None
+        k, y, eta = keys() if tok is None else (None, None, None)
         return learn(lst, lrn.inner, q, k, y, eta, lrn.gamma, lrn.beta, self.chunk_size, st.exec_mask,
-                     st.start[name], clock, tap)
+                     st.start[name], clock, tap, norm, tok)
 
     # -- snapshots ---------------------------------------------------------------------------------
     def capture(self, batch_index: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,8 @@ gradients, the dual form's query outputs and the gradient sums. All math float32
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
@@ -35,9 +37,40 @@ def ln_l2_grad_given(z: torch.Tensor, g2: torch.Tensor, c: torch.Tensor) -> torc
     """`ln_l2_grad` from γ² and c = γ ⊙ (β − y), broadcastable against z: ∂ℓ/∂x̂ = γ² ⊙ x̂ + c (the scan of
     `learner_scan` makes both once for many mini-batches)."""
     p = z.shape[-1:]
-    xhat, mean, rstd = torch.ops.aten.native_layer_norm(z, p, None, None, LN_EPS)
+    xhat, mean, rstd = torch.native_layer_norm(z, p, None, None, LN_EPS)  # torch.ops.aten's binding costs more per call
     return torch.ops.aten.native_layer_norm_backward(torch.addcmul(c, g2, xhat), z, p, mean, rstd, None, None,
                                                      [True, False, False])[0]
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A learner's LayerNorm (γ, β) shaped [H, 1, p] against [B, H, L, p], with γ² and γ ⊙ β made once: what a
+    one-token step and a frozen read need from it in few ops (a layer caches it while γ and β are unchanged)."""
+
+    gamma: torch.Tensor  # γ [H, 1, p]
+    beta: torch.Tensor   # β [H, 1, p]
+    g2: torch.Tensor     # γ² [H, 1, p]
+    gbeta: torch.Tensor  # γ ⊙ β [H, 1, p]
+
+    @classmethod
+    def of(cls, gamma: torch.Tensor, beta: torch.Tensor) -> "Norm":
+        """From γ, β [H, p]."""
+        g, b = _bcast(gamma), _bcast(beta)
+        return cls(g, b, g * g, g * b)
+
+    def scaled(self, eta: torch.Tensor) -> "Norm":
+        """The norm whose `l2_grad` is η·∇ (∂ℓ/∂z is linear in ∂ℓ/∂x̂ = γ² ⊙ x̂ + γ ⊙ (β − y), so η scales γ² and γ
+        and γ ⊙ β); for `l2_grad` only. eta: broadcastable against [H, 1, p]."""
+        return Norm(self.gamma * eta, self.beta, self.g2 * eta, self.gbeta * eta)
+
+    def out(self, q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """q + LN(z): `layer_norm` with γ and β applied in one addcmul."""
+        xhat = torch.native_layer_norm(z, z.shape[-1:], None, None, LN_EPS)[0]
+        return torch.addcmul(q + self.beta, self.gamma, xhat)
+
+    def l2_grad(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`ln_l2_grad(z, y, γ, β)`, with c = γ ⊙ β − γ ⊙ y in one op."""
+        return ln_l2_grad_given(z, self.g2, torch.addcmul(self.gbeta, self.gamma, y, value=-1.0))
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -111,10 +144,9 @@ def gradient_sums(grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Ten
     return out
 
 
-def frozen_outputs(inner: str, theta: dict[str, torch.Tensor], q: torch.Tensor, gamma: torch.Tensor,
-                   beta: torch.Tensor) -> torch.Tensor:
+def frozen_outputs(inner: str, theta: dict[str, torch.Tensor], q: torch.Tensor, norm: Norm) -> torch.Tensor:
     """o = q + LN(f_θ(q)) with θ shared by every stream ([H, ...]): the learner with η = 0."""
     z = q @ theta["W1"] + theta["b1"][:, None]
     if inner == "mlp":
         z = gelu_tanh(z) @ theta["W2"] + theta["b2"][:, None]
-    return q + layer_norm(z, gamma, beta)
+    return norm.out(q, z)

@@ -92,26 +92,26 @@ class HybridTTTBlock(LearnerLayer):
 
     def target(self, v: torch.Tensor) -> torch.Tensor:
         """y = γ_h ⊙ (v − mean v) / (std v + 1e-8) + β_h per head, std unbiased (ttt-video-dit's target)."""
-        mu = v.mean(-1, keepdim=True)
-        std = v.std(-1, keepdim=True, unbiased=True)
-        return self.ttt_norm_weight[:, None] * (v - mu) / (std + TARGET_EPS) + self.ttt_norm_bias[:, None]
+        std, mu = torch.std_mean(v, -1, keepdim=True, unbiased=True)  # one pass for both
+        return torch.addcmul(self.ttt_norm_bias[:, None], v - mu, self.ttt_norm_weight[:, None] / (std + TARGET_EPS))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         h = x.to(F32)  # [B, T, d]
         st = self._streaming_state
-        if st.frozen if st is not None else self.frozen:
-            proj = self.wq(h)  # [B, T, d]: a frozen learner reads the query only
-        else:  # q, k, v and the lr gate of every head in one product: [B, T, 3d + H]
+        if st.frozen if st is not None else self.frozen:  # a frozen learner reads the query only
+            q = F.normalize(self._heads(self.wq(h)), dim=-1)  # [B, H, T, p]
+            k = proj = None
+        else:  # q, k, v and the lr gate of every head in one product: [B, T, 3d + H]; q and k normalized in one call
             proj = F.linear(h, self._proj_w([self.wq.weight, self.wk.weight, self.wv.weight, self.lr_weight]),
                             self._proj_b([self.wq.bias, self.wk.bias, self.wv.bias, self.lr_bias]))
-        q = F.normalize(self._heads(proj[..., :d]), dim=-1)  # [B, H, T, p]
+            qk = F.normalize(proj[..., :2 * d].view(B, T, 2 * self.heads, self.head_dim).transpose(1, 2), dim=-1)
+            q, k = qk[:, :self.heads], qk[:, self.heads:]  # [B, H, T, p] each
 
         def keys():
-            k = F.normalize(self._heads(proj[..., d:2 * d]), dim=-1)
             y = self.target(self._heads(proj[..., 2 * d:3 * d]) - k)
             gate = proj[..., 3 * d:].transpose(1, 2)  # [B, H, T]
-            return k, y, self.base_lr * torch.sigmoid(gate) / self.head_dim
+            return k, y, torch.sigmoid(gate) * (self.base_lr / self.head_dim)
 
         o = self.run_learner("", q, keys)  # [B, H, T, p]
         out = self.wo(self.post_norm(o.transpose(1, 2).reshape(B, T, d)))
