@@ -54,7 +54,7 @@ class AdapterParams(Float32Module):
 
     def learning_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [3r+2, in], bias [3r+2]) of one product giving [k, 1, q, 1, v − k] per token: the learner's
-        x̃ of the key and the query (`learn_token`'s layout) and the target, in one call."""
+        x̃ of the key and the query and the target (`learner.TokenInputs`' layout), in one call."""
         return self._proj([self.wk, self.wq, self.wv])
 
     def eta(self, lr_scale: float) -> torch.Tensor:
