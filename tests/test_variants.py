@@ -435,8 +435,8 @@ def test_flush_partial_is_the_last_tokens_theta(variant):
 
 def test_stacked_projection_follows_loads_and_moves():
     """The adapter's one-product projection (a cached stack made from wk, wq, wv) always gives [k, 1, q, 1, v − k]
-    of the three matrices as they are now, and its cached η = lr_scale·sigmoid(lr_gate) follows lr_gate: after an
-    in-place load of one of them and after its storage is replaced (a device move)."""
+    of the three matrices as they are now, and its cached η = lr_scale·sigmoid(lr_gate) and η-scaled norm follow
+    lr_gate and γ: after an in-place load of one of them and after its storage is replaced (a device move)."""
     from ttt_cli.fastweights.adapter import AdapterParams
 
     p = AdapterParams(12, 10, 4)
@@ -460,3 +460,11 @@ def test_stacked_projection_follows_loads_and_moves():
         p.lr_gate.fill_(0.5)
         assert float(p.eta(2.0)) == pytest.approx(2.0 / (1.0 + math.exp(-0.5)))
         assert float(p.eta(3.0)) == pytest.approx(3.0 / (1.0 + math.exp(-0.5)))
+        # the η-scaled norm of the one-token step follows lr_gate and γ too
+        p.ttt_norm_weight.copy_(torch.rand(1, 4) + 0.5)
+        p.ttt_norm_bias.copy_(torch.randn(1, 4))
+        eta = 3.0 / (1.0 + math.exp(-0.5))
+        gn = p.grad_norm(3.0)
+        torch.testing.assert_close(gn.g2[:, 0], eta * p.ttt_norm_weight ** 2)
+        torch.testing.assert_close(gn.gamma[:, 0], eta * p.ttt_norm_weight)
+        torch.testing.assert_close(gn.gbeta[:, 0], eta * p.ttt_norm_weight * p.ttt_norm_bias)

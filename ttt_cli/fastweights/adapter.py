@@ -51,6 +51,7 @@ class AdapterParams(Float32Module):
         self.lr_gate = nn.Parameter(torch.tensor(LR_GATE_INIT, **kw))
         self._proj = Derived(_learning_projection)
         self._eta = Derived(lambda parts, scale: (scale * parts[0].sigmoid()).view(1, 1, 1))
+        self._grad_norm = Derived(lambda parts: Norm.of(parts[0], parts[1]).scaled(parts[2]))
 
     def learning_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight [3r+2, in], bias [3r+2]) of one product giving [k, 1, q, 1, v − k] per token: the learner's
@@ -60,6 +61,10 @@ class AdapterParams(Float32Module):
     def eta(self, lr_scale: float) -> torch.Tensor:
         """η = lr_scale · sigmoid(lr_gate), [1, 1, 1]."""
         return self._eta([self.lr_gate], lr_scale)
+
+    def grad_norm(self, lr_scale: float) -> Norm:
+        """The learner's `Norm.scaled(η)`: η is one number per adapter, folded into the gradient's constants."""
+        return self._grad_norm([self.ttt_norm_weight, self.ttt_norm_bias, self.eta(lr_scale)])
 
     @torch.no_grad()
     def init_fresh(self, generator: torch.Generator) -> None:
@@ -147,7 +152,6 @@ class AdapterGroup(LearnerLayer):
         self.targets = list(cfg.targets)
         self._adapters: dict[str, TTTAdapterLinear] = {}
         self._host: nn.Module | None = None
-        self._grad_norms: dict[str, Derived] = {}
 
     def add(self, adapter: TTTAdapterLinear) -> None:
         """Registers an adapter whose learner state this group holds (by reference, not as a child)."""
@@ -185,20 +189,13 @@ class AdapterGroup(LearnerLayer):
 
             def token():  # T = 1: x̃ [B, 2, r+1] and the target [B, 1, r] are views of the projection
                 return TokenInputs(proj[..., :2 * r + 2].view(B, 2, r + 1), proj[..., 2 * r + 2:],
-                                   self.grad_norm(target, P))
+                                   P.grad_norm(self.lr_scale))
 
         o = self.run_learner(target, q, keys, token)[:, 0]  # [B, T, r]
         if base.dtype == F32:  # one product-and-add (no [B, T, out] temporary: at T = 4096 it costs as much)
             return torch.baddbmm(base, o, P.wo.T.expand(B, -1, -1), alpha=self.scale)
         out = o @ P.wo.T  # [B, T, out]
         return base + (out if self.scale == 1.0 else self.scale * out).to(base.dtype)
-
-    def grad_norm(self, target: str, P: AdapterParams) -> Norm:
-        """The adapter's `Norm.scaled(η)` (η = lr_scale · sigmoid(lr_gate) is one number per adapter), cached."""
-        if target not in self._grad_norms:
-            self._grad_norms[target] = Derived(lambda parts, scale: Norm.of(*parts[:2]).scaled(
-                (scale * parts[2].sigmoid()).view(1, 1, 1)))
-        return self._grad_norms[target]([P.ttt_norm_weight, P.ttt_norm_bias, P.lr_gate], self.lr_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("an AdapterGroup holds state; its adapters run inside the linears they sit beside.")

@@ -21,21 +21,9 @@ def tilde_of(theta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat([theta[f"W{j}"], theta[f"b{j}"].unsqueeze(-2)], -2) for j in range(1, len(theta) // 2 + 1)]
 
 
-def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """LN_h(z) = γ_h ⊙ (z − mean) / sqrt(var + 1e-6) + β_h over the last dim (population variance)."""
-    return F.layer_norm(z, z.shape[-1:], eps=LN_EPS) * _bcast(gamma) + _bcast(beta)
-
-
-def ln_l2_grad(z: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """∂/∂z of ½‖LN(z) − y‖² in closed form: ∂ℓ/∂x̂ = γ ⊙ (LN(z) − y), then the LayerNorm backward
-    rstd·(g − mean g − x̂·mean(g ⊙ x̂)) (ttt-lm's `ln_fused_l2_bwd`), here ATen's LayerNorm kernels."""
-    g = _bcast(gamma)
-    return ln_l2_grad_given(z, g * g, g * (_bcast(beta) - y))
-
-
 def ln_l2_grad_given(z: torch.Tensor, g2: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """`ln_l2_grad` from γ² and c = γ ⊙ (β − y), broadcastable against z: ∂ℓ/∂x̂ = γ² ⊙ x̂ + c (the scan of
-    `learner_scan` makes both once for many mini-batches)."""
+    """`Norm.l2_grad` from γ² and c = γ ⊙ (β − y), broadcastable against z: ∂ℓ/∂x̂ = γ² ⊙ x̂ + c (the scan of
+    `learner_scan` makes c once for many mini-batches)."""
     p = z.shape[-1:]
     xhat, mean, rstd = torch.native_layer_norm(z, p, None, None, LN_EPS)  # torch.ops.aten's binding costs more per call
     return torch.ops.aten.native_layer_norm_backward(torch.addcmul(c, g2, xhat), z, p, mean, rstd, None, None,
@@ -64,12 +52,13 @@ class Norm:
         return Norm(self.gamma * eta, self.beta, self.g2 * eta, self.gbeta * eta)
 
     def out(self, q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """q + LN(z): `layer_norm` with γ and β applied in one addcmul."""
+        """q + LN(z), LN_h(z) = γ_h ⊙ (z − mean) / sqrt(var + 1e-6) + β_h over the last dim (population variance)."""
         xhat = torch.native_layer_norm(z, z.shape[-1:], None, None, LN_EPS)[0]
         return torch.addcmul(q + self.beta, self.gamma, xhat)
 
     def l2_grad(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """`ln_l2_grad(z, y, γ, β)`, with c = γ ⊙ β − γ ⊙ y in one op."""
+        """∂/∂z of ½‖LN(z) − y‖² in closed form: ∂ℓ/∂x̂ = γ ⊙ (LN(z) − y), then the LayerNorm backward
+        rstd·(g − mean g − x̂·mean(g ⊙ x̂)) (ttt-lm's `ln_fused_l2_bwd`), here ATen's LayerNorm kernels."""
         return ln_l2_grad_given(z, self.g2, torch.addcmul(self.gbeta, self.gamma, y, value=-1.0))
 
 
@@ -87,10 +76,10 @@ def key_gradients(inner: str, theta: dict[str, torch.Tensor], k: torch.Tensor, y
     """
     z1 = k @ theta["W1"] + theta["b1"][:, :, None]  # [B,H,L,n1]
     if inner == "linear":
-        return [(k, ln_l2_grad(z1, y, gamma, beta))]
+        return [(k, Norm.of(gamma, beta).l2_grad(z1, y))]
     x2 = gelu_tanh(z1)
     z2 = x2 @ theta["W2"] + theta["b2"][:, :, None]  # [B,H,L,p]
-    g2 = ln_l2_grad(z2, y, gamma, beta)
+    g2 = Norm.of(gamma, beta).l2_grad(z2, y)
     # g1 = (g2 W2ᵀ) ⊙ gelu_tanh'(z1), with ATen's closed-form gelu backward
     g1 = torch.ops.aten.gelu_backward(g2 @ theta["W2"].transpose(-1, -2), z1, approximate="tanh")  # [B,H,L,4p]
     return [(k, g1), (x2, g2)]
@@ -131,7 +120,7 @@ def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] 
         z = z - corr * inv_i
         if j < n:
             h = gelu_tanh(z)
-    return q + layer_norm(z, gamma, beta)
+    return Norm.of(gamma, beta).out(q, z)
 
 
 def gradient_sums(grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .learner_math import F32, gelu_tanh, layer_norm, ln_l2_grad_given, lower, tilde_of
+from .learner_math import F32, Norm, gelu_tanh, ln_l2_grad_given, lower, tilde_of
 
 # The query-key weights of the mini-batches scanned at once take N·B·H·C² floats (and the linear scan keeps each
 # mini-batch's θ̃): groups of mini-batches are scanned one after the other so that they stay under this (a chunk
@@ -52,8 +52,7 @@ def scan_mini_batches(theta: dict[str, torch.Tensor], inner: str, q: torch.Tenso
     C, BH = chunk_size, B * H
     # θ̃_j = [W_j; b_j] per stream and head: [BH, n_in + 1, n_out]
     th = [t.reshape(BH, *t.shape[2:]) for t in tilde_of(theta)]  # a copy: the state is written only at the end
-    g = gamma.repeat(B, 1)[:, None]  # [BH, 1, p]
-    consts = (g * g, g * beta.repeat(B, 1)[:, None], g)
+    per_head = Norm.of(gamma.repeat(B, 1), beta.repeat(B, 1))  # [BH, 1, p]
     # w[t, s] = [s ≤ t] / i_t: every mini-batch starts empty, so token t is its (t + 1)-th
     w = lower(C, q.device) / torch.arange(1, C + 1, dtype=F32, device=q.device)[:, None]  # [C, C]
     per_batch_bytes = 4 * BH * (C * C + th[0].shape[1] * th[0].shape[2])  # its weights, its kept θ̃ (linear)
@@ -61,7 +60,7 @@ def scan_mini_batches(theta: dict[str, torch.Tensor], inner: str, q: torch.Tenso
     zs = []
     for a in range(0, T, group):
         b = min(T, a + group)
-        zs.append(_scan(th, q[:, :, a:b], k[:, :, a:b], y[:, :, a:b], eta[:, :, a:b], consts, w, C))
+        zs.append(_scan(th, q[:, :, a:b], k[:, :, a:b], y[:, :, a:b], eta[:, :, a:b], per_head, w, C))
     if not all(bool(torch.isfinite(t).all()) for t in th):  # non-finite θ stays so: the last one tells
         return None
     z = torch.cat(zs, 2) if len(zs) > 1 else zs[0]  # [B,H,T,p]
@@ -70,22 +69,22 @@ def scan_mini_batches(theta: dict[str, torch.Tensor], inner: str, q: torch.Tenso
         n_in = theta[f"W{j}"].shape[-2]
         out[f"W{j}"] = t[:, :n_in].reshape(theta[f"W{j}"].shape)
         out[f"b{j}"] = t[:, n_in].reshape(theta[f"b{j}"].shape)
-    return q + layer_norm(z, gamma, beta), out
+    return Norm.of(gamma, beta).out(q, z), out
 
 
 def _scan(th: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, y: torch.Tensor, eta: torch.Tensor,
-          consts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], w: torch.Tensor, C: int) -> torch.Tensor:
+          norm: Norm, w: torch.Tensor, C: int) -> torch.Tensor:
     """One group of mini-batches: θ̃ in `th` updated in place; returns the pre-LayerNorm outputs z [B,H,L,p]."""
     B, H, L, p = q.shape
     N, BH = L // C, B * H
-    g2, gb, g = consts
+    g2 = norm.g2  # [BH, 1, p]
 
     def per_batch(x: torch.Tensor) -> torch.Tensor:  # [B,H,L,n] -> [N,BH,C,n]: mini-batch n, contiguous
         return x.reshape(BH, N, C, x.shape[-1]).transpose(0, 1).contiguous()
 
     kt, qt = per_batch(_tilde(k)), per_batch(_tilde(q))  # [N,BH,C,p+1]
     e = eta.reshape(BH, N, C).transpose(0, 1)[..., None]  # [N,BH,C,1]: η_s
-    c = gb - g * per_batch(y)  # [N,BH,C,p]: γ ⊙ (β − y)
+    c = torch.addcmul(norm.gbeta, norm.gamma, per_batch(y), value=-1.0)  # [N,BH,C,p]: γ ⊙ (β − y)
     wn = e.transpose(-1, -2) * w  # [N,BH,C,C]: η_s [s ≤ t] / i_t
     m1 = torch.matmul(qt, kt.transpose(-1, -2)).mul_(wn)  # [N,BH,C,C]: (q̃_t·k̃_s) η_s [s ≤ t] / i_t
     u1 = (kt * (e / C)).transpose(-1, -2).contiguous()  # [N,BH,p+1,C]: θ̃1 −= u1 @ g1 at the mini-batch end
