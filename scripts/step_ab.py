@@ -2,11 +2,14 @@
 
 `step_overhead_b1*` compares two model copies loaded one after the other; this runs the same protocol on any
 two copies, so that two identical frozen copies (`off off`) show what the figure reads when TTT costs nothing:
-the noise floor of the comparison on this machine. A development tool; `ttt bench` gives the figures.
+the noise floor of the comparison on this machine. By default the first copy steps first in every round (to
+show an order effect); `--rotate` alternates, as `ttt bench` does (`ttt_cli.bench.timing.rotated`). A
+development tool; `ttt bench` gives the figures.
 
     .venv/bin/python scripts/step_ab.py linear-adapter off off     # A/A: both frozen (rate 0)
     .venv/bin/python scripts/step_ab.py linear-adapter on off      # what step_overhead_b1_adapter measures
     .venv/bin/python scripts/step_ab.py mlp off off --second-first # the copy loaded second stepped first
+    .venv/bin/python scripts/step_ab.py mlp off off --rotate       # the order alternating, as ttt bench
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from moshi.utils.compile import no_cuda_graph
 
 from ttt_cli import load_model
+from ttt_cli.bench.timing import rotated
 from ttt_cli.fastweights.graphs import TTTLMGen
 
 
@@ -31,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8, help="interleaved blocks per copy")
     ap.add_argument("--steps", type=int, default=32, help="timed steps per block")
     ap.add_argument("--second-first", action="store_true", help="step the second copy first in each round")
+    ap.add_argument("--rotate", action="store_true", help="alternate which copy steps first (ttt bench's order)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     with warnings.catch_warnings():
@@ -47,8 +52,8 @@ def main() -> None:
         for gen in gens:  # warm-up
             for _ in range(8):
                 gen.step(torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, 1), generator=g))
-        for _ in range(a.rounds):
-            for i in order:
+        for r in range(a.rounds):
+            for i in (rotated(order, r) if a.rotate else order):
                 for _ in range(a.steps):
                     x = torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, 1), generator=g)
                     t = time.perf_counter()

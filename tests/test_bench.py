@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ttt_cli.bench.registry import FIGURES, judge, parse_targets, spec
+from ttt_cli.bench.timing import alternating_medians
 from ttt_cli.cli.app import app
 from ttt_cli.errors import ConfigError
 
@@ -203,3 +204,17 @@ def test_scaleout_job_arithmetic_by_hand():
     assert job.phases() == {"0": {"launch": 2.0, "model_load": 8.0, "setup": 1.0, "scoring": 20.0, "merge": 2.0,
                                   "finish": 7.0},
                             "1": {"launch": 2.5, "model_load": 8.5, "setup": 1.0, "scoring": 20.0, "finish": 8.0}}
+
+
+def test_interleaved_rounds_alternate_which_side_goes_first():
+    """The A/B rounds of the layer figures (and, through the same `rotated`, the step and refill figures)
+    alternate which side runs first, so that an order effect cancels: after the warm-up round, each side is
+    first in as many timed rounds as the other, and each side's times are its own."""
+    calls: list[str] = []
+    fns = [lambda: calls.append("a"), lambda: calls.append("b")]
+    medians = alternating_medians(fns, "cpu", reps=4)
+    rounds = [calls[i:i + 2] for i in range(0, len(calls), 2)]
+    assert len(rounds) == 5 and all(sorted(r) == ["a", "b"] for r in rounds)
+    firsts = [r[0] for r in rounds[1:]]  # the timed rounds
+    assert firsts.count("a") == firsts.count("b") == 2
+    assert len(medians) == 2 and all(m >= 0 for m in medians)

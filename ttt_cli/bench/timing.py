@@ -25,6 +25,15 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+def rotated(items: tp.Sequence, r: int) -> list:
+    """`items` in the order of round `r`: rotated by r, so that over the rounds each item goes first (and last)
+    as often as the others (A B, B A, ... for two), and an order effect cancels: in A/A runs of two identical
+    frozen copies of the bench model (scripts/step_ab.py), the copy stepped first in every round read slower in
+    six runs of seven, by up to 2.7%."""
+    k = r % len(items) if items else 0
+    return list(items[k:]) + list(items[:k])
+
+
 def _gen_steps(gen, B: int, n: int, device: str, g: torch.Generator) -> list[float]:
     """Times `n` LMGen.step calls (depformer included) in the generator's current stream."""
     times = []
@@ -40,7 +49,8 @@ def _gen_steps(gen, B: int, n: int, device: str, g: torch.Generator) -> list[flo
 
 def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int,
                   cuda_graphs: bool = False) -> tuple[dict, dict]:
-    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries.
+    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries, which
+    of the two goes first alternating from round to round (`rotated`).
 
     `on`/`off` are models (`.lm`); with `cuda_graphs` both run moshi's CUDA graphs (TTT on through
     `TTTLMGen`'s per-phase graphs), else both run eagerly.
@@ -65,8 +75,8 @@ def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: i
     with torch.no_grad(), graphs, gens["on"].streaming(B), gens["off"].streaming(B):
         for name in gens:  # warm-up
             _gen_steps(gens[name], B, 4, device, g)
-        for _ in range(rounds):
-            for name in ("on", "off"):
+        for r in range(rounds):
+            for name in rotated(("on", "off"), r):
                 times[name] += _gen_steps(gens[name], B, per, device, g)
     stats = {k: {"median_ms": 1e3 * statistics.median(v), "p99_ms": 1e3 * percentile(v, 0.99),
                  "max_ms": 1e3 * max(v), "steps": len(v)} for k, v in times.items()}
@@ -110,9 +120,9 @@ def refill_overhead(staggered, in_phase, off, B: int, chunk: int, rounds: int, d
                 if name == "staggered" and t in starts:
                     gen.reset_streaming(torch.arange(B, device=device) == starts[t])
                 _gen_steps(gen, B, 1, device, g)
-        for _ in range(rounds):
-            for name, gen in gens.items():
-                times[name] += _gen_steps(gen, B, chunk, device, g)
+        for r in range(rounds):
+            for name in rotated(list(gens), r):
+                times[name] += _gen_steps(gens[name], B, chunk, device, g)
         # what each batch's steps updated (the phases' keys: per host clock, the streams completing a chunk)
         updated = {k: sorted({s for key in gen.phase_graphs().calls for s in key if s}) for k, gen in gens.items()}
     out: dict = {k: {"mean_ms": 1e3 * statistics.fmean(v), "median_ms": 1e3 * statistics.median(v), "steps": len(v),
@@ -132,7 +142,7 @@ def alternating_medians(fns: tp.Sequence[tp.Callable[[], tp.Any]], device: str, 
     times: list[list[float]] = [[] for _ in fns]
     with torch.no_grad():
         for r in range(reps + 1):
-            for fn, acc in zip(fns, times):
+            for fn, acc in rotated(list(zip(fns, times)), r):
                 sync(device)
                 t = time.perf_counter()
                 fn()
