@@ -3,13 +3,14 @@
 `step_overhead_b1*` compares two model copies loaded one after the other; this runs the same protocol on any
 two copies, so that two identical frozen copies (`off off`) show what the figure reads when TTT costs nothing:
 the noise floor of the comparison on this machine. By default the first copy steps first in every round (to
-show an order effect); `--rotate` alternates, as `ttt bench` does (`ttt_cli.bench.timing.rotated`). A
-development tool; `ttt bench` gives the figures.
+show an order effect); `--rotate` alternates, and `--interleave` re-allocates both copies' tensors in
+alternation first, as `ttt bench` does (`ttt_cli.bench.timing`). A development tool; `ttt bench` gives the
+figures.
 
     .venv/bin/python scripts/step_ab.py linear-adapter off off     # A/A: both frozen (rate 0)
     .venv/bin/python scripts/step_ab.py linear-adapter on off      # what step_overhead_b1_adapter measures
     .venv/bin/python scripts/step_ab.py mlp off off --second-first # the copy loaded second stepped first
-    .venv/bin/python scripts/step_ab.py mlp off off --rotate       # the order alternating, as ttt bench
+    .venv/bin/python scripts/step_ab.py mlp off off --rotate --interleave   # ttt bench's protocol
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from moshi.utils.compile import no_cuda_graph
 
 from ttt_cli import load_model
-from ttt_cli.bench.timing import rotated
+from ttt_cli.bench.timing import interleave_storage, rotated
 from ttt_cli.fastweights.graphs import TTTLMGen
 
 
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed steps per block")
     ap.add_argument("--second-first", action="store_true", help="step the second copy first in each round")
     ap.add_argument("--rotate", action="store_true", help="alternate which copy steps first (ttt bench's order)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="re-allocate the copies' tensors in alternation first (ttt bench's interleave_storage)")
     a = ap.parse_args()
     torch.set_num_threads(2)
     with warnings.catch_warnings():
@@ -43,6 +46,8 @@ def main() -> None:
         models = [load_model("bench", device="cpu", dtype="fp32",
                              ttt={"variant": a.variant, **({} if r == "on" else {"lr": 0.0})})
                   for r in (a.first, a.second)]
+    if a.interleave:
+        interleave_storage(*models)
     gens = [TTTLMGen(m.lm, use_sampling=False) for m in models]
     lm = models[0].lm
     g = torch.Generator().manual_seed(0)

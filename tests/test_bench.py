@@ -218,3 +218,24 @@ def test_interleaved_rounds_alternate_which_side_goes_first():
     firsts = [r[0] for r in rounds[1:]]  # the timed rounds
     assert firsts.count("a") == firsts.count("b") == 2
     assert len(medians) == 2 and all(m >= 0 for m in medians)
+
+
+def test_interleave_storage_moves_storage_not_values():
+    """The step figures re-allocate both copies' tensors before timing them: the same parameters (objects and
+    values) in new storage, and the model computes what it computed before."""
+    import torch
+    from ttt_cli import load_model
+    from ttt_cli.bench.timing import interleave_storage
+
+    a, b = (load_model("tiny-adapter", device="cpu", dtype="fp32") for _ in range(2))
+    x = torch.randn(1, 5, a.lm.dim, generator=torch.Generator().manual_seed(0))
+    layer = a.lm.transformer.layers[1]
+    with torch.no_grad():
+        before_out = layer(x)
+    params = {n: (p, p.detach().clone(), p.data_ptr()) for n, p in a.lm.named_parameters()}
+    interleave_storage(a, b)
+    for n, p in a.lm.named_parameters():
+        obj, value, ptr = params[n]
+        assert p is obj and torch.equal(p, value) and p.data_ptr() != ptr, n
+    with torch.no_grad():
+        assert torch.equal(layer(x), before_out)
