@@ -28,9 +28,9 @@ def percentile(xs: list[float], q: float) -> float:
 
 def rotated(items: tp.Sequence, r: int) -> list:
     """`items` in the order of round `r`: rotated by r, so that over the rounds each item goes first (and last)
-    as often as the others (A B, B A, ... for two), and an order effect cancels: in A/A runs of two identical
-    frozen copies of the bench model (scripts/step_ab.py), the copy stepped first in every round read slower in
-    six runs of seven, by up to 2.7%."""
+    as often as the others (A B, B A, ... for two), and an order effect cancels (in A/A runs of two identical
+    frozen copies of the bench model, scripts/step_ab.py, the copy stepped first read slower in 6 runs of 10:
+    less than which copy was loaded first, see `interleave_storage`)."""
     k = r % len(items) if items else 0
     return list(items[k:]) + list(items[:k])
 
@@ -40,7 +40,8 @@ def interleave_storage(*models) -> None:
     values, new storage), so that copies loaded one after the other sit in alike memory.
 
     In A/A runs of two identical frozen copies of the bench model (scripts/step_ab.py) the copy loaded first
-    read slower in 8 runs of 10 (by up to 7%); with their storage re-allocated this way, 0.975-1.034 either way.
+    read slower in 8 runs of 10 (by up to 7%); with their storage re-allocated this way (and the rounds rotated),
+    0.983-1.035 in six runs, the first-loaded copy slower in three.
 
     Args:
         models: `TTTModel`s (their `.lm`).
