@@ -313,19 +313,19 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
     C = chunk_size
     if clock is None:
         clock = HostClock(C, st.count.tolist(), [bool(v) for v in live.tolist()])
+    norm = norm or Norm.of(gamma, beta)
     if T == 1:
-        norm = norm or Norm.of(gamma, beta)
         o = learn_token(st, inner, q, k, y, eta, norm, live, C) if token is None else \
             learn_token_one_head(st, token, norm, live, C).unsqueeze(1)
         if clock.take():  # "step + update": decided on the host, never by reading the device
             st.complete(live & (st.count == C), C, start, tap)
         return o
-    return _learn_segments(st, inner, q, k, y, eta, gamma, beta, C, live, start, clock, tap)
+    return _learn_segments(st, inner, q, k, y, eta, gamma, beta, norm, C, live, start, clock, tap)
 
 
 def _learn_segments(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
-                    eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, C: int, live: torch.Tensor,
-                    start: dict[str, torch.Tensor], clock: HostClock, tap: tp.Any) -> torch.Tensor:
+                    eta: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, norm: Norm, C: int,
+                    live: torch.Tensor, start: dict[str, torch.Tensor], clock: HostClock, tap: tp.Any) -> torch.Tensor:
     """`learn` for T > 1: segment by segment (cut where a live stream's mini-batch completes), whole mini-batches
     that every stream starts empty through `learner_scan`."""
     B, _, T, _ = q.shape
@@ -347,9 +347,9 @@ def _learn_segments(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tens
             scan = j == i  # no run here: try the next; a non-finite one: this path from now on
         a, b, c0 = segments[i]
         i += 1
-        grads = key_gradients(inner, st.theta, k[:, :, a:b], y[:, :, a:b], gamma, beta)
+        grads = key_gradients(inner, st.theta, k[:, :, a:b], y[:, :, a:b], norm)
         outs.append(query_outputs(st.theta, st.sums if any(c0) else None, q[:, :, a:b], grads, eta[:, :, a:b],
-                                  _positions(c0, b - a, q.device), gamma, beta))
+                                  _positions(c0, b - a, q.device), norm))
         _add_sums(st, grads, eta[:, :, a:b], None if all(alive) else live)
         done = [alive[j] and c0[j] + (b - a) == C for j in range(B)]
         if all(done):

@@ -67,19 +67,20 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def key_gradients(inner: str, theta: dict[str, torch.Tensor], k: torch.Tensor, y: torch.Tensor,
-                  gamma: torch.Tensor, beta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  norm: Norm) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per inner layer j, (a_s, g_s) for every key: ∇_{Wj} ℓ_s = a_sᵀ g_s and ∇_{bj} ℓ_s = g_s, at θ (= θ_start).
 
     Args:
         theta: W1 [B,H,p,n1], b1 [B,H,n1] (and W2, b2 for mlp).
         k, y: keys and targets [B,H,L,p].
+        norm: the learner's LayerNorm.
     """
     z1 = k @ theta["W1"] + theta["b1"][:, :, None]  # [B,H,L,n1]
     if inner == "linear":
-        return [(k, Norm.of(gamma, beta).l2_grad(z1, y))]
+        return [(k, norm.l2_grad(z1, y))]
     x2 = gelu_tanh(z1)
     z2 = x2 @ theta["W2"] + theta["b2"][:, :, None]  # [B,H,L,p]
-    g2 = Norm.of(gamma, beta).l2_grad(z2, y)
+    g2 = norm.l2_grad(z2, y)
     # g1 = (g2 W2ᵀ) ⊙ gelu_tanh'(z1), with ATen's closed-form gelu backward
     g1 = torch.ops.aten.gelu_backward(g2 @ theta["W2"].transpose(-1, -2), z1, approximate="tanh")  # [B,H,L,4p]
     return [(k, g1), (x2, g2)]
@@ -98,7 +99,7 @@ def lower(L: int, device: torch.device) -> torch.Tensor:
 
 def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] | None, q: torch.Tensor,
                   grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor, idx: torch.Tensor,
-                  gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+                  norm: Norm) -> torch.Tensor:
     """o_t = q_t + LN(f_θt(q_t)) in dual form for a segment of one mini-batch.
 
     Args:
@@ -106,6 +107,7 @@ def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] 
         grads: `key_gradients` of the segment's tokens.
         eta: η_s [B,H,L].
         idx: i, the 1-based position of each token in its mini-batch, [B,L] float.
+        norm: the learner's LayerNorm.
     """
     inv_i = (1.0 / idx)[:, None, :, None]  # [B,1,L,1]
     causal = eta[:, :, None, :] * lower(q.shape[2], q.device)  # [B,H,L,L]: η_s where s ≤ t
@@ -120,7 +122,7 @@ def query_outputs(theta: dict[str, torch.Tensor], sums: dict[str, torch.Tensor] 
         z = z - corr * inv_i
         if j < n:
             h = gelu_tanh(z)
-    return Norm.of(gamma, beta).out(q, z)
+    return norm.out(q, z)
 
 
 def gradient_sums(grads: list[tuple[torch.Tensor, torch.Tensor]], eta: torch.Tensor) -> dict[str, torch.Tensor]:
