@@ -22,7 +22,9 @@ class PhaseGraphs:
     eager call). A replay runs no Python inside the layers, so the clocks are advanced here, before the call,
     and the layers read the plan instead of deciding. Streams in phase give two graphs ("step" and "step +
     update of every stream"); B streams out of phase (refilled slots) at most B + 1, each graph updating
-    only the streams it names (SPEC §8.9).
+    only the streams it names (SPEC §8.9). Off CUDA (`disable`) every step runs eagerly: the key is counted
+    (`calls`) but nothing is planned, so the layers decide as they run and may use what else the host knows
+    (a one-token step masks nothing when every stream is live).
 
     Args:
         lm: the LM whose `forward_text` is graphed.
@@ -38,15 +40,18 @@ class PhaseGraphs:
 
     def __call__(self, *args: tp.Any) -> tp.Any:
         clocks = [c for layer in self.layers for c in layer.host_clocks()]
+        if self.disable:  # eager: the layers decide as they run (and may use what else the host knows, SPEC §8.6)
+            key = tuple(c.completes_next() for c in clocks)
+            self.calls[key] += 1
+            return self.lm.forward_text(*args)
         key = tuple(c.plan() for c in clocks)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = CUDAGraphed(self.lm.forward_text, disable=self.disable)
         self.calls[key] += 1
-        if not self.disable:  # a replay runs no Python in the layers: the update series' host half runs here
-            for rec in filter(None, (layer.recorder() for layer in self.layers)):
-                rec.host_driven = True
-                rec.host_advance(1)
+        for rec in filter(None, (layer.recorder() for layer in self.layers)):  # a replay runs no Python in the
+            rec.host_driven = True  # layers: the update series' host half runs here
+            rec.host_advance(1)
         try:
             return graph(*args)
         finally:

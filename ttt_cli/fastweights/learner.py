@@ -34,7 +34,8 @@ class LearnerState:
     Each inner layer j keeps θ̃_j = [W_j; b_j] in one tensor (and its pending sum S̃_j likewise), so that a token
     reads and learns with one product against x̃ = [x, 1]; `theta` and `sums` name views of them (W_j, b_j), which
     every in-place write goes through; `tilde_bh` and `sums_bh` are the same tensors as [B·H, n_in + 1, n_out] views,
-    made once, for a one-token step's `bmm`s. Counters are tensors, so that a one-token step never reads device
+    made once, for a one-token step's `bmm`s, and `tilde_wb`, `sums_wb` their (W [B·H, n_in, n_out], b [B·H, 1, n_out])
+    views, for a product whose input has no 1 appended (the bias row is `baddbmm`'s added term). Counters are tensors, so that a one-token step never reads device
     data on the host; `count` and `tokens` are the rows of `steps`, which a token advances in one op.
     """
 
@@ -50,6 +51,8 @@ class LearnerState:
     tilde_bh: list[torch.Tensor] = field(default_factory=list)    # θ̃_j viewed [B·H, n_in + 1, n_out]
     sums_bh: list[torch.Tensor] = field(default_factory=list)     # S̃_j viewed [B·H, n_in + 1, n_out]
     steps: torch.Tensor | None = None                             # [2, B] long: the rows `count`, `tokens`
+    tilde_wb: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (W̃_j, b̃_j) of `tilde_bh`
+    sums_wb: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)   # the same of `sums_bh`
 
     @classmethod
     def fresh(cls, start: dict[str, torch.Tensor], batch_size: int, device: torch.device) -> "LearnerState":
@@ -66,7 +69,9 @@ class LearnerState:
         steps = torch.zeros(2, batch_size, dtype=torch.long, device=device)
         bh = [t.view(-1, *t.shape[2:]) for t in tilde]
         sums_bh = [s.view(-1, *s.shape[2:]) for s in tilde_sums]
-        return cls(theta, sums, steps[0], steps[1], z(), z(), z(), tilde, tilde_sums, bh, sums_bh, steps)
+        wb = lambda ts: [(t[:, :-1], t[:, -1:]) for t in ts]  # noqa: E731
+        return cls(theta, sums, steps[0], steps[1], z(), z(), z(), tilde, tilde_sums, bh, sums_bh, steps,
+                   wb(bh), wb(sums_bh))
 
     def reset(self, mask: torch.Tensor, start: dict[str, torch.Tensor]) -> None:
         """Streams in `mask` go back to `start` with nothing pending (masked arithmetic, no host sync)."""
@@ -147,7 +152,8 @@ def _add_sums(st: LearnerState, grads, eta: torch.Tensor, live: torch.Tensor | N
 
 
 def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: torch.Tensor,
-                eta: torch.Tensor, norm: Norm, live: torch.Tensor, chunk_size: int) -> torch.Tensor:
+                eta: torch.Tensor, norm: Norm, live: torch.Tensor | None, chunk_size: int,
+                pending: int | None = None) -> torch.Tensor:
     """The one-token call of `learn` without the completion: `key_gradients`, the sums' update and
     `query_outputs` for L = 1, in fewer and fused tensor ops (the step's cost at small d is per op, not per FLOP).
 
@@ -157,41 +163,53 @@ def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, 
 
     Args:
         st: the learner's per-stream state (sums and counters updated in place).
-        q, k, y: [B,H,1,p] float32; eta: [B,H,1]; live: [B] bool.
+        q, k, y: [B,H,1,p] float32; eta: [B,H,1].
         norm: the learner's LayerNorm.
+        live: [B] bool, or None when every stream is live (the host knows it: no masking ops).
         chunk_size: C (−1/i is read from a table of C entries).
+        pending: the tokens every stream has pending before this one, when the host knows it is one number for
+            all (−1/i is then a number, not a lookup of the device counts); None: look up each stream's.
     Returns:
         o [B,H,1,p] float32.
     """
     B, H, _, p = q.shape
     BH = B * H
     dev = q.device
-    neg_inv_i = _neg_inv(chunk_size, dev).index_select(0, st.count).view(-1, 1, 1, 1)  # [B,1,1,1]: −1/i, i = count + 1
-    mask = live.view(-1, 1, 1) if H == 1 else live.view(-1, 1, 1).expand(B, H, 1).reshape(BH, 1, 1)  # [B·H,1,1]
+    neg_inv_i = _neg_inv_i(st, chunk_size, pending, (-1, 1, 1, 1))  # [B,1,1,1] or a number
     # products as bmm on [B·H, ...] views: a 4-d matmul costs several dispatches more per call
     x = torch.cat([torch.cat([k, q], 2).view(BH, 2, p), _ones(BH, dev)], 2)  # [BH,2,p+1]: x̃ of key, query
     z1 = torch.bmm(x, st.tilde_bh[0])  # [BH,2,n1]: key and query, one product
     zk = z1[:, :1]  # [BH,1,n1]
-    if inner == "linear":
-        grads = [(x[:, :1], norm.l2_grad(zk.view(B, H, 1, -1), y).view(BH, 1, p))]
-    else:
-        t2 = st.tilde_bh[1]  # [BH,n1+1,p]
-        x2 = torch.cat([gelu_tanh(zk), _ones(BH, dev)[:, :1]], 2)  # [BH,1,n1+1]
-        g2 = norm.l2_grad(torch.bmm(x2, t2).view(B, H, 1, p), y).view(BH, 1, p)  # [BH,1,p]
-        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, t2[:, :-1].transpose(1, 2)), zk, approximate="tanh")  # [BH,1,n1]
-        grads = [(x[:, :1], g1), (x2, g2)]
-    # S̃ += ãᵀ(η g), in place: a masked-out stream adds an exact 0 (both factors zeroed, so even a non-finite key
-    # of a stream that is not live leaves its sums alone) and no [B,H,n_in+1,n_out] temporary is made (at B = 8
-    # the mlp's sums are megabytes: a copy costs more than the ops)
     e = eta.reshape(BH, 1, 1)
-    zero = _zero(dev)
-    for (a, g), S in zip(grads, st.sums_bh):
-        S.baddbmm_(torch.where(mask, a, zero).transpose(1, 2), torch.where(mask, e * g, zero))
-    z = torch.addcmul(z1[:, 1:].view(B, H, 1, -1), torch.bmm(x[:, 1:], st.sums_bh[0]).view(B, H, 1, -1), neg_inv_i)
+    if inner == "linear":
+        grads = [(x[:, :1], e * norm.l2_grad(zk.view(B, H, 1, -1), y).view(BH, 1, p))]  # (ã, η g)
+    else:
+        w2, b2 = st.tilde_wb[1]  # [BH,n1,p], [BH,1,p]
+        a2 = gelu_tanh(zk)  # [BH,1,n1]: the second layer's input (its 1 is baddbmm's added bias row)
+        g2 = norm.l2_grad(torch.baddbmm(b2, a2, w2).view(B, H, 1, p), y).view(BH, 1, p)  # [BH,1,p]
+        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), zk, approximate="tanh")  # [BH,1,n1]
+        grads = [(x[:, :1], e * g1), (a2, e * g2)]
+    # S̃ += ãᵀ(η g), in place: no [B,H,n_in+1,n_out] temporary is made (at B = 8 the mlp's sums are megabytes: a copy
+    # costs more than the ops). Streams that are not live add an exact 0 (both factors zeroed, so even a non-finite
+    # key of such a stream leaves its sums alone); when all are, the host said so and nothing is masked.
+    if live is not None:
+        mask = live.view(-1, 1, 1) if H == 1 else live.view(-1, 1, 1).expand(B, H, 1).reshape(BH, 1, 1)  # [B·H,1,1]
+        zero = _zero(dev)
+        grads = [(torch.where(mask, a, zero), torch.where(mask, eg, zero)) for a, eg in grads]
+    st.sums_bh[0].baddbmm_(grads[0][0].transpose(1, 2), grads[0][1])
+    z = _plus_scaled(z1[:, 1:].view(B, H, 1, -1), torch.bmm(x[:, 1:], st.sums_bh[0]).view(B, H, 1, -1), neg_inv_i)
     if inner == "mlp":
-        h = torch.cat([gelu_tanh(z).view(BH, 1, -1), _ones(BH, dev)[:, :1]], 2)  # [BH,1,n1+1]
-        z = torch.addcmul(torch.bmm(h, t2).view(B, H, 1, p), torch.bmm(h, st.sums_bh[1]).view(B, H, 1, p), neg_inv_i)
-    st.steps.add_(live)  # count and tokens
+        s2w, s2b = st.sums_wb[1]
+        a2, eg2 = grads[1]
+        s2w.baddbmm_(a2.transpose(1, 2), eg2)
+        s2b.add_(eg2)
+        h = gelu_tanh(z).view(BH, 1, -1)  # [BH,1,n1]
+        z = _plus_scaled(torch.baddbmm(b2, h, w2).view(B, H, 1, p), torch.baddbmm(s2b, h, s2w).view(B, H, 1, p),
+                         neg_inv_i)
+    if live is None:
+        st.steps.add_(1)  # count and tokens of every stream
+    else:
+        st.steps.add_(live)
     return norm.out(q, z)
 
 
@@ -205,8 +223,8 @@ class TokenInputs:
     grad_norm: Norm     # the learner's `Norm.scaled(η)`: its `l2_grad` is η·∇ℓ
 
 
-def learn_token_one_head(st: LearnerState, tok: TokenInputs, norm: Norm, live: torch.Tensor,
-                         chunk_size: int) -> torch.Tensor:
+def learn_token_one_head(st: LearnerState, tok: TokenInputs, norm: Norm, live: torch.Tensor | None,
+                         chunk_size: int, pending: int | None = None) -> torch.Tensor:
     """`learn_token` for a `linear` inner model of one head on a `TokenInputs`: the same dual form in [B, L, ·]
     layout (no head axis to view in and out of), η folded into the gradient's constants.
 
@@ -214,22 +232,26 @@ def learn_token_one_head(st: LearnerState, tok: TokenInputs, norm: Norm, live: t
         st: the learner's per-stream state (sums and counters updated in place).
         tok: the token's x̃, target and η-scaled norm.
         norm: the learner's LayerNorm (for the output).
-        live: [B] bool.
+        live: [B] bool, or None when every stream is live.
         chunk_size: C.
+        pending: as `learn_token`'s.
     Returns:
         o [B,1,p] float32.
     """
     x = tok.x
     dev = x.device
-    neg_inv_i = _neg_inv(chunk_size, dev).index_select(0, st.count).view(-1, 1, 1)  # [B,1,1]: −1/i, i = count + 1
-    mask = live.view(-1, 1, 1)  # [B,1,1]
-    zero = _zero(dev)
+    neg_inv_i = _neg_inv_i(st, chunk_size, pending, (-1, 1, 1))  # [B,1,1] or a number
     z1 = torch.bmm(x, st.tilde_bh[0])  # [B,2,p]: key and query, one product
-    eg = tok.grad_norm.l2_grad(z1[:, :1], tok.y)  # [B,1,p]: η g
-    # S̃ += ãᵀ(η g) as in `learn_token`: a stream that is not live adds an exact 0
-    st.sums_bh[0].baddbmm_(torch.where(mask, x[:, :1], zero).transpose(1, 2), torch.where(mask, eg, zero))
-    z = torch.addcmul(z1[:, 1:], torch.bmm(x[:, 1:], st.sums_bh[0]), neg_inv_i)  # [B,1,p]
-    st.steps.add_(live)  # count and tokens
+    a, eg = x[:, :1], tok.grad_norm.l2_grad(z1[:, :1], tok.y)  # [B,1,p+1] ã, [B,1,p] η g
+    if live is not None:  # S̃ += ãᵀ(η g) as in `learn_token`: a stream that is not live adds an exact 0
+        mask, zero = live.view(-1, 1, 1), _zero(dev)  # [B,1,1]
+        a, eg = torch.where(mask, a, zero), torch.where(mask, eg, zero)
+    st.sums_bh[0].baddbmm_(a.transpose(1, 2), eg)
+    z = _plus_scaled(z1[:, 1:], torch.bmm(x[:, 1:], st.sums_bh[0]), neg_inv_i)  # [B,1,p]
+    if live is None:
+        st.steps.add_(1)  # count and tokens of every stream
+    else:
+        st.steps.add_(live)
     return norm.out(x[:, 1:, :-1], z)
 
 
@@ -242,6 +264,19 @@ def _zero(device: torch.device) -> torch.Tensor:
     if device not in _ZERO:
         _ZERO[device] = torch.zeros((), dtype=F32, device=device)
     return _ZERO[device]
+
+
+def _neg_inv_i(st: LearnerState, C: int, pending: int | None, shape: tuple[int, ...]) -> torch.Tensor | float:
+    """−1/i of a one-token step's token (i = count + 1): a number when the host gave the one pending count of every
+    stream, else each stream's from the device counts, viewed `shape`."""
+    if pending is not None:
+        return -1.0 / (pending + 1)
+    return _neg_inv(C, st.count.device).index_select(0, st.count).view(shape)
+
+
+def _plus_scaled(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | float) -> torch.Tensor:
+    """a + c·b, c a number or a tensor broadcastable against b."""
+    return torch.add(a, b, alpha=c) if isinstance(c, float) else torch.addcmul(a, b, c)
 
 
 def _neg_inv(C: int, device: torch.device) -> torch.Tensor:
@@ -315,10 +350,17 @@ def learn(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, y: tor
         clock = HostClock(C, st.count.tolist(), [bool(v) for v in live.tolist()])
     norm = norm or Norm.of(gamma, beta)
     if T == 1:
-        o = learn_token(st, inner, q, k, y, eta, norm, live, C) if token is None else \
-            learn_token_one_head(st, token, norm, live, C).unsqueeze(1)
-        if clock.take():  # "step + update": decided on the host, never by reading the device
-            st.complete(live & (st.count == C), C, start, tap)
+        # a step that runs its Python (not planned for a graph, whose replays run under whatever exec mask and
+        # counts the host has then) masks nothing when the host's exec mask has every stream live, and takes −1/i
+        # as a number when every stream has the same count pending
+        eager = clock.planned is None
+        mask = None if eager and all(clock.active) else live
+        pending = clock.pending[0] if mask is None and len(set(clock.pending)) == 1 else None
+        o = learn_token(st, inner, q, k, y, eta, norm, mask, C, pending) if token is None else \
+            learn_token_one_head(st, token, norm, mask, C, pending).unsqueeze(1)
+        done = clock.take()  # "step + update": decided on the host, never by reading the device
+        if done:
+            st.complete(None if len(done) == len(clock.active) else live & (st.count == C), C, start, tap)
         return o
     return _learn_segments(st, inner, q, k, y, eta, gamma, beta, norm, C, live, start, clock, tap)
 
