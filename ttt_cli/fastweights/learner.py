@@ -186,9 +186,10 @@ def learn_token(st: LearnerState, inner: str, q: torch.Tensor, k: torch.Tensor, 
     else:
         w2, b2 = st.tilde_wb[1]  # [BH,n1,p], [BH,1,p]
         a2 = gelu_tanh(zk)  # [BH,1,n1]: the second layer's input (its 1 is baddbmm's added bias row)
-        g2 = norm.l2_grad(torch.baddbmm(b2, a2, w2).view(B, H, 1, p), y).view(BH, 1, p)  # [BH,1,p]
-        g1 = torch.ops.aten.gelu_backward(torch.bmm(g2, w2.transpose(1, 2)), zk, approximate="tanh")  # [BH,1,n1]
-        grads = [(x[:, :1], e * g1), (a2, e * g2)]
+        eg2 = e * norm.l2_grad(torch.baddbmm(b2, a2, w2).view(B, H, 1, p), y).view(BH, 1, p)  # [BH,1,p]: η g2
+        # η g1 from η g2 directly (g1 is linear in g2)
+        eg1 = torch.ops.aten.gelu_backward(torch.bmm(eg2, w2.transpose(1, 2)), zk, approximate="tanh")  # [BH,1,n1]
+        grads = [(x[:, :1], eg1), (a2, eg2)]
     # S̃ += ãᵀ(η g), in place: no [B,H,n_in+1,n_out] temporary is made (at B = 8 the mlp's sums are megabytes: a copy
     # costs more than the ops). Streams that are not live add an exact 0 (both factors zeroed, so even a non-finite
     # key of such a stream leaves its sums alone); when all are, the host said so and nothing is masked.
