@@ -53,6 +53,20 @@ class StackedWeights(Derived):
         super().__init__(lambda parts: torch.cat(parts, 0))
 
 
+class TransposedWeights(Derived):
+    """[w1; w2; ...]ᵀ kept contiguous [in, out], for `linear_t`."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda parts: torch.cat(parts, 0).t().contiguous())
+
+
+def linear_t(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x·W + b for x [..., in] and W stored [in, out] (`TransposedWeights`): F.linear's value. At batch 1 the product
+    is a matrix-vector one whose time is reading the weight from memory, and in this layout it reads faster on CPU
+    (cold caches, 2 cores: [1544, 512] 371 → 219 µs, [512, 512] 163 → 128 µs; docs/design.md)."""
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w_t).view(*x.shape[:-1], w_t.shape[1])
+
+
 @dataclass
 class Learner:
     """One learner of a layer: its θ0 parameters, LayerNorm (γ, β) and inner model."""

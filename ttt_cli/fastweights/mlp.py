@@ -22,7 +22,8 @@ from ..errors import CheckpointError
 from .config import MLPConfig
 from .interface import FastWeightLayer
 from .learner_math import F32
-from .learner_layer import Derived, Learner, LearnerLayer, StackedWeights, load_tensors, plain_layer_macs, time_bypassed
+from .learner_layer import (Derived, Learner, LearnerLayer, StackedWeights, TransposedWeights, linear_t, load_tensors,
+                            plain_layer_macs, time_bypassed)
 
 PREFIX = "transformer.layers.{i}.ttt."
 FRESH_SEED = 20240  # fresh blocks are deterministic per layer: seed + layer index
@@ -67,7 +68,8 @@ class HybridTTTBlock(LearnerLayer):
         self.post_norm = nn.LayerNorm(dim, eps=POST_NORM_EPS, **kw)
         self.gating_alpha = nn.Parameter(torch.full((dim,), cfg.gating_alpha_init, **kw))
         self._host: StreamingTransformerLayer | None = None  # set by `attach` (not a child module)
-        self._proj_w, self._proj_b = StackedWeights(), StackedWeights()  # wq, wk, wv, lr gate: one product
+        self._proj_w, self._proj_b = TransposedWeights(), StackedWeights()  # wq, wk, wv, lr gate: one product
+        self._wq_t, self._wo_t = TransposedWeights(), TransposedWeights()
         self._target_affine = Derived(lambda gb, p: (gb[0][:, None] * math.sqrt((p - 1) / p), gb[1][:, None]))
 
     @torch.no_grad()
@@ -108,10 +110,10 @@ class HybridTTTBlock(LearnerLayer):
         h = x if x.dtype == F32 else x.to(F32)  # [B, T, d]
         st = self._streaming_state
         if st.frozen if st is not None else self.frozen:  # a frozen learner reads the query only
-            q = F.normalize(self._heads(self.wq(h)), dim=-1)  # [B, H, T, p]
+            q = F.normalize(self._heads(linear_t(h, self._wq_t([self.wq.weight]), self.wq.bias)), dim=-1)  # [B, H, T, p]
             k = proj = None
         else:  # q, k, v and the lr gate of every head in one product: [B, T, 3d + H]; q and k normalized in one call
-            proj = F.linear(h, self._proj_w([self.wq.weight, self.wk.weight, self.wv.weight, self.lr_weight]),
+            proj = linear_t(h, self._proj_w([self.wq.weight, self.wk.weight, self.wv.weight, self.lr_weight]),
                             self._proj_b([self.wq.bias, self.wk.bias, self.wv.bias, self.lr_bias]))
             qk = F.normalize(proj[..., :2 * d].view(B, T, 2 * self.heads, self.head_dim).transpose(1, 2), dim=-1)
             q, k = qk[:, :self.heads], qk[:, self.heads:]  # [B, H, T, p] each
@@ -122,7 +124,7 @@ class HybridTTTBlock(LearnerLayer):
             return k, y, torch.sigmoid(gate) * (self.base_lr / self.head_dim)
 
         o = self.run_learner("", q, keys)  # [B, H, T, p]
-        out = self.wo(self.post_norm(o.transpose(1, 2).reshape(B, T, d)))
+        out = linear_t(self.post_norm(o.transpose(1, 2).reshape(B, T, d)), self._wo_t([self.wo.weight]), self.wo.bias)
         out = torch.tanh(self.gating_alpha) * out
         return out if x.dtype == F32 else out.to(x.dtype)
 
