@@ -34,9 +34,10 @@ class LearnerState:
     Each inner layer j keeps θ̃_j = [W_j; b_j] in one tensor (and its pending sum S̃_j likewise), so that a token
     reads and learns with one product against x̃ = [x, 1]; `theta` and `sums` name views of them (W_j, b_j), which
     every in-place write goes through; `tilde_bh` and `sums_bh` are the same tensors as [B·H, n_in + 1, n_out] views,
-    made once, for a one-token step's `bmm`s, and `tilde_wb`, `sums_wb` their (W [B·H, n_in, n_out], b [B·H, 1, n_out])
-    views, for a product whose input has no 1 appended (the bias row is `baddbmm`'s added term). Counters are tensors, so that a one-token step never reads device
-    data on the host; `count` and `tokens` are the rows of `steps`, which a token advances in one op.
+    made once, for a one-token step's `bmm`s, and `tilde_wb`, `sums_wb` their (W [B·H, n_in, n_out], b [B·H, 1,
+    n_out]) views, for a product whose input has no 1 appended (the bias row is `baddbmm`'s added term). Counters
+    are tensors, so that a one-token step never reads device data on the host; `count` and `tokens` are the rows of
+    `steps`, which a token advances in one op.
     """
 
     theta: dict[str, torch.Tensor]   # θ_start [B, H, ...]: views of `tilde`

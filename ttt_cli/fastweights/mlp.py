@@ -110,7 +110,8 @@ class HybridTTTBlock(LearnerLayer):
         h = x if x.dtype == F32 else x.to(F32)  # [B, T, d]
         st = self._streaming_state
         if st.frozen if st is not None else self.frozen:  # a frozen learner reads the query only
-            q = F.normalize(self._heads(linear_t(h, self._wq_t([self.wq.weight]), self.wq.bias)), dim=-1)  # [B, H, T, p]
+            q = linear_t(h, self._wq_t([self.wq.weight]), self.wq.bias)
+            q = F.normalize(self._heads(q), dim=-1)  # [B, H, T, p]
             k = proj = None
         else:  # q, k, v and the lr gate of every head in one product: [B, T, 3d + H]; q and k normalized in one call
             proj = linear_t(h, self._proj_w([self.wq.weight, self.wk.weight, self.wv.weight, self.lr_weight]),
