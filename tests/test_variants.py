@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from streaming_checks import rel
 from ttt_cli.fastweights.adapter import AdapterGroup, TTTAdapterLinear
 from ttt_cli.fastweights.config import AdapterConfig, MLPConfig
-from ttt_cli.fastweights.learner import LearnerState, learn
+from ttt_cli.fastweights.learner import learn
+from ttt_cli.fastweights.learner_state import LearnerState
 from ttt_cli.fastweights.mlp import HybridTTTBlock
 
 D, HEADS = 8, 2  # mlp: p = 4

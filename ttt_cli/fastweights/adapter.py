@@ -22,7 +22,7 @@ from moshi.modules.lora import LoRALinear
 from ..errors import CheckpointError
 from .config import AdapterConfig
 from .interface import FastWeightLayer
-from .learner import TokenInputs
+from .learner_token import TokenInputs
 from .learner_math import F32, Norm
 from .learner_layer import Derived, Float32Module, Learner, LearnerLayer, load_tensors, plain_layer_macs, time_bypassed
 

@@ -49,8 +49,9 @@ class PhaseGraphs:
         if graph is None:
             graph = self.graphs[key] = CUDAGraphed(self.lm.forward_text, disable=self.disable)
         self.calls[key] += 1
-        for rec in filter(None, (layer.recorder() for layer in self.layers)):  # a replay runs no Python in the
-            rec.host_driven = True  # layers: the update series' host half runs here
+        # a replay runs no Python in the layers: the update series' host half runs here
+        for rec in filter(None, (layer.recorder() for layer in self.layers)):
+            rec.host_driven = True
             rec.host_advance(1)
         try:
             return graph(*args)

@@ -14,7 +14,9 @@ from moshi.modules.streaming import State
 
 from ..errors import CheckpointError, StateMismatchError
 from .interface import DerivedTensor, FastWeightLayer, HostClock, keep_float32, refuse_graph_capture
-from .learner import F32, LearnerState, Norm, TokenInputs, flush, frozen_outputs, learn
+from .learner import F32, Norm, flush, frozen_outputs, learn
+from .learner_state import LearnerState
+from .learner_token import TokenInputs
 from .recording import LearnerTap, UpdateRecorder
 
 PENDING_SUM = "pending_sum."
