@@ -1,11 +1,12 @@
-"""Batch-1 `LMGen.step` of two copies of the `bench` preset, interleaved as `ttt bench` interleaves TTT on / off.
+"""Batch-1 `LMGen.step` of two copies of the `bench` preset, interleaved in blocks of steps, TTT on / off or A/A.
 
-`step_overhead_b1*` compares two model copies loaded one after the other; this runs the same protocol on any
-two copies, so that two identical frozen copies (`off off`) show what the figure reads when TTT costs nothing:
-the noise floor of the comparison on this machine. By default the first copy steps first in every round (to
-show an order effect); `--rotate` alternates, and `--interleave` re-allocates both copies' tensors in
-alternation first, as `ttt bench` does (`ttt_cli.bench.timing`). A development tool; `ttt bench` gives the
-figures.
+`step_overhead_b1*` compares two model copies loaded one after the other; this runs that comparison on any two
+copies, so that two identical frozen copies (`off off`) show what the figure reads when TTT costs nothing: the
+noise floor of the comparison on this machine. By default the first copy steps first in every round (to show an
+order effect); `--rotate` alternates, and `--interleave` re-allocates both copies' tensors in alternation first.
+It prints the ratio of the medians and the median of the blocks' paired ratios. `ttt bench`'s protocol
+(`ttt_cli.bench.timing.step_overhead`) is `--steps 1 --rounds 1024 --rotate --interleave`, its value the paired
+one. A development tool; `ttt bench` gives the figures.
 
     .venv/bin/python scripts/step_ab.py linear-adapter off off     # A/A: both frozen (rate 0)
     .venv/bin/python scripts/step_ab.py linear-adapter on off      # what step_overhead_b1_adapter measures
@@ -52,6 +53,7 @@ def main() -> None:
     lm = models[0].lm
     g = torch.Generator().manual_seed(0)
     times: list[list[float]] = [[], []]
+    blocks: list[list[float]] = [[], []]  # each block's median
     order = [1, 0] if a.second_first else [0, 1]
     with torch.no_grad(), no_cuda_graph(), gens[0].streaming(1), gens[1].streaming(1):
         for gen in gens:  # warm-up
@@ -59,14 +61,18 @@ def main() -> None:
                 gen.step(torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, 1), generator=g))
         for r in range(a.rounds):
             for i in (rotated(order, r) if a.rotate else order):
+                block = []
                 for _ in range(a.steps):
                     x = torch.randint(0, lm.card, (1, lm.n_q - lm.dep_q, 1), generator=g)
                     t = time.perf_counter()
                     gens[i].step(x)
-                    times[i].append(time.perf_counter() - t)
+                    block.append(time.perf_counter() - t)
+                times[i] += block
+                blocks[i].append(statistics.median(block))
     m1, m2 = (1e3 * statistics.median(t) for t in times)
+    paired = statistics.median(x / y for x, y in zip(*blocks))
     print(f"{a.variant}: first-loaded ({a.first}) {m1:.2f} ms, second-loaded ({a.second}) {m2:.2f} ms, "
-          f"ratio {m1 / m2:.3f}")
+          f"ratio {m1 / m2:.3f}, paired {paired:.3f}")
 
 
 if __name__ == "__main__":

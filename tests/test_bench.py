@@ -220,6 +220,33 @@ def test_interleaved_rounds_alternate_which_side_goes_first():
     assert len(medians) == 2
 
 
+def test_step_figures_alternate_step_by_step_and_pair_the_ratios(monkeypatch):
+    """The step figures step TTT on and off alternately, one step each a round, which goes first alternating from
+    round to round; their value is the median over rounds of on / off, taken here by hand from the step times."""
+    import statistics
+    from ttt_cli import load_model
+    from ttt_cli.bench import timing
+
+    on = load_model("tiny", device="cpu", dtype="fp32")
+    off = load_model("tiny", device="cpu", dtype="fp32", ttt={"lr": 0.0})
+    seen: list[str] = []
+    step = timing.TTTLMGen.step
+
+    def spy(self, *args, **kwargs):
+        seen.append("on" if self.lm_model is on.lm else "off")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(timing.TTTLMGen, "step", spy)
+    stats, times = timing.step_overhead(on, off, 1, 6, "cpu", 0)
+    assert seen[:8] == ["on"] * 4 + ["off"] * 4  # warm-up
+    rounds = [seen[i:i + 2] for i in range(8, len(seen), 2)]
+    assert rounds == [["on", "off"], ["off", "on"]] * 3
+    assert len(times["on"]) == len(times["off"]) == stats["on"]["steps"] == 6
+    by_hand = sorted(a / b for a, b in zip(times["on"], times["off"]))
+    assert stats["paired_ratio"] == pytest.approx((by_hand[2] + by_hand[3]) / 2)
+    assert stats["on"]["median_ms"] == pytest.approx(1e3 * statistics.median(times["on"]))
+
+
 def test_interleave_storage_moves_storage_not_values():
     """The step figures re-allocate both copies' tensors before timing them: the same parameters (objects and
     values) in new storage, and the model computes what it computed before."""

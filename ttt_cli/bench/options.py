@@ -87,7 +87,6 @@ class BenchOptions:
         quick: fewer steps and shorter inputs (`QUICK`'s sizes instead of `FULL`'s).
         steps: steps per measurement (LMGen steps per variant and batch size; positions scored by
             the eval figures); None = the sizes' `steps` / `score_steps`.
-        rounds: interleaved A/B rounds.
         seed: random seed of the synthetic inputs.
         only: figure names to measure (None = every figure `ttt bench` measures for `variants`).
         targets: overrides of registry targets ({name: target}, `--target NAME=VALUE`).
@@ -100,7 +99,6 @@ class BenchOptions:
     dtype: str = "auto"
     quick: bool = False
     steps: int | None = None
-    rounds: int = 4
     seed: int = 0
     only: list[str] | None = None
     targets: dict[str, float] = field(default_factory=dict)

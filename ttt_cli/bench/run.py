@@ -27,7 +27,7 @@ def run_bench(opts: BenchOptions, progress=None) -> BenchResult:
     (SPEC §5.5); the eval figures are the model's own (as loaded, first variant measured).
 
     Args:
-        opts: model, device, dtype, quick mode, steps, rounds, figure and variant selection, target overrides.
+        opts: model, device, dtype, quick mode, steps, figure and variant selection, target overrides.
         progress: a `Progress` hook (ttt_cli.progress).
     """
     progress = progress or NullProgress()

@@ -54,24 +54,27 @@ def interleave_storage(*models) -> None:
                     t.data = t.data.clone()
 
 
-def _gen_steps(gen, B: int, n: int, device: str, g: torch.Generator) -> list[float]:
-    """Times `n` LMGen.step calls (depformer included) in the generator's current stream."""
-    times = []
-    for _ in range(n):
-        x = torch.randint(0, gen.lm_model.card, (B, gen.lm_model.n_q - gen.lm_model.dep_q, 1), generator=g).to(device)
-        sync(device)
-        t = time.perf_counter()
-        gen.step(x)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times
+def _gen_step(gen, B: int, device: str, g: torch.Generator) -> float:
+    """Seconds of one LMGen.step call (depformer included) on random codes, in the generator's current stream."""
+    x = torch.randint(0, gen.lm_model.card, (B, gen.lm_model.n_q - gen.lm_model.dep_q, 1), generator=g).to(device)
+    sync(device)
+    t = time.perf_counter()
+    gen.step(x)
+    sync(device)
+    return time.perf_counter() - t
 
 
-def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: int,
+def step_overhead(on, off, B: int, steps: int, device: str, seed: int,
                   cuda_graphs: bool = False) -> tuple[dict, dict]:
-    """Median step times of TTT on vs off, interleaved in `rounds` blocks that cross chunk boundaries, which
-    of the two goes first alternating from round to round (`rotated`), their storage re-allocated in
-    alternation first (`interleave_storage`).
+    """Step times of TTT on vs off, the two alternating step by step, and the median of the paired ratios.
+
+    Each model steps once per round, which goes first alternating from round to round (`rotated`), their storage
+    re-allocated in alternation first (`interleave_storage`). Two consecutive steps (~60 ms apart at batch 1) see
+    the machine alike, so a slowdown that lasts longer than that (another process on the two cores) cancels in
+    their ratio: in A/A runs of two identical frozen copies of the bench model with two CPU-bound processes
+    started and stopped at random (1-6 s) beside them, blocks of 256 (and 32) steps gave 0.92-1.35 (0.52-1.67)
+    as the ratio of the medians, step-by-step alternation 0.985-1.000 and the median of the paired ratios
+    1.000-1.001 (docs/design.md, "How the step figures are timed").
 
     `on`/`off` are models (`.lm`); with `cuda_graphs` both run moshi's CUDA graphs (TTT on through
     `TTTLMGen`'s per-phase graphs), else both run eagerly.
@@ -79,29 +82,30 @@ def step_overhead(on, off, B: int, steps: int, rounds: int, device: str, seed: i
     Args:
         on, off: the two models (`TTTModel`), stepped in turn on the same random codes.
         B: batch size (streams).
-        steps: steps per model, split over `rounds` blocks (after 4 warm-up steps each).
-        rounds: interleaved blocks.
+        steps: steps per model (after 4 warm-up steps each), so chunk completions are among them.
         device: where the models run (for synchronisation).
         seed: seed of the random input codes.
         cuda_graphs: run both through CUDA graphs.
 
     Returns:
-        ({"on"|"off": {"median_ms", "p99_ms", "max_ms", "steps"}}, {"on"|"off": step seconds}).
+        ({"on"|"off": {"median_ms", "p99_ms", "max_ms", "steps"}, "paired_ratio": the median over rounds of
+        on / off}, {"on"|"off": step seconds}).
     """
     interleave_storage(on, off)
     g = torch.Generator().manual_seed(seed)
     gens = {"on": TTTLMGen(on.lm, use_sampling=False), "off": TTTLMGen(off.lm, use_sampling=False)}
     times: dict[str, list[float]] = {"on": [], "off": []}
-    per = max(1, steps // rounds)
     graphs = contextlib.nullcontext() if cuda_graphs else no_cuda_graph()
     with torch.no_grad(), graphs, gens["on"].streaming(B), gens["off"].streaming(B):
         for name in gens:  # warm-up
-            _gen_steps(gens[name], B, 4, device, g)
-        for r in range(rounds):
+            for _ in range(4):
+                _gen_step(gens[name], B, device, g)
+        for r in range(steps):
             for name in rotated(("on", "off"), r):
-                times[name] += _gen_steps(gens[name], B, per, device, g)
-    stats = {k: {"median_ms": 1e3 * statistics.median(v), "p99_ms": 1e3 * percentile(v, 0.99),
-                 "max_ms": 1e3 * max(v), "steps": len(v)} for k, v in times.items()}
+                times[name].append(_gen_step(gens[name], B, device, g))
+    stats: dict = {k: {"median_ms": 1e3 * statistics.median(v), "p99_ms": 1e3 * percentile(v, 0.99),
+                       "max_ms": 1e3 * max(v), "steps": len(v)} for k, v in times.items()}
+    stats["paired_ratio"] = statistics.median(a / b for a, b in zip(times["on"], times["off"]))
     return stats, times
 
 
@@ -110,16 +114,17 @@ def refill_overhead(staggered, in_phase, off, B: int, chunk: int, rounds: int, d
 
     The out-of-phase batch is made as `ttt infer --batch-size B` makes it on files of different lengths: slot
     k's stream ends and a new one starts (`LMGen.reset_streaming` of slot k) at warm-up step k·C/B, so each
-    stream's chunk then completes on its own step. Each timed block is C steps per model: any C consecutive
-    steps complete exactly one chunk of every stream, in phase or not, so the means compare the same
-    learning, done by B updates of one stream or by one update of B streams.
+    stream's chunk then completes on its own step. The three models step in turn, one step each per round (the
+    first of them rotating, as `step_overhead`), for `rounds`·C rounds: any C consecutive steps of a model
+    complete exactly one chunk of every stream, in phase or not, so the means compare the same learning, done by
+    B updates of one stream or by one update of B streams.
 
     Args:
         staggered, in_phase, off: three models (`TTTModel`): two TTT-on copies and TTT off, stepped in turn
             on the same random codes.
         B: streams.
-        chunk: the TTT layers' chunk size C (steps per timed block).
-        rounds: interleaved blocks.
+        chunk: the TTT layers' chunk size C.
+        rounds: whole chunks of steps per model.
         device: where the models run.
         seed: seed of the random input codes.
 
@@ -142,10 +147,10 @@ def refill_overhead(staggered, in_phase, off, B: int, chunk: int, rounds: int, d
             for t in range(max(starts, default=0) + 1 if name == "staggered" else 4):
                 if name == "staggered" and t in starts:
                     gen.reset_streaming(torch.arange(B, device=device) == starts[t])
-                _gen_steps(gen, B, 1, device, g)
-        for r in range(rounds):
+                _gen_step(gen, B, device, g)
+        for r in range(rounds * chunk):
             for name in rotated(list(gens), r):
-                times[name] += _gen_steps(gens[name], B, chunk, device, g)
+                times[name].append(_gen_step(gens[name], B, device, g))
         # what each batch's steps updated (the phases' keys: per host clock, the streams completing a chunk)
         updated = {k: sorted({s for key in gen.phase_graphs().calls for s in key if s}) for k, gen in gens.items()}
     out: dict = {k: {"mean_ms": 1e3 * statistics.fmean(v), "median_ms": 1e3 * statistics.median(v), "steps": len(v),

@@ -82,11 +82,10 @@ def step_figures(on: TTTModel, opts: BenchOptions, want: set[str], variant: str,
     for B in sizes:
         key = f"step{B}{SUFFIXES[variant]}"
         progress.start(key, f"{variant}: LMGen.step TTT on/off, batch {B}", None)
-        stats, _ = step_overhead(on, off, B, opts.lmgen_steps, opts.rounds, dev, opts.seed)
+        stats, _ = step_overhead(on, off, B, opts.lmgen_steps, dev, opts.seed)
         stats_b[B] = stats
-        ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
-        progress.finish(key, ratio=ratio)
-        out[f"step_overhead_b{B}"] = Figure(f"step_overhead_b{B}", ratio, detail={"on": stats["on"], "off": stats["off"]})
+        progress.finish(key, ratio=stats["paired_ratio"])
+        out[f"step_overhead_b{B}"] = Figure(f"step_overhead_b{B}", stats["paired_ratio"], detail=_paired_detail(stats))
     if 1 in stats_b:
         st = stats_b[1]["on"]
         out["step_ms_p99_b1"] = Figure("step_ms_p99_b1", st["p99_ms"], detail={"median_ms": st["median_ms"],
@@ -113,12 +112,18 @@ def telemetry_figures(own: TTTModel, opts: BenchOptions, progress) -> dict[str, 
     rec = load_measured(opts, {"variant": own.ttt.variant})
     progress.start("telemetry", f"{own.ttt.variant}: LMGen.step with / without --telemetry, batch 1", None)
     with recording(rec.lm):
-        stats, _ = step_overhead(rec, own, 1, opts.lmgen_steps, opts.rounds, own.device, opts.seed)
-    ratio = stats["on"]["median_ms"] / stats["off"]["median_ms"]
-    progress.finish("telemetry", ratio=ratio)
+        stats, _ = step_overhead(rec, own, 1, opts.lmgen_steps, own.device, opts.seed)
+    progress.finish("telemetry", ratio=stats["paired_ratio"])
     del rec
-    return {"telemetry_overhead_b1": Figure("telemetry_overhead_b1", ratio, detail={
-        "variant": own.ttt.variant, "with_telemetry": stats["on"], "without": stats["off"]})}
+    detail = _paired_detail(stats)
+    return {"telemetry_overhead_b1": Figure("telemetry_overhead_b1", stats["paired_ratio"], detail={
+        "variant": own.ttt.variant, "with_telemetry": detail.pop("on"), "without": detail.pop("off"), **detail})}
+
+
+def _paired_detail(stats: dict) -> dict:
+    """A step figure's detail: both sides' step statistics, how the value is taken, and the ratio of the medians."""
+    return {"on": stats["on"], "off": stats["off"], "median_ratio": stats["on"]["median_ms"] / stats["off"]["median_ms"],
+            "value_is": "median over rounds of on / off step time, the two stepping alternately (one step each a round)"}
 
 
 def refill_figures(own: TTTModel, opts: BenchOptions, progress) -> dict[str, Figure]:
