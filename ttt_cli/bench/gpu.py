@@ -80,7 +80,8 @@ def gpu_figures(on: TTTModel, opts: BenchOptions, names: tp.Sequence[str], progr
             rtf = {k: realtime_factor(stats[k]["median_ms"]) for k in ("on", "off")}
             # the RTF ratio is the paired step ratio's inverse (a real-time factor is 1 / step time)
             detail["graphs" if graphs else "no_graphs"] = {"rtf_ttt": rtf["on"], "rtf_plain": rtf["off"],
-                                                           "ratio": 1 / stats["paired_ratio"], "step_ms": stats}
+                                                           "ratio": 1 / stats["paired_ratio"],
+                                                           "step_ms": {k: stats[k] for k in ("on", "off")}}
             progress.finish(key, ratio=1 / stats["paired_ratio"])
         g = detail["graphs"]
         out[f"gpu_rtf_b{B}"] = Figure(f"gpu_rtf_b{B}", g["rtf_ttt"], detail=detail)

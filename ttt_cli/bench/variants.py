@@ -115,14 +115,14 @@ def telemetry_figures(own: TTTModel, opts: BenchOptions, progress) -> dict[str, 
         stats, _ = step_overhead(rec, own, 1, opts.lmgen_steps, own.device, opts.seed)
     progress.finish("telemetry", ratio=stats["paired_ratio"])
     del rec
-    detail = _paired_detail(stats)
     return {"telemetry_overhead_b1": Figure("telemetry_overhead_b1", stats["paired_ratio"], detail={
-        "variant": own.ttt.variant, "with_telemetry": detail.pop("on"), "without": detail.pop("off"), **detail})}
+        "variant": own.ttt.variant, **_paired_detail(stats, "with_telemetry", "without")})}
 
 
-def _paired_detail(stats: dict) -> dict:
-    """A step figure's detail: both sides' step statistics, how the value is taken, and the ratio of the medians."""
-    return {"on": stats["on"], "off": stats["off"], "median_ratio": stats["on"]["median_ms"] / stats["off"]["median_ms"],
+def _paired_detail(stats: dict, on: str = "on", off: str = "off") -> dict:
+    """A step figure's detail: both sides' step statistics (under the names `on`, `off`), how the value is taken,
+    and the ratio of the medians."""
+    return {on: stats["on"], off: stats["off"], "median_ratio": stats["on"]["median_ms"] / stats["off"]["median_ms"],
             "value_is": "median over rounds of on / off step time, the two stepping alternately (one step each a round)"}
 
 
